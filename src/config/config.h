@@ -1,0 +1,190 @@
+#ifndef SL_CONFIG_CONFIG_H
+#define SL_CONFIG_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+/*
+ * The loaded configuration: an immutable snapshot built at start-up (and later on reload).
+ * Everything here is malloc'ed at load time and released by sl_config_free(). Strings are
+ * NUL-terminated copies. Durations are milliseconds, sizes bytes.
+ *
+ * Defaults flow global -> listener -> route; the loader has already merged them, so the
+ * runtime reads one field and never looks up a parent.
+ */
+
+enum sl_log_level { SL_LOG_ERROR = 0, SL_LOG_WARN, SL_LOG_INFO, SL_LOG_DEBUG };
+
+/* HTTP methods as a bitmask, so a route's method set is one AND. */
+enum sl_method {
+    SL_METHOD_OTHER = 0,
+    SL_METHOD_GET = 1u << 0,
+    SL_METHOD_HEAD = 1u << 1,
+    SL_METHOD_POST = 1u << 2,
+    SL_METHOD_PUT = 1u << 3,
+    SL_METHOD_DELETE = 1u << 4,
+    SL_METHOD_PATCH = 1u << 5,
+    SL_METHOD_OPTIONS = 1u << 6,
+    SL_METHOD_TRACE = 1u << 7,
+    SL_METHOD_CONNECT = 1u << 8,
+};
+
+struct sl_limits_conf {
+    uint64_t max_header_bytes;  /* request line + headers; default 16KiB, 431 beyond */
+    uint64_t max_header_count;  /* default 100, 431 beyond */
+    uint64_t max_uri_bytes;     /* default 8KiB, 414 beyond */
+    uint64_t max_body_bytes;    /* default 10MiB, 413 beyond; 0 = unlimited */
+    uint64_t header_timeout_ms; /* whole request head must arrive within; default 10s, 408 */
+    uint64_t body_timeout_ms;   /* max gap between body reads; default 60s, 408 */
+    uint64_t idle_timeout_ms;   /* keep-alive idle between requests; default 60s, close */
+    uint64_t send_timeout_ms;   /* max gap while a client does not read; default 60s, close */
+    uint64_t max_requests_per_conn; /* default 0 = unlimited */
+};
+
+struct sl_listener_conf {
+    char *name;
+    char *address; /* as written, e.g. "127.0.0.1:8080" or "[::1]:8080" */
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    int backlog; /* default 4096 */
+    struct sl_limits_conf limits;
+    int line, col; /* position in the file, for run-time messages */
+};
+
+struct sl_endpoint_conf {
+    char *address; /* host:port as written */
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    uint32_t weight; /* 1..1000, default 1 */
+    char *zone;      /* may be NULL */
+};
+
+enum sl_balance { SL_BALANCE_ROUND_ROBIN = 0, SL_BALANCE_LEAST_REQUEST, SL_BALANCE_HASH };
+enum sl_hash_on { SL_HASH_IP = 0, SL_HASH_HEADER, SL_HASH_COOKIE };
+
+struct sl_upstream_conf {
+    char *name;
+    enum sl_balance balance; /* default round_robin */
+    enum sl_hash_on hash_on; /* with balance: hash; default ip */
+    char *hash_key;          /* header or cookie name for hash_on header:/cookie: */
+    struct sl_endpoint_conf *endpoints;
+    size_t endpoint_count;
+    uint32_t keepalive_max_idle;         /* per worker; default 64; 0 disables pooling */
+    uint64_t keepalive_idle_timeout_ms;  /* default 30s */
+    uint64_t connect_timeout_ms;         /* default 1s */
+    uint64_t response_timeout_ms;        /* until the response head arrives; default 15s, 504 */
+    uint64_t idle_timeout_ms;            /* max gap while streaming a body; default 60s */
+    uint32_t connect_attempts;           /* endpoints tried on connect failure; default 3 */
+    int line, col;
+};
+
+struct sl_header_pair {
+    char *name;
+    char *value;
+};
+
+struct sl_header_ops_conf {
+    struct sl_header_pair *set; /* replace any existing header of that name */
+    size_t set_count;
+    struct sl_header_pair *add; /* append */
+    size_t add_count;
+    char **remove; /* names */
+    size_t remove_count;
+};
+
+struct sl_direct_response_conf {
+    int status; /* 100..599 */
+    char *body; /* may be empty, never NULL when direct response is set */
+    size_t body_len;
+    char *content_type; /* default "text/plain" */
+};
+
+struct sl_route_match_conf {
+    char *host;        /* exact "api.example.com", wildcard "*.example.com", or NULL = any */
+    char *path;        /* exact path, or NULL */
+    char *path_prefix; /* prefix, or NULL; at most one of path / path_prefix */
+    uint32_t methods;  /* bitmask of enum sl_method; 0 = any */
+    char **method_names; /* as written, for methods outside the enum (SL_METHOD_OTHER) */
+    size_t method_name_count;
+    struct sl_header_pair *headers; /* all must be present with exactly this value */
+    size_t header_count;
+};
+
+struct sl_route_conf {
+    char *name;
+    size_t index; /* position in the file; the final tie-breaker */
+    struct sl_route_match_conf match;
+    char **listeners; /* listener names this route serves; NULL/0 = all */
+    size_t listener_count;
+    char *upstream;        /* name as written; NULL for direct_response */
+    size_t upstream_index; /* resolved index into sl_config.upstreams */
+    bool strip_prefix;     /* remove match.path_prefix from the path sent upstream */
+    char *rewrite_prefix;  /* replace match.path_prefix with this (implies strip); or NULL */
+    struct sl_header_ops_conf request_headers;
+    struct sl_header_ops_conf response_headers;
+    bool has_direct_response;
+    struct sl_direct_response_conf direct_response;
+    int line, col;
+};
+
+struct sl_config {
+    char *path;            /* file it was loaded from */
+    unsigned workers;      /* 0 = auto (one per online CPU) */
+    uint64_t drain_timeout_ms; /* default 10s */
+    enum sl_log_level log_level; /* `log_level: error|warn|info|debug`, default info */
+    struct sl_listener_conf *listeners;
+    size_t listener_count;
+    struct sl_upstream_conf *upstreams;
+    size_t upstream_count;
+    struct sl_route_conf *routes;
+    size_t route_count;
+};
+
+/* One error found while loading: "file:line:col: key.path: message". */
+struct sl_config_error {
+    int line, col;
+    char *path;    /* key path, e.g. "routes[2].upstream" */
+    char *message;
+};
+
+struct sl_config_errors {
+    char *file;
+    struct sl_config_error *items;
+    size_t count;
+};
+
+/*
+ * Loads and validates the YAML file at `path`: parse and type-check every key against the
+ * schema, resolve names (route -> upstream, route -> listeners), and build the snapshot.
+ * On success returns 0 and sets *out (caller owns; release with sl_config_free()).
+ * On failure returns -1, *out is NULL, and `errs` holds every error found (caller releases
+ * with sl_config_errors_dispose()). Never calls back.
+ */
+int sl_config_load(const char *path, struct sl_config **out, struct sl_config_errors *errs);
+
+/* Same as sl_config_load() but from a string in memory; `name` is used in messages. */
+int sl_config_load_string(const char *name, const char *yaml, size_t len, struct sl_config **out,
+                          struct sl_config_errors *errs);
+
+/* Writes every error as "file:line:col: path: message\n" to `fp` (a FILE *). */
+void sl_config_errors_print(const struct sl_config_errors *errs, void *fp);
+
+void sl_config_errors_dispose(struct sl_config_errors *errs);
+
+void sl_config_free(struct sl_config *cfg);
+
+/* Parses "250ms", "10s", "1m", "2h", "1500" (ms). Returns 0 or -EINVAL. */
+int sl_config_parse_duration(const char *s, uint64_t *out_ms);
+
+/* Parses "16KiB", "10MiB", "1GiB", "512", "4KB" (KB = 1000). Returns 0 or -EINVAL. */
+int sl_config_parse_size(const char *s, uint64_t *out_bytes);
+
+/* Parses "127.0.0.1:80", "[::1]:80", "localhost:80" (resolved with getaddrinfo at load). */
+int sl_config_parse_address(const char *s, struct sockaddr_storage *out, socklen_t *out_len);
+
+/* Maps a method token to its bit; SL_METHOD_OTHER when not in the enum. */
+enum sl_method sl_method_from_token(const char *p, size_t len);
+
+#endif

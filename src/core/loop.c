@@ -1,0 +1,304 @@
+#include "core/loop.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_EVENTS 256
+
+uint64_t sl_clock_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void on_wake_io(struct sl_io *io, uint32_t events)
+{
+    (void)events;
+    struct sl_loop *loop = io->data;
+    uint64_t v;
+    ssize_t r = read(loop->wake_fd, &v, sizeof v);
+    (void)r;
+    if (loop->on_wake)
+        loop->on_wake(loop, loop->wake_data);
+}
+
+int sl_loop_init(struct sl_loop *loop)
+{
+    memset(loop, 0, sizeof *loop);
+    loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (loop->epfd < 0)
+        return -errno;
+    loop->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (loop->wake_fd < 0) {
+        int e = -errno;
+        close(loop->epfd);
+        return e;
+    }
+    loop->now_ms = sl_clock_now_ms();
+    int rc = sl_io_start(loop, &loop->wake_io, loop->wake_fd, EPOLLIN, on_wake_io, loop);
+    if (rc < 0) {
+        close(loop->wake_fd);
+        close(loop->epfd);
+    }
+    return rc;
+}
+
+void sl_loop_dispose(struct sl_loop *loop)
+{
+    if (loop->epfd >= 0)
+        close(loop->epfd);
+    if (loop->wake_fd >= 0)
+        close(loop->wake_fd);
+    free(loop->heap);
+    loop->heap = NULL;
+    loop->epfd = loop->wake_fd = -1;
+}
+
+void sl_loop_wake(struct sl_loop *loop)
+{
+    uint64_t one = 1;
+    ssize_t r = write(loop->wake_fd, &one, sizeof one);
+    (void)r;
+}
+
+void sl_loop_stop(struct sl_loop *loop)
+{
+    loop->stop = true;
+}
+
+int sl_io_start(struct sl_loop *loop, struct sl_io *io, int fd, uint32_t events, sl_io_cb cb,
+                void *data)
+{
+    io->fd = fd;
+    io->cb = cb;
+    io->data = data;
+    struct epoll_event ev = {.events = events, .data.ptr = io};
+    if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        io->events = 0;
+        return -errno;
+    }
+    io->events = events | 0x80000000u; /* high bit marks "registered" even with no events */
+    return 0;
+}
+
+int sl_io_modify(struct sl_loop *loop, struct sl_io *io, uint32_t events)
+{
+    if ((io->events & ~0x80000000u) == events && (io->events & 0x80000000u))
+        return 0;
+    struct epoll_event ev = {.events = events, .data.ptr = io};
+    if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, io->fd, &ev) < 0)
+        return -errno;
+    io->events = events | 0x80000000u;
+    return 0;
+}
+
+void sl_io_stop(struct sl_loop *loop, struct sl_io *io)
+{
+    if (!(io->events & 0x80000000u))
+        return;
+    epoll_ctl(loop->epfd, EPOLL_CTL_DEL, io->fd, NULL);
+    io->events = 0;
+}
+
+/* ---- timers: binary min-heap of pointers, each timer knows its slot ---- */
+
+void sl_timer_init(struct sl_timer *t, sl_timer_cb cb, void *data)
+{
+    t->deadline_ms = 0;
+    t->heap_index = 0;
+    t->cb = cb;
+    t->data = data;
+}
+
+static void heap_set(struct sl_loop *loop, uint32_t i, struct sl_timer *t)
+{
+    loop->heap[i] = t;
+    t->heap_index = i;
+}
+
+static void sift_up(struct sl_loop *loop, uint32_t i)
+{
+    struct sl_timer *t = loop->heap[i];
+    while (i > 1) {
+        uint32_t p = i / 2;
+        if (loop->heap[p]->deadline_ms <= t->deadline_ms)
+            break;
+        heap_set(loop, i, loop->heap[p]);
+        i = p;
+    }
+    heap_set(loop, i, t);
+}
+
+static void sift_down(struct sl_loop *loop, uint32_t i)
+{
+    struct sl_timer *t = loop->heap[i];
+    uint32_t n = loop->heap_len;
+    for (;;) {
+        uint32_t c = i * 2;
+        if (c > n)
+            break;
+        if (c + 1 <= n && loop->heap[c + 1]->deadline_ms < loop->heap[c]->deadline_ms)
+            c++;
+        if (loop->heap[c]->deadline_ms >= t->deadline_ms)
+            break;
+        heap_set(loop, i, loop->heap[c]);
+        i = c;
+    }
+    heap_set(loop, i, t);
+}
+
+static void heap_remove(struct sl_loop *loop, struct sl_timer *t)
+{
+    uint32_t i = t->heap_index;
+    struct sl_timer *last = loop->heap[loop->heap_len--];
+    t->heap_index = 0;
+    if (last == t)
+        return;
+    heap_set(loop, i, last);
+    if (i > 1 && loop->heap[i / 2]->deadline_ms > last->deadline_ms)
+        sift_up(loop, i);
+    else
+        sift_down(loop, i);
+}
+
+void sl_timer_arm(struct sl_loop *loop, struct sl_timer *t, uint64_t delay_ms)
+{
+    uint64_t deadline = loop->now_ms + delay_ms;
+    if (t->heap_index) {
+        uint64_t old = t->deadline_ms;
+        t->deadline_ms = deadline;
+        if (deadline < old)
+            sift_up(loop, t->heap_index);
+        else if (deadline > old)
+            sift_down(loop, t->heap_index);
+        return;
+    }
+    if (loop->heap_len + 1 >= loop->heap_cap) {
+        uint32_t cap = loop->heap_cap ? loop->heap_cap * 2 : 256;
+        struct sl_timer **h = realloc(loop->heap, cap * sizeof *h);
+        if (!h)
+            abort(); /* the heap only grows with connections, which are bounded; OOM here is
+                        not recoverable without losing a timeout */
+        loop->heap = h;
+        loop->heap_cap = cap;
+    }
+    t->deadline_ms = deadline;
+    loop->heap_len++;
+    heap_set(loop, loop->heap_len, t);
+    sift_up(loop, loop->heap_len);
+}
+
+void sl_timer_cancel(struct sl_loop *loop, struct sl_timer *t)
+{
+    if (t->heap_index)
+        heap_remove(loop, t);
+}
+
+int sl_loop_next_timeout_ms(const struct sl_loop *loop)
+{
+    if (loop->defer_head)
+        return 0;
+    if (loop->heap_len == 0)
+        return -1;
+    uint64_t d = loop->heap[1]->deadline_ms;
+    if (d <= loop->now_ms)
+        return 0;
+    uint64_t wait = d - loop->now_ms;
+    return wait > 60000 ? 60000 : (int)wait;
+}
+
+void sl_loop_run_timers(struct sl_loop *loop, uint64_t now_ms)
+{
+    while (loop->heap_len && loop->heap[1]->deadline_ms <= now_ms) {
+        struct sl_timer *t = loop->heap[1];
+        heap_remove(loop, t);
+        t->cb(t);
+    }
+}
+
+/* ---- deferred callbacks ---- */
+
+void sl_defer_init(struct sl_defer *d, sl_defer_cb cb, void *data)
+{
+    d->next = NULL;
+    d->queued = false;
+    d->cb = cb;
+    d->data = data;
+}
+
+void sl_defer_queue(struct sl_loop *loop, struct sl_defer *d)
+{
+    if (d->queued)
+        return;
+    d->queued = true;
+    d->next = NULL;
+    if (loop->defer_tail)
+        loop->defer_tail->next = d;
+    else
+        loop->defer_head = d;
+    loop->defer_tail = d;
+}
+
+void sl_defer_cancel(struct sl_loop *loop, struct sl_defer *d)
+{
+    if (!d->queued)
+        return;
+    struct sl_defer **pp = &loop->defer_head, *prev = NULL;
+    while (*pp && *pp != d) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (*pp) {
+        *pp = d->next;
+        if (loop->defer_tail == d)
+            loop->defer_tail = prev;
+    }
+    d->queued = false;
+    d->next = NULL;
+}
+
+static void run_deferred(struct sl_loop *loop)
+{
+    /* Callbacks may queue more; those run in the same pass, so a close queued by a flush
+     * still happens this turn. Bounded because each object queues itself at most once per
+     * state change. */
+    while (loop->defer_head) {
+        struct sl_defer *d = loop->defer_head;
+        loop->defer_head = d->next;
+        if (!loop->defer_head)
+            loop->defer_tail = NULL;
+        d->queued = false;
+        d->next = NULL;
+        d->cb(d);
+    }
+}
+
+void sl_loop_run(struct sl_loop *loop)
+{
+    struct epoll_event evs[MAX_EVENTS];
+    loop->stop = false;
+    while (!loop->stop) {
+        int timeout = sl_loop_next_timeout_ms(loop);
+        int n = epoll_wait(loop->epfd, evs, MAX_EVENTS, timeout);
+        uint64_t woke = sl_clock_now_ms();
+        loop->now_ms = woke;
+        if (n < 0 && errno != EINTR)
+            break;
+        for (int i = 0; i < n; i++) {
+            struct sl_io *io = evs[i].data.ptr;
+            io->cb(io, evs[i].events);
+        }
+        sl_loop_run_timers(loop, loop->now_ms);
+        run_deferred(loop);
+        loop->turns++;
+        uint64_t spent = sl_clock_now_ms() - woke;
+        if (spent > loop->lag_max_ms)
+            loop->lag_max_ms = spent;
+    }
+}

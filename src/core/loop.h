@@ -1,0 +1,131 @@
+#ifndef SL_CORE_LOOP_H
+#define SL_CORE_LOOP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * One event loop per worker thread: epoll for file descriptors, a timer heap for every
+ * timeout, and a deferred-callback list that runs at the end of each turn (used to flush
+ * writes once per turn and to free objects after their own callbacks have returned).
+ *
+ * A turn: wait until the earliest timer deadline, read the clock once, dispatch ready fds,
+ * run expired timers, then run deferred callbacks. All of it on the owning thread; nothing
+ * here is thread-safe except sl_loop_wake().
+ *
+ * Why a heap rather than a wheel (STYLE.md §6 says wheel): timers here are armed per phase,
+ * not per byte, and re-arming an already armed timer to a later deadline is O(log n) with
+ * no scan for the next deadline, which a wheel needs to compute the epoll timeout.
+ */
+
+struct sl_loop;
+struct sl_io;
+struct sl_timer;
+struct sl_defer;
+
+typedef void (*sl_io_cb)(struct sl_io *io, uint32_t events);
+typedef void (*sl_timer_cb)(struct sl_timer *t);
+typedef void (*sl_defer_cb)(struct sl_defer *d);
+
+/* A registered file descriptor. Embedded in its owner; `data` points back to it. */
+struct sl_io {
+    int fd;
+    uint32_t events; /* EPOLLIN/EPOLLOUT/... currently registered; 0 = not registered */
+    sl_io_cb cb;
+    void *data;
+};
+
+/* A one-shot timer. Embedded in its owner; zero-initialise or sl_timer_init() before use. */
+struct sl_timer {
+    uint64_t deadline_ms;
+    uint32_t heap_index; /* 0 = not armed; otherwise 1-based position in the heap */
+    sl_timer_cb cb;
+    void *data;
+};
+
+/* A callback queued to run at the end of the current loop turn (once, until re-queued). */
+struct sl_defer {
+    struct sl_defer *next;
+    bool queued;
+    sl_defer_cb cb;
+    void *data;
+};
+
+struct sl_loop {
+    int epfd;
+    int wake_fd; /* eventfd; sl_loop_wake() makes the loop run `on_wake` */
+    bool stop;
+    uint64_t now_ms; /* cached monotonic time, refreshed once per turn */
+    struct sl_timer **heap; /* 1-based binary min-heap */
+    uint32_t heap_len, heap_cap;
+    struct sl_defer *defer_head, *defer_tail;
+    void (*on_wake)(struct sl_loop *loop, void *data);
+    void *wake_data;
+    struct sl_io wake_io;
+    uint64_t turns;
+    uint64_t lag_max_ms; /* longest turn since last read (dispatch time), for saturation */
+};
+
+/* Monotonic clock in milliseconds (CLOCK_MONOTONIC_COARSE is not used: 1-4 ms jitter). */
+uint64_t sl_clock_now_ms(void);
+
+/* Sets up the loop. Returns 0 or -errno. */
+int sl_loop_init(struct sl_loop *loop);
+
+/* Releases the epoll and eventfd descriptors and the heap. Registered fds are not closed. */
+void sl_loop_dispose(struct sl_loop *loop);
+
+/* Runs turns until sl_loop_stop() is called from a callback on this thread. */
+void sl_loop_run(struct sl_loop *loop);
+
+/* Makes sl_loop_run() return after the current turn. Loop thread only. */
+void sl_loop_stop(struct sl_loop *loop);
+
+/* Wakes the loop from any thread; `on_wake` runs on the loop thread. Async-signal-safe. */
+void sl_loop_wake(struct sl_loop *loop);
+
+static inline uint64_t sl_loop_now_ms(const struct sl_loop *loop)
+{
+    return loop->now_ms;
+}
+
+/* Registers `fd` for `events` (EPOLLIN, EPOLLOUT, EPOLLRDHUP; level-triggered).
+ * Returns 0 or -errno. `io` is owned by the caller and must stay valid until sl_io_stop(). */
+int sl_io_start(struct sl_loop *loop, struct sl_io *io, int fd, uint32_t events, sl_io_cb cb,
+                void *data);
+
+/* Changes the registered events; a no-op when unchanged. Returns 0 or -errno. */
+int sl_io_modify(struct sl_loop *loop, struct sl_io *io, uint32_t events);
+
+/* Unregisters the fd (does not close it). Safe on an io that is not registered. */
+void sl_io_stop(struct sl_loop *loop, struct sl_io *io);
+
+void sl_timer_init(struct sl_timer *t, sl_timer_cb cb, void *data);
+
+/* Arms (or re-arms) `t` to fire `delay_ms` from the loop's cached now. */
+void sl_timer_arm(struct sl_loop *loop, struct sl_timer *t, uint64_t delay_ms);
+
+/* Cancels `t`; a no-op when not armed. */
+void sl_timer_cancel(struct sl_loop *loop, struct sl_timer *t);
+
+static inline bool sl_timer_is_armed(const struct sl_timer *t)
+{
+    return t->heap_index != 0;
+}
+
+void sl_defer_init(struct sl_defer *d, sl_defer_cb cb, void *data);
+
+/* Queues `d` to run at the end of this turn; a no-op when already queued. */
+void sl_defer_queue(struct sl_loop *loop, struct sl_defer *d);
+
+/* Removes `d` from the queue if queued (O(n) in the queue length; rare). */
+void sl_defer_cancel(struct sl_loop *loop, struct sl_defer *d);
+
+/* Milliseconds until the earliest timer, or -1 when none (for epoll_wait). */
+int sl_loop_next_timeout_ms(const struct sl_loop *loop);
+
+/* Runs expired timers against `now_ms` (exposed for unit tests). */
+void sl_loop_run_timers(struct sl_loop *loop, uint64_t now_ms);
+
+#endif

@@ -1,0 +1,32 @@
+#ifndef SL_CORE_POOL_H
+#define SL_CORE_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * Per-worker pool of fixed-size blocks (I/O buffers, arena chunks). A worker reuses blocks
+ * from its free list, so a warm worker does not call malloc on the request path; the free
+ * list keeps at most `max_free` blocks, returning the rest to the allocator so that a burst
+ * does not pin memory forever. Single-threaded: owned by one worker.
+ */
+struct sl_pool {
+    size_t block_bytes;
+    void *free_list;
+    size_t free_count;
+    size_t max_free;
+    size_t outstanding; /* blocks handed out and not yet returned */
+};
+
+void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free);
+
+/* Frees every cached block. Blocks still outstanding are the holders' to return first. */
+void sl_pool_dispose(struct sl_pool *p);
+
+/* Returns a block of p->block_bytes, or NULL when out of memory. */
+void *sl_pool_get(struct sl_pool *p);
+
+/* Returns a block obtained from sl_pool_get() of the same pool. NULL is ignored. */
+void sl_pool_put(struct sl_pool *p, void *block);
+
+#endif

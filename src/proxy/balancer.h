@@ -1,0 +1,65 @@
+#ifndef SL_PROXY_BALANCER_H
+#define SL_PROXY_BALANCER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct sl_upstream_conf;
+
+/*
+ * Load balancing over one upstream's endpoints. Two parts:
+ *  - struct sl_balancer_shared: immutable, built once per upstream per config snapshot and
+ *    shared read-only by all workers (e.g. the Maglev lookup table).
+ *  - struct sl_balancer: per-worker mutable state (round-robin position, in-flight counts).
+ *    Never touched by another thread, so no locks or atomics.
+ * Every pick is followed by exactly one release with the attempt's outcome, so that later
+ * health and breaker logic sees every attempt.
+ */
+
+enum sl_outcome {
+    SL_OUTCOME_SUCCESS = 0,
+    SL_OUTCOME_CONNECT_FAILURE,
+    SL_OUTCOME_RESET,
+    SL_OUTCOME_TIMEOUT,
+    SL_OUTCOME_HTTP_5XX,
+    SL_OUTCOME_CANCELLED, /* client went away; says nothing about the endpoint */
+};
+
+struct sl_balancer_shared;
+struct sl_balancer;
+
+/* Max endpoints one pick can exclude (already-tried endpoints on failover). */
+#define SL_PICK_MAX_EXCLUDE 8
+
+struct sl_pick_ctx {
+    uint64_t hash;   /* key hash for balance: hash (from sl_hash_bytes) */
+    bool has_hash;   /* false -> hash balancer falls back to round robin */
+    const int *exclude; /* endpoint indexes not to pick (tried already) */
+    size_t exclude_count;
+};
+
+/* Builds the shared part; NULL on allocation failure. `up` must outlive it. */
+struct sl_balancer_shared *sl_balancer_shared_new(const struct sl_upstream_conf *up);
+void sl_balancer_shared_free(struct sl_balancer_shared *s);
+
+/* Per-worker state over a shared part (which must outlive it). NULL on allocation failure. */
+struct sl_balancer *sl_balancer_new(const struct sl_balancer_shared *s);
+void sl_balancer_free(struct sl_balancer *b);
+
+/*
+ * Picks an endpoint index in [0, endpoint_count), or -1 when every endpoint is excluded
+ * (or there are none). Weighted round robin: smooth weighted RR. Least request: power of two
+ * random choices over in-flight counts divided by weight. Hash: Maglev lookup on ctx->hash;
+ * when the chosen endpoint is excluded, walks to the next distinct entry.
+ * Increments the endpoint's in-flight count.
+ */
+int sl_balancer_pick(struct sl_balancer *b, const struct sl_pick_ctx *ctx);
+
+/* Ends an attempt started by pick on endpoint `idx`: decrements in-flight, records outcome. */
+void sl_balancer_release(struct sl_balancer *b, int idx, enum sl_outcome outcome);
+
+/* In-flight attempts on endpoint `idx` from this worker (for tests and metrics). */
+uint32_t sl_balancer_inflight(const struct sl_balancer *b, int idx);
+
+#endif
