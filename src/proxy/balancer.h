@@ -53,6 +53,10 @@ void sl_balancer_free(struct sl_balancer *b);
  * random choices over in-flight counts divided by weight. Hash: Maglev lookup on ctx->hash;
  * when the chosen endpoint is excluded, walks to the next distinct entry.
  * Increments the endpoint's in-flight count.
+ * Details: excluded endpoints take no part in a round-robin step (their current weight is
+ * left as is); least_request compares (in-flight + 1) / weight of two distinct random
+ * eligible endpoints (ties: either, at random); hash without ctx->has_hash uses smooth
+ * weighted round robin. `ctx` may be NULL (no hash, nothing excluded). Never allocates.
  */
 int sl_balancer_pick(struct sl_balancer *b, const struct sl_pick_ctx *ctx);
 
@@ -61,5 +65,23 @@ void sl_balancer_release(struct sl_balancer *b, int idx, enum sl_outcome outcome
 
 /* In-flight attempts on endpoint `idx` from this worker (for tests and metrics). */
 uint32_t sl_balancer_inflight(const struct sl_balancer *b, int idx);
+
+/*
+ * Failed attempts on endpoint `idx` since its last success, as seen by this worker
+ * (SL_OUTCOME_CANCELLED neither counts nor resets). 0 for an out-of-range index.
+ */
+uint32_t sl_balancer_consecutive_failures(const struct sl_balancer *b, int idx);
+
+/*
+ * Reseeds the per-worker PRNG used by least_request. sl_balancer_new() seeds from the
+ * object's address so workers differ; tests call this for reproducible picks.
+ */
+void sl_balancer_seed(struct sl_balancer *b, uint64_t seed);
+
+/*
+ * Maglev lookup table size (a prime >= 100 x endpoints, at least 65537) for balance: hash;
+ * 0 for other policies or no endpoints.
+ */
+size_t sl_balancer_shared_maglev_size(const struct sl_balancer_shared *s);
 
 #endif
