@@ -1,0 +1,127 @@
+#ifndef SL_HTTP_REQUEST_H
+#define SL_HTTP_REQUEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "core/arena.h"
+#include "core/slice.h"
+#include "core/status.h"
+#include "http/h1_parse.h"
+
+/*
+ * The request object every protocol front-end produces (HTTP/1.1 now, HTTP/2 later) and
+ * every handler consumes. The head lives in the request's arena, so it stays valid for the
+ * whole exchange whatever happens to the connection's buffers. The body and the response go
+ * through the stream functions below; a front-end implements them for its framing.
+ *
+ * Lifetime: created by the front-end, handed to the handler's on_request, and freed by the
+ * front-end after the handler called sl_request_finish() or after on_abort returned.
+ */
+
+struct sl_request;
+struct sl_server_conn;
+struct sl_worker;
+
+/* What the layer above (request handling) registers with a listener. All run on the
+ * request's worker; none may free the request. */
+struct sl_request_handler {
+    /* A complete head arrived. The handler now drives the exchange. */
+    void (*on_request)(struct sl_request *req);
+    /* Body bytes (or the body's end, or a body error) became available after a peek said
+     * SL_AGAIN. */
+    void (*on_body)(struct sl_request *req);
+    /* The client can take more response bytes after a write said -EAGAIN. */
+    void (*on_writable)(struct sl_request *req);
+    /* The client went away or timed out; the handler must release what it holds (upstream
+     * connections, timers). The request is freed right after this returns. */
+    void (*on_abort)(struct sl_request *req);
+    void *data; /* the handler's context (per listener, per worker) */
+};
+
+struct sl_request {
+    struct sl_arena arena;
+    /* head, copied into the arena */
+    struct sl_slice method;
+    unsigned method_bit; /* enum sl_method */
+    struct sl_slice target, path, query;
+    struct sl_slice host;      /* Host (or absolute-form authority) with any port */
+    struct sl_slice host_name; /* host without port, for routing */
+    int version_minor;
+    unsigned flags; /* enum sl_h1_flags */
+    struct sl_h1_header *headers;
+    size_t header_count;
+    enum sl_h1_body body_kind;
+    uint64_t content_length;
+    struct sl_slice request_id; /* from X-Request-Id or generated */
+    struct sl_slice client_ip;  /* textual peer address */
+    uint64_t id;                /* connection id << 16 | request number, for logs */
+    uint64_t start_ms;
+    /* the front-end */
+    struct sl_server_conn *conn;
+    struct sl_worker *worker;
+    /* the handler's state for this request (an exchange), and route it chose */
+    void *handler_state;
+    const void *route;
+    bool response_started;
+    bool keepalive; /* the front-end may reuse the connection after this response */
+};
+
+/*
+ * Request body, with framing removed. Returns SL_OK with *data (bytes at the head of the
+ * body), SL_AGAIN (nothing now; on_body will be called), SL_DONE (complete) or SL_ERROR (the
+ * client sent a malformed or oversized body; *status is 400 or 413 and the connection will be
+ * closed). The first peek on an `Expect: 100-continue` request sends "100 Continue".
+ */
+enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *data, int *status);
+
+/* Marks `n` bytes from the last peek as used. */
+void sl_request_body_consume(struct sl_request *req, size_t n);
+
+/* Bytes of body received so far. */
+uint64_t sl_request_body_received(const struct sl_request *req);
+
+/*
+ * Starts the response: `head` is a complete serialized status line + headers (the front-end
+ * adds nothing but framing headers it needs: it appends Content-Length / Transfer-Encoding /
+ * Connection per `body_kind`/`length` and its keep-alive decision, then the final CRLF).
+ * So `head` ends after the last header line, without the blank line.
+ * Returns 0 or -ENOMEM (head too large for the output buffer).
+ */
+int sl_request_respond_head(struct sl_request *req, int status, const char *head, size_t len,
+                            enum sl_h1_body body_kind, uint64_t length);
+
+/*
+ * Writes response body bytes. *written tells how many were taken. Returns 0, -EAGAIN when
+ * the client cannot take more now (on_writable follows), or -errno (the client is gone;
+ * on_abort follows from the loop, not from inside this call).
+ */
+int sl_request_write(struct sl_request *req, const char *data, size_t len, size_t *written);
+
+/*
+ * Ends the response (final chunk when chunked) and hands the request back to the front-end,
+ * which frees it once the last bytes are out. `reusable` false forces the connection closed
+ * afterwards (e.g. the request body was not fully read). The handler must not touch `req`
+ * after this call.
+ */
+void sl_request_finish(struct sl_request *req, bool reusable);
+
+/*
+ * Answers a whole small response in one call (errors, direct responses): status line,
+ * Content-Type, Content-Length, X-Request-Id, `extra_headers` (serialized lines, may be
+ * NULL), and the body, then finishes the request. Returns 0 or -ENOMEM.
+ */
+int sl_request_respond(struct sl_request *req, int status, const char *content_type,
+                       const char *extra_headers, size_t extra_len, const char *body,
+                       size_t body_len);
+
+/* Answers a gateway-generated error as JSON {"status":N,"error":"<name>","request_id":"..."}
+ * and finishes the request. */
+void sl_request_respond_error(struct sl_request *req, int status, const char *name);
+
+/* Standard reason phrase for a status ("OK", "Not Found", ...); "" when unknown. */
+const char *sl_http_reason(int status);
+
+#endif
