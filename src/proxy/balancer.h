@@ -33,8 +33,8 @@ struct sl_balancer;
 #define SL_PICK_MAX_EXCLUDE 8
 
 struct sl_pick_ctx {
-    uint64_t hash;   /* key hash for balance: hash (from sl_hash_bytes) */
-    bool has_hash;   /* false -> hash balancer falls back to round robin */
+    uint64_t hash;      /* key hash for balance: hash (from sl_hash_bytes) */
+    bool has_hash;      /* false -> hash balancer falls back to round robin */
     const int *exclude; /* endpoint indexes not to pick (tried already) */
     size_t exclude_count;
 };

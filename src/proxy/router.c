@@ -62,8 +62,8 @@ struct map {
 struct trie_node {
     char *label; /* owned bytes of the edge into this node */
     size_t label_len;
-    size_t depth;         /* length of the full key ending at this node */
-    bool byte_prefix;     /* key ends with '/' (or is empty): plain byte-prefix semantics */
+    size_t depth;                /* length of the full key ending at this node */
+    bool byte_prefix;            /* key ends with '/' (or is empty): plain byte-prefix semantics */
     struct trie_node **children; /* sorted by label[0] (distinct first bytes) */
     size_t child_count, child_cap;
     struct cand_list cands;
@@ -135,6 +135,8 @@ static bool key_eq(const struct map_slot *s, uint64_t h, const char *k, size_t l
 {
     if (s->hash != h || s->len != len)
         return false;
+    if (len == 0) /* `k` may be NULL for an empty slice; memcmp(NULL, ..., 0) is UB */
+        return true;
     if (!icase)
         return memcmp(s->key, k, len) == 0;
     /* stored keys are already lowercase */
@@ -287,8 +289,7 @@ static struct trie_node *trie_insert(struct trie_node *root, const char *key, si
         }
         struct trie_node *c = n->children[at];
         size_t common = 0;
-        while (common < c->label_len && pos + common < len &&
-               c->label[common] == key[pos + common])
+        while (common < c->label_len && pos + common < len && c->label[common] == key[pos + common])
             common++;
         if (common == c->label_len) {
             n = c;
@@ -421,8 +422,8 @@ static bool cand_init(struct cand *c, const struct sl_route_conf *rc, size_t ord
     c->method_name_count = m->method_name_count;
     c->hdr_count = m->header_count;
     /* a method set counts as one condition; each header is one */
-    c->cond_count = (unsigned)((m->methods || m->method_name_count) ? 1 : 0) +
-                    (unsigned)m->header_count;
+    c->cond_count =
+        (unsigned)((m->methods || m->method_name_count) ? 1 : 0) + (unsigned)m->header_count;
     if (m->method_name_count) {
         c->method_names = calloc(m->method_name_count, sizeof *c->method_names);
         if (!c->method_names)

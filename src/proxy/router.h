@@ -61,8 +61,9 @@ struct sl_route_input {
 
 /*
  * Builds the router for routes that serve listener `listener_name` (routes with no
- * `listeners:` serve all; a NULL `listener_name` takes every route). `cfg` must outlive the router (routes are referenced, not copied).
- * Returns NULL on allocation failure. Caller owns the result (sl_router_free).
+ * `listeners:` serve all; a NULL `listener_name` takes every route). `cfg` must outlive the router
+ * (routes are referenced, not copied). Returns NULL on allocation failure. Caller owns the result
+ * (sl_router_free).
  */
 struct sl_router *sl_router_new(const struct sl_config *cfg, const char *listener_name);
 

@@ -28,8 +28,7 @@ static const struct pinned pinned[] = {
     {"hello world", 0xeb89430d0d1e3894ull, 0x701531329cdac247ull},
     {"0123456789abcdef", 0xfb37bf55bcebf242ull, 0x9acfd0acf4548788ull},
     {"0123456789abcdefg", 0x8ce3135330b58c3aull, 0xc748cd9008d86c50ull},
-    {"The quick brown fox jumps over the lazy dog", 0xd8d35b7ac4b0671bull,
-     0xc66c9189b8bc9280ull},
+    {"The quick brown fox jumps over the lazy dog", 0xd8d35b7ac4b0671bull, 0xc66c9189b8bc9280ull},
 };
 
 static void test_stable_values(void **state)

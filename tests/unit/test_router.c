@@ -47,9 +47,9 @@ static unsigned method_bit(const char *m)
     static const struct {
         const char *name;
         unsigned bit;
-    } tab[] = {{"GET", SL_METHOD_GET},       {"HEAD", SL_METHOD_HEAD},
-               {"POST", SL_METHOD_POST},     {"PUT", SL_METHOD_PUT},
-               {"DELETE", SL_METHOD_DELETE}, {"PATCH", SL_METHOD_PATCH},
+    } tab[] = {{"GET", SL_METHOD_GET},        {"HEAD", SL_METHOD_HEAD},
+               {"POST", SL_METHOD_POST},      {"PUT", SL_METHOD_PUT},
+               {"DELETE", SL_METHOD_DELETE},  {"PATCH", SL_METHOD_PATCH},
                {"OPTIONS", SL_METHOD_OPTIONS}};
     for (size_t i = 0; i < sizeof tab / sizeof tab[0]; i++)
         if (strcmp(tab[i].name, m) == 0)
@@ -78,15 +78,15 @@ static const char *match(const struct sl_router *r, const char *method, const ch
     return match_h(r, method, host, path, NULL, 0);
 }
 
-#define assert_route(expect, got)                                                              \
-    do {                                                                                       \
-        const char *g_ = (got);                                                                \
-        if ((expect) == NULL)                                                                  \
-            assert_null(g_);                                                                   \
-        else {                                                                                 \
-            assert_non_null(g_);                                                               \
-            assert_string_equal((expect), g_);                                                 \
-        }                                                                                      \
+#define assert_route(expect, got)                                                                  \
+    do {                                                                                           \
+        const char *g_ = (got);                                                                    \
+        if ((expect) == NULL)                                                                      \
+            assert_null(g_);                                                                       \
+        else {                                                                                     \
+            assert_non_null(g_);                                                                   \
+            assert_string_equal((expect), g_);                                                     \
+        }                                                                                          \
     } while (0)
 
 static void test_host_classes(void **state)
@@ -358,6 +358,21 @@ static void test_no_match(void **state)
     assert_route("x", match(r, "GET", "x.com", "/x"));
     sl_router_free(r);
     free(t);
+
+    /* empty slices with NULL pointers, and an empty exact path in the table */
+    t = table_new();
+    add(t, "empty-path", NULL, "", NULL);
+    add(t, "empty-prefix", "h", NULL, "");
+    r = sl_router_new(&t->cfg, NULL);
+    assert_non_null(r);
+    struct sl_route_input in = {0};
+    const struct sl_route_conf *rc = sl_router_match(r, &in);
+    assert_non_null(rc);
+    assert_string_equal(rc->name, "empty-path");
+    assert_route("empty-prefix", match(r, "GET", "h", "/anything"));
+    assert_route(NULL, match(r, "GET", "other", "/anything"));
+    sl_router_free(r);
+    free(t);
 }
 
 /* ---- 10,000 generated routes against a brute-force reference -------------------------- */
@@ -536,8 +551,8 @@ static void test_generated_10k(void **state)
         if (best)
             matched++;
         if ((best == NULL) != (got == NULL) || (best && strcmp(best->name, got) != 0))
-            fail_msg("%s %s%s: expected %s, got %s", method, host, path,
-                     best ? best->name : "none", got ? got : "none");
+            fail_msg("%s %s%s: expected %s, got %s", method, host, path, best ? best->name : "none",
+                     got ? got : "none");
     }
     /* the generator must exercise matches, not just 404s */
     assert_true(matched > QUERIES / 2);
