@@ -1,0 +1,170 @@
+"""Listener limits: header bytes and count (431), URI length (414), body size (413), header
+and body read timeouts (408), idle keep-alive timeout (silent close)."""
+
+import select
+import time
+
+import pytest
+
+from client import build_request, chunk_encode
+from helpers import proxy_config
+
+LIMITS = ("{max_header_bytes: 4KiB, max_header_count: 20, max_uri_bytes: 1KiB, "
+          "max_body_bytes: 1KiB, header_timeout: 500ms, body_timeout: 500ms, "
+          "idle_timeout: 500ms}")
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateway_factory, module_backend):
+    b = module_backend()
+    g = module_gateway_factory.start(proxy_config(limits=LIMITS), B1=b.addr)
+    g.backend = b
+    return g
+
+
+def send_raw(gw, data, timeout=5.0):
+    with gw.connect(timeout=timeout) as c:
+        c.send(data)
+        r = c.read_response()
+        closed = c.closed(timeout=3) if r.status >= 400 else None
+        return r, closed
+
+
+def test_headers_within_limit_pass(gw):
+    hs = [("X-H%d" % i, "v" * 250) for i in range(10)]  # ~2.7 KB head, 11 fields
+    r, _ = send_raw(gw, build_request("GET", "/ok", hs))
+    assert r.status == 200, r
+
+
+def test_header_bytes_over_limit_is_431(gw):
+    hs = [("X-H%d" % i, "v" * 500) for i in range(10)]  # ~5.1 KB, 11 fields
+    r, closed = send_raw(gw, build_request("GET", "/big-head", hs))
+    assert r.status == 431, r
+    assert closed
+    assert "/big-head" not in gw.backend.paths()
+
+
+def test_single_huge_header_is_431(gw):
+    r, closed = send_raw(gw, build_request("GET", "/huge-header", [("X-Big", "v" * 6000)]))
+    assert r.status == 431, r
+
+
+def test_header_count_within_limit_passes(gw):
+    hs = [("X-C%d" % i, "1") for i in range(15)]
+    assert send_raw(gw, build_request("GET", "/ok", hs))[0].status == 200
+
+
+def test_header_count_over_limit_is_431(gw):
+    hs = [("X-C%d" % i, "1") for i in range(25)]
+    r, closed = send_raw(gw, build_request("GET", "/many-headers", hs))
+    assert r.status == 431, r
+    assert "/many-headers" not in gw.backend.paths()
+
+
+def test_uri_within_limit_passes(gw):
+    r, _ = send_raw(gw, build_request("GET", "/" + "u" * 900))
+    assert r.status == 200, r
+
+
+def test_uri_over_limit_is_414(gw):
+    r, closed = send_raw(gw, build_request("GET", "/" + "u" * 2000))
+    assert r.status == 414, r
+
+
+def test_uri_over_limit_by_query_is_414(gw):
+    r, closed = send_raw(gw, build_request("GET", "/q?" + "a=b&" * 400))
+    assert r.status == 414, r
+
+
+def test_body_at_limit_passes(gw):
+    r, _ = send_raw(gw, build_request("POST", "/body", body=b"b" * 1024))
+    assert r.status == 200 and r.json()["body_len"] == 1024, r
+
+
+def test_body_over_limit_with_content_length_is_413(gw):
+    with gw.connect() as c:
+        # The head alone announces too much: 413 without waiting for the body.
+        c.send(build_request("POST", "/too-big", [("Content-Length", "2000")]))
+        r = c.read_response()
+        assert r.status == 413, r
+        assert c.closed(timeout=3)
+    assert "/too-big" not in gw.backend.paths()
+
+
+def test_chunked_body_over_limit_is_413_or_closed(gw):
+    body = b"c" * 3000
+    with gw.connect() as c:
+        c.send(build_request("POST", "/chunked-too-big", [("Transfer-Encoding", "chunked")],
+                             chunk_encode(body, sizes=(500,))))
+        resp, err = c.try_read_response()
+        if resp is not None:
+            assert resp.status == 413, resp
+            assert c.closed(timeout=3)
+        else:
+            assert c.wait_closed(timeout=3)[0], err
+    # Whatever reached the backend, it must not be a complete oversized body.
+    for rec in gw.backend.requests:
+        if rec["path"] == "/chunked-too-big":
+            assert not (rec["complete"] and rec["body_len"] > 1024), rec
+
+
+def test_header_timeout_is_408_and_closed(gw):
+    with gw.connect(timeout=10) as c:
+        c.send(b"GET /partial HTTP/1.1\r\nHost: a\r\n")  # and never the final CRLF
+        t0 = time.monotonic()
+        r = c.read_response(timeout=10)
+        elapsed = time.monotonic() - t0
+        assert r.status == 408, r
+        assert c.closed(timeout=3)
+    assert 0.4 <= elapsed < 3.0, elapsed
+
+
+def test_header_timeout_counts_whole_head_not_gaps(gw):
+    # Trickling one byte every 100 ms must not extend the 500 ms deadline for the head.
+    data = b"GET /trickle HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"s" * 60
+    with gw.connect(timeout=10) as c:
+        t0 = time.monotonic()
+        for ch in data:
+            readable, _, _ = select.select([c.sock], [], [], 0.1)  # the trickle rate
+            if readable:
+                break
+            try:
+                c.send(bytes([ch]))
+            except OSError:
+                break
+        elapsed = time.monotonic() - t0
+        resp, err = c.try_read_response(timeout=3)
+    assert resp is not None and resp.status == 408, (resp, err)
+    assert elapsed < 3.0, elapsed
+
+
+def test_body_timeout_is_408_or_closed(gw):
+    with gw.connect(timeout=10) as c:
+        c.send(build_request("POST", "/stall", [("Content-Length", "100")]) + b"x" * 10)
+        t0 = time.monotonic()
+        resp, err = c.try_read_response(timeout=10)
+        elapsed = time.monotonic() - t0
+        if resp is not None:
+            assert resp.status == 408, resp
+        else:
+            assert err != "timeout", err
+    assert elapsed < 3.0, elapsed
+
+
+def test_idle_keepalive_connection_closed_silently(gw):
+    with gw.connect(timeout=10) as c:
+        r = c.request("GET", "/idle")
+        assert r.status == 200
+        t0 = time.monotonic()
+        assert c.closed(timeout=5), "server sent bytes or did not close: %r" % bytes(c.buf)
+        elapsed = time.monotonic() - t0
+    assert 0.3 <= elapsed < 3.0, elapsed
+
+
+def test_keepalive_within_idle_timeout_stays_open(gw):
+    with gw.connect() as c:
+        for i in range(3):
+            r = c.request("GET", "/alive/%d" % i)
+            assert r.status == 200
+            time.sleep(0.2)  # well under idle_timeout: 500ms
+        assert c.request("GET", "/alive/end").status == 200
