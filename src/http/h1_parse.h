@@ -43,10 +43,11 @@ enum sl_h1_err {
     SL_H1_ERR_COUNT
 };
 
-/* HTTP status to answer for a request-side error (400, 414, 431, 505). */
+/* HTTP status to answer for a request-side error (400, 414, 431, 505; 502 for
+ * BAD_STATUS_LINE). 0 for SL_H1_ERR_NONE, 400 for values outside the enum. */
 int sl_h1_err_status(enum sl_h1_err err);
 
-/* Short stable name for logs and metrics, e.g. "cl_and_te". */
+/* Short stable name for logs and metrics, e.g. "cl_and_te"; "unknown" outside the enum. */
 const char *sl_h1_err_name(enum sl_h1_err err);
 
 struct sl_h1_header {
@@ -54,6 +55,7 @@ struct sl_h1_header {
     struct sl_slice value; /* leading/trailing SP/HTAB trimmed */
 };
 
+/* A zero field means "no limit" (the buffer and the caller's header array still bound). */
 struct sl_h1_limits {
     size_t max_head_bytes; /* request/status line + headers + final CRLF */
     size_t max_headers;    /* number of header fields; also bounded by the caller's array */
@@ -92,7 +94,7 @@ struct sl_h1_request {
 };
 
 struct sl_h1_response {
-    int status;             /* 100..999 parsed; caller decides what is acceptable */
+    int status;             /* 100..599; anything else is SL_H1_ERR_BAD_STATUS_LINE */
     struct sl_slice reason;
     int version_minor;
     enum sl_h1_body body;   /* computed from status and CL/TE; caller adjusts for HEAD */
@@ -121,7 +123,13 @@ struct sl_h1_head_state {
  * Exceeding limits->max_head_bytes without finding the end is SL_ERROR/HEADERS_TOO_LARGE;
  * a request line longer than max_uri_bytes + 64 without its end is SL_ERROR/URI_TOO_LONG.
  * Leading empty lines (CRLF) before the request line are skipped (RFC 9112 2.2) and counted in
- * head_len. Never calls back.
+ * head_len; more than 8 of them is BAD_REQUEST_LINE. Rules beyond the grammar: Content-Length
+ * must be a single 1*DIGIT <= 2^62; Transfer-Encoding must be a single field "chunked" and is
+ * refused in HTTP/1.0 and together with Content-Length; target is origin-form, absolute-form
+ * (http/https, no userinfo; its authority becomes req->host), "*" for OPTIONS only, or
+ * authority-form for CONNECT only (req->host = target, path empty); an HTTP/1.1 request needs
+ * exactly one valid, non-empty Host. path of "http://h" is "/" (a static string). A repeated
+ * call after SL_DONE with the same state returns the same result. Never calls back.
  */
 enum sl_status sl_h1_parse_request(struct sl_h1_head_state *st, const char *buf, size_t len,
                                    const struct sl_h1_limits *limits, struct sl_h1_request *req,
@@ -131,7 +139,11 @@ enum sl_status sl_h1_parse_request(struct sl_h1_head_state *st, const char *buf,
 /*
  * Parses a response head. `request_was_head` makes the body SL_H1_BODY_NONE; 1xx, 204 and 304
  * never have a body. A response with neither CL nor chunked is SL_H1_BODY_UNTIL_CLOSE.
- * Malformed status line -> SL_H1_ERR_BAD_STATUS_LINE; header errors as for requests.
+ * Malformed status line (including versions other than 1.0/1.1, and leading empty lines) ->
+ * SL_H1_ERR_BAD_STATUS_LINE; header errors as for requests. "HTTP/1.1 200\r\n" (no reason, no
+ * SP) is accepted. For bodiless responses CL/TE are syntax-checked but never an error together;
+ * otherwise CL+TE is CL_AND_TE and TE in an HTTP/1.0 response is BAD_TRANSFER_ENCODING
+ * (RFC 9112 6.1). content_length is set whenever a Content-Length was present.
  */
 enum sl_status sl_h1_parse_response(struct sl_h1_head_state *st, const char *buf, size_t len,
                                     const struct sl_h1_limits *limits, bool request_was_head,
