@@ -105,8 +105,9 @@ struct sl_route_match_conf {
     char *host;        /* exact "api.example.com", wildcard "*.example.com", or NULL = any */
     char *path;        /* exact path, or NULL */
     char *path_prefix; /* prefix, or NULL; at most one of path / path_prefix */
-    uint32_t methods;  /* bitmask of enum sl_method; 0 = any */
-    char **method_names; /* as written, for methods outside the enum (SL_METHOD_OTHER) */
+    uint32_t methods;  /* bitmask of enum sl_method; 0 with no method_names = any */
+    char **method_names; /* as written, for methods outside the enum (SL_METHOD_OTHER);
+                          * a route with only such methods has methods == 0, so test both */
     size_t method_name_count;
     struct sl_header_pair *headers; /* all must be present with exactly this value */
     size_t header_count;
@@ -175,14 +176,27 @@ void sl_config_errors_dispose(struct sl_config_errors *errs);
 
 void sl_config_free(struct sl_config *cfg);
 
-/* Parses "250ms", "10s", "1m", "2h", "1500" (ms). Returns 0 or -EINVAL. */
+/* Parses "250ms", "10s", "1m", "2h", "1500" (ms). Returns 0 or -EINVAL. The loader itself
+ * rejects a bare number in the file (ambiguous: seconds or ms?) before calling this. */
 int sl_config_parse_duration(const char *s, uint64_t *out_ms);
 
 /* Parses "16KiB", "10MiB", "1GiB", "512", "4KB" (KB = 1000). Returns 0 or -EINVAL. */
 int sl_config_parse_size(const char *s, uint64_t *out_bytes);
 
-/* Parses "127.0.0.1:80", "[::1]:80", "localhost:80" (resolved with getaddrinfo at load). */
+/*
+ * Parses "127.0.0.1:80", "[::1]:80", "localhost:80" (resolved with getaddrinfo at load; IP
+ * literals never touch the resolver). Port 1..65535. Returns 0, -EINVAL on bad syntax, or
+ * -ENOENT when the lookup fails. With resolution off (sl_config_set_resolve(false)) a valid
+ * hostname returns 0 with *out zeroed and *out_len 0.
+ */
 int sl_config_parse_address(const char *s, struct sockaddr_storage *out, socklen_t *out_len);
+
+/*
+ * Turns hostname lookups on (the default) or off for later loads and address parses. Off is
+ * for fuzzers and offline checks: hostnames are syntax-checked only and stay unresolved
+ * (addr_len 0). Process-wide; call before loading, not while another thread loads.
+ */
+void sl_config_set_resolve(bool resolve);
 
 /* Maps a method token to its bit; SL_METHOD_OTHER when not in the enum. */
 enum sl_method sl_method_from_token(const char *p, size_t len);

@@ -1,0 +1,1088 @@
+#include "config/config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config/errors.h"
+#include "config/schema.h"
+#include "config/units.h"
+#include "config/yaml_tree.h"
+#include "core/slice.h"
+
+#define SEC 1000ull
+#define MIN (60 * SEC)
+#define HOUR (60 * MIN)
+#define KIB 1024ull
+#define MIB (1024 * KIB)
+
+/* Config files larger than this are certainly a mistake (a log, a binary). */
+#define MAX_FILE_BYTES (16 * MIB)
+
+/* ---- value checks (STRING `check` callbacks) ---------------------------------------------- */
+
+static const char *check_name(const char *s, size_t len, char *buf, size_t cap)
+{
+    bool ok = len > 0 && len <= 64;
+    for (size_t i = 0; ok && i < len; i++) {
+        char ch = s[i];
+        ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+             ch == '_' || ch == '-' || ch == '.';
+    }
+    if (ok)
+        return NULL;
+    char q[160];
+    snprintf(buf, cap, "invalid name %s: use 1 to 64 letters, digits, '_', '-' or '.'",
+             sl__config_quote(q, sizeof(q), s, len));
+    return buf;
+}
+
+static const char *check_path(const char *s, size_t len, char *buf, size_t cap)
+{
+    (void)buf;
+    (void)cap;
+    if (len == 0 || s[0] != '/')
+        return "must start with \"/\"";
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch <= 0x20 || ch == 0x7f || ch == '?' || ch == '#')
+            return "must not contain spaces, control characters, '?' or '#'";
+    }
+    return NULL;
+}
+
+static const char *check_token(const char *s, size_t len, char *buf, size_t cap)
+{
+    if (sl__config_is_token(s, len))
+        return NULL;
+    char q[160];
+    snprintf(buf, cap, "invalid header name %s (must be an HTTP token)",
+             sl__config_quote(q, sizeof(q), s, len));
+    return buf;
+}
+
+static const char *check_header_value(const char *s, size_t len, char *buf, size_t cap)
+{
+    (void)buf;
+    (void)cap;
+    for (size_t i = 0; i < len; i++)
+        if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
+            return "header value must not contain CR, LF or NUL";
+    return NULL;
+}
+
+static bool is_host_char(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           ch == '-' || ch == '_';
+}
+
+static const char *check_host(const char *s, size_t len, char *buf, size_t cap)
+{
+    if (len == 0)
+        return "must not be empty";
+    if (s[0] == '[') {
+        char v6[64];
+        struct in6_addr a;
+        if (len < 3 || s[len - 1] != ']' || len - 2 >= sizeof(v6))
+            return "invalid IPv6 literal; write it as [::1]";
+        memcpy(v6, s + 1, len - 2);
+        v6[len - 2] = '\0';
+        return inet_pton(AF_INET6, v6, &a) == 1 ? NULL : "invalid IPv6 literal; write it as [::1]";
+    }
+    size_t start = 0;
+    if (s[0] == '*') {
+        if (len < 3 || s[1] != '.')
+            return "a wildcard must be the whole first label, e.g. *.example.com";
+        start = 2;
+    }
+    if (memchr(s + start, '*', len - start))
+        return "a wildcard must be the whole first label, e.g. *.example.com";
+    if (memchr(s, ':', len))
+        return "must not include a port (the port is ignored when matching)";
+    size_t label = 0;
+    for (size_t i = start; i < len; i++) {
+        if (s[i] == '.') {
+            if (label == 0)
+                break;
+            label = 0;
+            continue;
+        }
+        if (!is_host_char(s[i]) || ++label > 63) {
+            label = 0;
+            break;
+        }
+    }
+    if (label == 0 || len > 253) {
+        char q[160];
+        snprintf(buf, cap, "invalid host %s", sl__config_quote(q, sizeof(q), s, len));
+        return buf;
+    }
+    return NULL;
+}
+
+/* ---- custom setters ----------------------------------------------------------------------- */
+
+static void set_workers(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                        const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_config *cfg = base;
+    const char *s = sl__config_scalar(c, n, "\"auto\" or an integer in 1..256");
+    if (!s)
+        return;
+    if (strcmp(s, "auto") == 0) {
+        cfg->workers = 0;
+        return;
+    }
+    unsigned v = 0;
+    size_t i = 0;
+    for (; s[i] >= '0' && s[i] <= '9' && i < 4; i++)
+        v = v * 10 + (unsigned)(s[i] - '0');
+    if (i == 0 || s[i] != '\0' || v < 1 || v > 256) {
+        char q[160];
+        sl__config_error(c, n, "expected \"auto\" or an integer in 1..256, got %s",
+                         sl__config_q(q, sizeof(q), n));
+        return;
+    }
+    cfg->workers = v;
+}
+
+static const struct sl__schema_section limits_section;
+
+static void set_global_limits(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                              const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    (void)base;
+    sl__config_schema_apply(c, &limits_section, n, &c->global_limits);
+}
+
+static void parse_address(struct sl__config_ctx *c, const struct sl_yaml_node *n, char **text,
+                          struct sockaddr_storage *ss, socklen_t *ss_len)
+{
+    const char *s = sl__config_scalar(c, n, "an address (host:port)");
+    if (!s)
+        return;
+    char msg[200], q[160];
+    if (sl__config_address_parse(s, c->resolve, ss, ss_len, msg, sizeof(msg)) != 0) {
+        sl__config_error(c, n, "invalid address %s: %s", sl__config_q(q, sizeof(q), n), msg);
+        return;
+    }
+    free(*text);
+    *text = sl__config_strndup(c, n->str, n->len);
+}
+
+static void set_listener_address(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                                 const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_listener_conf *l = base;
+    parse_address(c, n, &l->address, &l->addr, &l->addr_len);
+}
+
+static void set_endpoint_address(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                                 const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_endpoint_conf *e = base;
+    parse_address(c, n, &e->address, &e->addr, &e->addr_len);
+}
+
+static void endpoint_from_scalar(struct sl__config_ctx *c, const struct sl_yaml_node *n,
+                                 void *elem)
+{
+    set_endpoint_address(c, NULL, n, elem);
+}
+
+static void set_hash_on(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                        const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_upstream_conf *u = base;
+    char q[160];
+    const char *s = sl__config_scalar(c, n, "ip, header:NAME or cookie:NAME");
+    if (!s)
+        return;
+    enum sl_hash_on on;
+    size_t skip;
+    if (strcmp(s, "ip") == 0) {
+        u->hash_on = SL_HASH_IP;
+        return;
+    } else if (strncmp(s, "header:", 7) == 0) {
+        on = SL_HASH_HEADER;
+        skip = 7;
+    } else if (strncmp(s, "cookie:", 7) == 0) {
+        on = SL_HASH_COOKIE;
+        skip = 7;
+    } else {
+        sl__config_error(c, n, "expected ip, header:NAME or cookie:NAME, got %s",
+                         sl__config_q(q, sizeof(q), n));
+        return;
+    }
+    if (!sl__config_is_token(s + skip, n->len - skip)) {
+        sl__config_error(c, n, "invalid %s name %s (must be an HTTP token)",
+                         on == SL_HASH_HEADER ? "header" : "cookie",
+                         sl__config_quote(q, sizeof(q), s + skip, n->len - skip));
+        return;
+    }
+    free(u->hash_key);
+    u->hash_on = on;
+    u->hash_key = sl__config_strndup(c, s + skip, n->len - skip);
+}
+
+static void free_pairs(struct sl_header_pair *p, size_t n)
+{
+    for (size_t i = 0; p && i < n; i++) {
+        free(p[i].name);
+        free(p[i].value);
+    }
+    free(p);
+}
+
+static void free_strings(char **p, size_t n)
+{
+    for (size_t i = 0; p && i < n; i++)
+        free(p[i]);
+    free(p);
+}
+
+/* A mapping of header name -> value into a sl_header_pair array at k->offset. */
+static void set_header_map(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                           const struct sl_yaml_node *n, void *base)
+{
+    struct sl_header_pair **arr = (void *)((char *)base + k->offset);
+    size_t *count = (void *)((char *)base + k->count_offset);
+    char q[160], buf[256];
+    if (n->kind != SL_YAML_MAP) {
+        sl__config_error(c, n, "expected a mapping of header names to values, got %s",
+                         sl__config_yaml_kind_name(n));
+        return;
+    }
+    free_pairs(*arr, *count);
+    *count = 0;
+    *arr = n->count ? calloc(n->count, sizeof(**arr)) : NULL;
+    if (n->count && !*arr) {
+        sl__config_error(c, n, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *key = n->keys[i], *val = n->items[i];
+        size_t saved = sl__config_path_push_key(c, key->str, key->len);
+        const char *msg = check_token(key->str, key->len, buf, sizeof(buf));
+        if (msg) {
+            sl__config_error(c, key, "%s", msg);
+            goto next;
+        }
+        for (size_t j = 0; j < *count; j++) {
+            if (strlen((*arr)[j].name) == key->len &&
+                strncasecmp((*arr)[j].name, key->str, key->len) == 0) {
+                sl__config_error(c, key,
+                                 "duplicate header %s (header names are case-insensitive)",
+                                 sl__config_q(q, sizeof(q), key));
+                goto next;
+            }
+        }
+        if (val->kind != SL_YAML_SCALAR || val->is_null) {
+            sl__config_error(c, val, "expected a header value, got %s",
+                             sl__config_yaml_kind_name(val));
+            goto next;
+        }
+        if ((msg = check_header_value(val->str, val->len, buf, sizeof(buf)))) {
+            sl__config_error(c, val, "%s", msg);
+            goto next;
+        }
+        struct sl_header_pair *p = &(*arr)[*count];
+        p->name = sl__config_strndup(c, key->str, key->len);
+        p->value = sl__config_strndup(c, val->str, val->len);
+        ++*count;
+    next:
+        sl__config_path_pop(c, saved);
+    }
+}
+
+/* A list of strings into a char * array at k->offset, each checked with k->check. */
+static void set_string_list(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                            const struct sl_yaml_node *n, void *base)
+{
+    char ***arr = (void *)((char *)base + k->offset);
+    size_t *count = (void *)((char *)base + k->count_offset);
+    char buf[256];
+    if (n->kind != SL_YAML_SEQ) {
+        sl__config_error(c, n, "expected a list, got %s", sl__config_yaml_kind_name(n));
+        return;
+    }
+    free_strings(*arr, *count);
+    *count = 0;
+    *arr = n->count ? calloc(n->count, sizeof(**arr)) : NULL;
+    if (n->count && !*arr) {
+        sl__config_error(c, n, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *item = n->items[i];
+        size_t saved = sl__config_path_push_index(c, i);
+        const char *s = sl__config_scalar(c, item, "a string");
+        const char *msg = s && k->check ? k->check(s, item->len, buf, sizeof(buf)) : NULL;
+        if (msg)
+            sl__config_error(c, item, "%s", msg);
+        else if (s)
+            (*arr)[(*count)++] = sl__config_strndup(c, s, item->len);
+        sl__config_path_pop(c, saved);
+    }
+}
+
+static void set_methods(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                        const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_route_match_conf *m = base;
+    char q[160];
+    if (n->kind != SL_YAML_SEQ) {
+        sl__config_error(c, n, "expected a list of methods, got %s",
+                         sl__config_yaml_kind_name(n));
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *item = n->items[i];
+        size_t saved = sl__config_path_push_index(c, i);
+        const char *s = sl__config_scalar(c, item, "a method");
+        if (!s)
+            goto next;
+        if (!sl__config_is_token(s, item->len)) {
+            sl__config_error(c, item, "invalid method %s (must be an HTTP token)",
+                             sl__config_q(q, sizeof(q), item));
+            goto next;
+        }
+        enum sl_method bit = sl_method_from_token(s, item->len);
+        if (bit != SL_METHOD_OTHER) {
+            m->methods |= (uint32_t)bit;
+            goto next;
+        }
+        /* Methods are case-sensitive (RFC 9110): `get` would silently never match GET. */
+        char upper[16];
+        if (item->len < sizeof(upper)) {
+            for (size_t j = 0; j <= item->len; j++)
+                upper[j] = (s[j] >= 'a' && s[j] <= 'z') ? (char)(s[j] - 32) : s[j];
+            if (sl_method_from_token(upper, item->len) != SL_METHOD_OTHER) {
+                sl__config_error(c, item,
+                                 "unknown method %s (methods are case-sensitive; did you mean "
+                                 "\"%s\"?)",
+                                 sl__config_q(q, sizeof(q), item), upper);
+                goto next;
+            }
+        }
+        char **names = realloc(m->method_names, (m->method_name_count + 1) * sizeof(*names));
+        if (!names) {
+            sl__config_error(c, item, "out of memory");
+            goto next;
+        }
+        m->method_names = names;
+        char *copy = sl__config_strndup(c, s, item->len);
+        if (copy)
+            m->method_names[m->method_name_count++] = copy;
+    next:
+        sl__config_path_pop(c, saved);
+    }
+}
+
+/* ---- section tables ----------------------------------------------------------------------- */
+
+static const struct sl__schema_key limits_keys[] = {
+    {.name = "max_header_bytes", .type = SL__T_SIZE,
+     SL__FIELD(struct sl_limits_conf, max_header_bytes), .min = KIB, .max = 16 * MIB,
+     .def = 16 * KIB},
+    {.name = "max_header_count", .type = SL__T_UINT,
+     SL__FIELD(struct sl_limits_conf, max_header_count), .min = 1, .max = 10000, .def = 100},
+    {.name = "max_uri_bytes", .type = SL__T_SIZE, SL__FIELD(struct sl_limits_conf, max_uri_bytes),
+     .min = 256, .max = 16 * MIB, .def = 8 * KIB},
+    {.name = "max_body_bytes", .type = SL__T_SIZE,
+     SL__FIELD(struct sl_limits_conf, max_body_bytes), .min = 0, .max = UINT64_MAX,
+     .def = 10 * MIB},
+    {.name = "header_timeout", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, header_timeout_ms), .min = 1, .max = HOUR, .def = 10 * SEC},
+    {.name = "body_timeout", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, body_timeout_ms), .min = 1, .max = 24 * HOUR,
+     .def = 60 * SEC},
+    {.name = "idle_timeout", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, idle_timeout_ms), .min = 1, .max = 24 * HOUR,
+     .def = 60 * SEC},
+    {.name = "send_timeout", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, send_timeout_ms), .min = 1, .max = 24 * HOUR,
+     .def = 60 * SEC},
+    {.name = "max_requests_per_conn", .type = SL__T_UINT,
+     SL__FIELD(struct sl_limits_conf, max_requests_per_conn), .min = 0, .max = UINT32_MAX,
+     .def = 0},
+};
+
+static const struct sl__schema_section limits_section = {
+    .keys = limits_keys,
+    .key_count = sizeof(limits_keys) / sizeof(limits_keys[0]),
+};
+
+static void listener_init(struct sl__config_ctx *c, void *elem, size_t index)
+{
+    (void)index;
+    struct sl_listener_conf *l = elem;
+    /* Global -> listener: start from the top-level limits; the listener's own keys win. */
+    l->limits = c->global_limits;
+}
+
+static void listener_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    (void)c;
+    struct sl_listener_conf *l = elem;
+    l->line = map->line;
+    l->col = map->col;
+}
+
+static void listener_free(void *elem)
+{
+    struct sl_listener_conf *l = elem;
+    free(l->address);
+    l->address = NULL;
+}
+
+static const struct sl__schema_key listener_keys[] = {
+    {.name = "name", .type = SL__T_STRING, SL__FIELD(struct sl_listener_conf, name),
+     .check = check_name, .flags = SL__KEY_REQUIRED},
+    {.name = "address", .type = SL__T_CUSTOM, .set = set_listener_address,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "backlog", .type = SL__T_UINT, SL__FIELD(struct sl_listener_conf, backlog), .min = 1,
+     .max = 65535, .def = 4096},
+    {.name = "limits", .type = SL__T_SECTION, SL__FIELD(struct sl_listener_conf, limits),
+     .section = &limits_section},
+};
+
+static const struct sl__schema_section listener_section = {
+    .keys = listener_keys,
+    .key_count = sizeof(listener_keys) / sizeof(listener_keys[0]),
+    .elem_size = sizeof(struct sl_listener_conf),
+    .init = listener_init,
+    .check = listener_check,
+    .free = listener_free,
+};
+
+static void endpoint_free(void *elem)
+{
+    struct sl_endpoint_conf *e = elem;
+    free(e->address);
+    e->address = NULL;
+}
+
+static const struct sl__schema_key endpoint_keys[] = {
+    {.name = "address", .type = SL__T_CUSTOM, .set = set_endpoint_address,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "weight", .type = SL__T_UINT, SL__FIELD(struct sl_endpoint_conf, weight), .min = 1,
+     .max = 1000, .def = 1},
+    {.name = "zone", .type = SL__T_STRING, SL__FIELD(struct sl_endpoint_conf, zone),
+     .check = check_name},
+};
+
+static const struct sl__schema_section endpoint_section = {
+    .keys = endpoint_keys,
+    .key_count = sizeof(endpoint_keys) / sizeof(endpoint_keys[0]),
+    .elem_size = sizeof(struct sl_endpoint_conf),
+    .from_scalar = endpoint_from_scalar,
+    .free = endpoint_free,
+};
+
+/* keepalive: and timeouts: are nested in the file but flat in sl_upstream_conf, so these
+ * sections' offsets are relative to the upstream itself (SECTION at offset 0). */
+static const struct sl__schema_key keepalive_keys[] = {
+    {.name = "max_idle", .type = SL__T_UINT, SL__FIELD(struct sl_upstream_conf, keepalive_max_idle),
+     .min = 0, .max = 65535, .def = 64},
+    {.name = "idle_timeout", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, keepalive_idle_timeout_ms), .min = 1, .max = HOUR,
+     .def = 30 * SEC},
+};
+
+static const struct sl__schema_section keepalive_section = {
+    .keys = keepalive_keys,
+    .key_count = sizeof(keepalive_keys) / sizeof(keepalive_keys[0]),
+};
+
+static const struct sl__schema_key timeouts_keys[] = {
+    {.name = "connect", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, connect_timeout_ms), .min = 1, .max = 10 * MIN,
+     .def = 1 * SEC},
+    {.name = "response", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, response_timeout_ms), .min = 1, .max = 24 * HOUR,
+     .def = 15 * SEC},
+    {.name = "idle", .type = SL__T_DURATION, SL__FIELD(struct sl_upstream_conf, idle_timeout_ms),
+     .min = 1, .max = 24 * HOUR, .def = 60 * SEC},
+};
+
+static const struct sl__schema_section timeouts_section = {
+    .keys = timeouts_keys,
+    .key_count = sizeof(timeouts_keys) / sizeof(timeouts_keys[0]),
+};
+
+static const char *const balance_names[] = {"round_robin", "least_request", "hash", NULL};
+
+static void upstream_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    (void)c;
+    struct sl_upstream_conf *u = elem;
+    u->line = map->line;
+    u->col = map->col;
+    /* hash_on is deliberately not an error without `balance: hash`: it is ignored, so a
+     * balancer can be switched by editing one line. */
+}
+
+static void upstream_free(void *elem)
+{
+    struct sl_upstream_conf *u = elem;
+    free(u->hash_key);
+    u->hash_key = NULL;
+}
+
+static const struct sl__schema_key upstream_keys[] = {
+    {.name = "name", .type = SL__T_STRING, SL__FIELD(struct sl_upstream_conf, name),
+     .check = check_name, .flags = SL__KEY_REQUIRED},
+    {.name = "balance", .type = SL__T_ENUM, SL__FIELD(struct sl_upstream_conf, balance),
+     .enum_names = balance_names, .def = SL_BALANCE_ROUND_ROBIN},
+    {.name = "hash_on", .type = SL__T_CUSTOM, .set = set_hash_on},
+    {.name = "endpoints", .type = SL__T_LIST, SL__FIELD(struct sl_upstream_conf, endpoints),
+     .count_offset = offsetof(struct sl_upstream_conf, endpoint_count), .min = 1,
+     .section = &endpoint_section, .flags = SL__KEY_REQUIRED},
+    {.name = "keepalive", .type = SL__T_SECTION, .offset = 0, .section = &keepalive_section},
+    {.name = "timeouts", .type = SL__T_SECTION, .offset = 0, .section = &timeouts_section},
+    {.name = "connect_attempts", .type = SL__T_UINT,
+     SL__FIELD(struct sl_upstream_conf, connect_attempts), .min = 1, .max = 100, .def = 3},
+};
+
+static const struct sl__schema_section upstream_section = {
+    .keys = upstream_keys,
+    .key_count = sizeof(upstream_keys) / sizeof(upstream_keys[0]),
+    .elem_size = sizeof(struct sl_upstream_conf),
+    .check = upstream_check,
+    .free = upstream_free,
+};
+
+static void match_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    (void)c;
+    (void)map;
+    struct sl_route_match_conf *m = elem;
+    /* Hosts compare case-insensitively; lowercase once here so the router need not. */
+    for (char *p = m->host; p && *p; p++)
+        *p = sl_ascii_lower(*p);
+}
+
+static void match_free(void *elem)
+{
+    struct sl_route_match_conf *m = elem;
+    free_strings(m->method_names, m->method_name_count);
+    free_pairs(m->headers, m->header_count);
+    m->method_names = NULL;
+    m->headers = NULL;
+}
+
+static const struct sl__schema_key match_keys[] = {
+    {.name = "host", .type = SL__T_STRING, SL__FIELD(struct sl_route_match_conf, host),
+     .check = check_host},
+    {.name = "path", .type = SL__T_STRING, SL__FIELD(struct sl_route_match_conf, path),
+     .check = check_path},
+    {.name = "path_prefix", .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_match_conf, path_prefix), .check = check_path},
+    {.name = "methods", .type = SL__T_CUSTOM, .set = set_methods},
+    {.name = "headers", .type = SL__T_CUSTOM, SL__FIELD(struct sl_route_match_conf, headers),
+     .count_offset = offsetof(struct sl_route_match_conf, header_count), .set = set_header_map},
+};
+
+static const struct sl__schema_section match_section = {
+    .keys = match_keys,
+    .key_count = sizeof(match_keys) / sizeof(match_keys[0]),
+    .check = match_check,
+    .free = match_free,
+};
+
+static void header_ops_free(void *elem)
+{
+    struct sl_header_ops_conf *h = elem;
+    free_pairs(h->set, h->set_count);
+    free_pairs(h->add, h->add_count);
+    free_strings(h->remove, h->remove_count);
+    memset(h, 0, sizeof(*h));
+}
+
+static const struct sl__schema_key header_ops_keys[] = {
+    {.name = "set", .type = SL__T_CUSTOM, SL__FIELD(struct sl_header_ops_conf, set),
+     .count_offset = offsetof(struct sl_header_ops_conf, set_count), .set = set_header_map},
+    {.name = "add", .type = SL__T_CUSTOM, SL__FIELD(struct sl_header_ops_conf, add),
+     .count_offset = offsetof(struct sl_header_ops_conf, add_count), .set = set_header_map},
+    {.name = "remove", .type = SL__T_CUSTOM, SL__FIELD(struct sl_header_ops_conf, remove),
+     .count_offset = offsetof(struct sl_header_ops_conf, remove_count), .set = set_string_list,
+     .check = check_token},
+};
+
+static const struct sl__schema_section header_ops_section = {
+    .keys = header_ops_keys,
+    .key_count = sizeof(header_ops_keys) / sizeof(header_ops_keys[0]),
+    .free = header_ops_free,
+};
+
+static const struct sl__schema_key direct_keys[] = {
+    {.name = "status", .type = SL__T_UINT, SL__FIELD(struct sl_direct_response_conf, status),
+     .min = 100, .max = 599, .def = 200},
+    {.name = "body", .type = SL__T_STRING, SL__FIELD(struct sl_direct_response_conf, body),
+     .count_offset = offsetof(struct sl_direct_response_conf, body_len), .def_str = "",
+     .flags = SL__KEY_ALLOW_NUL},
+    {.name = "content_type", .type = SL__T_STRING,
+     SL__FIELD(struct sl_direct_response_conf, content_type), .def_str = "text/plain",
+     .check = check_header_value, .flags = SL__KEY_NONEMPTY},
+};
+
+static const struct sl__schema_section direct_section = {
+    .keys = direct_keys,
+    .key_count = sizeof(direct_keys) / sizeof(direct_keys[0]),
+};
+
+static void route_init(struct sl__config_ctx *c, void *elem, size_t index)
+{
+    struct sl_route_conf *r = elem;
+    char name[32];
+    int n = snprintf(name, sizeof(name), "route%zu", index);
+    r->index = index;
+    r->name = sl__config_strndup(c, name, n > 0 ? (size_t)n : 0);
+}
+
+/* Reports `fmt` at the value of `key` inside `map`, with `key` appended to the path. */
+static void error_at_key(struct sl__config_ctx *c, const struct sl_yaml_node *map,
+                         const char *key, const char *msg)
+{
+    const struct sl_yaml_node *n = sl__config_yaml_get(map, key);
+    size_t saved = sl__config_path_push_key(c, key, strlen(key));
+    sl__config_error(c, n ? n : map, "%s", msg);
+    sl__config_path_pop(c, saved);
+}
+
+static void route_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_route_conf *r = elem;
+    const struct sl_yaml_node *match = sl__config_yaml_get(map, "match");
+    bool has_upstream = sl__config_yaml_get(map, "upstream") != NULL;
+    bool has_direct = sl__config_yaml_get(map, "direct_response") != NULL;
+    bool has_prefix = sl__config_yaml_get(match, "path_prefix") != NULL;
+    r->line = map->line;
+    r->col = map->col;
+    r->has_direct_response = has_direct && r->direct_response.body;
+    if (has_upstream && has_direct)
+        error_at_key(c, map, "direct_response", "cannot be combined with \"upstream\"");
+    else if (!has_upstream && !has_direct)
+        sl__config_error(c, map, "route needs \"upstream\" or \"direct_response\"");
+    if (has_prefix && sl__config_yaml_get(match, "path")) {
+        size_t saved = sl__config_path_push_key(c, "match", 5);
+        error_at_key(c, match, "path_prefix", "cannot be combined with \"path\"");
+        sl__config_path_pop(c, saved);
+    }
+    if (r->strip_prefix && !has_prefix)
+        error_at_key(c, map, "strip_prefix", "requires match.path_prefix");
+    if (sl__config_yaml_get(map, "rewrite_prefix") && !has_prefix)
+        error_at_key(c, map, "rewrite_prefix", "requires match.path_prefix");
+    /* rewrite_prefix replaces the prefix, so it strips too; one flag for the proxy to test. */
+    if (r->rewrite_prefix)
+        r->strip_prefix = true;
+}
+
+static void route_free(void *elem)
+{
+    struct sl_route_conf *r = elem;
+    free_strings(r->listeners, r->listener_count);
+    r->listeners = NULL;
+    r->listener_count = 0;
+}
+
+static const struct sl__schema_key route_keys[] = {
+    {.name = "name", .type = SL__T_STRING, SL__FIELD(struct sl_route_conf, name),
+     .check = check_name},
+    {.name = "listeners", .type = SL__T_CUSTOM, SL__FIELD(struct sl_route_conf, listeners),
+     .count_offset = offsetof(struct sl_route_conf, listener_count), .set = set_string_list,
+     .check = check_name},
+    {.name = "match", .type = SL__T_SECTION, SL__FIELD(struct sl_route_conf, match),
+     .section = &match_section},
+    {.name = "upstream", .type = SL__T_STRING, SL__FIELD(struct sl_route_conf, upstream),
+     .check = check_name},
+    {.name = "strip_prefix", .type = SL__T_BOOL, SL__FIELD(struct sl_route_conf, strip_prefix),
+     .def = false},
+    {.name = "rewrite_prefix", .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_conf, rewrite_prefix), .check = check_path},
+    {.name = "request_headers", .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, request_headers), .section = &header_ops_section},
+    {.name = "response_headers", .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, response_headers), .section = &header_ops_section},
+    {.name = "direct_response", .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, direct_response), .section = &direct_section,
+     .flags = SL__KEY_LAZY},
+};
+
+static const struct sl__schema_section route_section = {
+    .keys = route_keys,
+    .key_count = sizeof(route_keys) / sizeof(route_keys[0]),
+    .elem_size = sizeof(struct sl_route_conf),
+    .init = route_init,
+    .check = route_check,
+    .free = route_free,
+};
+
+static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
+
+/* Order matters: `limits` is read before `listeners` (they inherit it), and the route checks
+ * run after both. */
+static const struct sl__schema_key top_keys[] = {
+    {.name = "workers", .type = SL__T_CUSTOM, .set = set_workers},
+    {.name = "drain_timeout", .type = SL__T_DURATION,
+     SL__FIELD(struct sl_config, drain_timeout_ms), .min = 0, .max = HOUR, .def = 10 * SEC},
+    {.name = "log_level", .type = SL__T_ENUM, SL__FIELD(struct sl_config, log_level),
+     .enum_names = log_level_names, .def = SL_LOG_INFO},
+    {.name = "limits", .type = SL__T_CUSTOM, .set = set_global_limits},
+    {.name = "listeners", .type = SL__T_LIST, SL__FIELD(struct sl_config, listeners),
+     .count_offset = offsetof(struct sl_config, listener_count), .min = 1,
+     .section = &listener_section, .flags = SL__KEY_REQUIRED},
+    {.name = "upstreams", .type = SL__T_LIST, SL__FIELD(struct sl_config, upstreams),
+     .count_offset = offsetof(struct sl_config, upstream_count), .section = &upstream_section},
+    {.name = "routes", .type = SL__T_LIST, SL__FIELD(struct sl_config, routes),
+     .count_offset = offsetof(struct sl_config, route_count), .section = &route_section},
+};
+
+static const struct sl__schema_section top_section = {
+    .keys = top_keys,
+    .key_count = sizeof(top_keys) / sizeof(top_keys[0]),
+};
+
+/* ---- step 2: resolve names ---------------------------------------------------------------- */
+
+/* The YAML element for list entry `i`, when the list parsed as a list of that length. */
+static const struct sl_yaml_node *list_item(const struct sl_yaml_node *root, const char *key,
+                                            size_t count, size_t i)
+{
+    const struct sl_yaml_node *seq = sl__config_yaml_get(root, key);
+    if (!seq || seq->kind != SL_YAML_SEQ || seq->count != count)
+        return NULL;
+    return seq->items[i];
+}
+
+/* Reports at list[i].key (the key's value, or the element when absent). */
+static void error_in_item(struct sl__config_ctx *c, const struct sl_yaml_node *root,
+                          const char *list, size_t count, size_t i, const char *key,
+                          const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+
+static void error_in_item(struct sl__config_ctx *c, const struct sl_yaml_node *root,
+                          const char *list, size_t count, size_t i, const char *key,
+                          const char *fmt, ...)
+{
+    const struct sl_yaml_node *item = list_item(root, list, count, i);
+    const struct sl_yaml_node *at = sl__config_yaml_get(item, key);
+    if (!at)
+        at = item;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    size_t saved = sl__config_path_push_key(c, list, strlen(list));
+    sl__config_path_push_index(c, i);
+    if (at && sl__config_yaml_get(item, key))
+        sl__config_path_push_key(c, key, strlen(key));
+    sl__config_error(c, at, "%s", msg);
+    sl__config_path_pop(c, saved);
+}
+
+static void where(const struct sl_yaml_node *root, const char *list, size_t count, size_t i,
+                  char *buf, size_t cap)
+{
+    const struct sl_yaml_node *item = list_item(root, list, count, i);
+    const struct sl_yaml_node *name = sl__config_yaml_get(item, "name");
+    const struct sl_yaml_node *at = name ? name : item;
+    if (at)
+        snprintf(buf, cap, " (first defined at %d:%d)", at->line, at->col);
+    else
+        buf[0] = '\0';
+}
+
+static bool addr_is_any(const struct sockaddr_storage *a)
+{
+    if (a->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_addr.s_addr == htonl(INADDR_ANY);
+    if (a->ss_family == AF_INET6)
+        return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)a)->sin6_addr);
+    return false;
+}
+
+static uint16_t addr_port(const struct sockaddr_storage *a)
+{
+    if (a->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_port;
+    return ((const struct sockaddr_in6 *)a)->sin6_port;
+}
+
+/* 1: same socket address, 2: one is the wildcard of the other's family and port. */
+static int addr_conflict(const struct sl_listener_conf *a, const struct sl_listener_conf *b)
+{
+    if (a->addr_len == 0 || b->addr_len == 0)
+        return a->address && b->address && strcmp(a->address, b->address) == 0;
+    if (a->addr.ss_family != b->addr.ss_family || addr_port(&a->addr) != addr_port(&b->addr))
+        return 0;
+    if (a->addr_len == b->addr_len && memcmp(&a->addr, &b->addr, a->addr_len) == 0)
+        return 1;
+    return addr_is_any(&a->addr) || addr_is_any(&b->addr) ? 2 : 0;
+}
+
+static void resolve_listeners(struct sl__config_ctx *c, const struct sl_yaml_node *root,
+                              const struct sl_config *cfg)
+{
+    char at[64], q[160];
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        const struct sl_listener_conf *l = &cfg->listeners[i];
+        for (size_t j = 0; j < i && l->name; j++) {
+            if (cfg->listeners[j].name && strcmp(cfg->listeners[j].name, l->name) == 0) {
+                where(root, "listeners", cfg->listener_count, j, at, sizeof(at));
+                error_in_item(c, root, "listeners", cfg->listener_count, i, "name",
+                              "duplicate listener name %s%s",
+                              sl__config_quote(q, sizeof(q), l->name, strlen(l->name)), at);
+                break;
+            }
+        }
+        for (size_t j = 0; j < i && l->address; j++) {
+            const struct sl_listener_conf *o = &cfg->listeners[j];
+            int kind = addr_conflict(l, o);
+            if (!kind)
+                continue;
+            char q2[160];
+            sl__config_quote(q2, sizeof(q2), o->name ? o->name : "", o->name ? strlen(o->name) : 0);
+            if (kind == 1)
+                error_in_item(c, root, "listeners", cfg->listener_count, i, "address",
+                              "duplicate listener address %s (already used by listener %s)",
+                              sl__config_quote(q, sizeof(q), l->address, strlen(l->address)), q2);
+            else
+                error_in_item(c, root, "listeners", cfg->listener_count, i, "address",
+                              "address %s overlaps listener %s (%s)",
+                              sl__config_quote(q, sizeof(q), l->address, strlen(l->address)), q2,
+                              o->address);
+            break;
+        }
+    }
+}
+
+static void resolve_upstreams(struct sl__config_ctx *c, const struct sl_yaml_node *root,
+                              const struct sl_config *cfg)
+{
+    char at[64], q[160];
+    for (size_t i = 0; i < cfg->upstream_count; i++) {
+        const char *name = cfg->upstreams[i].name;
+        for (size_t j = 0; j < i && name; j++) {
+            if (cfg->upstreams[j].name && strcmp(cfg->upstreams[j].name, name) == 0) {
+                where(root, "upstreams", cfg->upstream_count, j, at, sizeof(at));
+                error_in_item(c, root, "upstreams", cfg->upstream_count, i, "name",
+                              "duplicate upstream name %s%s",
+                              sl__config_quote(q, sizeof(q), name, strlen(name)), at);
+                break;
+            }
+        }
+    }
+}
+
+/* A list that failed to parse would make every reference to it look unknown; skip those. */
+static bool names_complete(const struct sl_yaml_node *root, const char *key, size_t count,
+                           const char *const *names, size_t stride)
+{
+    const struct sl_yaml_node *seq = sl__config_yaml_get(root, key);
+    if (seq && (seq->kind != SL_YAML_SEQ || seq->count != count))
+        return false;
+    for (size_t i = 0; i < count; i++) {
+        const char *const *p = (const void *)((const char *)names + i * stride);
+        if (!*p)
+            return false;
+    }
+    return true;
+}
+
+static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *root,
+                           struct sl_config *cfg)
+{
+    char at[64], q[160];
+    bool upstreams_ok =
+        names_complete(root, "upstreams", cfg->upstream_count,
+                       cfg->upstreams ? (const char *const *)&cfg->upstreams[0].name : NULL,
+                       sizeof(struct sl_upstream_conf));
+    bool listeners_ok =
+        names_complete(root, "listeners", cfg->listener_count,
+                       cfg->listeners ? (const char *const *)&cfg->listeners[0].name : NULL,
+                       sizeof(struct sl_listener_conf));
+    for (size_t i = 0; i < cfg->route_count; i++) {
+        struct sl_route_conf *r = &cfg->routes[i];
+        for (size_t j = 0; j < i && r->name; j++) {
+            if (cfg->routes[j].name && strcmp(cfg->routes[j].name, r->name) == 0) {
+                where(root, "routes", cfg->route_count, j, at, sizeof(at));
+                error_in_item(c, root, "routes", cfg->route_count, i, "name",
+                              "duplicate route name %s%s",
+                              sl__config_quote(q, sizeof(q), r->name, strlen(r->name)), at);
+                break;
+            }
+        }
+        if (r->upstream && upstreams_ok) {
+            size_t u = 0;
+            while (u < cfg->upstream_count && strcmp(cfg->upstreams[u].name, r->upstream) != 0)
+                u++;
+            if (u == cfg->upstream_count)
+                error_in_item(c, root, "routes", cfg->route_count, i, "upstream",
+                              "unknown upstream %s",
+                              sl__config_quote(q, sizeof(q), r->upstream, strlen(r->upstream)));
+            else
+                r->upstream_index = u;
+        }
+        const struct sl_yaml_node *item = list_item(root, "routes", cfg->route_count, i);
+        const struct sl_yaml_node *lseq = sl__config_yaml_get(item, "listeners");
+        for (size_t k = 0; listeners_ok && k < r->listener_count; k++) {
+            size_t l = 0;
+            while (l < cfg->listener_count && strcmp(cfg->listeners[l].name, r->listeners[k]) != 0)
+                l++;
+            if (l < cfg->listener_count)
+                continue;
+            /* listeners[] kept only valid names, so map k back to its list position. */
+            const struct sl_yaml_node *at_node = NULL;
+            size_t pos = 0;
+            for (size_t m = 0; lseq && lseq->kind == SL_YAML_SEQ && m < lseq->count; m++) {
+                const struct sl_yaml_node *it = lseq->items[m];
+                if (it->kind == SL_YAML_SCALAR && strcmp(it->str, r->listeners[k]) == 0) {
+                    at_node = it;
+                    pos = m;
+                    break;
+                }
+            }
+            size_t saved = sl__config_path_push_key(c, "routes", 6);
+            sl__config_path_push_index(c, i);
+            sl__config_path_push_key(c, "listeners", 9);
+            sl__config_path_push_index(c, pos);
+            sl__config_error(c, at_node ? at_node : item, "unknown listener %s",
+                             sl__config_quote(q, sizeof(q), r->listeners[k],
+                                              strlen(r->listeners[k])));
+            sl__config_path_pop(c, saved);
+        }
+    }
+}
+
+/* ---- load --------------------------------------------------------------------------------- */
+
+int sl_config_load_string(const char *name, const char *yaml, size_t len, struct sl_config **out,
+                          struct sl_config_errors *errs)
+{
+    struct sl__config_ctx c = {.errs = errs, .resolve = sl__config_resolve_enabled()};
+    struct sl_yaml_node *root = NULL;
+    struct sl_config *cfg = NULL;
+    if (!name)
+        name = "<config>";
+    *out = NULL;
+    memset(errs, 0, sizeof(*errs));
+    errs->file = strdup(name);
+    if (!errs->file)
+        c.failed = true;
+
+    if (sl__config_yaml_parse(yaml, len, errs, &root) != 0) {
+        c.failed = true;
+        goto out;
+    }
+    if (errs->count)
+        c.failed = true;
+    cfg = calloc(1, sizeof(*cfg));
+    if (!cfg) {
+        sl__config_error(&c, root, "out of memory");
+        goto out;
+    }
+
+    /* Step 1: parse and type-check every key, applying defaults. */
+    sl__config_schema_defaults(&c, &limits_section, &c.global_limits);
+    sl__config_schema_defaults(&c, &top_section, cfg);
+    if (root->kind != SL_YAML_MAP)
+        sl__config_error(&c, root, "expected a mapping at the top level, got %s",
+                         sl__config_yaml_kind_name(root));
+    else
+        sl__config_schema_apply(&c, &top_section, root, cfg);
+
+    /* Step 2: resolve names across sections (also on errors, to report everything). */
+    if (root->kind == SL_YAML_MAP) {
+        resolve_listeners(&c, root, cfg);
+        resolve_upstreams(&c, root, cfg);
+        resolve_routes(&c, root, cfg);
+    }
+
+    /* Step 3: the snapshot is the parsed structs; it only needs its origin. */
+    if (!c.failed) {
+        cfg->path = strdup(name);
+        if (!cfg->path)
+            sl__config_error(&c, NULL, "out of memory");
+    }
+
+out:
+    sl__config_yaml_free(root);
+    free(c.path);
+    if (c.failed || errs->count) {
+        sl_config_free(cfg);
+        sl__config_errors_sort(errs);
+        return -1;
+    }
+    *out = cfg;
+    return 0;
+}
+
+int sl_config_load(const char *path, struct sl_config **out, struct sl_config_errors *errs)
+{
+    FILE *f = fopen(path, "rb");
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    int err = 0;
+    *out = NULL;
+    if (!f) {
+        err = errno;
+        goto fail;
+    }
+    for (;;) {
+        if (len == cap) {
+            if (cap >= MAX_FILE_BYTES) {
+                err = EFBIG;
+                break;
+            }
+            cap = cap ? cap * 2 : 64 * 1024;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                err = ENOMEM;
+                break;
+            }
+            buf = nb;
+        }
+        size_t n = fread(buf + len, 1, cap - len, f);
+        len += n;
+        if (n == 0) {
+            if (ferror(f))
+                err = EIO;
+            break;
+        }
+    }
+    fclose(f);
+    if (err)
+        goto fail;
+    int rc = sl_config_load_string(path, buf ? buf : "", len, out, errs);
+    free(buf);
+    return rc;
+
+fail:
+    free(buf);
+    memset(errs, 0, sizeof(*errs));
+    errs->file = strdup(path);
+    sl__config_errors_add(errs, 1, 1, "", "cannot read the file: %s", strerror(err));
+    return -1;
+}
+
+void sl_config_free(struct sl_config *cfg)
+{
+    if (!cfg)
+        return;
+    sl__config_schema_free(&top_section, cfg);
+    free(cfg->path);
+    free(cfg);
+}
