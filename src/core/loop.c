@@ -263,7 +263,7 @@ void sl_defer_cancel(struct sl_loop *loop, struct sl_defer *d)
     d->next = NULL;
 }
 
-static void run_deferred(struct sl_loop *loop)
+void sl_loop_run_deferred(struct sl_loop *loop)
 {
     /* Callbacks may queue more; those run in the same pass, so a close queued by a flush
      * still happens this turn. Bounded because each object queues itself at most once per
@@ -295,7 +295,7 @@ void sl_loop_run(struct sl_loop *loop)
             io->cb(io, evs[i].events);
         }
         sl_loop_run_timers(loop, loop->now_ms);
-        run_deferred(loop);
+        sl_loop_run_deferred(loop);
         loop->turns++;
         uint64_t spent = sl_clock_now_ms() - woke;
         if (spent > loop->lag_max_ms)

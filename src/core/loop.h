@@ -122,6 +122,10 @@ void sl_defer_queue(struct sl_loop *loop, struct sl_defer *d);
 /* Removes `d` from the queue if queued (O(n) in the queue length; rare). */
 void sl_defer_cancel(struct sl_loop *loop, struct sl_defer *d);
 
+/* Runs every queued deferred callback now (used once more after the loop stopped, so that
+ * objects closed during shutdown are freed). */
+void sl_loop_run_deferred(struct sl_loop *loop);
+
 /* Milliseconds until the earliest timer, or -1 when none (for epoll_wait). */
 int sl_loop_next_timeout_ms(const struct sl_loop *loop);
 

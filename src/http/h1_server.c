@@ -349,6 +349,7 @@ static int start_request(struct sl_server_conn *c, const struct sl_h1_request *h
     q->body_kind = h->body;
     q->content_length = h->content_length;
     q->conn = c;
+    q->handler_ctx = srv->handler->data;
     q->worker = srv->worker;
     q->start_ms = sl_loop_now_ms(srv->loop);
     q->id = (c->id << 16) | (c->nreq & 0xffff);

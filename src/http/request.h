@@ -62,7 +62,9 @@ struct sl_request {
     /* the front-end */
     struct sl_server_conn *conn;
     struct sl_worker *worker;
-    /* the handler's state for this request (an exchange), and route it chose */
+    /* the handler's context (its sl_request_handler.data), its state for this request (an
+     * exchange), and the route it chose */
+    void *handler_ctx;
     void *handler_state;
     const void *route;
     bool response_started;

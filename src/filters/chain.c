@@ -1,0 +1,64 @@
+#include <stddef.h>
+
+#include "filters/filter.h"
+
+static void run_from(struct sl_filter_run *run)
+{
+    while (run->pos < run->chain->count) {
+        const struct sl_filter_instance *f = &run->chain->items[run->pos];
+        enum sl_filter_verdict v = f->ops->on_request(run, run->req, f->state);
+        if (v == SL_FILTER_PAUSE) {
+            run->paused = true;
+            return;
+        }
+        if (v == SL_FILTER_RESPOND) {
+            run->done(run, SL_FILTER_RESPOND);
+            return;
+        }
+        run->pos++;
+    }
+    run->done(run, SL_FILTER_CONTINUE);
+}
+
+void sl_filter_run_start(struct sl_filter_run *run, const struct sl_filter_chain *chain,
+                         struct sl_request *req, sl_filter_done_cb done, void *data)
+{
+    static const struct sl_filter_chain empty = {NULL, 0};
+    run->chain = chain ? chain : &empty;
+    run->req = req;
+    run->pos = 0;
+    run->paused = false;
+    run->done = done;
+    run->data = data;
+    run->status = 0;
+    run->content_type = NULL;
+    run->body = NULL;
+    run->body_len = 0;
+    run->error = NULL;
+    run_from(run);
+}
+
+void sl_filter_resume(struct sl_filter_run *run, enum sl_filter_verdict verdict)
+{
+    if (!run->paused)
+        return;
+    run->paused = false;
+    if (verdict == SL_FILTER_RESPOND) {
+        run->done(run, SL_FILTER_RESPOND);
+        return;
+    }
+    run->pos++;
+    run_from(run);
+}
+
+enum sl_filter_verdict sl_filter_respond(struct sl_filter_run *run, int status,
+                                         const char *content_type, const char *body,
+                                         size_t body_len, const char *error)
+{
+    run->status = status;
+    run->content_type = content_type;
+    run->body = body;
+    run->body_len = body_len;
+    run->error = error;
+    return SL_FILTER_RESPOND;
+}

@@ -1,0 +1,135 @@
+/* sluice: process start-up, signals, and worker lifetime. Nothing else lives here. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config/config.h"
+#include "core/log.h"
+#include "core/loop.h"
+#include "proxy/gateway.h"
+
+#define SLUICE_VERSION "0.1.0"
+
+/* Exit codes (documented in docs/operations.md). */
+enum {
+    EXIT_OK = 0,
+    EXIT_CONFIG = 1, /* invalid configuration, or start-up failed (e.g. address in use) */
+    EXIT_USAGE = 2,  /* bad command line */
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: sluice [-c FILE] [-t] [--version] [--help]\n"
+            "  -c, --config FILE  configuration file (default: sluice.yaml)\n"
+            "  -t, --test         validate the configuration and exit (0 valid, 1 invalid)\n"
+            "  -v, --version      print the version and exit\n"
+            "  -h, --help         print this help and exit\n"
+            "Signals: SIGTERM/SIGINT drain in-flight requests (drain_timeout) and exit 0;\n"
+            "a second SIGTERM/SIGINT stops at once.\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *path = "sluice.yaml";
+    bool test_only = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-c") || !strcmp(a, "--config")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "sluice: %s needs a file\n", a);
+                return EXIT_USAGE;
+            }
+            path = argv[++i];
+        } else if (!strncmp(a, "--config=", 9)) {
+            path = a + 9;
+        } else if (!strcmp(a, "-t") || !strcmp(a, "--test")) {
+            test_only = true;
+        } else if (!strcmp(a, "-v") || !strcmp(a, "--version")) {
+            printf("sluice %s\n", SLUICE_VERSION);
+            return EXIT_OK;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return EXIT_OK;
+        } else {
+            fprintf(stderr, "sluice: unknown argument '%s'\n", a);
+            usage(stderr);
+            return EXIT_USAGE;
+        }
+    }
+
+    struct sl_config *cfg = NULL;
+    struct sl_config_errors errs = {0};
+    if (sl_config_load(path, &cfg, &errs) < 0) {
+        sl_config_errors_print(&errs, stderr);
+        fprintf(stderr, "sluice: %s: %zu error%s, configuration rejected\n", path, errs.count,
+                errs.count == 1 ? "" : "s");
+        sl_config_errors_dispose(&errs);
+        return EXIT_CONFIG;
+    }
+    sl_config_errors_dispose(&errs);
+    if (test_only) {
+        printf("sluice: %s: configuration OK\n", path);
+        sl_config_free(cfg);
+        return EXIT_OK;
+    }
+    sl_log_set_level((int)cfg->log_level);
+
+    /* Signals are taken synchronously by this thread only; workers block them all. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    uint64_t drain_ms = cfg->drain_timeout_ms;
+    struct sl_gateway *gw = sl_gateway_new(cfg);
+    if (!gw) {
+        SL_ERR("out of memory building the runtime");
+        return EXIT_CONFIG;
+    }
+    if (sl_gateway_start(gw) < 0) {
+        sl_gateway_free(gw);
+        return EXIT_CONFIG;
+    }
+    SL_INFO("sluice %s started (pid %ld, config %s)", SLUICE_VERSION, (long)getpid(), path);
+
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            SL_WARN("SIGHUP: configuration reload is not available yet; keeping the current one");
+            continue;
+        }
+        break;
+    }
+    SL_INFO("draining: finishing in-flight requests within %llums",
+            (unsigned long long)drain_ms);
+    sl_gateway_drain(gw);
+    /* A second signal during the drain means "stop now". */
+    sigset_t pending;
+    uint64_t deadline = sl_clock_now_ms() + drain_ms;
+    bool done = false;
+    while (!done) {
+        done = sl_gateway_wait(gw, sl_clock_now_ms() + 20 < deadline ? sl_clock_now_ms() + 20
+                                                                      : deadline);
+        if (done || sl_clock_now_ms() >= deadline)
+            break;
+        sigpending(&pending);
+        if (sigismember(&pending, SIGTERM) || sigismember(&pending, SIGINT)) {
+            SL_WARN("second stop signal: stopping now");
+            break;
+        }
+    }
+    if (!done)
+        SL_WARN("drain timeout reached; closing remaining connections");
+    sl_gateway_free(gw);
+    SL_INFO("stopped");
+    return EXIT_OK;
+}

@@ -1,0 +1,920 @@
+/*
+ * One request's trip through the gateway: route, filters, then either a direct response or
+ * the upstream exchange (pick an endpoint, get a pooled or new connection, send the head and
+ * stream the body, parse the response strictly, stream it back). Every step is driven by
+ * events from the two connections and bounded by a timer.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+
+#include "config/config.h"
+#include "core/hash.h"
+#include "core/log.h"
+#include "filters/filter.h"
+#include "http/h1_body.h"
+#include "http/h1_parse.h"
+#include "http/request.h"
+#include "proxy/balancer.h"
+#include "proxy/gateway.h"
+#include "proxy/router.h"
+#include "proxy/upstream.h"
+
+enum ex_state {
+    EX_FILTERS,
+    EX_CONNECTING,
+    EX_SENDING,   /* head and request body going upstream; response may arrive meanwhile */
+    EX_STREAMING, /* response head sent to the client; body streaming */
+    EX_DONE,
+};
+
+struct exchange {
+    struct sl_request *req;
+    struct sl_gw_listener *gl;
+    const struct sl_route_conf *route;
+    struct sl_upstream_rt *up;
+    struct sl_filter_run frun;
+    struct sl_upstream_conn *uc;
+    enum ex_state state;
+    int ep;
+    int tried[SL_PICK_MAX_EXCLUDE];
+    size_t tried_count;
+    unsigned connect_failures;
+    bool replayed;
+    bool req_sent;           /* head + whole body written upstream */
+    bool wrote_upstream;     /* at least one byte reached the upstream socket */
+    bool body_consumed;      /* client body bytes were consumed (a replay cannot resend them) */
+    bool resp_head_done;
+    bool resp_done;
+    bool upstream_reusable;
+    bool client_blocked;     /* the client cannot take more: upstream reads paused */
+    bool last_outcome_5xx;
+    char *up_head; /* serialized request head in the arena */
+    size_t up_head_len;
+    struct sl_buf head_view; /* a view over up_head consumed as written; never pooled */
+    struct sl_h1_body_writer reqw;
+    struct sl_h1_head_state rhs;
+    struct sl_h1_body_reader respr;
+    int status;
+};
+
+static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void *data);
+static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data);
+static void ex_try_endpoint(struct exchange *ex);
+static void ex_pump_request(struct exchange *ex);
+static void ex_pump_response(struct exchange *ex);
+
+static const struct sl_upstream_user *ex_user(struct exchange *ex)
+{
+    static _Thread_local struct sl_upstream_user u;
+    u.on_event = ex_upstream_event;
+    u.on_timeout = ex_upstream_timeout;
+    u.data = ex;
+    return &u;
+}
+
+/* ---- a bounded string builder over arena memory ---- */
+
+struct sb {
+    char *p;
+    size_t len, cap;
+    bool overflow;
+};
+
+static void sb_put(struct sb *b, const char *s, size_t n)
+{
+    if (b->overflow || b->len + n > b->cap) {
+        b->overflow = true;
+        return;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+static void sb_slice(struct sb *b, struct sl_slice s)
+{
+    sb_put(b, s.ptr, s.len);
+}
+
+static void sb_str(struct sb *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
+
+static void sb_header(struct sb *b, struct sl_slice name, struct sl_slice value)
+{
+    sb_slice(b, name);
+    sb_put(b, ": ", 2);
+    sb_slice(b, value);
+    sb_put(b, "\r\n", 2);
+}
+
+static void sb_u64(struct sb *b, uint64_t v)
+{
+    char tmp[24];
+    int n = snprintf(tmp, sizeof tmp, "%llu", (unsigned long long)v);
+    sb_put(b, tmp, (size_t)n);
+}
+
+/* ---- header classification ---- */
+
+/* Hop-by-hop and framing headers we never forward as received (RFC 9110 7.6.1). */
+static bool is_hop_by_hop(struct sl_slice name)
+{
+    switch (name.len) {
+    case 2:
+        return sl_slice_ieq_cstr(name, "TE");
+    case 7:
+        return sl_slice_ieq_cstr(name, "Trailer") || sl_slice_ieq_cstr(name, "Upgrade");
+    case 10:
+        return sl_slice_ieq_cstr(name, "Connection") || sl_slice_ieq_cstr(name, "Keep-Alive");
+    case 14:
+        return sl_slice_ieq_cstr(name, "Content-Length");
+    case 16:
+        return sl_slice_ieq_cstr(name, "Proxy-Connection");
+    case 17:
+        return sl_slice_ieq_cstr(name, "Transfer-Encoding");
+    default:
+        return false;
+    }
+}
+
+/* True when `name` is listed as a token of any Connection header. */
+static bool named_in_connection(const struct sl_h1_header *h, size_t n, struct sl_slice name)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!sl_slice_ieq_cstr(h[i].name, "Connection"))
+            continue;
+        const char *p = h[i].value.ptr, *end = p + h[i].value.len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
+            const char *s = p;
+            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+                p++;
+            if (p > s && sl_slice_ieq(sl_slice_make(s, (size_t)(p - s)), name))
+                return true;
+        }
+    }
+    return false;
+}
+
+static bool in_name_list(char **names, size_t n, struct sl_slice name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (sl_slice_ieq_cstr(name, names[i]))
+            return true;
+    return false;
+}
+
+static bool in_pair_names(const struct sl_header_pair *p, size_t n, struct sl_slice name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (sl_slice_ieq_cstr(name, p[i].name))
+            return true;
+    return false;
+}
+
+static void sb_header_ops(struct sb *b, const struct sl_header_ops_conf *ops)
+{
+    for (size_t i = 0; i < ops->set_count; i++)
+        sb_header(b, sl_slice_cstr(ops->set[i].name), sl_slice_cstr(ops->set[i].value));
+    for (size_t i = 0; i < ops->add_count; i++)
+        sb_header(b, sl_slice_cstr(ops->add[i].name), sl_slice_cstr(ops->add[i].value));
+}
+
+static size_t ops_size(const struct sl_header_ops_conf *ops)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < ops->set_count; i++)
+        n += strlen(ops->set[i].name) + strlen(ops->set[i].value) + 4;
+    for (size_t i = 0; i < ops->add_count; i++)
+        n += strlen(ops->add[i].name) + strlen(ops->add[i].value) + 4;
+    return n;
+}
+
+/* ---- ending ---- */
+
+static void ex_release_upstream(struct exchange *ex, enum sl_outcome outcome, bool reusable)
+{
+    if (ex->uc) {
+        sl_upstream_release(ex->uc, reusable);
+        ex->uc = NULL;
+    }
+    if (ex->ep >= 0) {
+        sl_balancer_release(ex->up->bal, ex->ep, outcome);
+        ex->ep = -1;
+    }
+}
+
+static void ex_end(struct exchange *ex)
+{
+    struct sl_gw_worker *gw = ex->gl->gw;
+    ex->state = EX_DONE;
+    ex->req->handler_state = NULL;
+    gw->inflight--;
+    sl_gw_worker_check_drained(gw);
+}
+
+/* Fails the exchange with a gateway error (or a cut connection once the response began). */
+static void ex_fail(struct exchange *ex, int status, const char *name, enum sl_outcome outcome)
+{
+    struct sl_request *req = ex->req;
+    ex_release_upstream(ex, outcome, false);
+    if (sl_log_enabled(SL_LOG_LVL_INFO) && status >= 500)
+        SL_INFO("request %s: %d %s (route %s)", "-", status, name,
+                ex->route && ex->route->name ? ex->route->name : "-");
+    ex_end(ex);
+    sl_request_respond_error(req, status, name);
+}
+
+static void ex_finish(struct exchange *ex)
+{
+    struct sl_request *req = ex->req;
+    bool client_reusable = ex->req_sent;
+    ex_release_upstream(ex, ex->last_outcome_5xx ? SL_OUTCOME_HTTP_5XX : SL_OUTCOME_SUCCESS,
+                        ex->upstream_reusable && ex->req_sent);
+    ex_end(ex);
+    sl_request_finish(req, client_reusable);
+}
+
+/* ---- direct responses ---- */
+
+static void ex_direct(struct exchange *ex)
+{
+    const struct sl_route_conf *r = ex->route;
+    const struct sl_direct_response_conf *d = &r->direct_response;
+    struct sl_request *req = ex->req;
+    size_t cap = ops_size(&r->response_headers) + 1;
+    char *extra = sl_arena_alloc(&req->arena, cap);
+    struct sb b = {extra, 0, cap, extra == NULL};
+    sb_header_ops(&b, &r->response_headers);
+    ex_end(ex);
+    if (b.overflow) {
+        sl_request_respond_error(req, 500, "internal");
+        return;
+    }
+    sl_request_respond(req, d->status, d->content_type ? d->content_type : "text/plain", extra,
+                       b.len, d->body ? d->body : "", d->body_len);
+}
+
+/* ---- the upstream request head ---- */
+
+static bool build_upstream_head(struct exchange *ex)
+{
+    struct sl_request *req = ex->req;
+    const struct sl_route_conf *r = ex->route;
+    size_t cap = req->target.len + 64 + ops_size(&r->request_headers) + req->client_ip.len +
+                 req->request_id.len + req->host.len + 160;
+    if (r->rewrite_prefix)
+        cap += strlen(r->rewrite_prefix);
+    for (size_t i = 0; i < req->header_count; i++)
+        cap += req->headers[i].name.len + req->headers[i].value.len + 4;
+    char *p = sl_arena_alloc(&req->arena, cap);
+    if (!p)
+        return false;
+    struct sb b = {p, 0, cap, false};
+    sb_slice(&b, req->method);
+    sb_put(&b, " ", 1);
+    struct sl_slice path = req->path;
+    if (r->match.path_prefix && (r->strip_prefix || r->rewrite_prefix)) {
+        size_t pl = strlen(r->match.path_prefix);
+        if (pl && r->match.path_prefix[pl - 1] == '/' && path.len >= pl - 1)
+            pl--; /* keep the slash: "/api/" strips to "/x", not "x" */
+        if (path.len >= pl) {
+            path.ptr += pl;
+            path.len -= pl;
+        }
+        if (r->rewrite_prefix) {
+            size_t rl = strlen(r->rewrite_prefix);
+            if (rl && r->rewrite_prefix[rl - 1] == '/' && path.len && path.ptr[0] == '/')
+                rl--;
+            sb_put(&b, r->rewrite_prefix, rl);
+            if (rl == 0 && (path.len == 0 || path.ptr[0] != '/'))
+                sb_put(&b, "/", 1);
+        } else if (path.len == 0 || path.ptr[0] != '/') {
+            sb_put(&b, "/", 1);
+        }
+    }
+    sb_slice(&b, path);
+    if (req->query.len) {
+        sb_put(&b, "?", 1);
+        sb_slice(&b, req->query);
+    }
+    sb_str(&b, " HTTP/1.1\r\n");
+    struct sl_slice xff = {0};
+    for (size_t i = 0; i < req->header_count; i++) {
+        struct sl_slice n = req->headers[i].name;
+        if (is_hop_by_hop(n) || sl_slice_ieq_cstr(n, "Expect") ||
+            sl_slice_ieq_cstr(n, "X-Request-Id") || sl_slice_ieq_cstr(n, "X-Forwarded-Proto") ||
+            sl_slice_ieq_cstr(n, "X-Forwarded-Host"))
+            continue;
+        if (sl_slice_ieq_cstr(n, "X-Forwarded-For")) {
+            if (!xff.len)
+                xff = req->headers[i].value;
+            else
+                sb_header(&b, n, req->headers[i].value); /* keep extra lines in order */
+            continue;
+        }
+        if (in_name_list(r->request_headers.remove, r->request_headers.remove_count, n) ||
+            in_pair_names(r->request_headers.set, r->request_headers.set_count, n))
+            continue;
+        if ((req->flags & SL_H1_F_HAS_CONN_HEADER) &&
+            named_in_connection(req->headers, req->header_count, n))
+            continue;
+        sb_header(&b, n, req->headers[i].value);
+    }
+    if (req->version_minor == 0 && req->host.len == 0) {
+        /* HTTP/1.0 without Host: give the upstream a valid 1.1 request. */
+        sb_str(&b, "Host: ");
+        sb_str(&b, ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
+        sb_put(&b, "\r\n", 2);
+    }
+    sb_str(&b, "X-Forwarded-For: ");
+    if (xff.len) {
+        sb_slice(&b, xff);
+        sb_put(&b, ", ", 2);
+    }
+    sb_slice(&b, req->client_ip);
+    sb_str(&b, "\r\nX-Forwarded-Proto: http\r\n");
+    if (req->host.len)
+        sb_header(&b, SL_SLICE_LIT("X-Forwarded-Host"), req->host);
+    sb_header(&b, SL_SLICE_LIT("X-Request-Id"), req->request_id);
+    sb_header_ops(&b, &r->request_headers);
+    if (req->body_kind == SL_H1_BODY_LENGTH) {
+        sb_str(&b, "Content-Length: ");
+        sb_u64(&b, req->content_length);
+        sb_put(&b, "\r\n", 2);
+    } else if (req->body_kind == SL_H1_BODY_CHUNKED) {
+        sb_str(&b, "Transfer-Encoding: chunked\r\n");
+    }
+    sb_put(&b, "\r\n", 2);
+    if (b.overflow)
+        return false;
+    ex->up_head = p;
+    ex->up_head_len = b.len;
+    return true;
+}
+
+/* ---- choosing an endpoint and connecting ---- */
+
+static uint64_t pick_hash(struct exchange *ex, bool *has)
+{
+    const struct sl_upstream_conf *u = ex->up->conf;
+    struct sl_request *req = ex->req;
+    *has = false;
+    if (u->balance != SL_BALANCE_HASH)
+        return 0;
+    if (u->hash_on == SL_HASH_IP) {
+        *has = true;
+        return sl_hash_bytes(req->client_ip.ptr, req->client_ip.len, 0);
+    }
+    struct sl_slice key = sl_slice_cstr(u->hash_key);
+    if (u->hash_on == SL_HASH_HEADER) {
+        int i = sl_h1_find_header(req->headers, req->header_count, key);
+        if (i >= 0) {
+            *has = true;
+            return sl_hash_bytes(req->headers[i].value.ptr, req->headers[i].value.len, 0);
+        }
+        return 0;
+    }
+    /* cookie: find "name=value" in any Cookie header */
+    for (size_t i = 0; i < req->header_count; i++) {
+        if (!sl_slice_ieq_cstr(req->headers[i].name, "Cookie"))
+            continue;
+        const char *p = req->headers[i].value.ptr, *end = p + req->headers[i].value.len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == ';'))
+                p++;
+            const char *n = p;
+            while (p < end && *p != '=' && *p != ';')
+                p++;
+            if (p >= end || *p != '=') {
+                continue;
+            }
+            struct sl_slice name = sl_slice_make(n, (size_t)(p - n));
+            const char *v = ++p;
+            while (p < end && *p != ';')
+                p++;
+            if (sl_slice_eq(name, key)) {
+                *has = true;
+                return sl_hash_bytes(v, (size_t)(p - v), 0);
+            }
+        }
+    }
+    return 0;
+}
+
+static bool is_idempotent(const struct sl_request *req)
+{
+    return req->method_bit & (SL_METHOD_GET | SL_METHOD_HEAD | SL_METHOD_PUT | SL_METHOD_DELETE |
+                              SL_METHOD_OPTIONS | SL_METHOD_TRACE);
+}
+
+static void ex_start_send(struct exchange *ex)
+{
+    ex->state = EX_SENDING;
+    ex->head_view = (struct sl_buf){ex->up_head, 0, (uint32_t)ex->up_head_len,
+                                    (uint32_t)ex->up_head_len};
+    enum sl_h1_wmode mode = ex->req->body_kind == SL_H1_BODY_CHUNKED  ? SL_H1_W_CHUNKED
+                            : ex->req->body_kind == SL_H1_BODY_LENGTH ? SL_H1_W_LENGTH
+                                                                      : SL_H1_W_NONE;
+    sl_h1_body_writer_init(&ex->reqw, mode);
+    memset(&ex->rhs, 0, sizeof ex->rhs);
+    ex->req_sent = false;
+    ex->wrote_upstream = false;
+    ex->uc->requests++;
+    sl_upstream_conn_arm(ex->uc, ex->up->conf->response_timeout_ms);
+    ex_pump_request(ex);
+}
+
+static void ex_connect_failed(struct exchange *ex, int err)
+{
+    SL_DEBUG("upstream %s endpoint %s: connect failed: %s", ex->up->conf->name,
+             ex->up->conf->endpoints[ex->ep].address, strerror(-err));
+    if (ex->uc) {
+        sl_upstream_release(ex->uc, false);
+        ex->uc = NULL;
+    }
+    sl_balancer_release(ex->up->bal, ex->ep, err == -ETIMEDOUT ? SL_OUTCOME_TIMEOUT
+                                                               : SL_OUTCOME_CONNECT_FAILURE);
+    ex->ep = -1;
+    ex->connect_failures++;
+    if (ex->connect_failures >= ex->up->conf->connect_attempts ||
+        ex->tried_count >= ex->up->conf->endpoint_count) {
+        if (err == -ETIMEDOUT)
+            ex_fail(ex, 504, "upstream_connect_timeout", SL_OUTCOME_TIMEOUT);
+        else
+            ex_fail(ex, 502, "upstream_connect_failed", SL_OUTCOME_CONNECT_FAILURE);
+        return;
+    }
+    ex_try_endpoint(ex);
+}
+
+static void ex_try_endpoint(struct exchange *ex)
+{
+    struct sl_pick_ctx ctx = {0};
+    ctx.hash = pick_hash(ex, &ctx.has_hash);
+    ctx.exclude = ex->tried;
+    ctx.exclude_count = ex->tried_count;
+    int ep = sl_balancer_pick(ex->up->bal, &ctx);
+    if (ep < 0) {
+        ex_fail(ex, 503, "no_endpoint", SL_OUTCOME_CONNECT_FAILURE);
+        return;
+    }
+    ex->ep = ep;
+    if (ex->tried_count < SL_PICK_MAX_EXCLUDE)
+        ex->tried[ex->tried_count++] = ep;
+    int err = 0;
+    ex->uc = sl_upstream_acquire(ex->up, ep, ex_user(ex), false, &err);
+    if (!ex->uc) {
+        ex_connect_failed(ex, err);
+        return;
+    }
+    if (ex->uc->state == SL_UC_BUSY) {
+        ex_start_send(ex);
+        return;
+    }
+    ex->state = EX_CONNECTING;
+    sl_upstream_conn_arm(ex->uc, ex->up->conf->connect_timeout_ms);
+}
+
+/* A reused connection failed before any response byte: send again on a fresh one when that
+ * cannot duplicate a non-idempotent request. Returns true when a replay started. */
+static bool ex_maybe_replay(struct exchange *ex)
+{
+    if (!ex->uc || !ex->uc->reused || ex->replayed || ex->resp_head_done || ex->body_consumed)
+        return false;
+    if (ex->uc->in.data && sl_buf_len(&ex->uc->in))
+        return false;
+    if (ex->wrote_upstream && !is_idempotent(ex->req))
+        return false;
+    int ep = ex->ep;
+    sl_upstream_release(ex->uc, false);
+    ex->uc = NULL;
+    ex->replayed = true;
+    int err = 0;
+    ex->uc = sl_upstream_acquire(ex->up, ep, ex_user(ex), true, &err);
+    if (!ex->uc) {
+        ex_connect_failed(ex, err);
+        return true;
+    }
+    ex->state = EX_CONNECTING;
+    sl_upstream_conn_arm(ex->uc, ex->up->conf->connect_timeout_ms);
+    return true;
+}
+
+/* ---- request direction ---- */
+
+static void ex_update_upstream_events(struct exchange *ex, bool want_write)
+{
+    uint32_t ev = 0;
+    if (!ex->resp_done && !ex->client_blocked)
+        ev |= EPOLLIN | EPOLLRDHUP;
+    if (want_write)
+        ev |= EPOLLOUT;
+    sl_upstream_conn_want(ex->uc, ev);
+}
+
+static void ex_upstream_broken(struct exchange *ex, int err)
+{
+    if (ex_maybe_replay(ex))
+        return;
+    if (ex->resp_head_done) {
+        ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
+        return;
+    }
+    (void)err;
+    ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
+}
+
+static void ex_pump_request(struct exchange *ex)
+{
+    struct sl_request *req = ex->req;
+    for (;;) {
+        struct sl_slice data = {0};
+        int status = 0;
+        enum sl_status st = SL_DONE;
+        if (ex->head_view.start == ex->head_view.end || ex->wrote_upstream || true)
+            st = sl_request_body_peek(req, &data, &status);
+        if (st == SL_ERROR) {
+            ex_fail(ex, status, status == 413 ? "body_too_large"
+                                : status == 408 ? "body_timeout"
+                                                : "bad_request_body",
+                    SL_OUTCOME_CANCELLED);
+            return;
+        }
+        if (ex->state != EX_SENDING)
+            return; /* the peek failed the client connection; on_abort cleans up */
+        bool fin = st == SL_DONE;
+        size_t wrote = 0;
+        bool flushed = false;
+        uint32_t before = ex->head_view.start;
+        int rc = sl_h1_body_writer_write(&ex->reqw, &ex->uc->tr, &ex->head_view, data.ptr,
+                                         data.len, fin, &wrote, &flushed);
+        if (ex->head_view.start != before || wrote)
+            ex->wrote_upstream = true;
+        if (wrote) {
+            sl_request_body_consume(req, wrote);
+            ex->body_consumed = true;
+        }
+        if (rc == -EAGAIN) {
+            ex_update_upstream_events(ex, true);
+            return;
+        }
+        if (rc < 0) {
+            ex_upstream_broken(ex, rc);
+            return;
+        }
+        if (fin && flushed) {
+            ex->req_sent = true;
+            ex_update_upstream_events(ex, false);
+            if (ex->resp_done)
+                ex_finish(ex);
+            return;
+        }
+        if (st == SL_AGAIN) {
+            /* Wait for the client; the head may already be out. */
+            ex_update_upstream_events(ex, !flushed);
+            return;
+        }
+    }
+}
+
+/* ---- response direction ---- */
+
+static bool build_client_head(struct exchange *ex, const struct sl_h1_response *resp,
+                              struct sb *b)
+{
+    struct sl_request *req = ex->req;
+    const struct sl_route_conf *r = ex->route;
+    bool bodiless = req->method_bit == SL_METHOD_HEAD || resp->status == 304 ||
+                    resp->status == 204;
+    sb_str(b, "HTTP/1.1 ");
+    sb_u64(b, (uint64_t)resp->status);
+    sb_put(b, " ", 1);
+    if (resp->reason.len)
+        sb_slice(b, resp->reason);
+    else
+        sb_str(b, sl_http_reason(resp->status));
+    sb_put(b, "\r\n", 2);
+    for (size_t i = 0; i < resp->header_count; i++) {
+        struct sl_slice n = resp->headers[i].name;
+        if (bodiless && sl_slice_ieq_cstr(n, "Content-Length") && resp->status != 204) {
+            sb_header(b, n, resp->headers[i].value); /* HEAD/304 keep the entity's length */
+            continue;
+        }
+        if (is_hop_by_hop(n) || sl_slice_ieq_cstr(n, "X-Request-Id"))
+            continue;
+        if (in_name_list(r->response_headers.remove, r->response_headers.remove_count, n) ||
+            in_pair_names(r->response_headers.set, r->response_headers.set_count, n))
+            continue;
+        if ((resp->flags & SL_H1_F_HAS_CONN_HEADER) &&
+            named_in_connection(resp->headers, resp->header_count, n))
+            continue;
+        sb_header(b, n, resp->headers[i].value);
+    }
+    sb_header(b, SL_SLICE_LIT("X-Request-Id"), req->request_id);
+    sb_header_ops(b, &r->response_headers);
+    return !b->overflow;
+}
+
+static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response *resp)
+{
+    struct sl_request *req = ex->req;
+    struct sl_upstream_conn *uc = ex->uc;
+    ex->status = resp->status;
+    ex->last_outcome_5xx = resp->status >= 500;
+    if (resp->keepalive_timeout_ms)
+        uc->keepalive_ms = resp->keepalive_timeout_ms;
+    ex->upstream_reusable = resp->version_minor >= 1 && !(resp->flags & SL_H1_F_CONN_CLOSE) &&
+                            resp->body != SL_H1_BODY_UNTIL_CLOSE;
+    size_t cap = resp->head_len + ops_size(&ex->route->response_headers) +
+                 req->request_id.len + 64;
+    char *p = sl_arena_alloc(&req->arena, cap);
+    struct sb b = {p, 0, cap, p == NULL};
+    if (!build_client_head(ex, resp, &b)) {
+        ex_fail(ex, 502, "upstream_head_too_large", SL_OUTCOME_SUCCESS);
+        return;
+    }
+    enum sl_h1_body kind = resp->body;
+    if (kind == SL_H1_BODY_UNTIL_CLOSE)
+        kind = SL_H1_BODY_CHUNKED; /* unknown length: the front-end frames it */
+    if (sl_request_respond_head(req, resp->status, p, b.len, kind, resp->content_length) < 0) {
+        ex_fail(ex, 502, "upstream_head_too_large", SL_OUTCOME_SUCCESS);
+        return;
+    }
+    sl_buf_consume(&uc->in, resp->head_len);
+    sl_h1_body_reader_init(&ex->respr, resp->body, resp->content_length);
+    ex->resp_head_done = true;
+    ex->state = EX_STREAMING;
+    sl_upstream_conn_arm(uc, ex->up->conf->idle_timeout_ms);
+}
+
+/* Parses what the upstream sent so far. Returns false when the exchange ended. */
+static bool ex_parse_response_head(struct exchange *ex, bool eof)
+{
+    struct sl_gw_worker *gw = ex->gl->gw;
+    struct sl_upstream_conn *uc = ex->uc;
+    for (;;) {
+        if (!uc->in.data || sl_buf_len(&uc->in) == 0) {
+            if (eof) {
+                ex_upstream_broken(ex, -ECONNRESET);
+                return false;
+            }
+            return true;
+        }
+        struct sl_h1_limits lim = {uc->in.cap, gw->resp_scratch_cap, 0};
+        struct sl_h1_response resp;
+        enum sl_h1_err err = SL_H1_ERR_NONE;
+        enum sl_status st = sl_h1_parse_response(
+            &ex->rhs, sl_buf_head(&uc->in), sl_buf_len(&uc->in), &lim,
+            ex->req->method_bit == SL_METHOD_HEAD, &resp, gw->resp_scratch,
+            gw->resp_scratch_cap, &err);
+        if (st == SL_AGAIN) {
+            if (eof) {
+                ex_fail(ex, 502, "upstream_truncated_head", SL_OUTCOME_RESET);
+                return false;
+            }
+            if (sl_buf_len(&uc->in) >= uc->in.cap) {
+                ex_fail(ex, 502, "upstream_head_too_large", SL_OUTCOME_SUCCESS);
+                return false;
+            }
+            return true;
+        }
+        if (st == SL_ERROR) {
+            SL_INFO("upstream %s endpoint %s: invalid response: %s", ex->up->conf->name,
+                    ex->up->conf->endpoints[ex->ep].address, sl_h1_err_name(err));
+            ex_fail(ex, 502, "upstream_bad_response", SL_OUTCOME_HTTP_5XX);
+            return false;
+        }
+        if (resp.status < 200) {
+            if (resp.status == 101) {
+                ex_fail(ex, 502, "upstream_unexpected_upgrade", SL_OUTCOME_HTTP_5XX);
+                return false;
+            }
+            /* Interim responses are ours to absorb: 100 Continue was answered by the
+             * front-end already. */
+            sl_buf_consume(&uc->in, resp.head_len);
+            memset(&ex->rhs, 0, sizeof ex->rhs);
+            continue;
+        }
+        ex_on_response_head(ex, &resp);
+        return ex->state == EX_STREAMING;
+    }
+}
+
+static void ex_pump_response(struct exchange *ex)
+{
+    struct sl_request *req = ex->req;
+    struct sl_upstream_conn *uc = ex->uc;
+    for (;;) {
+        bool eof = false;
+        struct sl_slice data;
+        enum sl_h1_err err = SL_H1_ERR_NONE;
+        enum sl_status st = sl_h1_body_reader_peek(&ex->respr, &uc->in, false, &data, &err);
+        if (st == SL_AGAIN) {
+            int rc = sl_upstream_conn_read(uc, &eof);
+            if (rc == -EAGAIN) {
+                ex->client_blocked = false;
+                ex_update_upstream_events(ex, !ex->req_sent && ex->state == EX_SENDING);
+                return;
+            }
+            if (rc < 0 && rc != -ENOBUFS) {
+                ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
+                return;
+            }
+            st = sl_h1_body_reader_peek(&ex->respr, &uc->in, eof, &data, &err);
+            if (st == SL_AGAIN)
+                continue;
+        }
+        if (st == SL_ERROR) {
+            SL_INFO("upstream %s endpoint %s: invalid response body: %s", ex->up->conf->name,
+                    ex->up->conf->endpoints[ex->ep].address, sl_h1_err_name(err));
+            ex_fail(ex, 502, "upstream_bad_body", SL_OUTCOME_RESET);
+            return;
+        }
+        if (st == SL_DONE) {
+            ex->resp_done = true;
+            if (ex->respr.kind == SL_H1_BODY_UNTIL_CLOSE)
+                ex->upstream_reusable = false;
+            if (!ex->req_sent) {
+                /* The upstream answered before taking the whole body: the client's
+                 * connection cannot be reused (unread body) and neither can the upstream's. */
+                ex->upstream_reusable = false;
+            }
+            ex_finish(ex);
+            return;
+        }
+        size_t wrote = 0;
+        int rc = sl_request_write(req, data.ptr, data.len, &wrote);
+        if (wrote)
+            sl_h1_body_reader_consume(&ex->respr, &uc->in, wrote);
+        if (rc == -EAGAIN) {
+            ex->client_blocked = true;
+            ex_update_upstream_events(ex, false);
+            sl_upstream_conn_arm(uc, ex->up->conf->idle_timeout_ms);
+            return;
+        }
+        if (rc < 0)
+            return; /* the client is gone; on_abort follows */
+        sl_upstream_conn_arm(uc, ex->up->conf->idle_timeout_ms);
+    }
+}
+
+/* ---- upstream events ---- */
+
+static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void *data)
+{
+    struct exchange *ex = data;
+    (void)uc;
+    if (ex->state == EX_CONNECTING) {
+        int err = (events & (EPOLLERR | EPOLLHUP)) ? sl_upstream_conn_connect_result(ex->uc) : 0;
+        if ((events & (EPOLLERR | EPOLLHUP)) && err == 0)
+            err = -ECONNREFUSED;
+        if (err == 0 && (events & EPOLLOUT))
+            err = sl_upstream_conn_connect_result(ex->uc);
+        if (err < 0) {
+            ex_connect_failed(ex, err);
+            return;
+        }
+        ex_start_send(ex);
+        return;
+    }
+    if (ex->state == EX_SENDING && (events & EPOLLOUT) && !ex->req_sent) {
+        ex_pump_request(ex);
+        if (ex->state == EX_DONE)
+            return;
+    }
+    if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        return;
+    if (!ex->resp_head_done) {
+        bool eof = false;
+        int rc = sl_upstream_conn_read(ex->uc, &eof);
+        if (rc < 0 && rc != -EAGAIN && rc != -ENOBUFS) {
+            ex_upstream_broken(ex, rc);
+            return;
+        }
+        if (rc == -EAGAIN && !(events & (EPOLLHUP | EPOLLERR)))
+            return;
+        if (!ex_parse_response_head(ex, eof || (events & (EPOLLHUP | EPOLLERR))))
+            return;
+    }
+    if (ex->state == EX_STREAMING && !ex->client_blocked)
+        ex_pump_response(ex);
+}
+
+static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data)
+{
+    struct exchange *ex = data;
+    (void)uc;
+    if (ex->state == EX_CONNECTING) {
+        ex_connect_failed(ex, -ETIMEDOUT);
+        return;
+    }
+    if (ex->resp_head_done)
+        ex_fail(ex, 504, "upstream_idle_timeout", SL_OUTCOME_TIMEOUT);
+    else
+        ex_fail(ex, 504, "upstream_timeout", SL_OUTCOME_TIMEOUT);
+}
+
+/* ---- filters, routing, and the request handler ---- */
+
+static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
+{
+    struct exchange *ex = run->data;
+    if (v == SL_FILTER_RESPOND) {
+        struct sl_request *req = ex->req;
+        ex_end(ex);
+        sl_request_respond(req, run->status,
+                           run->content_type ? run->content_type : "application/json", NULL, 0,
+                           run->body ? run->body : "", run->body_len);
+        return;
+    }
+    if (ex->route->has_direct_response) {
+        ex_direct(ex);
+        return;
+    }
+    ex->up = &ex->gl->gw->upstreams[ex->route->upstream_index];
+    if (!build_upstream_head(ex)) {
+        ex_fail(ex, 431, "request_head_too_large", SL_OUTCOME_CANCELLED);
+        return;
+    }
+    ex_try_endpoint(ex);
+}
+
+static void h_on_request(struct sl_request *req);
+
+static void h_on_body(struct sl_request *req)
+{
+    struct exchange *ex = req->handler_state;
+    if (!ex)
+        return;
+    if (ex->state == EX_SENDING && !ex->req_sent)
+        ex_pump_request(ex);
+}
+
+static void h_on_writable(struct sl_request *req)
+{
+    struct exchange *ex = req->handler_state;
+    if (!ex || ex->state != EX_STREAMING)
+        return;
+    ex->client_blocked = false;
+    ex_pump_response(ex);
+}
+
+static void h_on_abort(struct sl_request *req)
+{
+    struct exchange *ex = req->handler_state;
+    if (!ex)
+        return;
+    ex_release_upstream(ex, SL_OUTCOME_CANCELLED, false);
+    ex_end(ex);
+}
+
+static const struct sl_request_handler handler_template = {
+    .on_request = h_on_request,
+    .on_body = h_on_body,
+    .on_writable = h_on_writable,
+    .on_abort = h_on_abort,
+};
+
+void sl_exchange_handler_init(struct sl_request_handler *h, struct sl_gw_listener *gl)
+{
+    *h = handler_template;
+    h->data = gl;
+}
+
+static void h_on_request(struct sl_request *req)
+{
+    struct sl_gw_listener *gl = req->handler_ctx;
+    struct exchange *ex = sl_arena_alloc(&req->arena, sizeof *ex);
+    if (!ex) {
+        sl_request_respond_error(req, 503, "out_of_memory");
+        return;
+    }
+    memset(ex, 0, sizeof *ex);
+    ex->req = req;
+    ex->gl = gl;
+    ex->ep = -1;
+    req->handler_state = ex;
+    gl->gw->inflight++;
+    struct sl_route_input in = {
+        .host = req->host_name,
+        .path = req->path,
+        .method = req->method,
+        .method_bit = req->method_bit,
+        .headers = req->headers,
+        .header_count = req->header_count,
+    };
+    ex->route = sl_router_match(gl->router, &in);
+    req->route = ex->route;
+    if (!ex->route) {
+        ex_end(ex);
+        sl_request_respond_error(req, 404, "no_route");
+        return;
+    }
+    ex->state = EX_FILTERS;
+    sl_filter_run_start(&ex->frun, NULL, req, on_filters_done, ex);
+}

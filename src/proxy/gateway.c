@@ -1,0 +1,245 @@
+#include "proxy/gateway.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config/config.h"
+#include "core/log.h"
+#include "proxy/balancer.h"
+#include "proxy/router.h"
+
+#define RESP_MAX_HEADERS 128
+
+static size_t buffer_bytes(const struct sl_config *cfg)
+{
+    /* One block must hold a whole request head at the largest configured limit, plus room
+     * for what the gateway adds when it forwards it. */
+    size_t need = 16 * 1024;
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        size_t h = (size_t)cfg->listeners[i].limits.max_header_bytes + 4096;
+        if (h > need)
+            need = h;
+    }
+    return (need + 4095) & ~(size_t)4095;
+}
+
+struct sl_gateway *sl_gateway_new(struct sl_config *cfg)
+{
+    struct sl_gateway *gw = calloc(1, sizeof *gw);
+    if (!gw)
+        return NULL;
+    gw->rt.cfg = cfg;
+    gw->rt.routers = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof(void *));
+    gw->rt.balancers = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
+    if (!gw->rt.routers || !gw->rt.balancers)
+        goto fail;
+    for (size_t i = 0; i < cfg->listener_count; i++)
+        if (!(gw->rt.routers[i] = sl_router_new(cfg, cfg->listeners[i].name)))
+            goto fail;
+    for (size_t i = 0; i < cfg->upstream_count; i++)
+        if (!(gw->rt.balancers[i] = sl_balancer_shared_new(&cfg->upstreams[i])))
+            goto fail;
+    return gw;
+fail:
+    gw->workers = NULL;
+    sl_gateway_free(gw);
+    return NULL;
+}
+
+static void on_accept(struct sl_acceptor *a, int fd, const struct sockaddr *peer,
+                      socklen_t peer_len)
+{
+    struct sl_gw_listener *gl = a->data;
+    sl_h1_server_accept(&gl->server, fd, peer, peer_len);
+}
+
+void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
+{
+    if (!gw->draining || gw->inflight)
+        return;
+    for (size_t i = 0; i < gw->listener_count; i++)
+        if (gw->listeners[i].server.conn_count)
+            return;
+    for (size_t i = 0; i < gw->upstream_count; i++)
+        sl_upstream_rt_close_idle(&gw->upstreams[i]);
+    sl_loop_stop(&gw->worker->loop);
+}
+
+static void on_server_drained(struct sl_h1_server *srv, void *data)
+{
+    (void)srv;
+    sl_gw_worker_check_drained(data);
+}
+
+struct start_ctx {
+    struct sl_gateway *gw;
+};
+
+static int worker_init(struct sl_worker *w, void *data)
+{
+    struct sl_gateway *g = data;
+    const struct sl_config *cfg = g->rt.cfg;
+    struct sl_gw_worker *gw = calloc(1, sizeof *gw);
+    if (!gw)
+        return -ENOMEM;
+    w->app = gw;
+    gw->worker = w;
+    gw->rt = &g->rt;
+    gw->listeners = calloc(cfg->listener_count, sizeof *gw->listeners);
+    gw->upstreams = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof *gw->upstreams);
+    gw->resp_scratch_cap = RESP_MAX_HEADERS;
+    gw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *gw->resp_scratch);
+    if (!gw->listeners || !gw->upstreams || !gw->resp_scratch)
+        return -ENOMEM;
+    for (size_t i = 0; i < cfg->upstream_count; i++) {
+        int rc = sl_upstream_rt_init(&gw->upstreams[i], &cfg->upstreams[i], g->rt.balancers[i], w);
+        if (rc < 0)
+            return rc;
+        sl_balancer_seed(gw->upstreams[i].bal, (uint64_t)w->id * 0x9e3779b97f4a7c15ull + i + 1);
+        gw->upstream_count++;
+    }
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        struct sl_gw_listener *gl = &gw->listeners[i];
+        gl->gw = gw;
+        gl->index = i;
+        gl->router = g->rt.routers[i];
+        gl->acceptor.io.fd = -1;
+        sl_exchange_handler_init(&gl->handler, gl);
+        int rc = sl_h1_server_init(&gl->server, w, cfg->listeners[i].name,
+                                   &cfg->listeners[i].limits, &gl->handler);
+        if (rc < 0)
+            return rc;
+        gw->listener_count++;
+        gl->server.on_drained = on_server_drained;
+        gl->server.on_drained_data = gw;
+        int fd = g->listen_fds[w->id * cfg->listener_count + i];
+        g->listen_fds[w->id * cfg->listener_count + i] = -1;
+        rc = sl_acceptor_start(&gl->acceptor, &w->loop, fd, on_accept, gl);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
+{
+    (void)data;
+    struct sl_gw_worker *gw = w->app;
+    if (cmds & SL_WORKER_CMD_STOP) {
+        sl_loop_stop(&w->loop);
+        return;
+    }
+    if ((cmds & SL_WORKER_CMD_DRAIN) && !gw->draining) {
+        gw->draining = true;
+        for (size_t i = 0; i < gw->listener_count; i++)
+            sl_acceptor_stop(&gw->listeners[i].acceptor);
+        for (size_t i = 0; i < gw->listener_count; i++)
+            sl_h1_server_drain(&gw->listeners[i].server);
+        sl_gw_worker_check_drained(gw);
+    }
+}
+
+static void worker_fini(struct sl_worker *w, void *data)
+{
+    (void)data;
+    struct sl_gw_worker *gw = w->app;
+    if (!gw)
+        return;
+    for (size_t i = 0; i < gw->listener_count; i++) {
+        sl_acceptor_stop(&gw->listeners[i].acceptor);
+        sl_h1_server_dispose(&gw->listeners[i].server);
+    }
+    sl_loop_run_deferred(&w->loop);
+    for (size_t i = 0; i < gw->upstream_count; i++)
+        sl_upstream_rt_dispose(&gw->upstreams[i]);
+    sl_loop_run_deferred(&w->loop);
+    free(gw->listeners);
+    free(gw->upstreams);
+    free(gw->resp_scratch);
+    free(gw);
+    w->app = NULL;
+}
+
+static const struct sl_worker_hooks hooks = {
+    .init = worker_init,
+    .on_command = worker_command,
+    .fini = worker_fini,
+};
+
+int sl_gateway_start(struct sl_gateway *gw)
+{
+    const struct sl_config *cfg = gw->rt.cfg;
+    unsigned n = cfg->workers ? cfg->workers : sl_cpu_count();
+    size_t nfds = (size_t)n * cfg->listener_count;
+    gw->listen_fds = malloc((nfds ? nfds : 1) * sizeof(int));
+    if (!gw->listen_fds)
+        return -ENOMEM;
+    for (size_t i = 0; i < nfds; i++)
+        gw->listen_fds[i] = -1;
+    /* Sockets are opened here, before any thread starts, so that a bad address fails start-up
+     * with a clear message and nothing half-running. */
+    for (unsigned w = 0; w < n; w++) {
+        for (size_t i = 0; i < cfg->listener_count; i++) {
+            const struct sl_listener_conf *l = &cfg->listeners[i];
+            int fd = sl_listen_socket((const struct sockaddr *)&l->addr, l->addr_len, l->backlog);
+            if (fd < 0) {
+                SL_ERR("listener %s: cannot listen on %s: %s", l->name, l->address, strerror(-fd));
+                return fd;
+            }
+            gw->listen_fds[w * cfg->listener_count + i] = fd;
+        }
+    }
+    int err = 0;
+    gw->workers = sl_workers_start(n, buffer_bytes(cfg), &hooks, gw, &err);
+    if (!gw->workers) {
+        SL_ERR("cannot start workers: %s", strerror(-err));
+        return err;
+    }
+    gw->worker_count = n;
+    for (size_t i = 0; i < cfg->listener_count; i++)
+        SL_INFO("listener %s on %s", cfg->listeners[i].name, cfg->listeners[i].address);
+    SL_INFO("%u worker%s running", n, n == 1 ? "" : "s");
+    return 0;
+}
+
+void sl_gateway_drain(struct sl_gateway *gw)
+{
+    for (unsigned i = 0; i < gw->worker_count; i++)
+        sl_worker_post(&gw->workers[i], SL_WORKER_CMD_DRAIN);
+}
+
+bool sl_gateway_wait(struct sl_gateway *gw, uint64_t deadline_ms)
+{
+    return sl_workers_wait(gw->workers, gw->worker_count, deadline_ms);
+}
+
+void sl_gateway_free(struct sl_gateway *gw)
+{
+    if (!gw)
+        return;
+    if (gw->workers) {
+        for (unsigned i = 0; i < gw->worker_count; i++)
+            sl_worker_post(&gw->workers[i], SL_WORKER_CMD_STOP);
+        sl_workers_free(gw->workers, gw->worker_count);
+    }
+    const struct sl_config *cfg = gw->rt.cfg;
+    if (gw->listen_fds && cfg) {
+        size_t nfds = (size_t)(cfg->workers ? cfg->workers : sl_cpu_count()) * cfg->listener_count;
+        for (size_t i = 0; i < nfds; i++)
+            if (gw->listen_fds[i] >= 0)
+                close(gw->listen_fds[i]);
+    }
+    free(gw->listen_fds);
+    if (cfg) {
+        for (size_t i = 0; gw->rt.routers && i < cfg->listener_count; i++)
+            sl_router_free(gw->rt.routers[i]);
+        for (size_t i = 0; gw->rt.balancers && i < cfg->upstream_count; i++)
+            sl_balancer_shared_free(gw->rt.balancers[i]);
+    }
+    free(gw->rt.routers);
+    free(gw->rt.balancers);
+    sl_config_free(gw->rt.cfg);
+    free(gw);
+}

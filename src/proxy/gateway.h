@@ -1,0 +1,82 @@
+#ifndef SL_PROXY_GATEWAY_H
+#define SL_PROXY_GATEWAY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/worker.h"
+#include "http/h1_server.h"
+#include "http/request.h"
+#include "proxy/upstream.h"
+
+struct sl_config;
+struct sl_router;
+struct sl_balancer_shared;
+
+/*
+ * The running gateway: the immutable runtime built from one config snapshot (routers per
+ * listener, balancer tables per upstream), and per-worker state (listening sockets, HTTP
+ * front-ends, upstream pools). Workers read the snapshot without locks.
+ */
+struct sl_runtime {
+    struct sl_config *cfg; /* owned */
+    struct sl_router **routers;                /* per listener */
+    struct sl_balancer_shared **balancers;     /* per upstream */
+};
+
+struct sl_gw_worker;
+
+struct sl_gw_listener {
+    struct sl_acceptor acceptor;
+    struct sl_h1_server server;
+    struct sl_request_handler handler;
+    const struct sl_router *router;
+    struct sl_gw_worker *gw;
+    size_t index;
+    bool drained;
+};
+
+struct sl_gw_worker {
+    struct sl_worker *worker;
+    const struct sl_runtime *rt;
+    struct sl_gw_listener *listeners;
+    size_t listener_count;
+    struct sl_upstream_rt *upstreams;
+    size_t upstream_count;
+    struct sl_h1_header *resp_scratch; /* upstream response header storage */
+    size_t resp_scratch_cap;
+    size_t inflight; /* exchanges alive on this worker */
+    bool draining;
+};
+
+struct sl_gateway {
+    struct sl_runtime rt;
+    struct sl_worker *workers;
+    unsigned worker_count;
+    int *listen_fds; /* [worker][listener], handed to workers at start */
+};
+
+/* Builds the runtime from `cfg` (taking ownership). NULL on allocation failure. */
+struct sl_gateway *sl_gateway_new(struct sl_config *cfg);
+
+/* Opens listening sockets and starts the workers. Returns 0 or -errno; on failure a message
+ * naming the listener has been logged. */
+int sl_gateway_start(struct sl_gateway *gw);
+
+/* Asks every worker to drain: stop accepting, finish in-flight requests, then exit. */
+void sl_gateway_drain(struct sl_gateway *gw);
+
+/* Waits until every worker exited or `deadline_ms` passed; true when all exited. */
+bool sl_gateway_wait(struct sl_gateway *gw, uint64_t deadline_ms);
+
+/* Forces every worker to exit now (after a drain timed out), joins them, frees everything. */
+void sl_gateway_free(struct sl_gateway *gw);
+
+/* The request handler for a listener (exchange.c). */
+void sl_exchange_handler_init(struct sl_request_handler *h, struct sl_gw_listener *gl);
+
+/* Called by exchanges when one ends, so a draining worker can notice it is empty. */
+void sl_gw_worker_check_drained(struct sl_gw_worker *gw);
+
+#endif
