@@ -143,7 +143,7 @@ def test_missing_file(tmp_path):
 def test_start_with_invalid_config_exits_1(tmp_path):
     text = valid_text().replace("    upstream: users\n", "    upstream: user\n")
     path = write(tmp_path, text)
-    r = run_cli(["-c", path])
+    r = run_cli(["-c", path], timeout=5)
     assert r.returncode == 1
     assert 'routes[0].upstream: unknown upstream "user"' in r.stderr
 
