@@ -186,7 +186,8 @@ def test_interim_1xx_then_final(gateway, backend):
         assert r.status == 200
         assert r.json()["path"] == "/early"
         assert all(i.status == 103 for i in r.interim), r.interim
-        assert c.request("GET", "/after").status == 200
+        r2 = c.request("GET", "/after?status=200")
+        assert r2.status == 200 and r2.json()["path"] == "/after"
 
 
 def test_http10_client_gets_delimited_body_and_close(echo_gw):
