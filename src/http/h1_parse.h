@@ -21,25 +21,25 @@
 /* Why a message was rejected. sl_h1_err_status() maps each to the HTTP status to answer. */
 enum sl_h1_err {
     SL_H1_ERR_NONE = 0,
-    SL_H1_ERR_BAD_REQUEST_LINE,   /* 400: malformed method, target, or version */
-    SL_H1_ERR_BAD_VERSION,        /* 505: version other than HTTP/1.0 or HTTP/1.1 */
-    SL_H1_ERR_URI_TOO_LONG,       /* 414 */
-    SL_H1_ERR_HEADERS_TOO_LARGE,  /* 431: head bytes beyond max_head_bytes */
-    SL_H1_ERR_TOO_MANY_HEADERS,   /* 431: more than max_headers fields */
-    SL_H1_ERR_BAD_HEADER_NAME,    /* 400: empty name, non-token char, whitespace before colon */
-    SL_H1_ERR_BAD_HEADER_VALUE,   /* 400: CR, LF, NUL or other CTL in a value */
-    SL_H1_ERR_OBS_FOLD,           /* 400: line folding */
-    SL_H1_ERR_BAD_LINE_ENDING,    /* 400: bare CR or bare LF */
-    SL_H1_ERR_BAD_CONTENT_LENGTH, /* 400: not digits, overflow, duplicates or list */
-    SL_H1_ERR_CL_AND_TE,          /* 400: both Content-Length and Transfer-Encoding */
+    SL_H1_ERR_BAD_REQUEST_LINE,      /* 400: malformed method, target, or version */
+    SL_H1_ERR_BAD_VERSION,           /* 505: version other than HTTP/1.0 or HTTP/1.1 */
+    SL_H1_ERR_URI_TOO_LONG,          /* 414 */
+    SL_H1_ERR_HEADERS_TOO_LARGE,     /* 431: head bytes beyond max_head_bytes */
+    SL_H1_ERR_TOO_MANY_HEADERS,      /* 431: more than max_headers fields */
+    SL_H1_ERR_BAD_HEADER_NAME,       /* 400: empty name, non-token char, whitespace before colon */
+    SL_H1_ERR_BAD_HEADER_VALUE,      /* 400: CR, LF, NUL or other CTL in a value */
+    SL_H1_ERR_OBS_FOLD,              /* 400: line folding */
+    SL_H1_ERR_BAD_LINE_ENDING,       /* 400: bare CR or bare LF */
+    SL_H1_ERR_BAD_CONTENT_LENGTH,    /* 400: not digits, overflow, duplicates or list */
+    SL_H1_ERR_CL_AND_TE,             /* 400: both Content-Length and Transfer-Encoding */
     SL_H1_ERR_BAD_TRANSFER_ENCODING, /* 400 (501 for a request's unknown coding is not used:
                                         anything but a single final "chunked" is 400) */
-    SL_H1_ERR_MISSING_HOST,       /* 400: HTTP/1.1 request without Host */
-    SL_H1_ERR_DUPLICATE_HOST,     /* 400 */
-    SL_H1_ERR_BAD_HOST,           /* 400: Host value with invalid characters */
-    SL_H1_ERR_BAD_CHUNK,          /* 400 (502 from upstream): malformed chunk framing */
-    SL_H1_ERR_CHUNK_TOO_LARGE,    /* 400: chunk size beyond 2^62 / malformed hex length */
-    SL_H1_ERR_BAD_STATUS_LINE,    /* 502: upstream status line malformed */
+    SL_H1_ERR_MISSING_HOST,          /* 400: HTTP/1.1 request without Host */
+    SL_H1_ERR_DUPLICATE_HOST,        /* 400 */
+    SL_H1_ERR_BAD_HOST,              /* 400: Host value with invalid characters */
+    SL_H1_ERR_BAD_CHUNK,             /* 400 (502 from upstream): malformed chunk framing */
+    SL_H1_ERR_CHUNK_TOO_LARGE,       /* 400: chunk size beyond 2^62 / malformed hex length */
+    SL_H1_ERR_BAD_STATUS_LINE,       /* 502: upstream status line malformed */
     SL_H1_ERR_COUNT
 };
 
@@ -63,9 +63,9 @@ struct sl_h1_limits {
 };
 
 enum sl_h1_body {
-    SL_H1_BODY_NONE = 0, /* no body (no CL/TE on a request; 1xx/204/304/HEAD response) */
-    SL_H1_BODY_LENGTH,   /* content_length bytes follow */
-    SL_H1_BODY_CHUNKED,  /* chunked coding follows */
+    SL_H1_BODY_NONE = 0,    /* no body (no CL/TE on a request; 1xx/204/304/HEAD response) */
+    SL_H1_BODY_LENGTH,      /* content_length bytes follow */
+    SL_H1_BODY_CHUNKED,     /* chunked coding follows */
     SL_H1_BODY_UNTIL_CLOSE, /* response only: read until the upstream closes */
 };
 
@@ -86,18 +86,18 @@ struct sl_h1_request {
     struct sl_slice host;   /* Host header value (or authority of absolute-form); may be empty */
     int version_minor;      /* 0 or 1 */
     enum sl_h1_body body;
-    uint64_t content_length; /* with SL_H1_BODY_LENGTH */
-    unsigned flags;          /* enum sl_h1_flags */
+    uint64_t content_length;      /* with SL_H1_BODY_LENGTH */
+    unsigned flags;               /* enum sl_h1_flags */
     struct sl_h1_header *headers; /* caller's array */
     size_t header_count;
     size_t head_len; /* bytes of the head including the final CRLF (valid on SL_DONE) */
 };
 
 struct sl_h1_response {
-    int status;             /* 100..599; anything else is SL_H1_ERR_BAD_STATUS_LINE */
+    int status; /* 100..599; anything else is SL_H1_ERR_BAD_STATUS_LINE */
     struct sl_slice reason;
     int version_minor;
-    enum sl_h1_body body;   /* computed from status and CL/TE; caller adjusts for HEAD */
+    enum sl_h1_body body; /* computed from status and CL/TE; caller adjusts for HEAD */
     uint64_t content_length;
     unsigned flags;
     uint64_t keepalive_timeout_ms; /* from "Keep-Alive: timeout=N", 0 when absent */

@@ -59,8 +59,7 @@ static size_t off(const struct sl_slice s, const char *base)
     return s.ptr ? (size_t)(s.ptr - base) : (size_t)-1;
 }
 
-static bool slice_at_eq(struct sl_slice a, const char *abase, struct sl_slice b,
-                        const char *bbase)
+static bool slice_at_eq(struct sl_slice a, const char *abase, struct sl_slice b, const char *bbase)
 {
     if (a.len != b.len)
         return false;
@@ -82,10 +81,9 @@ static void req_same(const char *name, const struct req_result *a, const char *a
     if (a->st != SL_DONE)
         return;
     const struct sl_h1_request *x = &a->req, *y = &b->req;
-    if (x->head_len != y->head_len || x->header_count != y->header_count ||
-        x->body != y->body || x->content_length != y->content_length ||
-        x->flags != y->flags || x->version_minor != y->version_minor ||
-        !slice_at_eq(x->method, abase, y->method, bbase) ||
+    if (x->head_len != y->head_len || x->header_count != y->header_count || x->body != y->body ||
+        x->content_length != y->content_length || x->flags != y->flags ||
+        x->version_minor != y->version_minor || !slice_at_eq(x->method, abase, y->method, bbase) ||
         !slice_at_eq(x->target, abase, y->target, bbase) ||
         !slice_at_eq(x->path, abase, y->path, bbase) ||
         !slice_at_eq(x->query, abase, y->query, bbase) ||
@@ -102,8 +100,8 @@ static void req_same(const char *name, const struct req_result *a, const char *a
  * into `in`). The result must be SL_DONE or SL_ERROR; a prefix never completes early unless
  * the whole did at that length.
  */
-static void req_all_ways(const char *name, const char *in, size_t len,
-                         const struct sl_h1_limits *l, size_t cap, struct req_result *out)
+static void req_all_ways(const char *name, const char *in, size_t len, const struct sl_h1_limits *l,
+                         size_t cap, struct req_result *out)
 {
     struct sl_h1_head_state st = {0};
     cur_len = len;
@@ -166,8 +164,8 @@ static void req_ok(const char *name, const char *in, size_t len, struct req_resu
         fail_msg("%s: expected success, got %s", name, sl_h1_err_name(out->err));
 }
 
-static void req_err_l(const char *name, const char *in, size_t len,
-                      const struct sl_h1_limits *l, size_t cap, enum sl_h1_err want)
+static void req_err_l(const char *name, const char *in, size_t len, const struct sl_h1_limits *l,
+                      size_t cap, enum sl_h1_err want)
 {
     struct req_result *r = malloc(sizeof(*r));
     assert_non_null(r);
@@ -315,8 +313,16 @@ static void test_req_forms(void **state)
     req_ok("eight leading crlf", IN(lead8), &r);
 
     static const char hosts[][64] = {
-        "h", "example.com", "example.com:80", "127.0.0.1:8080", "[::1]", "[2001:db8::1]:443",
-        "xn--bcher-kva.example", "a_b.example", "%41bc.example", "sub.delims!$&'()*+,;=",
+        "h",
+        "example.com",
+        "example.com:80",
+        "127.0.0.1:8080",
+        "[::1]",
+        "[2001:db8::1]:443",
+        "xn--bcher-kva.example",
+        "a_b.example",
+        "%41bc.example",
+        "sub.delims!$&'()*+,;=",
     };
     for (size_t i = 0; i < sizeof hosts / sizeof hosts[0]; i++) {
         char buf[256];
@@ -373,6 +379,9 @@ static void test_req_flags_and_values(void **state)
     static const char ex[] = "PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue-ish\r\n\r\n";
     req_ok("expect other", IN(ex), &r);
     assert_int_equal(r.req.flags, 0);
+    static const char ex10[] = "PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n";
+    req_ok("expect in http/1.0", IN(ex10), &r);
+    assert_int_equal(r.req.flags, 0);
 }
 
 static void test_req_limits(void **state)
@@ -383,7 +392,8 @@ static void test_req_limits(void **state)
     struct sl_h1_limits l = {.max_head_bytes = 64, .max_headers = 3, .max_uri_bytes = 16};
 
     /* head exactly at the limit is fine, one byte more is not */
-    static const char h64[] = "GET /0123456789abcde HTTP/1.1\r\nHost: h\r\nX-Fill: 012345678901\r\n\r\n";
+    static const char h64[] =
+        "GET /0123456789abcde HTTP/1.1\r\nHost: h\r\nX-Fill: 012345678901\r\n\r\n";
     assert_int_equal(sizeof(h64) - 1, 64);
     req_all_ways("head at limit", IN(h64), &l, MAXH, &r);
     assert_int_equal(r.st, SL_DONE);
@@ -427,8 +437,7 @@ static void test_req_limits(void **state)
     req_all_ways("zero limits", IN(h4), &l0, MAXH, &r);
     assert_int_equal(r.st, SL_DONE);
     struct sl_h1_head_state s0 = {0};
-    assert_int_equal(sl_h1_parse_request(&s0, h4, sizeof(h4) - 1, NULL, &r.req, r.hdrs, MAXH,
-                                         NULL),
+    assert_int_equal(sl_h1_parse_request(&s0, h4, sizeof(h4) - 1, NULL, &r.req, r.hdrs, MAXH, NULL),
                      SL_DONE);
 }
 
@@ -439,7 +448,10 @@ struct err_case {
     enum sl_h1_err err;
 };
 
-#define E(name, s, e) {name, s, sizeof(s) - 1, SL_H1_ERR_##e}
+#define E(name, s, e)                                                                              \
+    {                                                                                              \
+        name, s, sizeof(s) - 1, SL_H1_ERR_##e                                                      \
+    }
 #define RL(line) line "\r\nHost: h\r\n\r\n"
 #define HD(hdrs) "GET / HTTP/1.1\r\nHost: h\r\n" hdrs "\r\n"
 #define PH(hdrs) "POST / HTTP/1.1\r\nHost: h\r\n" hdrs "\r\n"
@@ -515,9 +527,15 @@ static const struct err_case req_errors[] = {
     E("nul in value", HD("X: a\0b\r\n"), BAD_HEADER_VALUE),
     E("ctl in value", HD("X: a\x01\r\n"), BAD_HEADER_VALUE),
     E("del in value", HD("X: a\x7f\r\n"), BAD_HEADER_VALUE),
-    E("vt in te", PH("Transfer-Encoding: \x0b" "chunked\r\n"), BAD_HEADER_VALUE),
+    E("vt in te",
+      PH("Transfer-Encoding: \x0b"
+         "chunked\r\n"),
+      BAD_HEADER_VALUE),
     E("ff in value", HD("X: \x0c\r\n"), BAD_HEADER_VALUE),
-    E("esc in long value", HD("X: 0123456789abcdef0123456789\x1b" "abcdef\r\n"), BAD_HEADER_VALUE),
+    E("esc in long value",
+      HD("X: 0123456789abcdef0123456789\x1b"
+         "abcdef\r\n"),
+      BAD_HEADER_VALUE),
     /* content-length */
     E("cl letters", PH("Content-Length: abc\r\n"), BAD_CONTENT_LENGTH),
     E("cl plus", PH("Content-Length: +5\r\n"), BAD_CONTENT_LENGTH),
@@ -532,8 +550,7 @@ static const struct err_case req_errors[] = {
     E("cl 2^64", PH("Content-Length: 18446744073709551616\r\n"), BAD_CONTENT_LENGTH),
     E("cl 20 digits", PH("Content-Length: 00000000000000000001\r\n"), BAD_CONTENT_LENGTH),
     E("cl duplicate equal", PH("Content-Length: 5\r\nContent-Length: 5\r\n"), BAD_CONTENT_LENGTH),
-    E("cl duplicate differ", PH("Content-Length: 5\r\ncontent-length: 6\r\n"),
-      BAD_CONTENT_LENGTH),
+    E("cl duplicate differ", PH("Content-Length: 5\r\ncontent-length: 6\r\n"), BAD_CONTENT_LENGTH),
     E("cl high byte", PH("Content-Length: 5\xc2\xa0\r\n"), BAD_CONTENT_LENGTH),
     /* transfer-encoding */
     E("te gzip", PH("Transfer-Encoding: gzip\r\n"), BAD_TRANSFER_ENCODING),
@@ -550,7 +567,10 @@ static const struct err_case req_errors[] = {
     E("te chunkedx", PH("Transfer-Encoding: chunked-x\r\n"), BAD_TRANSFER_ENCODING),
     E("te empty", PH("Transfer-Encoding:\r\n"), BAD_TRANSFER_ENCODING),
     E("te quoted", PH("Transfer-Encoding: \"chunked\"\r\n"), BAD_TRANSFER_ENCODING),
-    E("te nbsp", PH("Transfer-Encoding: \xa0" "chunked\r\n"), BAD_TRANSFER_ENCODING),
+    E("te nbsp",
+      PH("Transfer-Encoding: \xa0"
+         "chunked\r\n"),
+      BAD_TRANSFER_ENCODING),
     E("te comma", PH("Transfer-Encoding: chunked,\r\n"), BAD_TRANSFER_ENCODING),
     E("te http/1.0", "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
       BAD_TRANSFER_ENCODING),
@@ -677,10 +697,10 @@ static void resp_same(const char *name, const struct resp_result *a, const char 
     if (a->st != SL_DONE)
         return;
     const struct sl_h1_response *x = &a->resp, *y = &b->resp;
-    if (x->head_len != y->head_len || x->header_count != y->header_count ||
-        x->body != y->body || x->content_length != y->content_length ||
-        x->flags != y->flags || x->version_minor != y->version_minor ||
-        x->status != y->status || x->keepalive_timeout_ms != y->keepalive_timeout_ms ||
+    if (x->head_len != y->head_len || x->header_count != y->header_count || x->body != y->body ||
+        x->content_length != y->content_length || x->flags != y->flags ||
+        x->version_minor != y->version_minor || x->status != y->status ||
+        x->keepalive_timeout_ms != y->keepalive_timeout_ms ||
         !slice_at_eq(x->reason, abase, y->reason, bbase))
         fail_msg("%s: results differ between feeding modes", name);
 }
@@ -741,59 +761,61 @@ struct resp_case {
     const char *reason;
 };
 
-#define R(name, s, head, status, body, cl, ka, flags, reason)                                  \
-    {name, s, sizeof(s) - 1, head, status, SL_H1_BODY_##body, cl, ka, flags, reason}
+#define R(name, s, head, status, body, cl, ka, flags, reason)                                      \
+    {                                                                                              \
+        name, s, sizeof(s) - 1, head, status, SL_H1_BODY_##body, cl, ka, flags, reason             \
+    }
 
 static const struct resp_case resp_ok_cases[] = {
     R("200 cl", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false, 200, LENGTH, 5, 0, 0,
       "OK"),
-    R("200 chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, 200,
-      CHUNKED, 0, 0, 0, "OK"),
-    R("200 until close", "HTTP/1.1 200 OK\r\nServer: x\r\n\r\n", false, 200, UNTIL_CLOSE, 0, 0,
-      0, "OK"),
+    R("200 chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, 200, CHUNKED,
+      0, 0, 0, "OK"),
+    R("200 until close", "HTTP/1.1 200 OK\r\nServer: x\r\n\r\n", false, 200, UNTIL_CLOSE, 0, 0, 0,
+      "OK"),
     R("http/1.0 until close", "HTTP/1.0 200 OK\r\n\r\n", false, 200, UNTIL_CLOSE, 0, 0, 0, "OK"),
-    R("http/1.0 cl", "HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n", false, 200, LENGTH, 3, 0,
-      0, "OK"),
-    R("204 with cl", "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n", false, 204, NONE,
-      10, 0, 0, "No Content"),
-    R("204 with te", "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", false,
-      204, NONE, 0, 0, 0, "No Content"),
+    R("http/1.0 cl", "HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n", false, 200, LENGTH, 3, 0, 0,
+      "OK"),
+    R("204 with cl", "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n", false, 204, NONE, 10,
+      0, 0, "No Content"),
+    R("204 with te", "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", false, 204,
+      NONE, 0, 0, 0, "No Content"),
     R("204 with cl and te",
-      "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
-      false, 204, NONE, 1, 0, 0, "No Content"),
-    R("304", "HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n", false, 304, NONE, 99, 0,
-      0, "Not Modified"),
+      "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n", false,
+      204, NONE, 1, 0, 0, "No Content"),
+    R("304", "HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n", false, 304, NONE, 99, 0, 0,
+      "Not Modified"),
     R("100 continue", "HTTP/1.1 100 Continue\r\n\r\n", false, 100, NONE, 0, 0, 0, "Continue"),
     R("101 upgrade",
       "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
       false, 101, NONE, 0, 0, SL_H1_F_CONN_UPGRADE | SL_H1_F_HAS_CONN_HEADER,
       "Switching Protocols"),
-    R("103 with te", "HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n", false,
-      103, NONE, 0, 0, 0, "Early Hints"),
-    R("head response", "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", true, 200, NONE, 1234,
+    R("103 with te", "HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n", false, 103,
+      NONE, 0, 0, 0, "Early Hints"),
+    R("head response", "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", true, 200, NONE, 1234, 0,
+      0, "OK"),
+    R("head chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", true, 200, NONE, 0,
       0, 0, "OK"),
-    R("head chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", true, 200, NONE,
-      0, 0, 0, "OK"),
-    R("no reason no space", "HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", false, 200, LENGTH, 0,
-      0, 0, ""),
+    R("no reason no space", "HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", false, 200, LENGTH, 0, 0,
+      0, ""),
     R("empty reason", "HTTP/1.1 404 \r\n\r\n", false, 404, UNTIL_CLOSE, 0, 0, 0, ""),
     R("reason with spaces", "HTTP/1.1 500 Internal  Server\tError \r\n\r\n", false, 500,
       UNTIL_CLOSE, 0, 0, 0, "Internal  Server\tError "),
-    R("reason obs-text", "HTTP/1.1 200 D\xc3\xa9j\xc3\xa0\r\n\r\n", false, 200, UNTIL_CLOSE, 0,
-      0, 0, "D\xc3\xa9j\xc3\xa0"),
+    R("reason obs-text", "HTTP/1.1 200 D\xc3\xa9j\xc3\xa0\r\n\r\n", false, 200, UNTIL_CLOSE, 0, 0,
+      0, "D\xc3\xa9j\xc3\xa0"),
     R("599", "HTTP/1.1 599 X\r\n\r\n", false, 599, UNTIL_CLOSE, 0, 0, 0, "X"),
     R("keep-alive timeout",
       "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5, max=100\r\n"
       "Content-Length: 0\r\n\r\n",
       false, 200, LENGTH, 0, 5000, SL_H1_F_CONN_KEEPALIVE | SL_H1_F_HAS_CONN_HEADER, "OK"),
-    R("keep-alive timeout second", "HTTP/1.1 200 OK\r\nkeep-alive: max=5,Timeout=30\r\n\r\n",
-      false, 200, UNTIL_CLOSE, 0, 30000, 0, "OK"),
+    R("keep-alive timeout second", "HTTP/1.1 200 OK\r\nkeep-alive: max=5,Timeout=30\r\n\r\n", false,
+      200, UNTIL_CLOSE, 0, 30000, 0, "OK"),
     R("keep-alive garbage", "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=abc\r\n\r\n", false, 200,
       UNTIL_CLOSE, 0, 0, 0, "OK"),
     R("keep-alive huge", "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=99999999999999999999999\r\n\r\n",
       false, 200, UNTIL_CLOSE, 0, 86400000, 0, "OK"),
-    R("connection close", "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false, 200,
-      UNTIL_CLOSE, 0, 0, SL_H1_F_CONN_CLOSE | SL_H1_F_HAS_CONN_HEADER, "OK"),
+    R("connection close", "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false, 200, UNTIL_CLOSE,
+      0, 0, SL_H1_F_CONN_CLOSE | SL_H1_F_HAS_CONN_HEADER, "OK"),
 };
 
 static void test_resp_ok(void **state)
@@ -847,7 +869,8 @@ static const struct err_case resp_errors[] = {
     E("te gzip", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", BAD_TRANSFER_ENCODING),
     E("te list", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
       BAD_TRANSFER_ENCODING),
-    E("te twice", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    E("te twice",
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
       BAD_TRANSFER_ENCODING),
     E("te http/1.0", "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
       BAD_TRANSFER_ENCODING),
@@ -871,15 +894,15 @@ static void test_resp_errors(void **state)
     struct sl_h1_limits l = {.max_head_bytes = 32, .max_headers = 1};
     struct sl_h1_head_state st = {0};
     static const char big[] = "HTTP/1.1 200 OK\r\nServer: 0123456789abcdef\r\n\r\n";
-    assert_int_equal(sl_h1_parse_response(&st, big, sizeof big - 1, &l, false, &r.resp, r.hdrs,
-                                          MAXH, &r.err),
-                     SL_ERROR);
+    assert_int_equal(
+        sl_h1_parse_response(&st, big, sizeof big - 1, &l, false, &r.resp, r.hdrs, MAXH, &r.err),
+        SL_ERROR);
     assert_int_equal(r.err, SL_H1_ERR_HEADERS_TOO_LARGE);
     static const char two[] = "HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\n\r\n";
     st.scanned = 0;
-    assert_int_equal(sl_h1_parse_response(&st, two, sizeof two - 1, &l, false, &r.resp, r.hdrs,
-                                          MAXH, &r.err),
-                     SL_ERROR);
+    assert_int_equal(
+        sl_h1_parse_response(&st, two, sizeof two - 1, &l, false, &r.resp, r.hdrs, MAXH, &r.err),
+        SL_ERROR);
     assert_int_equal(r.err, SL_H1_ERR_TOO_MANY_HEADERS);
 }
 
@@ -894,8 +917,7 @@ struct chunk_out {
 };
 
 /* Feeds one piece, looping while the decoder says SL_OK. */
-static void chunk_feed(struct sl_h1_chunked *ch, const char *piece, size_t n,
-                       struct chunk_out *o)
+static void chunk_feed(struct sl_h1_chunked *ch, const char *piece, size_t n, struct chunk_out *o)
 {
     char *b = dup_exact(piece, n);
     size_t pos = 0;
@@ -931,12 +953,11 @@ static void chunk_feed(struct sl_h1_chunked *ch, const char *piece, size_t n,
 static void chunk_same(const char *name, const struct chunk_out *a, const struct chunk_out *b,
                        const char *how)
 {
-    if (a->st != b->st || (a->st == SL_ERROR && a->err != b->err) ||
-        a->data_len != b->data_len || memcmp(a->data, b->data, a->data_len) != 0 ||
-        (a->st == SL_DONE && a->used != b->used))
-        fail_msg("%s: %s differs (st %d/%d err %s/%s data %zu/%zu used %zu/%zu)", name, how,
-                 a->st, b->st, sl_h1_err_name(a->err), sl_h1_err_name(b->err), a->data_len,
-                 b->data_len, a->used, b->used);
+    if (a->st != b->st || (a->st == SL_ERROR && a->err != b->err) || a->data_len != b->data_len ||
+        memcmp(a->data, b->data, a->data_len) != 0 || (a->st == SL_DONE && a->used != b->used))
+        fail_msg("%s: %s differs (st %d/%d err %s/%s data %zu/%zu used %zu/%zu)", name, how, a->st,
+                 b->st, sl_h1_err_name(a->err), sl_h1_err_name(b->err), a->data_len, b->data_len,
+                 a->used, b->used);
 }
 
 static void chunk_all_ways(const char *name, const char *in, size_t len, struct chunk_out *out)
@@ -992,20 +1013,22 @@ struct chunk_case {
     size_t rest; /* bytes left after SL_DONE */
 };
 
-#define CK(name, s, data, rest) {name, s, sizeof(s) - 1, data, rest}
+#define CK(name, s, data, rest)                                                                    \
+    {                                                                                              \
+        name, s, sizeof(s) - 1, data, rest                                                         \
+    }
 
 static const struct chunk_case chunk_ok_cases[] = {
     CK("single", "5\r\nhello\r\n0\r\n\r\n", "hello", 0),
     CK("empty body", "0\r\n\r\n", "", 0),
     CK("multiple", "3\r\nabc\r\nA\r\n0123456789\r\n1\r\nz\r\n0\r\n\r\n", "abc0123456789z", 0),
-    CK("hex case", "a\r\n0123456789\r\nB\r\n0123456789x\r\n0\r\n\r\n",
-       "01234567890123456789x", 0),
+    CK("hex case", "a\r\n0123456789\r\nB\r\n0123456789x\r\n0\r\n\r\n", "01234567890123456789x", 0),
     CK("leading zeros", "0005\r\nhello\r\n0000\r\n\r\n", "hello", 0),
     CK("16 digits", "0000000000000003\r\nabc\r\n0\r\n\r\n", "abc", 0),
-    CK("extensions", "5;name=value\r\nhello\r\n3;a;b=\"q s\"\r\nxyz\r\n0;last\r\n\r\n",
-       "helloxyz", 0),
-    CK("trailers", "2\r\nhi\r\n0\r\nX-Checksum: abc\r\nEmpty:\r\nObs: caf\xc3\xa9\t\r\n\r\n",
-       "hi", 0),
+    CK("extensions", "5;name=value\r\nhello\r\n3;a;b=\"q s\"\r\nxyz\r\n0;last\r\n\r\n", "helloxyz",
+       0),
+    CK("trailers", "2\r\nhi\r\n0\r\nX-Checksum: abc\r\nEmpty:\r\nObs: caf\xc3\xa9\t\r\n\r\n", "hi",
+       0),
     CK("next message follows", "1\r\na\r\n0\r\n\r\nGET / HTTP/1.1\r\n", "a", 16),
     CK("crlf in data", "4\r\n\r\n\r\n\r\n0\r\n\r\n", "\r\n\r\n", 0),
     CK("binary data", "3\r\n\0\xff\n\r\n0\r\n\r\n", "\0\xff\n", 0),
