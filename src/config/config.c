@@ -193,8 +193,7 @@ static void set_endpoint_address(struct sl__config_ctx *c, const struct sl__sche
     parse_address(c, n, &e->address, &e->addr, &e->addr_len);
 }
 
-static void endpoint_from_scalar(struct sl__config_ctx *c, const struct sl_yaml_node *n,
-                                 void *elem)
+static void endpoint_from_scalar(struct sl__config_ctx *c, const struct sl_yaml_node *n, void *elem)
 {
     set_endpoint_address(c, NULL, n, elem);
 }
@@ -281,8 +280,7 @@ static void set_header_map(struct sl__config_ctx *c, const struct sl__schema_key
         for (size_t j = 0; j < *count; j++) {
             if (strlen((*arr)[j].name) == key->len &&
                 strncasecmp((*arr)[j].name, key->str, key->len) == 0) {
-                sl__config_error(c, key,
-                                 "duplicate header %s (header names are case-insensitive)",
+                sl__config_error(c, key, "duplicate header %s (header names are case-insensitive)",
                                  sl__config_q(q, sizeof(q), key));
                 goto next;
             }
@@ -343,8 +341,7 @@ static void set_methods(struct sl__config_ctx *c, const struct sl__schema_key *k
     struct sl_route_match_conf *m = base;
     char q[160];
     if (n->kind != SL_YAML_SEQ) {
-        sl__config_error(c, n, "expected a list of methods, got %s",
-                         sl__config_yaml_kind_name(n));
+        sl__config_error(c, n, "expected a list of methods, got %s", sl__config_yaml_kind_name(n));
         return;
     }
     for (size_t i = 0; i < n->count; i++) {
@@ -393,29 +390,59 @@ static void set_methods(struct sl__config_ctx *c, const struct sl__schema_key *k
 /* ---- section tables ----------------------------------------------------------------------- */
 
 static const struct sl__schema_key limits_keys[] = {
-    {.name = "max_header_bytes", .type = SL__T_SIZE,
-     SL__FIELD(struct sl_limits_conf, max_header_bytes), .min = KIB, .max = 16 * MIB,
+    {.name = "max_header_bytes",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_limits_conf, max_header_bytes),
+     .min = KIB,
+     .max = 16 * MIB,
      .def = 16 * KIB},
-    {.name = "max_header_count", .type = SL__T_UINT,
-     SL__FIELD(struct sl_limits_conf, max_header_count), .min = 1, .max = 10000, .def = 100},
-    {.name = "max_uri_bytes", .type = SL__T_SIZE, SL__FIELD(struct sl_limits_conf, max_uri_bytes),
-     .min = 256, .max = 16 * MIB, .def = 8 * KIB},
-    {.name = "max_body_bytes", .type = SL__T_SIZE,
-     SL__FIELD(struct sl_limits_conf, max_body_bytes), .min = 0, .max = UINT64_MAX,
+    {.name = "max_header_count",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_limits_conf, max_header_count),
+     .min = 1,
+     .max = 10000,
+     .def = 100},
+    {.name = "max_uri_bytes",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_limits_conf, max_uri_bytes),
+     .min = 256,
+     .max = 16 * MIB,
+     .def = 8 * KIB},
+    {.name = "max_body_bytes",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_limits_conf, max_body_bytes),
+     .min = 0,
+     .max = UINT64_MAX,
      .def = 10 * MIB},
-    {.name = "header_timeout", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_limits_conf, header_timeout_ms), .min = 1, .max = HOUR, .def = 10 * SEC},
-    {.name = "body_timeout", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_limits_conf, body_timeout_ms), .min = 1, .max = 24 * HOUR,
+    {.name = "header_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, header_timeout_ms),
+     .min = 1,
+     .max = HOUR,
+     .def = 10 * SEC},
+    {.name = "body_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, body_timeout_ms),
+     .min = 1,
+     .max = 24 * HOUR,
      .def = 60 * SEC},
-    {.name = "idle_timeout", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_limits_conf, idle_timeout_ms), .min = 1, .max = 24 * HOUR,
+    {.name = "idle_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, idle_timeout_ms),
+     .min = 1,
+     .max = 24 * HOUR,
      .def = 60 * SEC},
-    {.name = "send_timeout", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_limits_conf, send_timeout_ms), .min = 1, .max = 24 * HOUR,
+    {.name = "send_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, send_timeout_ms),
+     .min = 1,
+     .max = 24 * HOUR,
      .def = 60 * SEC},
-    {.name = "max_requests_per_conn", .type = SL__T_UINT,
-     SL__FIELD(struct sl_limits_conf, max_requests_per_conn), .min = 0, .max = UINT32_MAX,
+    {.name = "max_requests_per_conn",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_limits_conf, max_requests_per_conn),
+     .min = 0,
+     .max = UINT32_MAX,
      .def = 0},
 };
 
@@ -448,13 +475,24 @@ static void listener_free(void *elem)
 }
 
 static const struct sl__schema_key listener_keys[] = {
-    {.name = "name", .type = SL__T_STRING, SL__FIELD(struct sl_listener_conf, name),
-     .check = check_name, .flags = SL__KEY_REQUIRED},
-    {.name = "address", .type = SL__T_CUSTOM, .set = set_listener_address,
+    {.name = "name",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_listener_conf, name),
+     .check = check_name,
      .flags = SL__KEY_REQUIRED},
-    {.name = "backlog", .type = SL__T_UINT, SL__FIELD(struct sl_listener_conf, backlog), .min = 1,
-     .max = 65535, .def = 4096},
-    {.name = "limits", .type = SL__T_SECTION, SL__FIELD(struct sl_listener_conf, limits),
+    {.name = "address",
+     .type = SL__T_CUSTOM,
+     .set = set_listener_address,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "backlog",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_listener_conf, backlog),
+     .min = 1,
+     .max = 65535,
+     .def = 4096},
+    {.name = "limits",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_listener_conf, limits),
      .section = &limits_section},
 };
 
@@ -475,11 +513,19 @@ static void endpoint_free(void *elem)
 }
 
 static const struct sl__schema_key endpoint_keys[] = {
-    {.name = "address", .type = SL__T_CUSTOM, .set = set_endpoint_address,
+    {.name = "address",
+     .type = SL__T_CUSTOM,
+     .set = set_endpoint_address,
      .flags = SL__KEY_REQUIRED},
-    {.name = "weight", .type = SL__T_UINT, SL__FIELD(struct sl_endpoint_conf, weight), .min = 1,
-     .max = 1000, .def = 1},
-    {.name = "zone", .type = SL__T_STRING, SL__FIELD(struct sl_endpoint_conf, zone),
+    {.name = "weight",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_endpoint_conf, weight),
+     .min = 1,
+     .max = 1000,
+     .def = 1},
+    {.name = "zone",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_endpoint_conf, zone),
      .check = check_name},
 };
 
@@ -494,10 +540,17 @@ static const struct sl__schema_section endpoint_section = {
 /* keepalive: and timeouts: are nested in the file but flat in sl_upstream_conf, so these
  * sections' offsets are relative to the upstream itself (SECTION at offset 0). */
 static const struct sl__schema_key keepalive_keys[] = {
-    {.name = "max_idle", .type = SL__T_UINT, SL__FIELD(struct sl_upstream_conf, keepalive_max_idle),
-     .min = 0, .max = 65535, .def = 64},
-    {.name = "idle_timeout", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_upstream_conf, keepalive_idle_timeout_ms), .min = 1, .max = HOUR,
+    {.name = "max_idle",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_upstream_conf, keepalive_max_idle),
+     .min = 0,
+     .max = 65535,
+     .def = 64},
+    {.name = "idle_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, keepalive_idle_timeout_ms),
+     .min = 1,
+     .max = HOUR,
      .def = 30 * SEC},
 };
 
@@ -507,14 +560,24 @@ static const struct sl__schema_section keepalive_section = {
 };
 
 static const struct sl__schema_key timeouts_keys[] = {
-    {.name = "connect", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_upstream_conf, connect_timeout_ms), .min = 1, .max = 10 * MIN,
+    {.name = "connect",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, connect_timeout_ms),
+     .min = 1,
+     .max = 10 * MIN,
      .def = 1 * SEC},
-    {.name = "response", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_upstream_conf, response_timeout_ms), .min = 1, .max = 24 * HOUR,
+    {.name = "response",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, response_timeout_ms),
+     .min = 1,
+     .max = 24 * HOUR,
      .def = 15 * SEC},
-    {.name = "idle", .type = SL__T_DURATION, SL__FIELD(struct sl_upstream_conf, idle_timeout_ms),
-     .min = 1, .max = 24 * HOUR, .def = 60 * SEC},
+    {.name = "idle",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_upstream_conf, idle_timeout_ms),
+     .min = 1,
+     .max = 24 * HOUR,
+     .def = 60 * SEC},
 };
 
 static const struct sl__schema_section timeouts_section = {
@@ -542,18 +605,32 @@ static void upstream_free(void *elem)
 }
 
 static const struct sl__schema_key upstream_keys[] = {
-    {.name = "name", .type = SL__T_STRING, SL__FIELD(struct sl_upstream_conf, name),
-     .check = check_name, .flags = SL__KEY_REQUIRED},
-    {.name = "balance", .type = SL__T_ENUM, SL__FIELD(struct sl_upstream_conf, balance),
-     .enum_names = balance_names, .def = SL_BALANCE_ROUND_ROBIN},
+    {.name = "name",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_upstream_conf, name),
+     .check = check_name,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "balance",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_upstream_conf, balance),
+     .enum_names = balance_names,
+     .def = SL_BALANCE_ROUND_ROBIN},
     {.name = "hash_on", .type = SL__T_CUSTOM, .set = set_hash_on},
-    {.name = "endpoints", .type = SL__T_LIST, SL__FIELD(struct sl_upstream_conf, endpoints),
-     .count_offset = offsetof(struct sl_upstream_conf, endpoint_count), .min = 1,
-     .section = &endpoint_section, .flags = SL__KEY_REQUIRED},
+    {.name = "endpoints",
+     .type = SL__T_LIST,
+     SL__FIELD(struct sl_upstream_conf, endpoints),
+     .count_offset = offsetof(struct sl_upstream_conf, endpoint_count),
+     .min = 1,
+     .section = &endpoint_section,
+     .flags = SL__KEY_REQUIRED},
     {.name = "keepalive", .type = SL__T_SECTION, .offset = 0, .section = &keepalive_section},
     {.name = "timeouts", .type = SL__T_SECTION, .offset = 0, .section = &timeouts_section},
-    {.name = "connect_attempts", .type = SL__T_UINT,
-     SL__FIELD(struct sl_upstream_conf, connect_attempts), .min = 1, .max = 100, .def = 3},
+    {.name = "connect_attempts",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_upstream_conf, connect_attempts),
+     .min = 1,
+     .max = 100,
+     .def = 3},
 };
 
 static const struct sl__schema_section upstream_section = {
@@ -584,15 +661,24 @@ static void match_free(void *elem)
 }
 
 static const struct sl__schema_key match_keys[] = {
-    {.name = "host", .type = SL__T_STRING, SL__FIELD(struct sl_route_match_conf, host),
+    {.name = "host",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_match_conf, host),
      .check = check_host},
-    {.name = "path", .type = SL__T_STRING, SL__FIELD(struct sl_route_match_conf, path),
+    {.name = "path",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_match_conf, path),
      .check = check_path},
-    {.name = "path_prefix", .type = SL__T_STRING,
-     SL__FIELD(struct sl_route_match_conf, path_prefix), .check = check_path},
+    {.name = "path_prefix",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_match_conf, path_prefix),
+     .check = check_path},
     {.name = "methods", .type = SL__T_CUSTOM, .set = set_methods},
-    {.name = "headers", .type = SL__T_CUSTOM, SL__FIELD(struct sl_route_match_conf, headers),
-     .count_offset = offsetof(struct sl_route_match_conf, header_count), .set = set_header_map},
+    {.name = "headers",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_route_match_conf, headers),
+     .count_offset = offsetof(struct sl_route_match_conf, header_count),
+     .set = set_header_map},
 };
 
 static const struct sl__schema_section match_section = {
@@ -612,12 +698,21 @@ static void header_ops_free(void *elem)
 }
 
 static const struct sl__schema_key header_ops_keys[] = {
-    {.name = "set", .type = SL__T_CUSTOM, SL__FIELD(struct sl_header_ops_conf, set),
-     .count_offset = offsetof(struct sl_header_ops_conf, set_count), .set = set_header_map},
-    {.name = "add", .type = SL__T_CUSTOM, SL__FIELD(struct sl_header_ops_conf, add),
-     .count_offset = offsetof(struct sl_header_ops_conf, add_count), .set = set_header_map},
-    {.name = "remove", .type = SL__T_CUSTOM, SL__FIELD(struct sl_header_ops_conf, remove),
-     .count_offset = offsetof(struct sl_header_ops_conf, remove_count), .set = set_string_list,
+    {.name = "set",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_header_ops_conf, set),
+     .count_offset = offsetof(struct sl_header_ops_conf, set_count),
+     .set = set_header_map},
+    {.name = "add",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_header_ops_conf, add),
+     .count_offset = offsetof(struct sl_header_ops_conf, add_count),
+     .set = set_header_map},
+    {.name = "remove",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_header_ops_conf, remove),
+     .count_offset = offsetof(struct sl_header_ops_conf, remove_count),
+     .set = set_string_list,
      .check = check_token},
 };
 
@@ -628,14 +723,24 @@ static const struct sl__schema_section header_ops_section = {
 };
 
 static const struct sl__schema_key direct_keys[] = {
-    {.name = "status", .type = SL__T_UINT, SL__FIELD(struct sl_direct_response_conf, status),
-     .min = 100, .max = 599, .def = 200},
-    {.name = "body", .type = SL__T_STRING, SL__FIELD(struct sl_direct_response_conf, body),
-     .count_offset = offsetof(struct sl_direct_response_conf, body_len), .def_str = "",
+    {.name = "status",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_direct_response_conf, status),
+     .min = 100,
+     .max = 599,
+     .def = 200},
+    {.name = "body",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_direct_response_conf, body),
+     .count_offset = offsetof(struct sl_direct_response_conf, body_len),
+     .def_str = "",
      .flags = SL__KEY_ALLOW_NUL},
-    {.name = "content_type", .type = SL__T_STRING,
-     SL__FIELD(struct sl_direct_response_conf, content_type), .def_str = "text/plain",
-     .check = check_header_value, .flags = SL__KEY_NONEMPTY},
+    {.name = "content_type",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_direct_response_conf, content_type),
+     .def_str = "text/plain",
+     .check = check_header_value,
+     .flags = SL__KEY_NONEMPTY},
 };
 
 static const struct sl__schema_section direct_section = {
@@ -653,8 +758,8 @@ static void route_init(struct sl__config_ctx *c, void *elem, size_t index)
 }
 
 /* Reports `fmt` at the value of `key` inside `map`, with `key` appended to the path. */
-static void error_at_key(struct sl__config_ctx *c, const struct sl_yaml_node *map,
-                         const char *key, const char *msg)
+static void error_at_key(struct sl__config_ctx *c, const struct sl_yaml_node *map, const char *key,
+                         const char *msg)
 {
     const struct sl_yaml_node *n = sl__config_yaml_get(map, key);
     size_t saved = sl__config_path_push_key(c, key, strlen(key));
@@ -699,25 +804,44 @@ static void route_free(void *elem)
 }
 
 static const struct sl__schema_key route_keys[] = {
-    {.name = "name", .type = SL__T_STRING, SL__FIELD(struct sl_route_conf, name),
+    {.name = "name",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_conf, name),
      .check = check_name},
-    {.name = "listeners", .type = SL__T_CUSTOM, SL__FIELD(struct sl_route_conf, listeners),
-     .count_offset = offsetof(struct sl_route_conf, listener_count), .set = set_string_list,
+    {.name = "listeners",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_route_conf, listeners),
+     .count_offset = offsetof(struct sl_route_conf, listener_count),
+     .set = set_string_list,
      .check = check_name},
-    {.name = "match", .type = SL__T_SECTION, SL__FIELD(struct sl_route_conf, match),
+    {.name = "match",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, match),
      .section = &match_section},
-    {.name = "upstream", .type = SL__T_STRING, SL__FIELD(struct sl_route_conf, upstream),
+    {.name = "upstream",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_conf, upstream),
      .check = check_name},
-    {.name = "strip_prefix", .type = SL__T_BOOL, SL__FIELD(struct sl_route_conf, strip_prefix),
+    {.name = "strip_prefix",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_route_conf, strip_prefix),
      .def = false},
-    {.name = "rewrite_prefix", .type = SL__T_STRING,
-     SL__FIELD(struct sl_route_conf, rewrite_prefix), .check = check_path},
-    {.name = "request_headers", .type = SL__T_SECTION,
-     SL__FIELD(struct sl_route_conf, request_headers), .section = &header_ops_section},
-    {.name = "response_headers", .type = SL__T_SECTION,
-     SL__FIELD(struct sl_route_conf, response_headers), .section = &header_ops_section},
-    {.name = "direct_response", .type = SL__T_SECTION,
-     SL__FIELD(struct sl_route_conf, direct_response), .section = &direct_section,
+    {.name = "rewrite_prefix",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_route_conf, rewrite_prefix),
+     .check = check_path},
+    {.name = "request_headers",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, request_headers),
+     .section = &header_ops_section},
+    {.name = "response_headers",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, response_headers),
+     .section = &header_ops_section},
+    {.name = "direct_response",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, direct_response),
+     .section = &direct_section,
      .flags = SL__KEY_LAZY},
 };
 
@@ -736,18 +860,35 @@ static const char *const log_level_names[] = {"error", "warn", "info", "debug", 
  * run after both. */
 static const struct sl__schema_key top_keys[] = {
     {.name = "workers", .type = SL__T_CUSTOM, .set = set_workers},
-    {.name = "drain_timeout", .type = SL__T_DURATION,
-     SL__FIELD(struct sl_config, drain_timeout_ms), .min = 0, .max = HOUR, .def = 10 * SEC},
-    {.name = "log_level", .type = SL__T_ENUM, SL__FIELD(struct sl_config, log_level),
-     .enum_names = log_level_names, .def = SL_LOG_INFO},
+    {.name = "drain_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_config, drain_timeout_ms),
+     .min = 0,
+     .max = HOUR,
+     .def = 10 * SEC},
+    {.name = "log_level",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_config, log_level),
+     .enum_names = log_level_names,
+     .def = SL_LOG_INFO},
     {.name = "limits", .type = SL__T_CUSTOM, .set = set_global_limits},
-    {.name = "listeners", .type = SL__T_LIST, SL__FIELD(struct sl_config, listeners),
-     .count_offset = offsetof(struct sl_config, listener_count), .min = 1,
-     .section = &listener_section, .flags = SL__KEY_REQUIRED},
-    {.name = "upstreams", .type = SL__T_LIST, SL__FIELD(struct sl_config, upstreams),
-     .count_offset = offsetof(struct sl_config, upstream_count), .section = &upstream_section},
-    {.name = "routes", .type = SL__T_LIST, SL__FIELD(struct sl_config, routes),
-     .count_offset = offsetof(struct sl_config, route_count), .section = &route_section},
+    {.name = "listeners",
+     .type = SL__T_LIST,
+     SL__FIELD(struct sl_config, listeners),
+     .count_offset = offsetof(struct sl_config, listener_count),
+     .min = 1,
+     .section = &listener_section,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "upstreams",
+     .type = SL__T_LIST,
+     SL__FIELD(struct sl_config, upstreams),
+     .count_offset = offsetof(struct sl_config, upstream_count),
+     .section = &upstream_section},
+    {.name = "routes",
+     .type = SL__T_LIST,
+     SL__FIELD(struct sl_config, routes),
+     .count_offset = offsetof(struct sl_config, route_count),
+     .section = &route_section},
 };
 
 static const struct sl__schema_section top_section = {
@@ -959,9 +1100,9 @@ static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *
             sl__config_path_push_index(c, i);
             sl__config_path_push_key(c, "listeners", 9);
             sl__config_path_push_index(c, pos);
-            sl__config_error(c, at_node ? at_node : item, "unknown listener %s",
-                             sl__config_quote(q, sizeof(q), r->listeners[k],
-                                              strlen(r->listeners[k])));
+            sl__config_error(
+                c, at_node ? at_node : item, "unknown listener %s",
+                sl__config_quote(q, sizeof(q), r->listeners[k], strlen(r->listeners[k])));
             sl__config_path_pop(c, saved);
         }
     }

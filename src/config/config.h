@@ -32,14 +32,14 @@ enum sl_method {
 };
 
 struct sl_limits_conf {
-    uint64_t max_header_bytes;  /* request line + headers; default 16KiB, 431 beyond */
-    uint64_t max_header_count;  /* default 100, 431 beyond */
-    uint64_t max_uri_bytes;     /* default 8KiB, 414 beyond */
-    uint64_t max_body_bytes;    /* default 10MiB, 413 beyond; 0 = unlimited */
-    uint64_t header_timeout_ms; /* whole request head must arrive within; default 10s, 408 */
-    uint64_t body_timeout_ms;   /* max gap between body reads; default 60s, 408 */
-    uint64_t idle_timeout_ms;   /* keep-alive idle between requests; default 60s, close */
-    uint64_t send_timeout_ms;   /* max gap while a client does not read; default 60s, close */
+    uint64_t max_header_bytes;      /* request line + headers; default 16KiB, 431 beyond */
+    uint64_t max_header_count;      /* default 100, 431 beyond */
+    uint64_t max_uri_bytes;         /* default 8KiB, 414 beyond */
+    uint64_t max_body_bytes;        /* default 10MiB, 413 beyond; 0 = unlimited */
+    uint64_t header_timeout_ms;     /* whole request head must arrive within; default 10s, 408 */
+    uint64_t body_timeout_ms;       /* max gap between body reads; default 60s, 408 */
+    uint64_t idle_timeout_ms;       /* keep-alive idle between requests; default 60s, close */
+    uint64_t send_timeout_ms;       /* max gap while a client does not read; default 60s, close */
     uint64_t max_requests_per_conn; /* default 0 = unlimited */
 };
 
@@ -71,12 +71,12 @@ struct sl_upstream_conf {
     char *hash_key;          /* header or cookie name for hash_on header:/cookie: */
     struct sl_endpoint_conf *endpoints;
     size_t endpoint_count;
-    uint32_t keepalive_max_idle;         /* per worker; default 64; 0 disables pooling */
-    uint64_t keepalive_idle_timeout_ms;  /* default 30s */
-    uint64_t connect_timeout_ms;         /* default 1s */
-    uint64_t response_timeout_ms;        /* until the response head arrives; default 15s, 504 */
-    uint64_t idle_timeout_ms;            /* max gap while streaming a body; default 60s */
-    uint32_t connect_attempts;           /* endpoints tried on connect failure; default 3 */
+    uint32_t keepalive_max_idle;        /* per worker; default 64; 0 disables pooling */
+    uint64_t keepalive_idle_timeout_ms; /* default 30s */
+    uint64_t connect_timeout_ms;        /* default 1s */
+    uint64_t response_timeout_ms;       /* until the response head arrives; default 15s, 504 */
+    uint64_t idle_timeout_ms;           /* max gap while streaming a body; default 60s */
+    uint32_t connect_attempts;          /* endpoints tried on connect failure; default 3 */
     int line, col;
 };
 
@@ -102,10 +102,10 @@ struct sl_direct_response_conf {
 };
 
 struct sl_route_match_conf {
-    char *host;        /* exact "api.example.com", wildcard "*.example.com", or NULL = any */
-    char *path;        /* exact path, or NULL */
-    char *path_prefix; /* prefix, or NULL; at most one of path / path_prefix */
-    uint32_t methods;  /* bitmask of enum sl_method; 0 with no method_names = any */
+    char *host;          /* exact "api.example.com", wildcard "*.example.com", or NULL = any */
+    char *path;          /* exact path, or NULL */
+    char *path_prefix;   /* prefix, or NULL; at most one of path / path_prefix */
+    uint32_t methods;    /* bitmask of enum sl_method; 0 with no method_names = any */
     char **method_names; /* as written, for methods outside the enum (SL_METHOD_OTHER);
                           * a route with only such methods has methods == 0, so test both */
     size_t method_name_count;
@@ -131,9 +131,9 @@ struct sl_route_conf {
 };
 
 struct sl_config {
-    char *path;            /* file it was loaded from */
-    unsigned workers;      /* 0 = auto (one per online CPU) */
-    uint64_t drain_timeout_ms; /* default 10s */
+    char *path;                  /* file it was loaded from */
+    unsigned workers;            /* 0 = auto (one per online CPU) */
+    uint64_t drain_timeout_ms;   /* default 10s */
     enum sl_log_level log_level; /* `log_level: error|warn|info|debug`, default info */
     struct sl_listener_conf *listeners;
     size_t listener_count;
@@ -146,7 +146,7 @@ struct sl_config {
 /* One error found while loading: "file:line:col: key.path: message". */
 struct sl_config_error {
     int line, col;
-    char *path;    /* key path, e.g. "routes[2].upstream" */
+    char *path; /* key path, e.g. "routes[2].upstream" */
     char *message;
 };
 

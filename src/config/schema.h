@@ -22,8 +22,8 @@ struct sl__config_ctx {
     struct sl_config_errors *errs;
     char *path; /* key path of the value being read, e.g. "routes[2].match" */
     size_t path_len, path_cap;
-    bool failed; /* an error was reported (or memory ran out) */
-    bool resolve; /* look hostnames up */
+    bool failed;                         /* an error was reported (or memory ran out) */
+    bool resolve;                        /* look hostnames up */
     struct sl_limits_conf global_limits; /* top-level `limits:`, copied into each listener */
 };
 
@@ -58,11 +58,11 @@ typedef void (*sl__schema_set_cb)(struct sl__config_ctx *c, const struct sl__sch
 struct sl__schema_key {
     const char *name;
     enum sl__schema_type type;
-    size_t offset, size;  /* target field within base */
-    size_t count_offset;  /* LIST element count; ALLOW_NUL string length */
-    uint64_t min, max;    /* numeric bounds; LIST minimum element count */
-    uint64_t def;         /* default for BOOL/UINT/DURATION/SIZE/ENUM */
-    const char *def_str;  /* default for STRING (copied), NULL = none */
+    size_t offset, size;           /* target field within base */
+    size_t count_offset;           /* LIST element count; ALLOW_NUL string length */
+    uint64_t min, max;             /* numeric bounds; LIST minimum element count */
+    uint64_t def;                  /* default for BOOL/UINT/DURATION/SIZE/ENUM */
+    const char *def_str;           /* default for STRING (copied), NULL = none */
     const char *const *enum_names; /* ENUM: NULL-terminated, value = index */
     const struct sl__schema_section *section;
     sl__schema_set_cb set;
@@ -104,8 +104,8 @@ size_t sl__config_path_push_index(struct sl__config_ctx *c, size_t index);
 void sl__config_path_pop(struct sl__config_ctx *c, size_t saved);
 
 /* Reports an error at `n` (1:1 when NULL) under the current key path. */
-void sl__config_error(struct sl__config_ctx *c, const struct sl_yaml_node *n, const char *fmt,
-                      ...) __attribute__((format(printf, 3, 4)));
+void sl__config_error(struct sl__config_ctx *c, const struct sl_yaml_node *n, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /*
  * Returns the scalar text of `n`, or NULL after reporting "expected <what>, got ..." when `n`

@@ -104,8 +104,7 @@ void sl__config_format_duration(uint64_t ms, char *buf, size_t cap)
 void sl__config_format_size(uint64_t bytes, char *buf, size_t cap)
 {
     static const struct unit units[] = {
-        {"TiB", 1ull << 40}, {"GiB", 1ull << 30}, {"MiB", 1ull << 20}, {"KiB", 1ull << 10},
-        {"", 1},
+        {"TiB", 1ull << 40}, {"GiB", 1ull << 30}, {"MiB", 1ull << 20}, {"KiB", 1ull << 10}, {"", 1},
     };
     format_units(bytes, units, sizeof(units) / sizeof(units[0]), buf, cap);
 }
@@ -130,9 +129,11 @@ enum sl_method sl_method_from_token(const char *p, size_t len)
         const char *name;
         enum sl_method bit;
     } methods[] = {
-        {"GET", SL_METHOD_GET},         {"HEAD", SL_METHOD_HEAD},   {"POST", SL_METHOD_POST},
-        {"PUT", SL_METHOD_PUT},         {"DELETE", SL_METHOD_DELETE}, {"PATCH", SL_METHOD_PATCH},
-        {"OPTIONS", SL_METHOD_OPTIONS}, {"TRACE", SL_METHOD_TRACE}, {"CONNECT", SL_METHOD_CONNECT},
+        {"GET", SL_METHOD_GET},         {"HEAD", SL_METHOD_HEAD},
+        {"POST", SL_METHOD_POST},       {"PUT", SL_METHOD_PUT},
+        {"DELETE", SL_METHOD_DELETE},   {"PATCH", SL_METHOD_PATCH},
+        {"OPTIONS", SL_METHOD_OPTIONS}, {"TRACE", SL_METHOD_TRACE},
+        {"CONNECT", SL_METHOD_CONNECT},
     };
     for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++)
         if (strlen(methods[i].name) == len && memcmp(methods[i].name, p, len) == 0)

@@ -286,8 +286,8 @@ static void on_event(struct builder *b, const yaml_event_t *ev, int *documents)
             b->fatal = true;
             break;
         }
-        struct sl_yaml_node *n = node_new(
-            b, ev->type == YAML_MAPPING_START_EVENT ? SL_YAML_MAP : SL_YAML_SEQ, m);
+        struct sl_yaml_node *n =
+            node_new(b, ev->type == YAML_MAPPING_START_EVENT ? SL_YAML_MAP : SL_YAML_SEQ, m);
         if (!n)
             break;
         attach(b, n, m);

@@ -189,13 +189,14 @@ static void test_example(void **state)
 static void test_defaults(void **state)
 {
     (void)state;
-    struct sl_config *cfg = load_ok("listeners: [{name: l, address: '[::1]:8080'}]\n"
-                                    "upstreams: [{name: u, endpoints: ['127.0.0.1:9001']}]\n"
-                                    "routes:\n"
-                                    "  - {upstream: u}\n"
-                                    "  - {direct_response: {}}\n"
-                                    "  - {match: {host: '*.Example.COM', path_prefix: /v1, methods: [PURGE, GET]},"
-                                    " rewrite_prefix: /v2, upstream: u, listeners: [l]}\n");
+    struct sl_config *cfg =
+        load_ok("listeners: [{name: l, address: '[::1]:8080'}]\n"
+                "upstreams: [{name: u, endpoints: ['127.0.0.1:9001']}]\n"
+                "routes:\n"
+                "  - {upstream: u}\n"
+                "  - {direct_response: {}}\n"
+                "  - {match: {host: '*.Example.COM', path_prefix: /v1, methods: [PURGE, GET]},"
+                " rewrite_prefix: /v2, upstream: u, listeners: [l]}\n");
     assert_int_equal(cfg->workers, 0);
     assert_int_equal(cfg->drain_timeout_ms, 10000);
     assert_int_equal(cfg->log_level, SL_LOG_INFO);
@@ -254,8 +255,8 @@ static void test_limits_merge(void **state)
                                     "  max_body_bytes: 1MB\n"
                                     "  header_timeout: 2s\n");
     const struct sl_limits_conf *a = &cfg->listeners[0].limits, *b = &cfg->listeners[1].limits;
-    assert_int_equal(a->max_header_count, 7);    /* listener wins */
-    assert_int_equal(a->idle_timeout_ms, 5000);  /* listener only */
+    assert_int_equal(a->max_header_count, 7);     /* listener wins */
+    assert_int_equal(a->idle_timeout_ms, 5000);   /* listener only */
     assert_int_equal(a->max_body_bytes, 1000000); /* global */
     assert_int_equal(a->header_timeout_ms, 2000); /* global */
     assert_int_equal(a->max_uri_bytes, 8192);     /* built-in default */
@@ -291,11 +292,21 @@ static void test_durations(void **state)
         int rc;
         uint64_t ms;
     } cases[] = {
-        {"250ms", 0, 250},       {"10s", 0, 10000},   {"1m", 0, 60000},
-        {"2h", 0, 7200000},      {"0s", 0, 0},        {"1500", 0, 1500},
-        {"", -EINVAL, 0},        {"s", -EINVAL, 0},   {"1.5s", -EINVAL, 0},
-        {"10 s", -EINVAL, 0},    {"-1s", -EINVAL, 0}, {"3d", -EINVAL, 0},
-        {"10S", -EINVAL, 0},     {"1sm", -EINVAL, 0}, {"99999999999999999999ms", -EINVAL, 0},
+        {"250ms", 0, 250},
+        {"10s", 0, 10000},
+        {"1m", 0, 60000},
+        {"2h", 0, 7200000},
+        {"0s", 0, 0},
+        {"1500", 0, 1500},
+        {"", -EINVAL, 0},
+        {"s", -EINVAL, 0},
+        {"1.5s", -EINVAL, 0},
+        {"10 s", -EINVAL, 0},
+        {"-1s", -EINVAL, 0},
+        {"3d", -EINVAL, 0},
+        {"10S", -EINVAL, 0},
+        {"1sm", -EINVAL, 0},
+        {"99999999999999999999ms", -EINVAL, 0},
         {"9999999999999999h", -EINVAL, 0},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -314,21 +325,11 @@ static void test_sizes(void **state)
         int rc;
         uint64_t bytes;
     } cases[] = {
-        {"512", 0, 512},
-        {"512B", 0, 512},
-        {"16KiB", 0, 16384},
-        {"10MiB", 0, 10485760},
-        {"1GiB", 0, 1073741824},
-        {"4KB", 0, 4000},
-        {"2MB", 0, 2000000},
-        {"1GB", 0, 1000000000},
-        {"0", 0, 0},
-        {"16kib", -EINVAL, 0},
-        {"16 KiB", -EINVAL, 0},
-        {"KiB", -EINVAL, 0},
-        {"1.5MiB", -EINVAL, 0},
-        {"-1", -EINVAL, 0},
-        {"20000000000GiB", -EINVAL, 0},
+        {"512", 0, 512},        {"512B", 0, 512},        {"16KiB", 0, 16384},
+        {"10MiB", 0, 10485760}, {"1GiB", 0, 1073741824}, {"4KB", 0, 4000},
+        {"2MB", 0, 2000000},    {"1GB", 0, 1000000000},  {"0", 0, 0},
+        {"16kib", -EINVAL, 0},  {"16 KiB", -EINVAL, 0},  {"KiB", -EINVAL, 0},
+        {"1.5MiB", -EINVAL, 0}, {"-1", -EINVAL, 0},      {"20000000000GiB", -EINVAL, 0},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         uint64_t v = 12345;
@@ -495,14 +496,13 @@ static void test_err_unknown_key(void **state)
 static void test_err_wrong_type(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "    backlog: [1]\n"
-        "upstreams: {}\n",
-        "t.yaml:4:14: listeners[0].backlog: expected an integer, got a list\n"
-        "t.yaml:5:12: upstreams: expected a list, got a mapping\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "    backlog: [1]\n"
+                  "upstreams: {}\n",
+                  "t.yaml:4:14: listeners[0].backlog: expected an integer, got a list\n"
+                  "t.yaml:5:12: upstreams: expected a list, got a mapping\n");
 }
 
 static void test_err_range(void **state)
@@ -524,61 +524,64 @@ static void test_err_range(void **state)
 static void test_err_bad_duration(void **state)
 {
     (void)state;
-    expect_errors(
-        "drain_timeout: 10\n"
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "    limits: {idle_timeout: 1.5s, body_timeout: 10 s, send_timeout: 3d}\n",
-        "t.yaml:1:16: drain_timeout: invalid duration \"10\": add a unit (ms, s, m or h), e.g. 10s\n"
-        "t.yaml:5:28: listeners[0].limits.idle_timeout: invalid duration \"1.5s\": use a number with ms, s, m or h, e.g. 10s\n"
-        "t.yaml:5:48: listeners[0].limits.body_timeout: invalid duration \"10 s\": use a number with ms, s, m or h, e.g. 10s\n"
-        "t.yaml:5:68: listeners[0].limits.send_timeout: invalid duration \"3d\": use a number with ms, s, m or h, e.g. 10s\n");
+    expect_errors("drain_timeout: 10\n"
+                  "listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "    limits: {idle_timeout: 1.5s, body_timeout: 10 s, send_timeout: 3d}\n",
+                  "t.yaml:1:16: drain_timeout: invalid duration \"10\": add a unit (ms, s, m or "
+                  "h), e.g. 10s\n"
+                  "t.yaml:5:28: listeners[0].limits.idle_timeout: invalid duration \"1.5s\": use a "
+                  "number with ms, s, m or h, e.g. 10s\n"
+                  "t.yaml:5:48: listeners[0].limits.body_timeout: invalid duration \"10 s\": use a "
+                  "number with ms, s, m or h, e.g. 10s\n"
+                  "t.yaml:5:68: listeners[0].limits.send_timeout: invalid duration \"3d\": use a "
+                  "number with ms, s, m or h, e.g. 10s\n");
 }
 
 static void test_err_bad_size(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "    limits: {max_header_bytes: 16kib, max_body_bytes: -1}\n",
-        "t.yaml:4:32: listeners[0].limits.max_header_bytes: invalid size \"16kib\": use bytes or a number with KiB, MiB, GiB (1024-based) or KB, MB, GB (1000-based)\n"
-        "t.yaml:4:55: listeners[0].limits.max_body_bytes: invalid size \"-1\": use bytes or a number with KiB, MiB, GiB (1024-based) or KB, MB, GB (1000-based)\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "    limits: {max_header_bytes: 16kib, max_body_bytes: -1}\n",
+                  "t.yaml:4:32: listeners[0].limits.max_header_bytes: invalid size \"16kib\": use "
+                  "bytes or a number with KiB, MiB, GiB (1024-based) or KB, MB, GB (1000-based)\n"
+                  "t.yaml:4:55: listeners[0].limits.max_body_bytes: invalid size \"-1\": use bytes "
+                  "or a number with KiB, MiB, GiB (1024-based) or KB, MB, GB (1000-based)\n");
 }
 
 static void test_err_syntax(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "    limits: {max_header_bytes: 1KiB\n"
-        "routes: [\n",
-        "t.yaml:5:7: listeners[0].limits: YAML syntax error: did not find expected ',' or '}' (while parsing a flow mapping at 4:13)\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "    limits: {max_header_bytes: 1KiB\n"
+                  "routes: [\n",
+                  "t.yaml:5:7: listeners[0].limits: YAML syntax error: did not find expected ',' "
+                  "or '}' (while parsing a flow mapping at 4:13)\n");
 }
 
 static void test_err_syntax2(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "     address: x\n",
-        "t.yaml:3:13: listeners[0]: YAML syntax error: mapping values are not allowed in this context\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "     address: x\n",
+                  "t.yaml:3:13: listeners[0]: YAML syntax error: mapping values are not allowed in "
+                  "this context\n");
 }
 
 static void test_err_dupkey(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "    name: again\n",
-        "t.yaml:4:5: listeners[0].name: duplicate key \"name\" (first at 2:5)\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "    name: again\n",
+                  "t.yaml:4:5: listeners[0].name: duplicate key \"name\" (first at 2:5)\n");
 }
 
 static void test_err_dupnames(void **state)
@@ -600,9 +603,12 @@ static void test_err_dupnames(void **state)
         "routes:\n"
         "  - {name: r, upstream: u}\n"
         "  - {name: r, upstream: u}\n",
-        "t.yaml:4:11: listeners[1].name: duplicate listener name \"public\" (first defined at 2:11)\n"
-        "t.yaml:7:14: listeners[2].address: duplicate listener address \"127.0.0.1:8080\" (already used by listener \"public\")\n"
-        "t.yaml:9:14: listeners[3].address: address \"0.0.0.0:8081\" overlaps listener \"public\" (127.0.0.1:8081)\n"
+        "t.yaml:4:11: listeners[1].name: duplicate listener name \"public\" (first defined at "
+        "2:11)\n"
+        "t.yaml:7:14: listeners[2].address: duplicate listener address \"127.0.0.1:8080\" (already "
+        "used by listener \"public\")\n"
+        "t.yaml:9:14: listeners[3].address: address \"0.0.0.0:8081\" overlaps listener \"public\" "
+        "(127.0.0.1:8081)\n"
         "t.yaml:12:12: upstreams[1].name: duplicate upstream name \"u\" (first defined at 11:12)\n"
         "t.yaml:15:12: routes[1].name: duplicate route name \"r\" (first defined at 14:12)\n");
 }
@@ -610,27 +616,26 @@ static void test_err_dupnames(void **state)
 static void test_err_route_rules(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "upstreams:\n"
-        "  - {name: u, endpoints: [127.0.0.1:1]}\n"
-        "routes:\n"
-        "  - {upstream: u, direct_response: {status: 204}}\n"
-        "  - match: {path: /a}\n"
-        "  - {match: {path: /a, path_prefix: /b}, upstream: u}\n"
-        "  - {match: {path: /a}, strip_prefix: true, upstream: u}\n"
-        "  - {match: {path: /a}, rewrite_prefix: /x, upstream: u}\n"
-        "  - {upstream: user}\n"
-        "  - {upstream: u, listeners: [public, privat]}\n",
-        "t.yaml:7:36: routes[0].direct_response: cannot be combined with \"upstream\"\n"
-        "t.yaml:8:5: routes[1]: route needs \"upstream\" or \"direct_response\"\n"
-        "t.yaml:9:37: routes[2].match.path_prefix: cannot be combined with \"path\"\n"
-        "t.yaml:10:39: routes[3].strip_prefix: requires match.path_prefix\n"
-        "t.yaml:11:41: routes[4].rewrite_prefix: requires match.path_prefix\n"
-        "t.yaml:12:16: routes[5].upstream: unknown upstream \"user\"\n"
-        "t.yaml:13:39: routes[6].listeners[1]: unknown listener \"privat\"\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "upstreams:\n"
+                  "  - {name: u, endpoints: [127.0.0.1:1]}\n"
+                  "routes:\n"
+                  "  - {upstream: u, direct_response: {status: 204}}\n"
+                  "  - match: {path: /a}\n"
+                  "  - {match: {path: /a, path_prefix: /b}, upstream: u}\n"
+                  "  - {match: {path: /a}, strip_prefix: true, upstream: u}\n"
+                  "  - {match: {path: /a}, rewrite_prefix: /x, upstream: u}\n"
+                  "  - {upstream: user}\n"
+                  "  - {upstream: u, listeners: [public, privat]}\n",
+                  "t.yaml:7:36: routes[0].direct_response: cannot be combined with \"upstream\"\n"
+                  "t.yaml:8:5: routes[1]: route needs \"upstream\" or \"direct_response\"\n"
+                  "t.yaml:9:37: routes[2].match.path_prefix: cannot be combined with \"path\"\n"
+                  "t.yaml:10:39: routes[3].strip_prefix: requires match.path_prefix\n"
+                  "t.yaml:11:41: routes[4].rewrite_prefix: requires match.path_prefix\n"
+                  "t.yaml:12:16: routes[5].upstream: unknown upstream \"user\"\n"
+                  "t.yaml:13:39: routes[6].listeners[1]: unknown listener \"privat\"\n");
 }
 
 static void test_err_upstream_errs(void **state)
@@ -653,7 +658,8 @@ static void test_err_upstream_errs(void **state)
         "    connect_attempts: 0\n",
         "t.yaml:5:5: upstreams[0]: missing required key \"endpoints\"\n"
         "t.yaml:7:16: upstreams[1].endpoints: must contain at least 1 entry\n"
-        "t.yaml:9:14: upstreams[2].balance: expected one of round_robin, least_request, hash, got \"random\"\n"
+        "t.yaml:9:14: upstreams[2].balance: expected one of round_robin, least_request, hash, got "
+        "\"random\"\n"
         "t.yaml:10:14: upstreams[2].hash_on: invalid header name \"\" (must be an HTTP token)\n"
         "t.yaml:11:48: upstreams[2].endpoints[0].weight: 0 is out of range 1..1000\n"
         "t.yaml:12:27: upstreams[2].keepalive.max_idle: expected an integer, got \"-1\"\n"
@@ -673,12 +679,16 @@ static void test_err_addresses(void **state)
         "  - {name: e, address: 'bad host:80'}\n"
         "  - {name: f, address: '1.2.3.4:65536'}\n"
         "  - {name: g, address: '[::1]:8080'}\n",
-        "t.yaml:2:24: listeners[0].address: invalid address \"127.0.0.1\": expected host:port or [v6]:port\n"
-        "t.yaml:3:24: listeners[1].address: invalid address \"::1:80\": IPv6 addresses need brackets, e.g. [::1]:8080\n"
-        "t.yaml:4:24: listeners[2].address: invalid address \"[::1]:0\": port must be a number in 1..65535\n"
+        "t.yaml:2:24: listeners[0].address: invalid address \"127.0.0.1\": expected host:port or "
+        "[v6]:port\n"
+        "t.yaml:3:24: listeners[1].address: invalid address \"::1:80\": IPv6 addresses need "
+        "brackets, e.g. [::1]:8080\n"
+        "t.yaml:4:24: listeners[2].address: invalid address \"[::1]:0\": port must be a number in "
+        "1..65535\n"
         "t.yaml:5:24: listeners[3].address: invalid address \"[::x]:80\": invalid IPv6 address\n"
         "t.yaml:6:24: listeners[4].address: invalid address \"bad host:80\": invalid host name\n"
-        "t.yaml:7:24: listeners[5].address: invalid address \"1.2.3.4:65536\": port must be a number in 1..65535\n");
+        "t.yaml:7:24: listeners[5].address: invalid address \"1.2.3.4:65536\": port must be a "
+        "number in 1..65535\n");
 }
 
 static void test_err_status_methods(void **state)
@@ -697,8 +707,10 @@ static void test_err_status_methods(void **state)
         "t.yaml:5:32: routes[0].direct_response.status: 99 is out of range 100..599\n"
         "t.yaml:6:32: routes[1].direct_response.status: 600 is out of range 100..599\n"
         "t.yaml:7:32: routes[2].direct_response.status: expected an integer, got \"abc\"\n"
-        "t.yaml:8:29: routes[3].match.methods[1]: invalid method \"BAD METHOD\" (must be an HTTP token)\n"
-        "t.yaml:8:50: routes[3].match.methods[3]: unknown method \"get\" (methods are case-sensitive; did you mean \"GET\"?)\n"
+        "t.yaml:8:29: routes[3].match.methods[1]: invalid method \"BAD METHOD\" (must be an HTTP "
+        "token)\n"
+        "t.yaml:8:50: routes[3].match.methods[3]: unknown method \"get\" (methods are "
+        "case-sensitive; did you mean \"GET\"?)\n"
         "t.yaml:9:23: routes[4].match.methods: expected a list of methods, got a string\n");
 }
 
@@ -711,85 +723,92 @@ static void test_err_headers(void **state)
         "    address: 127.0.0.1:8080\n"
         "routes:\n"
         "  - match: {headers: {'X Bad': a, X-Ok: \"a\\nb\"}}\n"
-        "    request_headers: {set: {X-A: 1, x-a: 2}, add: {'Bad:': x}, remove: [X-Ok, 'no good']}\n"
+        "    request_headers: {set: {X-A: 1, x-a: 2}, add: {'Bad:': x}, remove: [X-Ok, 'no "
+        "good']}\n"
         "    response_headers: {set: {X-Z: \"a\\rb\"}, remove: X}\n"
         "    direct_response: {content_type: \"text/plain\\r\\nX-Evil: 1\"}\n",
-        "t.yaml:5:23: routes[0].match.headers.X Bad: invalid header name \"X Bad\" (must be an HTTP token)\n"
+        "t.yaml:5:23: routes[0].match.headers.X Bad: invalid header name \"X Bad\" (must be an "
+        "HTTP token)\n"
         "t.yaml:5:41: routes[0].match.headers.X-Ok: header value must not contain CR, LF or NUL\n"
-        "t.yaml:6:37: routes[0].request_headers.set.x-a: duplicate header \"x-a\" (header names are case-insensitive)\n"
-        "t.yaml:6:52: routes[0].request_headers.add.Bad:: invalid header name \"Bad:\" (must be an HTTP token)\n"
-        "t.yaml:6:79: routes[0].request_headers.remove[1]: invalid header name \"no good\" (must be an HTTP token)\n"
-        "t.yaml:7:35: routes[0].response_headers.set.X-Z: header value must not contain CR, LF or NUL\n"
+        "t.yaml:6:37: routes[0].request_headers.set.x-a: duplicate header \"x-a\" (header names "
+        "are case-insensitive)\n"
+        "t.yaml:6:52: routes[0].request_headers.add.Bad:: invalid header name \"Bad:\" (must be an "
+        "HTTP token)\n"
+        "t.yaml:6:79: routes[0].request_headers.remove[1]: invalid header name \"no good\" (must "
+        "be an HTTP token)\n"
+        "t.yaml:7:35: routes[0].response_headers.set.X-Z: header value must not contain CR, LF or "
+        "NUL\n"
         "t.yaml:7:52: routes[0].response_headers.remove: expected a list, got a string\n"
-        "t.yaml:8:37: routes[0].direct_response.content_type: header value must not contain CR, LF or NUL\n");
+        "t.yaml:8:37: routes[0].direct_response.content_type: header value must not contain CR, LF "
+        "or NUL\n");
 }
 
 static void test_err_hosts(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "routes:\n"
-        "  - {match: {host: '*.Example.COM'}, direct_response: {}}\n"
-        "  - {match: {host: '*'}, direct_response: {}}\n"
-        "  - {match: {host: 'a*.example.com'}, direct_response: {}}\n"
-        "  - {match: {host: 'example.com:8080'}, direct_response: {}}\n"
-        "  - {match: {host: 'a..b'}, direct_response: {}}\n"
-        "  - {match: {path: 'nope'}, direct_response: {}}\n"
-        "  - {match: {path_prefix: '/a b'}, direct_response: {}}\n",
-        "t.yaml:6:20: routes[1].match.host: a wildcard must be the whole first label, e.g. *.example.com\n"
-        "t.yaml:7:20: routes[2].match.host: a wildcard must be the whole first label, e.g. *.example.com\n"
-        "t.yaml:8:20: routes[3].match.host: must not include a port (the port is ignored when matching)\n"
-        "t.yaml:9:20: routes[4].match.host: invalid host \"a..b\"\n"
-        "t.yaml:10:20: routes[5].match.path: must start with \"/\"\n"
-        "t.yaml:11:27: routes[6].match.path_prefix: must not contain spaces, control characters, '?' or '#'\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "routes:\n"
+                  "  - {match: {host: '*.Example.COM'}, direct_response: {}}\n"
+                  "  - {match: {host: '*'}, direct_response: {}}\n"
+                  "  - {match: {host: 'a*.example.com'}, direct_response: {}}\n"
+                  "  - {match: {host: 'example.com:8080'}, direct_response: {}}\n"
+                  "  - {match: {host: 'a..b'}, direct_response: {}}\n"
+                  "  - {match: {path: 'nope'}, direct_response: {}}\n"
+                  "  - {match: {path_prefix: '/a b'}, direct_response: {}}\n",
+                  "t.yaml:6:20: routes[1].match.host: a wildcard must be the whole first label, "
+                  "e.g. *.example.com\n"
+                  "t.yaml:7:20: routes[2].match.host: a wildcard must be the whole first label, "
+                  "e.g. *.example.com\n"
+                  "t.yaml:8:20: routes[3].match.host: must not include a port (the port is ignored "
+                  "when matching)\n"
+                  "t.yaml:9:20: routes[4].match.host: invalid host \"a..b\"\n"
+                  "t.yaml:10:20: routes[5].match.path: must start with \"/\"\n"
+                  "t.yaml:11:27: routes[6].match.path_prefix: must not contain spaces, control "
+                  "characters, '?' or '#'\n");
 }
 
 static void test_err_anchors(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "    limits: &l {max_header_count: 5}\n"
-        "  - name: b\n"
-        "    address: 127.0.0.1:9\n"
-        "    limits: *l\n",
-        "t.yaml:4:13: listeners[0].limits: anchors and aliases are not supported; repeat the value instead\n"
-        "t.yaml:7:13: listeners[1].limits: anchors and aliases are not supported; repeat the value instead\n"
-        "t.yaml:7:13: listeners[1].limits: expected a mapping, got null\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "    limits: &l {max_header_count: 5}\n"
+                  "  - name: b\n"
+                  "    address: 127.0.0.1:9\n"
+                  "    limits: *l\n",
+                  "t.yaml:4:13: listeners[0].limits: anchors and aliases are not supported; repeat "
+                  "the value instead\n"
+                  "t.yaml:7:13: listeners[1].limits: anchors and aliases are not supported; repeat "
+                  "the value instead\n"
+                  "t.yaml:7:13: listeners[1].limits: expected a mapping, got null\n");
 }
 
 static void test_err_twodocs(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners:\n"
-        "  - name: public\n"
-        "    address: 127.0.0.1:8080\n"
-        "---\n"
-        "workers: 2\n",
-        "t.yaml:4:1: (root): only one YAML document is allowed\n");
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "---\n"
+                  "workers: 2\n",
+                  "t.yaml:4:1: (root): only one YAML document is allowed\n");
 }
 
 static void test_err_empty(void **state)
 {
     (void)state;
-    expect_errors(
-        "",
-        "t.yaml:1:1: (root): missing required key \"listeners\"\n");
+    expect_errors("", "t.yaml:1:1: (root): missing required key \"listeners\"\n");
 }
 
 static void test_err_toplist(void **state)
 {
     (void)state;
-    expect_errors(
-        "- a\n"
-        "- b\n",
-        "t.yaml:1:1: (root): expected a mapping at the top level, got a list\n");
+    expect_errors("- a\n"
+                  "- b\n",
+                  "t.yaml:1:1: (root): expected a mapping at the top level, got a list\n");
 }
 
 static void test_err_nul(void **state)
@@ -807,9 +826,7 @@ static void test_err_nul(void **state)
 static void test_err_nolisteners(void **state)
 {
     (void)state;
-    expect_errors(
-        "listeners: []\n",
-        "t.yaml:1:12: listeners: must contain at least 1 entry\n");
+    expect_errors("listeners: []\n", "t.yaml:1:12: listeners: must contain at least 1 entry\n");
 }
 
 int main(void)
