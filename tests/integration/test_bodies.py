@@ -24,38 +24,43 @@ def check_rss(gw, sampler):
         sampler.max_kib, RSS_LIMIT_KIB)
 
 
-def upload(gw, n, target="/upload", timeout=120):
+def upload(gw, n, target="/upload", timeout=120, chunked=False):
+    framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(n))
     with gw.connect(timeout=30) as c:
-        c.send(build_request("POST", target, [("Content-Length", str(n)),
+        c.send(build_request("POST", target, [framing,
                                              ("Content-Type", "application/octet-stream")]))
         pending = []
         size = 0
         for block in gen_stream(n):
-            pending.append(block)
+            pending.append(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
             size += len(block)
             if size >= 4 * BLOCK:
                 c.send(b"".join(pending))
                 pending, size = [], 0
+        if chunked:
+            pending.append(b"0\r\n\r\n")
         if pending:
             c.send(b"".join(pending))
         return c.read_response(timeout=timeout)
 
 
-def test_big_upload_streams_with_bounded_memory(gateway, backend):
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_big_upload_streams_with_bounded_memory(gateway, backend, chunked):
+    n = BIG if not chunked else max(1, BIG // 4)
     b = backend()
     g = gateway(proxy_config(limits=BIG_LIMITS, upstream_extra="    timeouts: {response: 60s}"),
                 B1=b.addr)
-    expected = big_sha256(BIG)
+    expected = big_sha256(n)
     t0 = time.monotonic()
     with RssSampler(g) as s:
-        r = upload(g, BIG)
+        r = upload(g, n, chunked=chunked)
     elapsed = time.monotonic() - t0
     assert r.status == 200, r
     doc = r.json()
-    assert doc["body_len"] == BIG
+    assert doc["body_len"] == n
     assert doc["body_sha256"] == expected
     check_rss(g, s)
-    print("upload %d bytes in %.1fs, peak RSS %d KiB" % (BIG, elapsed, s.max_kib))
+    print("upload %d bytes in %.1fs, peak RSS %d KiB" % (n, elapsed, s.max_kib))
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

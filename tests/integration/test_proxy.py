@@ -318,3 +318,67 @@ def test_concurrent_clients(echo_gw):
     for t in ts:
         t.join(30)
     assert not errors, errors
+
+
+def test_many_pipelined_requests(echo_gw):
+    n = 30
+    with echo_gw.connect(timeout=10) as c:
+        c.send(b"".join(build_request("GET", "/pl/%d" % i) for i in range(n)))
+        paths = [c.read_response().json()["path"] for _ in range(n)]
+    assert paths == ["/pl/%d" % i for i in range(n)]
+
+
+def test_client_abort_mid_upload_does_not_hurt(echo_gw):
+    with echo_gw.connect() as c:
+        c.send(build_request("POST", "/abort", [("Content-Length", "100000")]) + b"a" * 5000)
+    with echo_gw.connect() as c:
+        c.send(build_request("POST", "/abort-chunked", [("Transfer-Encoding", "chunked")])
+               + b"1000\r\n" + b"b" * 100)
+    r = echo_gw.request("GET", "/after-abort")
+    assert r.status == 200 and r.json()["path"] == "/after-abort"
+
+
+def test_client_gone_while_backend_slow(gateway, backend):
+    b = backend("slow", delay="0.5")
+    g = gateway(proxy_config(), B1=b.addr)
+    for i in range(3):
+        with g.connect() as c:
+            c.send(build_request("GET", "/gone/%d" % i))
+        # closed before the answer
+    assert b.wait_requests(3, timeout=5)
+    r = g.request("GET", "/after-gone")
+    assert r.status == 200 and r.json()["path"] == "/after-gone"
+
+
+def test_round_robin_spreads_requests(gateway, backend):
+    b1, b2 = backend(), backend()
+    eps = "      - {address: $B1}\n      - {address: $B2}"
+    g = gateway(proxy_config(endpoints=eps, upstream_extra="    balance: round_robin"),
+                B1=b1.addr, B2=b2.addr)
+    with g.connect() as c:
+        for i in range(10):
+            assert c.request("GET", "/rr/%d" % i).status == 200
+    assert len(b1.requests) >= 4 and len(b2.requests) >= 4, (len(b1.requests), len(b2.requests))
+
+
+def test_hash_on_header_is_sticky(gateway, backend):
+    bs = [backend(), backend(), backend()]
+    eps = "\n".join("      - {address: $B%d}" % i for i in range(3))
+    g = gateway(proxy_config(endpoints=eps, upstream_extra="    balance: hash\n"
+                             "    hash_on: header:X-User-Id"),
+                **{"B%d" % i: b.addr for i, b in enumerate(bs)})
+    seen = {}
+    for rnd in range(4):
+        for uid in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            doc = g.request("GET", "/h/%s" % uid, [("X-User-Id", uid)]).json()
+            seen.setdefault(uid, set()).add(doc["peer_port"])
+    assert all(len(ports) == 1 for ports in seen.values()), seen
+
+
+@pytest.mark.parametrize("balance", ["round_robin", "least_request", "hash"])
+def test_balancers_proxy(gateway, backend, balance):
+    b1, b2 = backend(), backend()
+    eps = "      - {address: $B1}\n      - {address: $B2}"
+    g = gateway(proxy_config(endpoints=eps, upstream_extra="    balance: %s" % balance),
+                B1=b1.addr, B2=b2.addr)
+    assert [g.request("GET", "/b/%d" % i).status for i in range(10)] == [200] * 10
