@@ -20,7 +20,9 @@ Modes:
   status              answer with `status` (e.g. 204, 304); 304 carries Content-Length: 50
                       and no body, as RFC 9110 allows; `interim=103` sends a 1xx first
   ka_timeout          echo with `Keep-Alive: timeout=1`; closes the connection when no next
-                      request arrives within `idle` seconds (default 1.0)
+                      request arrives within `idle` seconds (default 1.0); with
+                      `lazy_close=1` it instead resets the connection when a request arrives
+                      after that
   close_silently      echo in keep-alive form, then close the connection right away
 
 Other options: `read_rate` (bytes/s, a slow body reader), `read_pause` (seconds to wait
@@ -198,6 +200,7 @@ class Backend:
         self.conn_count = 0
         self.requests = []  # dicts, appended when a head is read, completed after the body
         self.closed_by_peer = 0  # connections the client (sluice) closed
+        self.stale_resets = 0  # ka_timeout lazy_close: requests refused on a stale connection
         self._stopped = threading.Event()
         self._conns = set()
         self._threads = []
@@ -452,6 +455,18 @@ class Backend:
                 return False  # closes right after the response, having announced nothing
             if mode == "ka_timeout":
                 if not reader.wait_data(float(opts.get("idle", "1.0"))):
+                    if opts.get("lazy_close") in ("1", "true"):
+                        # Past its announced timeout the connection is dead to this backend,
+                        # but it only notices when the next request arrives: then it resets
+                        # the connection without an answer (the race a proxy must avoid by
+                        # honouring Keep-Alive: timeout).
+                        while not self._stopped.is_set() and not reader.wait_data(0.2):
+                            if reader.eof:
+                                return False
+                        with self.lock:
+                            self.stale_resets += 1
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
                     return False
             return True
 

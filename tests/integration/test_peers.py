@@ -154,3 +154,14 @@ def test_backend_stop_is_bounded():
     assert time.monotonic() - t0 < 3
     assert c.closed(timeout=2)
     c.close()
+
+
+def test_keepalive_timeout_lazy_close_resets_stale_use(backend):
+    b = backend("ka_timeout", idle="0.2", lazy_close="1")
+    with RawClient(b.port) as c:
+        assert c.request().status == 200
+        time.sleep(0.4)  # past the backend's idle period
+        c.send(build_request())
+        resp, err = c.try_read_response()
+        assert resp is None and c.reset, err
+    assert b.stale_resets == 1

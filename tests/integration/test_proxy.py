@@ -128,6 +128,21 @@ def test_upstream_keepalive_timeout_respected(gateway, backend):
     assert len(b.requests) == 4
 
 
+def test_upstream_keepalive_timeout_hint_avoids_stale_connections(gateway, backend):
+    # The backend does not close at its announced timeout; it resets a connection that is
+    # used after it. POSTs cannot be replayed once written, so only a gateway that retires
+    # pooled connections before `Keep-Alive: timeout=1` runs out gets them all through.
+    b = backend("ka_timeout", lazy_close="1")
+    g = gateway(proxy_config(), B1=b.addr)
+    with g.connect() as c:
+        for i in range(3):
+            if i:
+                time.sleep(1.2)  # the spacing is the point of the test
+            r = c.request("POST", "/stale/%d" % i, body=b"payload")
+            assert r.status == 200, (i, r)
+    assert b.stale_resets == 0
+
+
 def test_upstream_silently_closed_connections_are_retired(gateway, backend):
     b = backend("close_silently")  # closes after every response without saying so
     g = gateway(proxy_config(), B1=b.addr)
