@@ -765,6 +765,12 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
         req->keepalive = false;
     char extra[96];
     int n = 0;
+    if (head_req && body_kind == SL_H1_BODY_LENGTH && status >= 200 && status != 204 &&
+        status != 304) {
+        /* HEAD announces the length the GET would have had (RFC 9110 9.3.2). */
+        n = snprintf(extra, sizeof extra, "Content-Length: %llu\r\n",
+                     (unsigned long long)length);
+    }
     if (!bodiless) {
         if (body_kind == SL_H1_BODY_LENGTH) {
             mode = SL_H1_W_LENGTH;

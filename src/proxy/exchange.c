@@ -779,6 +779,7 @@ static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void
             ex_connect_failed(ex, err);
             return;
         }
+        ex->uc->state = SL_UC_BUSY;
         ex_start_send(ex);
         return;
     }
