@@ -22,14 +22,13 @@ enum {
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: sluice [-c FILE] [-t] [--version] [--help]\n"
-            "  -c, --config FILE  configuration file (default: sluice.yaml)\n"
-            "  -t, --test         validate the configuration and exit (0 valid, 1 invalid)\n"
-            "  -v, --version      print the version and exit\n"
-            "  -h, --help         print this help and exit\n"
-            "Signals: SIGTERM/SIGINT drain in-flight requests (drain_timeout) and exit 0;\n"
-            "a second SIGTERM/SIGINT stops at once.\n");
+    fprintf(out, "usage: sluice [-c FILE] [-t] [--version] [--help]\n"
+                 "  -c, --config FILE  configuration file (default: sluice.yaml)\n"
+                 "  -t, --test         validate the configuration and exit (0 valid, 1 invalid)\n"
+                 "  -v, --version      print the version and exit\n"
+                 "  -h, --help         print this help and exit\n"
+                 "Signals: SIGTERM/SIGINT drain in-flight requests (drain_timeout) and exit 0;\n"
+                 "a second SIGTERM/SIGINT stops at once.\n");
 }
 
 int main(int argc, char **argv)
@@ -109,8 +108,7 @@ int main(int argc, char **argv)
         }
         break;
     }
-    SL_INFO("draining: finishing in-flight requests within %llums",
-            (unsigned long long)drain_ms);
+    SL_INFO("draining: finishing in-flight requests within %llums", (unsigned long long)drain_ms);
     sl_gateway_drain(gw);
     /* A second signal during the drain means "stop now". */
     sigset_t pending;
@@ -118,7 +116,7 @@ int main(int argc, char **argv)
     bool done = false;
     while (!done) {
         done = sl_gateway_wait(gw, sl_clock_now_ms() + 20 < deadline ? sl_clock_now_ms() + 20
-                                                                      : deadline);
+                                                                     : deadline);
         if (done || sl_clock_now_ms() >= deadline)
             break;
         sigpending(&pending);

@@ -21,7 +21,7 @@ void sl_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 #define SL_ERR(...) sl_log(SL_LOG_LVL_ERROR, __VA_ARGS__)
 #define SL_WARN(...) sl_log(SL_LOG_LVL_WARN, __VA_ARGS__)
 #define SL_INFO(...) sl_log(SL_LOG_LVL_INFO, __VA_ARGS__)
-#define SL_DEBUG(...)                                                                          \
+#define SL_DEBUG(...)                                                                              \
     do {                                                                                           \
         if (sl_log_enabled(SL_LOG_LVL_DEBUG))                                                      \
             sl_log(SL_LOG_LVL_DEBUG, __VA_ARGS__);                                                 \

@@ -56,7 +56,7 @@ struct sl_loop {
     int epfd;
     int wake_fd; /* eventfd; sl_loop_wake() makes the loop run `on_wake` */
     bool stop;
-    uint64_t now_ms; /* cached monotonic time, refreshed once per turn */
+    uint64_t now_ms;        /* cached monotonic time, refreshed once per turn */
     struct sl_timer **heap; /* 1-based binary min-heap */
     uint32_t heap_len, heap_cap;
     struct sl_defer *defer_head, *defer_tail;

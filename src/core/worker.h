@@ -41,8 +41,8 @@ struct sl_worker {
     void *hooks_data;
     void *app; /* the higher layer's per-worker state */
     _Atomic unsigned cmds;
-    _Atomic int init_rc;   /* result of hooks->init, read by the starter */
-    _Atomic bool started;  /* init finished (successfully or not) */
+    _Atomic int init_rc;  /* result of hooks->init, read by the starter */
+    _Atomic bool started; /* init finished (successfully or not) */
     _Atomic bool exited;
 };
 

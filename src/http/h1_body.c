@@ -138,8 +138,8 @@ int sl_h1_body_writer_write(struct sl_h1_body_writer *w, struct sl_transport *tr
                 }
             }
             if (w->frame_off < w->frame_len)
-                iov[n++] = (struct iovec){w->frame + w->frame_off,
-                                          (size_t)(w->frame_len - w->frame_off)};
+                iov[n++] =
+                    (struct iovec){w->frame + w->frame_off, (size_t)(w->frame_len - w->frame_off)};
             if (w->chunk_left && len) {
                 data_n = len < w->chunk_left ? len : (size_t)w->chunk_left;
                 iov[n++] = (struct iovec){(void *)data, data_n};
@@ -190,9 +190,8 @@ int sl_h1_body_writer_write(struct sl_h1_body_writer *w, struct sl_transport *tr
             data += wrote;
             len -= wrote;
         }
-        bool pending = (head && head->data && sl_buf_len(head)) ||
-                       w->frame_off < w->frame_len || w->crlf_after ||
-                       (fin && w->mode == SL_H1_W_CHUNKED && !w->finished);
+        bool pending = (head && head->data && sl_buf_len(head)) || w->frame_off < w->frame_len ||
+                       w->crlf_after || (fin && w->mode == SL_H1_W_CHUNKED && !w->finished);
         if (!pending && len == 0) {
             *flushed = true;
             return 0;

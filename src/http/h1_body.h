@@ -48,7 +48,7 @@ enum sl_h1_wmode { SL_H1_W_NONE = 0, SL_H1_W_LENGTH, SL_H1_W_CHUNKED, SL_H1_W_CL
 
 struct sl_h1_body_writer {
     enum sl_h1_wmode mode;
-    char frame[24];      /* pending framing bytes: a chunk-size line, a CRLF, or the last chunk */
+    char frame[24]; /* pending framing bytes: a chunk-size line, a CRLF, or the last chunk */
     uint8_t frame_len, frame_off;
     bool crlf_after;     /* the current chunk's data is followed by a CRLF not yet queued */
     bool finished;       /* the final framing was queued */

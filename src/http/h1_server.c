@@ -30,7 +30,7 @@ enum conn_flag {
     CF_WANT_WRITE = 1u << 1, /* a write was short; EPOLLOUT armed */
     CF_EOF = 1u << 2,        /* the client closed its sending side */
     CF_CLOSE_AFTER = 1u << 3,
-    CF_ABORT = 1u << 4,      /* the client failed; on_abort pending */
+    CF_ABORT = 1u << 4, /* the client failed; on_abort pending */
     CF_NOTIFY_BODY = 1u << 5,
     CF_NOTIFY_WRITE = 1u << 6,
     CF_CONTINUE_SENT = 1u << 7,
@@ -66,7 +66,7 @@ struct h1_req {
     struct sl_h1_body_reader body;
     struct sl_h1_body_writer bw;
     uint64_t max_body;
-    bool finished;  /* the handler called finish */
+    bool finished; /* the handler called finish */
     bool reusable;
 };
 
@@ -83,8 +83,7 @@ static struct sl_pool *conn_pool(const struct sl_server_conn *c)
 }
 
 int sl_h1_server_init(struct sl_h1_server *srv, struct sl_worker *w, const char *name,
-                      const struct sl_limits_conf *limits,
-                      const struct sl_request_handler *handler)
+                      const struct sl_limits_conf *limits, const struct sl_request_handler *handler)
 {
     memset(srv, 0, sizeof *srv);
     srv->worker = w;
@@ -276,8 +275,8 @@ static void respond_early_error(struct sl_server_conn *c, int status, const char
         return;
     }
     char body[160];
-    int blen = snprintf(body, sizeof body, "{\"status\":%d,\"error\":\"%s\"}\n", status,
-                        reason_name);
+    int blen =
+        snprintf(body, sizeof body, "{\"status\":%d,\"error\":\"%s\"}\n", status, reason_name);
     char head[256];
     int hlen = snprintf(head, sizeof head,
                         "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: "
@@ -361,8 +360,8 @@ static int start_request(struct sl_server_conn *c, const struct sl_h1_request *h
     set_client_ip(c, q);
     bool ka = h->version_minor >= 1 ? !(h->flags & SL_H1_F_CONN_CLOSE)
                                     : (h->flags & SL_H1_F_CONN_KEEPALIVE) != 0;
-    if (srv->draining || (srv->limits->max_requests_per_conn &&
-                          c->nreq + 1 >= srv->limits->max_requests_per_conn))
+    if (srv->draining ||
+        (srv->limits->max_requests_per_conn && c->nreq + 1 >= srv->limits->max_requests_per_conn))
         ka = false;
     q->keepalive = ka;
     sl_h1_body_reader_init(&r->body, h->body, h->content_length);
@@ -386,17 +385,16 @@ static void try_parse_head(struct sl_server_conn *c)
     }
     struct sl_h1_request h;
     enum sl_h1_err err = SL_H1_ERR_NONE;
-    enum sl_status st = sl_h1_parse_request(&c->hs, sl_buf_head(&c->in), sl_buf_len(&c->in),
-                                            &srv->parse_limits, &h, srv->scratch,
-                                            srv->scratch_cap, &err);
+    enum sl_status st =
+        sl_h1_parse_request(&c->hs, sl_buf_head(&c->in), sl_buf_len(&c->in), &srv->parse_limits, &h,
+                            srv->scratch, srv->scratch_cap, &err);
     if (st == SL_AGAIN) {
         if (sl_buf_len(&c->in) >= c->in.cap) /* cannot happen when cap > max head */
             respond_early_error(c, 431, "headers_too_large");
         return;
     }
     if (st == SL_ERROR) {
-        SL_DEBUG("conn %llu: bad request head: %s", (unsigned long long)c->id,
-                 sl_h1_err_name(err));
+        SL_DEBUG("conn %llu: bad request head: %s", (unsigned long long)c->id, sl_h1_err_name(err));
         respond_early_error(c, sl_h1_err_status(err), sl_h1_err_name(err));
         return;
     }
@@ -411,8 +409,8 @@ static void try_parse_head(struct sl_server_conn *c)
     }
     memset(&c->hs, 0, sizeof c->hs);
     c->state = CS_ACTIVE;
-    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_NOTIFY_WRITE |
-                  CF_CONTINUE_SENT);
+    c->flags &=
+        ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_NOTIFY_WRITE | CF_CONTINUE_SENT);
     sl_timer_cancel(srv->loop, &c->timer);
     conn_update_events(c);
     srv->handler->on_request(&c->req->pub);
@@ -703,8 +701,8 @@ enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *dat
         }
     }
     enum sl_h1_err err = SL_H1_ERR_NONE;
-    enum sl_status st = sl_h1_body_reader_peek(&r->body, &c->in, (c->flags & CF_EOF) != 0, data,
-                                               &err);
+    enum sl_status st =
+        sl_h1_body_reader_peek(&r->body, &c->in, (c->flags & CF_EOF) != 0, data, &err);
     if (st == SL_OK) {
         if (r->max_body && r->body.total + data->len > r->max_body) {
             *status = 413;
@@ -768,8 +766,7 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
     if (head_req && body_kind == SL_H1_BODY_LENGTH && status >= 200 && status != 204 &&
         status != 304) {
         /* HEAD announces the length the GET would have had (RFC 9110 9.3.2). */
-        n = snprintf(extra, sizeof extra, "Content-Length: %llu\r\n",
-                     (unsigned long long)length);
+        n = snprintf(extra, sizeof extra, "Content-Length: %llu\r\n", (unsigned long long)length);
     }
     if (!bodiless) {
         if (body_kind == SL_H1_BODY_LENGTH) {
@@ -816,8 +813,7 @@ int sl_request_write(struct sl_request *req, const char *data, size_t len, size_
     if (c->flags & CF_ABORT)
         return -EPIPE;
     bool flushed = false;
-    int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &c->out, data, len, false, written,
-                                     &flushed);
+    int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &c->out, data, len, false, written, &flushed);
     if (rc == 0 && *written == len && flushed)
         return 0;
     if (rc < 0 && rc != -EAGAIN) {
@@ -853,9 +849,9 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
 {
     struct sl_server_conn *c = req_conn(req);
     char head[512];
-    int n = snprintf(head, sizeof head, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nX-Request-Id: %.*s\r\n",
-                     status, sl_http_reason(status), content_type, (int)req->request_id.len,
-                     req->request_id.ptr);
+    int n = snprintf(
+        head, sizeof head, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nX-Request-Id: %.*s\r\n", status,
+        sl_http_reason(status), content_type, (int)req->request_id.len, req->request_id.ptr);
     if (n < 0 || (size_t)n >= sizeof head) {
         sl_request_finish(req, false);
         return -ENOMEM;
@@ -863,8 +859,7 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
     /* The head and body are small: build them in the output buffer in one piece. */
     int rc = 0;
     if (extra_len) {
-        if (sl_buf_acquire(&c->out, conn_pool(c)) < 0 ||
-            !sl_buf_append(&c->out, head, (size_t)n) ||
+        if (sl_buf_acquire(&c->out, conn_pool(c)) < 0 || !sl_buf_append(&c->out, head, (size_t)n) ||
             !sl_buf_append(&c->out, extra_headers, extra_len))
             rc = -ENOMEM;
         if (rc == 0) {
@@ -895,8 +890,9 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
 void sl_request_respond_error(struct sl_request *req, int status, const char *name)
 {
     char body[256];
-    int n = snprintf(body, sizeof body, "{\"status\":%d,\"error\":\"%s\",\"request_id\":\"%.*s\"}\n",
-                     status, name, (int)req->request_id.len, req->request_id.ptr);
+    int n =
+        snprintf(body, sizeof body, "{\"status\":%d,\"error\":\"%s\",\"request_id\":\"%.*s\"}\n",
+                 status, name, (int)req->request_id.len, req->request_id.ptr);
     if (n < 0 || (size_t)n >= sizeof body)
         n = 0;
     if (req->response_started) {
@@ -930,37 +926,69 @@ void sl_h1_server_drain(struct sl_h1_server *srv)
 const char *sl_http_reason(int status)
 {
     switch (status) {
-    case 100: return "Continue";
-    case 101: return "Switching Protocols";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 411: return "Length Required";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 415: return "Unsupported Media Type";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "";
+    case 100:
+        return "Continue";
+    case 101:
+        return "Switching Protocols";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 206:
+        return "Partial Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 307:
+        return "Temporary Redirect";
+    case 308:
+        return "Permanent Redirect";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 409:
+        return "Conflict";
+    case 411:
+        return "Length Required";
+    case 413:
+        return "Content Too Large";
+    case 414:
+        return "URI Too Long";
+    case 415:
+        return "Unsupported Media Type";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
+    default:
+        return "";
     }
 }

@@ -42,13 +42,13 @@ struct exchange {
     size_t tried_count;
     unsigned connect_failures;
     bool replayed;
-    bool req_sent;           /* head + whole body written upstream */
-    bool wrote_upstream;     /* at least one byte reached the upstream socket */
-    bool body_consumed;      /* client body bytes were consumed (a replay cannot resend them) */
+    bool req_sent;       /* head + whole body written upstream */
+    bool wrote_upstream; /* at least one byte reached the upstream socket */
+    bool body_consumed;  /* client body bytes were consumed (a replay cannot resend them) */
     bool resp_head_done;
     bool resp_done;
     bool upstream_reusable;
-    bool client_blocked;     /* the client cannot take more: upstream reads paused */
+    bool client_blocked; /* the client cannot take more: upstream reads paused */
     bool last_outcome_5xx;
     char *up_head; /* serialized request head in the arena */
     size_t up_head_len;
@@ -415,8 +415,8 @@ static bool is_idempotent(const struct sl_request *req)
 static void ex_start_send(struct exchange *ex)
 {
     ex->state = EX_SENDING;
-    ex->head_view = (struct sl_buf){ex->up_head, 0, (uint32_t)ex->up_head_len,
-                                    (uint32_t)ex->up_head_len};
+    ex->head_view =
+        (struct sl_buf){ex->up_head, 0, (uint32_t)ex->up_head_len, (uint32_t)ex->up_head_len};
     enum sl_h1_wmode mode = ex->req->body_kind == SL_H1_BODY_CHUNKED  ? SL_H1_W_CHUNKED
                             : ex->req->body_kind == SL_H1_BODY_LENGTH ? SL_H1_W_LENGTH
                                                                       : SL_H1_W_NONE;
@@ -437,8 +437,8 @@ static void ex_connect_failed(struct exchange *ex, int err)
         sl_upstream_release(ex->uc, false);
         ex->uc = NULL;
     }
-    sl_balancer_release(ex->up->bal, ex->ep, err == -ETIMEDOUT ? SL_OUTCOME_TIMEOUT
-                                                               : SL_OUTCOME_CONNECT_FAILURE);
+    sl_balancer_release(ex->up->bal, ex->ep,
+                        err == -ETIMEDOUT ? SL_OUTCOME_TIMEOUT : SL_OUTCOME_CONNECT_FAILURE);
     ex->ep = -1;
     ex->connect_failures++;
     if (ex->connect_failures >= ex->up->conf->connect_attempts ||
@@ -539,9 +539,10 @@ static void ex_pump_request(struct exchange *ex)
         if (ex->head_view.start == ex->head_view.end || ex->wrote_upstream || true)
             st = sl_request_body_peek(req, &data, &status);
         if (st == SL_ERROR) {
-            ex_fail(ex, status, status == 413 ? "body_too_large"
-                                : status == 408 ? "body_timeout"
-                                                : "bad_request_body",
+            ex_fail(ex, status,
+                    status == 413   ? "body_too_large"
+                    : status == 408 ? "body_timeout"
+                                    : "bad_request_body",
                     SL_OUTCOME_CANCELLED);
             return;
         }
@@ -551,8 +552,8 @@ static void ex_pump_request(struct exchange *ex)
         size_t wrote = 0;
         bool flushed = false;
         uint32_t before = ex->head_view.start;
-        int rc = sl_h1_body_writer_write(&ex->reqw, &ex->uc->tr, &ex->head_view, data.ptr,
-                                         data.len, fin, &wrote, &flushed);
+        int rc = sl_h1_body_writer_write(&ex->reqw, &ex->uc->tr, &ex->head_view, data.ptr, data.len,
+                                         fin, &wrote, &flushed);
         if (ex->head_view.start != before || wrote)
             ex->wrote_upstream = true;
         if (wrote) {
@@ -584,13 +585,11 @@ static void ex_pump_request(struct exchange *ex)
 
 /* ---- response direction ---- */
 
-static bool build_client_head(struct exchange *ex, const struct sl_h1_response *resp,
-                              struct sb *b)
+static bool build_client_head(struct exchange *ex, const struct sl_h1_response *resp, struct sb *b)
 {
     struct sl_request *req = ex->req;
     const struct sl_route_conf *r = ex->route;
-    bool bodiless = req->method_bit == SL_METHOD_HEAD || resp->status == 304 ||
-                    resp->status == 204;
+    bool bodiless = req->method_bit == SL_METHOD_HEAD || resp->status == 304 || resp->status == 204;
     sb_str(b, "HTTP/1.1 ");
     sb_u64(b, (uint64_t)resp->status);
     sb_put(b, " ", 1);
@@ -630,8 +629,7 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
         uc->keepalive_ms = resp->keepalive_timeout_ms;
     ex->upstream_reusable = resp->version_minor >= 1 && !(resp->flags & SL_H1_F_CONN_CLOSE) &&
                             resp->body != SL_H1_BODY_UNTIL_CLOSE;
-    size_t cap = resp->head_len + ops_size(&ex->route->response_headers) +
-                 req->request_id.len + 64;
+    size_t cap = resp->head_len + ops_size(&ex->route->response_headers) + req->request_id.len + 64;
     char *p = sl_arena_alloc(&req->arena, cap);
     struct sb b = {p, 0, cap, p == NULL};
     if (!build_client_head(ex, resp, &b)) {
@@ -668,10 +666,10 @@ static bool ex_parse_response_head(struct exchange *ex, bool eof)
         struct sl_h1_limits lim = {uc->in.cap, gw->resp_scratch_cap, 0};
         struct sl_h1_response resp;
         enum sl_h1_err err = SL_H1_ERR_NONE;
-        enum sl_status st = sl_h1_parse_response(
-            &ex->rhs, sl_buf_head(&uc->in), sl_buf_len(&uc->in), &lim,
-            ex->req->method_bit == SL_METHOD_HEAD, &resp, gw->resp_scratch,
-            gw->resp_scratch_cap, &err);
+        enum sl_status st =
+            sl_h1_parse_response(&ex->rhs, sl_buf_head(&uc->in), sl_buf_len(&uc->in), &lim,
+                                 ex->req->method_bit == SL_METHOD_HEAD, &resp, gw->resp_scratch,
+                                 gw->resp_scratch_cap, &err);
         if (st == SL_AGAIN) {
             if (eof) {
                 ex_fail(ex, 502, "upstream_truncated_head", SL_OUTCOME_RESET);

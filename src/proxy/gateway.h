@@ -20,9 +20,9 @@ struct sl_balancer_shared;
  * front-ends, upstream pools). Workers read the snapshot without locks.
  */
 struct sl_runtime {
-    struct sl_config *cfg; /* owned */
-    struct sl_router **routers;                /* per listener */
-    struct sl_balancer_shared **balancers;     /* per upstream */
+    struct sl_config *cfg;                 /* owned */
+    struct sl_router **routers;            /* per listener */
+    struct sl_balancer_shared **balancers; /* per upstream */
 };
 
 struct sl_gw_worker;

@@ -51,8 +51,8 @@ struct sl_upstream_conn {
     struct sl_upstream_user user;
     uint64_t keepalive_ms; /* learned from the backend; 0 = unknown */
     uint64_t idle_since_ms;
-    uint32_t requests;     /* requests sent on this connection */
-    bool reused;           /* taken from the idle pool for the current request */
+    uint32_t requests; /* requests sent on this connection */
+    bool reused;       /* taken from the idle pool for the current request */
 };
 
 int sl_upstream_rt_init(struct sl_upstream_rt *up, const struct sl_upstream_conf *conf,
