@@ -78,32 +78,43 @@ int sl_io_start(struct sl_loop *loop, struct sl_io *io, int fd, uint32_t events,
     io->fd = fd;
     io->cb = cb;
     io->data = data;
-    struct epoll_event ev = {.events = events, .data.ptr = io};
+    io->edge = (events & SL_IO_EDGE) != 0;
+    io->interest = events & ~(uint32_t)SL_IO_EDGE;
+    io->ready = 0;
+    struct epoll_event ev = {.events = io->edge ? (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+                                                : io->interest,
+                             .data.ptr = io};
     if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        io->events = 0;
+        io->registered = 0;
         return -errno;
     }
-    io->events = events | 0x80000000u; /* high bit marks "registered" even with no events */
+    io->registered = 1;
     return 0;
 }
 
 int sl_io_modify(struct sl_loop *loop, struct sl_io *io, uint32_t events)
 {
-    if ((io->events & ~0x80000000u) == events && (io->events & 0x80000000u))
+    if (io->interest == events || !io->registered) {
+        io->interest = events;
+        return 0;
+    }
+    io->interest = events;
+    if (io->edge)
         return 0;
     struct epoll_event ev = {.events = events, .data.ptr = io};
     if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, io->fd, &ev) < 0)
         return -errno;
-    io->events = events | 0x80000000u;
     return 0;
 }
 
 void sl_io_stop(struct sl_loop *loop, struct sl_io *io)
 {
-    if (!(io->events & 0x80000000u))
+    if (!io->registered)
         return;
     epoll_ctl(loop->epfd, EPOLL_CTL_DEL, io->fd, NULL);
-    io->events = 0;
+    io->registered = 0;
+    io->interest = 0;
+    io->ready = 0;
 }
 
 /* ---- timers: binary min-heap of pointers, each timer knows its slot ---- */
@@ -292,7 +303,16 @@ void sl_loop_run(struct sl_loop *loop)
             break;
         for (int i = 0; i < n; i++) {
             struct sl_io *io = evs[i].data.ptr;
-            io->cb(io, evs[i].events);
+            uint32_t ev = evs[i].events;
+            if (!io->registered)
+                continue; /* stopped by an earlier callback of this batch */
+            if (io->edge) {
+                io->ready |= ev;
+                ev &= io->interest | EPOLLERR | EPOLLHUP;
+                if (!ev)
+                    continue;
+            }
+            io->cb(io, ev);
         }
         sl_loop_run_timers(loop, loop->now_ms);
         sl_loop_run_deferred(loop);

@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/epoll.h>
 
 /*
  * One event loop per worker thread: epoll for file descriptors, a timer heap for every
@@ -28,13 +29,28 @@ typedef void (*sl_io_cb)(struct sl_io *io, uint32_t events);
 typedef void (*sl_timer_cb)(struct sl_timer *t);
 typedef void (*sl_defer_cb)(struct sl_defer *d);
 
-/* A registered file descriptor. Embedded in its owner; `data` points back to it. */
+/*
+ * A registered file descriptor. Embedded in its owner; `data` points back to it.
+ *
+ * Two modes. Level-triggered (listening sockets, eventfds): `interest` is what epoll watches
+ * and sl_io_modify() changes it with epoll_ctl. Edge-triggered (pass SL_IO_EDGE to
+ * sl_io_start; connections): the fd is registered once for everything, the loop records
+ * readiness in `ready` as edges arrive, and sl_io_modify() only changes which events reach
+ * the callback, with no syscall. An owner that turns interest on must first look at `ready`
+ * (or just try the I/O): an edge that arrived while it was not interested is not repeated.
+ * The owner clears a `ready` bit when the I/O says EAGAIN (sl_io_clear_ready).
+ */
 struct sl_io {
     int fd;
-    uint32_t events; /* EPOLLIN/EPOLLOUT/... currently registered; 0 = not registered */
+    uint32_t interest; /* events delivered to cb (plus EPOLLERR/EPOLLHUP, always) */
+    uint32_t ready;    /* edge mode: readiness seen and not yet consumed */
+    uint8_t registered;
+    uint8_t edge;
     sl_io_cb cb;
     void *data;
 };
+
+#define SL_IO_EDGE EPOLLET
 
 /* A one-shot timer. Embedded in its owner; zero-initialise or sl_timer_init() before use. */
 struct sl_timer {
@@ -90,13 +106,21 @@ static inline uint64_t sl_loop_now_ms(const struct sl_loop *loop)
     return loop->now_ms;
 }
 
-/* Registers `fd` for `events` (EPOLLIN, EPOLLOUT, EPOLLRDHUP; level-triggered).
- * Returns 0 or -errno. `io` is owned by the caller and must stay valid until sl_io_stop(). */
+/* Registers `fd` with interest `events` (EPOLLIN, EPOLLOUT, EPOLLRDHUP), level-triggered, or
+ * edge-triggered when `events` includes SL_IO_EDGE. Returns 0 or -errno. `io` is owned by the
+ * caller and must stay valid until sl_io_stop(). */
 int sl_io_start(struct sl_loop *loop, struct sl_io *io, int fd, uint32_t events, sl_io_cb cb,
                 void *data);
 
-/* Changes the registered events; a no-op when unchanged. Returns 0 or -errno. */
+/* Changes the interest; a no-op when unchanged; never a syscall in edge mode.
+ * Returns 0 or -errno. */
 int sl_io_modify(struct sl_loop *loop, struct sl_io *io, uint32_t events);
+
+/* Forgets readiness after an EAGAIN (or a short read) so that the next edge is awaited. */
+static inline void sl_io_clear_ready(struct sl_io *io, uint32_t events)
+{
+    io->ready &= ~events;
+}
 
 /* Unregisters the fd (does not close it). Safe on an io that is not registered. */
 void sl_io_stop(struct sl_loop *loop, struct sl_io *io);

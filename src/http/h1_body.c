@@ -1,5 +1,7 @@
 #include "http/h1_body.h"
 
+#include "core/fmt.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
@@ -128,8 +130,10 @@ int sl_h1_body_writer_write(struct sl_h1_body_writer *w, struct sl_transport *tr
             if (w->frame_off == w->frame_len && w->chunk_left == 0 && !w->crlf_after) {
                 if (len > 0) {
                     char line[24];
-                    int m = snprintf(line, sizeof line, "%zx\r\n", len);
-                    set_frame(w, line, (size_t)m);
+                    size_t m = sl_fmt_hex(line, len);
+                    line[m++] = '\r';
+                    line[m++] = '\n';
+                    set_frame(w, line, m);
                     w->chunk_left = len;
                     w->crlf_after = true;
                 } else if (fin && !w->finished) {

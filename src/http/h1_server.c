@@ -12,6 +12,7 @@
 
 #include "config/config.h"
 #include "core/buf.h"
+#include "core/fmt.h"
 #include "core/log.h"
 #include "core/transport.h"
 #include "core/worker.h"
@@ -76,6 +77,7 @@ static void conn_process(struct sl_server_conn *c);
 static void on_conn_io(struct sl_io *io, uint32_t events);
 static void on_conn_timer(struct sl_timer *t);
 static void on_conn_defer(struct sl_defer *d);
+static void conn_read_head(struct sl_server_conn *c, uint32_t events);
 
 static struct sl_pool *conn_pool(const struct sl_server_conn *c)
 {
@@ -166,7 +168,7 @@ void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr
         c->peer.family = AF_INET6;
         memcpy(c->peer.addr, &((const struct sockaddr_in6 *)peer)->sin6_addr, 16);
     }
-    if (sl_io_start(srv->loop, &c->io, fd, EPOLLIN | EPOLLRDHUP, on_conn_io, c) < 0) {
+    if (sl_io_start(srv->loop, &c->io, fd, EPOLLIN | EPOLLRDHUP | SL_IO_EDGE, on_conn_io, c) < 0) {
         close(fd);
         free(c);
         return;
@@ -427,14 +429,20 @@ static int conn_read(struct sl_server_conn *c)
         sl_buf_compact(&c->in);
     if (sl_buf_space(&c->in) == 0)
         return -ENOBUFS; /* full: the consumer has to make room first (backpressure) */
-    size_t n = 0;
-    int rc = sl_transport_read(&c->tr, c->in.data + c->in.end, sl_buf_space(&c->in), &n);
-    if (rc < 0)
+    size_t n = 0, space = sl_buf_space(&c->in);
+    int rc = sl_transport_read(&c->tr, c->in.data + c->in.end, space, &n);
+    if (rc < 0) {
+        if (rc == -EAGAIN)
+            sl_io_clear_ready(&c->io, EPOLLIN);
         return rc;
+    }
     if (n == 0) {
         c->flags |= CF_EOF;
         return 0;
     }
+    /* A short read drained the socket: the next bytes will come with a new edge. */
+    if (n < space)
+        sl_io_clear_ready(&c->io, EPOLLIN);
     c->in.end += (uint32_t)n;
     return 0;
 }
@@ -514,6 +522,9 @@ static void complete_request(struct sl_server_conn *c)
     }
     sl_timer_arm(srv->loop, &c->timer, srv->limits->idle_timeout_ms);
     conn_update_events(c);
+    /* Bytes that arrived while the request was busy raised their edge then: read them now. */
+    if (c->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP))
+        conn_read_head(c, c->io.ready);
 }
 
 static void flush_finished(struct sl_server_conn *c)
@@ -533,6 +544,28 @@ static void flush_finished(struct sl_server_conn *c)
 }
 
 /* ---- event handling ---- */
+
+/* Reads and parses while waiting for a request head. Edge-triggered: keep reading while the
+ * socket may hold more and the parser needs more. */
+static void conn_read_head(struct sl_server_conn *c, uint32_t events)
+{
+    for (;;) {
+        int rc = conn_read(c);
+        if ((rc < 0 && rc != -EAGAIN && rc != -ENOBUFS) || (events & EPOLLERR)) {
+            conn_close(c);
+            return;
+        }
+        if (c->flags & CF_EOF) {
+            /* EOF between requests is a normal close; inside a head it is an abandoned
+             * request. Either way there is nobody to answer. */
+            conn_close(c);
+            return;
+        }
+        try_parse_head(c);
+        if (rc != 0 || (c->state != CS_IDLE && c->state != CS_HEAD) || !(c->io.ready & EPOLLIN))
+            return;
+    }
+}
 
 static void on_conn_io(struct sl_io *io, uint32_t events)
 {
@@ -563,18 +596,7 @@ static void on_conn_io(struct sl_io *io, uint32_t events)
     }
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
         if (c->state == CS_IDLE || c->state == CS_HEAD) {
-            int rc = conn_read(c);
-            if ((rc < 0 && rc != -EAGAIN) || (events & (EPOLLHUP | EPOLLERR))) {
-                conn_close(c);
-                return;
-            }
-            if (c->flags & CF_EOF) {
-                /* EOF between requests is a normal close; inside a head it is an abandoned
-                 * request. Either way there is nobody to answer. */
-                conn_close(c);
-                return;
-            }
-            try_parse_head(c);
+            conn_read_head(c, events);
             return;
         }
         if (c->state == CS_ACTIVE && (c->flags & CF_WANT_BODY)) {
@@ -747,6 +769,15 @@ uint64_t sl_request_body_received(const struct sl_request *req)
     return r->body.total + r->body.pending;
 }
 
+static int content_length_line(char *out, uint64_t length)
+{
+    memcpy(out, "Content-Length: ", 16);
+    size_t n = 16 + sl_fmt_u64(out + 16, length);
+    out[n++] = '\r';
+    out[n++] = '\n';
+    return (int)n;
+}
+
 int sl_request_respond_head(struct sl_request *req, int status, const char *head, size_t len,
                             enum sl_h1_body body_kind, uint64_t length)
 {
@@ -766,19 +797,19 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
     if (head_req && body_kind == SL_H1_BODY_LENGTH && status >= 200 && status != 204 &&
         status != 304) {
         /* HEAD announces the length the GET would have had (RFC 9110 9.3.2). */
-        n = snprintf(extra, sizeof extra, "Content-Length: %llu\r\n", (unsigned long long)length);
+        n = content_length_line(extra, length);
     }
     if (!bodiless) {
         if (body_kind == SL_H1_BODY_LENGTH) {
             mode = SL_H1_W_LENGTH;
-            n = snprintf(extra, sizeof extra, "Content-Length: %llu\r\n",
-                         (unsigned long long)length);
+            n = content_length_line(extra, length);
         } else if (body_kind == SL_H1_BODY_NONE) {
             mode = SL_H1_W_LENGTH;
-            n = snprintf(extra, sizeof extra, "Content-Length: 0\r\n");
+            n = content_length_line(extra, 0);
         } else if (req->version_minor >= 1) {
             mode = SL_H1_W_CHUNKED;
-            n = snprintf(extra, sizeof extra, "Transfer-Encoding: chunked\r\n");
+            n = 28;
+            memcpy(extra, "Transfer-Encoding: chunked\r\n", 28);
         } else {
             mode = SL_H1_W_CLOSE; /* HTTP/1.0 client: the close delimits the body */
             req->keepalive = false;

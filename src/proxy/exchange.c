@@ -10,6 +10,7 @@
 #include <sys/epoll.h>
 
 #include "config/config.h"
+#include "core/fmt.h"
 #include "core/hash.h"
 #include "core/log.h"
 #include "filters/filter.h"
@@ -113,8 +114,7 @@ static void sb_header(struct sb *b, struct sl_slice name, struct sl_slice value)
 static void sb_u64(struct sb *b, uint64_t v)
 {
     char tmp[24];
-    int n = snprintf(tmp, sizeof tmp, "%llu", (unsigned long long)v);
-    sb_put(b, tmp, (size_t)n);
+    sb_put(b, tmp, sl_fmt_u64(tmp, v));
 }
 
 /* ---- header classification ---- */
@@ -788,17 +788,19 @@ static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void
     }
     if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
         return;
-    if (!ex->resp_head_done) {
+    while (!ex->resp_head_done) {
         bool eof = false;
         int rc = sl_upstream_conn_read(ex->uc, &eof);
         if (rc < 0 && rc != -EAGAIN && rc != -ENOBUFS) {
             ex_upstream_broken(ex, rc);
             return;
         }
-        if (rc == -EAGAIN && !(events & (EPOLLHUP | EPOLLERR)))
+        if (!ex_parse_response_head(ex, eof))
             return;
-        if (!ex_parse_response_head(ex, eof || (events & (EPOLLHUP | EPOLLERR))))
-            return;
+        /* Edge-triggered: stop once the socket is drained (or the buffer is full, which the
+         * parser has already turned into an error). */
+        if (rc != 0 || eof || !(ex->uc->io.ready & EPOLLIN))
+            break;
     }
     if (ex->state == EX_STREAMING && !ex->client_blocked)
         ex_pump_response(ex);

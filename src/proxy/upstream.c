@@ -145,7 +145,7 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, int ep,
     sl_tcp_transport_init(&uc->tr, fd);
     sl_timer_init(&uc->timer, on_uc_timer, uc);
     sl_defer_init(&uc->free_defer, on_uc_free, uc);
-    if (sl_io_start(loop, &uc->io, fd, EPOLLOUT, on_uc_io, uc) < 0) {
+    if (sl_io_start(loop, &uc->io, fd, EPOLLOUT | SL_IO_EDGE, on_uc_io, uc) < 0) {
         *err = -errno;
         close(fd);
         free(uc);
@@ -179,8 +179,11 @@ void sl_upstream_release(struct sl_upstream_conn *uc, bool reusable)
     struct sl_upstream_rt *up = uc->up;
     struct sl_loop *loop = &up->worker->loop;
     memset(&uc->user, 0, sizeof uc->user);
+    /* Unread bytes (in our buffer or, by the edge we saw, in the socket) or a FIN mean the
+     * backend sent more than the response: such a connection must never carry another. */
     if (!reusable || uc->state != SL_UC_BUSY || up->idle_count >= up->conf->keepalive_max_idle ||
-        (uc->in.data && sl_buf_len(&uc->in)) || idle_budget_ms(uc) == 0) {
+        (uc->in.data && sl_buf_len(&uc->in)) ||
+        (uc->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || idle_budget_ms(uc) == 0) {
         uc_close(uc);
         return;
     }
@@ -208,12 +211,17 @@ int sl_upstream_conn_read(struct sl_upstream_conn *uc, bool *eof)
         sl_buf_compact(&uc->in);
     if (sl_buf_space(&uc->in) == 0)
         return -ENOBUFS;
-    size_t n = 0;
-    int rc = sl_transport_read(&uc->tr, uc->in.data + uc->in.end, sl_buf_space(&uc->in), &n);
-    if (rc < 0)
+    size_t n = 0, space = sl_buf_space(&uc->in);
+    int rc = sl_transport_read(&uc->tr, uc->in.data + uc->in.end, space, &n);
+    if (rc < 0) {
+        if (rc == -EAGAIN)
+            sl_io_clear_ready(&uc->io, EPOLLIN);
         return rc;
+    }
     if (n == 0)
         *eof = true;
+    else if (n < space)
+        sl_io_clear_ready(&uc->io, EPOLLIN); /* drained: the next bytes raise a new edge */
     uc->in.end += (uint32_t)n;
     return 0;
 }
