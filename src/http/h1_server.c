@@ -38,12 +38,6 @@ enum conn_flag {
     CF_BODY_TIMEOUT = 1u << 8, /* the body stalled past body_timeout: next peek fails, 408 */
 };
 
-/* Compact peer address: keeps idle connections small; text is made per request. */
-struct peer {
-    uint8_t family;
-    uint8_t addr[16];
-};
-
 struct sl_server_conn {
     struct sl_io io;
     struct sl_transport tr;
@@ -54,10 +48,11 @@ struct sl_server_conn {
     struct sl_server_conn *prev, *next;
     struct h1_req *req;
     struct sl_h1_head_state hs;
-    uint32_t state;
-    uint32_t flags;
+    uint8_t state;
+    uint8_t family; /* peer address family; the address follows */
+    uint16_t flags;
     uint32_t nreq;
-    struct peer peer;
+    uint8_t peer_addr[16];
     uint64_t id;
 };
 
@@ -100,6 +95,7 @@ int sl_h1_server_init(struct sl_h1_server *srv, struct sl_worker *w, const char 
     srv->scratch = calloc(srv->scratch_cap, sizeof *srv->scratch);
     if (!srv->scratch)
         return -ENOMEM;
+    sl_slab_init(&srv->conn_slab, sizeof(struct sl_server_conn));
     if (getrandom(&srv->rng, sizeof srv->rng, 0) != sizeof srv->rng || srv->rng == 0)
         srv->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)srv;
     return 0;
@@ -116,11 +112,11 @@ void sl_h1_server_dispose(struct sl_h1_server *srv)
                 srv->handler->on_abort(&r->pub);
         }
         conn_close(c);
-        /* conn_close unlinks; the memory is freed by the deferred pass which will not run
-         * again, so free it here. */
-        sl_defer_cancel(srv->loop, &c->defer);
-        free(c);
     }
+    /* Closed connections are returned to the slab by the deferred pass: run it before the
+     * slab goes away. */
+    sl_loop_run_deferred(srv->loop);
+    sl_slab_dispose(&srv->conn_slab);
     free(srv->scratch);
     srv->scratch = NULL;
 }
@@ -151,7 +147,7 @@ void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr
                          socklen_t peer_len)
 {
     (void)peer_len;
-    struct sl_server_conn *c = calloc(1, sizeof *c);
+    struct sl_server_conn *c = sl_slab_get(&srv->conn_slab);
     if (!c) {
         close(fd);
         return;
@@ -161,16 +157,18 @@ void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr
     sl_tcp_transport_init(&c->tr, fd);
     sl_timer_init(&c->timer, on_conn_timer, c);
     sl_defer_init(&c->defer, on_conn_defer, c);
+    /* The peer is kept as raw bytes (text is made per request) to keep idle connections
+     * small. */
     if (peer->sa_family == AF_INET) {
-        c->peer.family = AF_INET;
-        memcpy(c->peer.addr, &((const struct sockaddr_in *)peer)->sin_addr, 4);
+        c->family = AF_INET;
+        memcpy(c->peer_addr, &((const struct sockaddr_in *)peer)->sin_addr, 4);
     } else if (peer->sa_family == AF_INET6) {
-        c->peer.family = AF_INET6;
-        memcpy(c->peer.addr, &((const struct sockaddr_in6 *)peer)->sin6_addr, 16);
+        c->family = AF_INET6;
+        memcpy(c->peer_addr, &((const struct sockaddr_in6 *)peer)->sin6_addr, 16);
     }
     if (sl_io_start(srv->loop, &c->io, fd, EPOLLIN | EPOLLRDHUP | SL_IO_EDGE, on_conn_io, c) < 0) {
         close(fd);
-        free(c);
+        sl_slab_put(&srv->conn_slab, c);
         return;
     }
     link_conn(srv, c);
@@ -260,7 +258,7 @@ static void make_request_id(struct sl_server_conn *c, struct sl_request *r)
 static void set_client_ip(struct sl_server_conn *c, struct sl_request *r)
 {
     char *p = sl_arena_alloc(&r->arena, INET6_ADDRSTRLEN);
-    if (p && c->peer.family && inet_ntop(c->peer.family, c->peer.addr, p, INET6_ADDRSTRLEN))
+    if (p && c->family && inet_ntop(c->family, c->peer_addr, p, INET6_ADDRSTRLEN))
         r->client_ip = sl_slice_cstr(p);
     else
         r->client_ip = SL_SLICE_LIT("unknown");
@@ -651,7 +649,7 @@ static void on_conn_defer(struct sl_defer *d)
 {
     struct sl_server_conn *c = d->data;
     if (c->state == CS_CLOSING) {
-        free(c);
+        sl_slab_put(&c->srv->conn_slab, c);
         return;
     }
     if (c->flags & CF_ABORT) {

@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 
 #include "core/loop.h"
+#include "core/slab.h"
 #include "http/h1_parse.h"
 #include "http/request.h"
 
@@ -28,6 +29,7 @@ struct sl_h1_server {
     const struct sl_request_handler *handler;
     struct sl_h1_header *scratch; /* parse-time header storage, max_header_count entries */
     size_t scratch_cap;
+    struct sl_slab conn_slab;     /* connection objects */
     struct sl_server_conn *conns; /* every open connection, for drain and stop */
     size_t conn_count;
     uint64_t next_conn_id;
