@@ -23,6 +23,8 @@ void sl_arena_init(struct sl_arena *a, struct sl_pool *pool)
 
 void *sl_arena_alloc(struct sl_arena *a, size_t n)
 {
+    if (n > SIZE_MAX / 2)
+        return NULL; /* no arena serves that, and the rounding below would wrap */
     n = (n + 15u) & ~(size_t)15u;
     if (n == 0)
         n = 16;

@@ -6,10 +6,18 @@ static void run_from(struct sl_filter_run *run)
 {
     while (run->pos < run->chain->count) {
         const struct sl_filter_instance *f = &run->chain->items[run->pos];
+        run->in_call = true;
+        run->early = -1;
         enum sl_filter_verdict v = f->ops->on_request(run, run->req, f->state);
+        run->in_call = false;
         if (v == SL_FILTER_PAUSE) {
-            run->paused = true;
-            return;
+            /* Async work that completed at once resumed from inside on_request: carry on
+             * here instead of recursing. */
+            if (run->early < 0) {
+                run->paused = true;
+                return;
+            }
+            v = (enum sl_filter_verdict)run->early;
         }
         if (v == SL_FILTER_RESPOND) {
             run->done(run, SL_FILTER_RESPOND);
@@ -28,6 +36,8 @@ void sl_filter_run_start(struct sl_filter_run *run, const struct sl_filter_chain
     run->req = req;
     run->pos = 0;
     run->paused = false;
+    run->in_call = false;
+    run->early = -1;
     run->done = done;
     run->data = data;
     run->status = 0;
@@ -40,6 +50,10 @@ void sl_filter_run_start(struct sl_filter_run *run, const struct sl_filter_chain
 
 void sl_filter_resume(struct sl_filter_run *run, enum sl_filter_verdict verdict)
 {
+    if (run->in_call) {
+        run->early = (int)verdict;
+        return;
+    }
     if (!run->paused)
         return;
     run->paused = false;

@@ -54,6 +54,8 @@ struct sl_filter_run {
     struct sl_request *req;
     size_t pos;
     bool paused;
+    bool in_call;           /* a filter's on_request is on the stack */
+    int early;              /* verdict of a resume made from inside on_request, or -1 */
     sl_filter_done_cb done; /* called once with CONTINUE (all passed) or RESPOND */
     void *data;             /* the caller's */
     /* response set by a filter */

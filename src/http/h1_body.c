@@ -158,12 +158,15 @@ int sl_h1_body_writer_write(struct sl_h1_body_writer *w, struct sl_transport *tr
             *flushed = true;
             return 0;
         }
-        size_t wrote = 0;
+        size_t wrote = 0, offered = 0;
+        for (int i = 0; i < n; i++)
+            offered += iov[i].iov_len;
         int rc = sl_transport_writev(tr, iov, n, &wrote);
         if (rc < 0) {
             *flushed = false;
             return rc;
         }
+        bool short_write = wrote < offered;
         /* Walk the written count through head, framing, data, trailing CRLF in order. */
         size_t k = wrote < head_len ? wrote : head_len;
         if (k)
@@ -200,11 +203,12 @@ int sl_h1_body_writer_write(struct sl_h1_body_writer *w, struct sl_transport *tr
             *flushed = true;
             return 0;
         }
-        if (!pending && len > 0 && wrote == 0) {
+        if (short_write) {
+            /* The socket is full: wait for EPOLLOUT rather than ask it again. */
             *flushed = false;
             return -EAGAIN;
         }
-        /* Loop: the socket took everything offered; offer the rest. A short write means the
-         * socket is full: the next writev returns -EAGAIN and we stop there. */
+        /* The socket took everything offered; offer the rest (the next chunk, or the final
+         * framing). */
     }
 }

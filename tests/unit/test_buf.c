@@ -460,16 +460,11 @@ static void test_arena_dup(void **state)
     sl_pool_dispose(&pool);
 }
 
-/*
- * BUG (src/core/arena.c:26 and 39-42): sizes near SIZE_MAX wrap in the rounding
- * `(n + 15) & ~15` and in `sizeof *c + n`. sl_arena_alloc(a, SIZE_MAX) returns a 16-byte
- * allocation instead of NULL; sl_arena_alloc(a, SIZE_MAX - 20) calls malloc(0) and then writes
- * the chunk header into it (heap-buffer-overflow under ASan). Skipped until fixed.
- */
+/* Sizes near SIZE_MAX must fail cleanly instead of wrapping in the rounding and the chunk
+ * size (a regression test: both once returned a tiny or overflowing allocation). */
 static void test_arena_overflow_is_null(void **state)
 {
     (void)state;
-    skip();
     struct sl_pool pool;
     sl_pool_init(&pool, 1024, 8);
     struct sl_arena a;

@@ -285,6 +285,51 @@ static void test_restart_resets_response(void **state)
     assert_null(f.run.error);
 }
 
+/* A filter whose async work completes at once resumes from inside its own on_request and then
+ * returns PAUSE: the chain must go on (or answer) exactly once, without recursing. */
+static enum sl_filter_verdict on_request_sync_resume(struct sl_filter_run *run,
+                                                     struct sl_request *req, void *state)
+{
+    (void)req;
+    struct script *s = state;
+    if (s->trace->ncalls < 16)
+        s->trace->calls[s->trace->ncalls] = s->id;
+    s->trace->ncalls++;
+    if (s->verdict == SL_FILTER_RESPOND)
+        sl_filter_respond(run, s->status, "text/plain", "denied", 6, "sync_deny");
+    sl_filter_resume(run, s->verdict);
+    return SL_FILTER_PAUSE;
+}
+
+static const struct sl_filter_ops sync_resume_ops = {
+    .name = "sync_resume",
+    .on_request = on_request_sync_resume,
+};
+
+static void test_resume_inside_on_request(void **state)
+{
+    (void)state;
+    const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_CONTINUE};
+    struct fixture f;
+    fixture_init(&f, 2, v);
+    f.items[0].ops = &sync_resume_ops;
+    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    assert_int_equal(f.trace.ncalls, 2);
+    assert_int_equal(f.trace.calls[1], 1);
+    assert_int_equal(f.trace.done_count, 1);
+    assert_int_equal(f.trace.done_verdict, SL_FILTER_CONTINUE);
+    assert_false(f.run.paused);
+
+    const enum sl_filter_verdict r[] = {SL_FILTER_RESPOND, SL_FILTER_CONTINUE};
+    fixture_init(&f, 2, r);
+    f.items[0].ops = &sync_resume_ops;
+    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    assert_int_equal(f.trace.ncalls, 1); /* the second filter never ran */
+    assert_int_equal(f.trace.done_count, 1);
+    assert_int_equal(f.trace.done_verdict, SL_FILTER_RESPOND);
+    assert_int_equal(f.run.status, 401);
+}
+
 static void test_registry(void **state)
 {
     (void)state;
@@ -318,6 +363,7 @@ int main(void)
         cmocka_unit_test(test_pause_then_respond),
         cmocka_unit_test(test_resume_not_paused),
         cmocka_unit_test(test_restart_resets_response),
+        cmocka_unit_test(test_resume_inside_on_request),
         cmocka_unit_test(test_registry),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
