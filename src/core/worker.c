@@ -186,8 +186,14 @@ static void on_listen_ready(struct sl_io *io, uint32_t events)
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
-                SL_WARN("accept: %s; pausing this listener for this turn", strerror(errno));
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* Out of descriptors or memory: a level-triggered listener would spin. Stop
+                 * accepting for a moment; pending connections wait in the backlog. */
+                SL_WARN("accept: %s; pausing this listener for 100ms", strerror(errno));
+                a->paused = true;
+                sl_io_modify(a->loop, &a->io, 0);
+                sl_timer_arm(a->loop, &a->resume, 100);
+            }
             return;
         }
         int one = 1;
@@ -196,9 +202,19 @@ static void on_listen_ready(struct sl_io *io, uint32_t events)
     }
 }
 
+static void on_acceptor_resume(struct sl_timer *t)
+{
+    struct sl_acceptor *a = t->data;
+    if (a->io.fd < 0)
+        return;
+    a->paused = false;
+    sl_io_modify(a->loop, &a->io, EPOLLIN);
+}
+
 int sl_acceptor_start(struct sl_acceptor *a, struct sl_loop *loop, int fd, sl_accept_cb cb,
                       void *data)
 {
+    sl_timer_init(&a->resume, on_acceptor_resume, a);
     a->loop = loop;
     a->on_accept = cb;
     a->data = data;
@@ -215,6 +231,7 @@ void sl_acceptor_stop(struct sl_acceptor *a)
 {
     if (a->io.fd < 0)
         return;
+    sl_timer_cancel(a->loop, &a->resume);
     sl_io_stop(a->loop, &a->io);
     close(a->io.fd);
     a->io.fd = -1;

@@ -85,6 +85,7 @@ struct sl_acceptor {
     sl_accept_cb on_accept;
     void *data;
     bool paused;
+    struct sl_timer resume; /* re-enables accepting after running out of descriptors */
 };
 
 /* Registers listening socket `fd` (the acceptor owns it from now on). Returns 0 or -errno. */
