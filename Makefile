@@ -9,7 +9,10 @@ WARN      := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes \
 BASE_CFLAGS := -std=c17 -D_GNU_SOURCE -Isrc -pthread $(WARN) -MMD -MP
 LIBS      := -lyaml -lpthread -lm
 
-ifeq ($(MODE),asan)
+ifeq ($(MODE),scan)
+  OPT := -O0 -g
+  LDSAN :=
+else ifeq ($(MODE),asan)
   OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
   LDSAN := -fsanitize=address,undefined
 else
@@ -29,7 +32,7 @@ FUZZ_LIB_OBJS := $(LIB_SRCS:%.c=build/fuzz/obj/%.o)
 # Keep fuzz objects: make would otherwise delete them as intermediates after each link.
 .SECONDARY:
 
-.PHONY: all deps run test unit integration fuzz-build fuzz asan clean format format-check lint
+.PHONY: all deps run test unit integration fuzz-build fuzz analyze clean format lint
 
 all: $(BUILD)/sluice
 
@@ -89,7 +92,13 @@ test: deps
 	@$(MAKE) --no-print-directory MODE=asan all unit
 	@$(MAKE) --no-print-directory MODE=asan integration
 	@$(MAKE) --no-print-directory fuzz
+	@$(MAKE) --no-print-directory analyze
 	@scripts/lint.sh
+
+# Static analysis of the library and binary; any finding fails the build.
+analyze:
+	rm -rf build/scan
+	scan-build --status-bugs -o build/scan-report $(MAKE) --no-print-directory MODE=scan all
 
 format:
 	clang-format -i $$(git ls-files 'src/*.[ch]' 'tests/*.[ch]' 'bench/*.[ch]')

@@ -1035,6 +1035,8 @@ static bool names_complete(const struct sl_yaml_node *root, const char *key, siz
     const struct sl_yaml_node *seq = sl__config_yaml_get(root, key);
     if (seq && (seq->kind != SL_YAML_SEQ || seq->count != count))
         return false;
+    if (count && !names)
+        return false;
     for (size_t i = 0; i < count; i++) {
         const char *const *p = (const void *)((const char *)names + i * stride);
         if (!*p)

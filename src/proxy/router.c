@@ -287,6 +287,8 @@ static struct trie_node *trie_insert(struct trie_node *root, const char *key, si
             }
             return leaf;
         }
+        if (!n->children)
+            return NULL; /* unreachable: found implies children; tells the analyzer */
         struct trie_node *c = n->children[at];
         size_t common = 0;
         while (common < c->label_len && pos + common < len && c->label[common] == key[pos + common])
