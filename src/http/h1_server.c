@@ -828,7 +828,6 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
         sl_buf_append(&c->out, extra, (size_t)n);
     sl_buf_append(&c->out, conn_hdr, clen);
     sl_buf_append(&c->out, "\r\n", 2);
-    (void)status;
     sl_h1_body_writer_init(&r->bw, mode);
     req->response_started = true;
     return 0;

@@ -519,15 +519,13 @@ static void ex_update_upstream_events(struct exchange *ex, bool want_write)
     sl_upstream_conn_want(ex->uc, ev);
 }
 
+/* The upstream connection failed (reset, EOF before a full response, write error). */
 static void ex_upstream_broken(struct exchange *ex, int err)
 {
     if (ex_maybe_replay(ex))
         return;
-    if (ex->resp_head_done) {
-        ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
-        return;
-    }
-    (void)err;
+    SL_DEBUG("upstream %s endpoint %d: connection failed: %s", ex->up->conf->name, ex->ep,
+             strerror(err < 0 ? -err : err));
     ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
 }
 
@@ -537,9 +535,7 @@ static void ex_pump_request(struct exchange *ex)
     for (;;) {
         struct sl_slice data = {0};
         int status = 0;
-        enum sl_status st = SL_DONE;
-        if (ex->head_view.start == ex->head_view.end || ex->wrote_upstream || true)
-            st = sl_request_body_peek(req, &data, &status);
+        enum sl_status st = sl_request_body_peek(req, &data, &status);
         if (st == SL_ERROR) {
             ex_fail(ex, status,
                     status == 413   ? "body_too_large"
