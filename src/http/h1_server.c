@@ -296,11 +296,16 @@ static void respond_early_error(struct sl_server_conn *c, int status, const char
 
 /* ---- head → request ---- */
 
-static struct sl_slice rebase(struct sl_slice s, const char *from, const char *to)
+/* Moves a slice of the head in the read buffer [from, from + n) onto the copy at `to`. A slice
+ * outside the head (the parser's static "/" for "http://h") is static: it is kept as is. */
+static struct sl_slice rebase(struct sl_slice s, const char *from, size_t n, const char *to)
 {
     if (!s.ptr || s.len == 0)
         return (struct sl_slice){to, 0};
-    return (struct sl_slice){to + (s.ptr - from), s.len};
+    size_t off = (size_t)((uintptr_t)s.ptr - (uintptr_t)from);
+    if (off >= n)
+        return s;
+    return (struct sl_slice){to + off, s.len};
 }
 
 static struct sl_slice strip_port(struct sl_slice host)
@@ -330,18 +335,18 @@ static int start_request(struct sl_server_conn *c, const struct sl_h1_request *h
     struct sl_request *q = &r->pub;
     q->arena = arena;
     const char *base = sl_buf_head(&c->in);
-    q->method = rebase(h->method, base, copy);
+    q->method = rebase(h->method, base, h->head_len, copy);
     q->method_bit = sl_method_from_token(q->method.ptr, q->method.len);
-    q->target = rebase(h->target, base, copy);
-    q->path = rebase(h->path, base, copy);
-    q->query = rebase(h->query, base, copy);
-    q->host = rebase(h->host, base, copy);
+    q->target = rebase(h->target, base, h->head_len, copy);
+    q->path = rebase(h->path, base, h->head_len, copy);
+    q->query = rebase(h->query, base, h->head_len, copy);
+    q->host = rebase(h->host, base, h->head_len, copy);
     q->host_name = strip_port(q->host);
     q->version_minor = h->version_minor;
     q->flags = h->flags;
     for (size_t i = 0; i < h->header_count; i++) {
-        hdrs[i].name = rebase(h->headers[i].name, base, copy);
-        hdrs[i].value = rebase(h->headers[i].value, base, copy);
+        hdrs[i].name = rebase(h->headers[i].name, base, h->head_len, copy);
+        hdrs[i].value = rebase(h->headers[i].value, base, h->head_len, copy);
     }
     q->headers = hdrs;
     q->header_count = h->header_count;
