@@ -305,10 +305,23 @@ static bool build_upstream_head(struct exchange *ex)
         sb_slice(&b, req->query);
     }
     sb_str(&b, " HTTP/1.1\r\n");
+    /* Exactly one Host, the one routing used: an absolute-form target's authority replaces the
+     * Host header (RFC 9112 3.2.2); HTTP/1.0 without a Host gets the endpoint's address. A
+     * route that sets or removes Host has the last word. */
+    struct sl_slice host_name = SL_SLICE_LIT("Host");
+    if (!in_name_list(r->request_headers.remove, r->request_headers.remove_count, host_name) &&
+        !in_pair_names(r->request_headers.set, r->request_headers.set_count, host_name)) {
+        sb_str(&b, "Host: ");
+        if (req->host.len)
+            sb_slice(&b, req->host);
+        else
+            sb_str(&b, ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
+        sb_put(&b, "\r\n", 2);
+    }
     struct sl_slice xff = {0};
     for (size_t i = 0; i < req->header_count; i++) {
         struct sl_slice n = req->headers[i].name;
-        if (is_hop_by_hop(n) || sl_slice_ieq_cstr(n, "Expect") ||
+        if (is_hop_by_hop(n) || sl_slice_ieq_cstr(n, "Host") || sl_slice_ieq_cstr(n, "Expect") ||
             sl_slice_ieq_cstr(n, "X-Request-Id") || sl_slice_ieq_cstr(n, "X-Forwarded-Proto") ||
             sl_slice_ieq_cstr(n, "X-Forwarded-Host"))
             continue;
@@ -326,12 +339,6 @@ static bool build_upstream_head(struct exchange *ex)
             named_in_connection(req->headers, req->header_count, n))
             continue;
         sb_header(&b, n, req->headers[i].value);
-    }
-    if (req->version_minor == 0 && req->host.len == 0) {
-        /* HTTP/1.0 without Host: give the upstream a valid 1.1 request. */
-        sb_str(&b, "Host: ");
-        sb_str(&b, ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
-        sb_put(&b, "\r\n", 2);
     }
     sb_str(&b, "X-Forwarded-For: ");
     if (xff.len) {
