@@ -755,9 +755,10 @@ static void ex_pump_response(struct exchange *ex)
         if (wrote)
             sl_h1_body_reader_consume(&ex->respr, &uc->in, wrote);
         if (rc == -EAGAIN) {
+            /* Now the client, not the backend, holds things up: its send_timeout applies. */
             ex->client_blocked = true;
             ex_update_upstream_events(ex, false);
-            sl_upstream_conn_arm(uc, ex->up->conf->idle_timeout_ms);
+            sl_upstream_conn_arm(uc, ex->gl->server.limits->send_timeout_ms);
             return;
         }
         if (rc < 0)
@@ -819,7 +820,9 @@ static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data)
         ex_connect_failed(ex, -ETIMEDOUT);
         return;
     }
-    if (ex->resp_head_done)
+    if (ex->client_blocked)
+        ex_fail(ex, 504, "client_send_timeout", SL_OUTCOME_CANCELLED);
+    else if (ex->resp_head_done)
         ex_fail(ex, 504, "upstream_idle_timeout", SL_OUTCOME_TIMEOUT);
     else
         ex_fail(ex, 504, "upstream_timeout", SL_OUTCOME_TIMEOUT);
@@ -867,6 +870,7 @@ static void h_on_writable(struct sl_request *req)
     if (!ex || ex->state != EX_STREAMING)
         return;
     ex->client_blocked = false;
+    sl_upstream_conn_arm(ex->uc, ex->up->conf->idle_timeout_ms);
     ex_pump_response(ex);
 }
 
