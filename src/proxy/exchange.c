@@ -536,6 +536,23 @@ static void ex_upstream_broken(struct exchange *ex, int err)
     ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
 }
 
+static bool ex_parse_response_head(struct exchange *ex, bool eof);
+
+/* A backend that answers before taking the whole body (413) and then closes makes our next
+ * write fail, yet its answer may already be in the socket: relay it rather than a 502.
+ * Returns true when there was an answer (the exchange went on or ended with it). */
+static bool ex_read_early_response(struct exchange *ex)
+{
+    bool eof = false;
+    while (sl_upstream_conn_read(ex->uc, &eof) == 0 && !eof)
+        ;
+    if (!ex->uc->in.data || sl_buf_len(&ex->uc->in) == 0)
+        return false;
+    if (ex_parse_response_head(ex, true) && ex->state == EX_STREAMING && !ex->client_blocked)
+        ex_pump_response(ex);
+    return true;
+}
+
 static void ex_pump_request(struct exchange *ex)
 {
     struct sl_request *req = ex->req;
@@ -570,6 +587,8 @@ static void ex_pump_request(struct exchange *ex)
             return;
         }
         if (rc < 0) {
+            if (!ex->resp_head_done && ex_read_early_response(ex))
+                return;
             ex_upstream_broken(ex, rc);
             return;
         }
