@@ -859,6 +859,15 @@ int sl_request_write(struct sl_request *req, const char *data, size_t len, size_
     return -EAGAIN;
 }
 
+int sl_request_flush(struct sl_request *req)
+{
+    struct sl_server_conn *c = req_conn(req);
+    if (!c->out.data || sl_buf_len(&c->out) == 0)
+        return 0;
+    size_t none = 0;
+    return sl_request_write(req, NULL, 0, &none);
+}
+
 void sl_request_finish(struct sl_request *req, bool reusable)
 {
     struct h1_req *r = (struct h1_req *)req;

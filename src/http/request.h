@@ -102,6 +102,10 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
  */
 int sl_request_write(struct sl_request *req, const char *data, size_t len, size_t *written);
 
+/* Sends whatever response bytes are queued (a head waiting for its body) without body data.
+ * Returns 0 when nothing is pending, -EAGAIN (on_writable follows) or -errno. */
+int sl_request_flush(struct sl_request *req);
+
 /*
  * Ends the response (final chunk when chunked) and hands the request back to the front-end,
  * which frees it once the last bytes are out. `reusable` false forces the connection closed

@@ -43,9 +43,10 @@ struct exchange {
     size_t tried_count;
     unsigned connect_failures;
     bool replayed;
-    bool req_sent;       /* head + whole body written upstream */
-    bool wrote_upstream; /* at least one byte reached the upstream socket */
-    bool body_consumed;  /* client body bytes were consumed (a replay cannot resend them) */
+    bool req_sent;         /* head + whole body written upstream */
+    bool req_write_failed; /* the backend stopped taking the body after it began answering */
+    bool wrote_upstream;   /* at least one byte reached the upstream socket */
+    bool body_consumed;    /* client body bytes were consumed (a replay cannot resend them) */
     bool resp_head_done;
     bool resp_done;
     bool upstream_reusable;
@@ -568,7 +569,7 @@ static void ex_pump_request(struct exchange *ex)
                     SL_OUTCOME_CANCELLED);
             return;
         }
-        if (ex->state != EX_SENDING)
+        if (ex->state != EX_SENDING && ex->state != EX_STREAMING)
             return; /* the peek failed the client connection; on_abort cleans up */
         bool fin = st == SL_DONE;
         size_t wrote = 0;
@@ -587,7 +588,15 @@ static void ex_pump_request(struct exchange *ex)
             return;
         }
         if (rc < 0) {
-            if (!ex->resp_head_done && ex_read_early_response(ex))
+            if (ex->resp_head_done) {
+                /* The backend stopped taking the body but is answering: let the answer
+                 * finish; neither connection can be reused afterwards. */
+                ex->req_write_failed = true;
+                ex->upstream_reusable = false;
+                ex_update_upstream_events(ex, false);
+                return;
+            }
+            if (ex_read_early_response(ex))
                 return;
             ex_upstream_broken(ex, rc);
             return;
@@ -739,8 +748,13 @@ static void ex_pump_response(struct exchange *ex)
         if (st == SL_AGAIN) {
             int rc = sl_upstream_conn_read(uc, &eof);
             if (rc == -EAGAIN) {
-                ex->client_blocked = false;
-                ex_update_upstream_events(ex, !ex->req_sent && ex->state == EX_SENDING);
+                /* Nothing more for now: make sure the client already has the head (event
+                 * streams and long polls wait on it), then wait for the backend. */
+                int frc = sl_request_flush(req);
+                if (frc < 0 && frc != -EAGAIN)
+                    return; /* the client is gone; on_abort follows */
+                ex->client_blocked = frc == -EAGAIN;
+                ex_update_upstream_events(ex, !ex->req_sent && !ex->req_write_failed);
                 return;
             }
             if (rc < 0 && rc != -ENOBUFS) {
@@ -806,7 +820,8 @@ static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void
         ex_start_send(ex);
         return;
     }
-    if (ex->state == EX_SENDING && (events & EPOLLOUT) && !ex->req_sent) {
+    if ((ex->state == EX_SENDING || ex->state == EX_STREAMING) && (events & EPOLLOUT) &&
+        !ex->req_sent && !ex->req_write_failed) {
         ex_pump_request(ex);
         if (ex->state == EX_DONE)
             return;
@@ -879,7 +894,10 @@ static void h_on_body(struct sl_request *req)
     struct exchange *ex = req->handler_state;
     if (!ex)
         return;
-    if (ex->state == EX_SENDING && !ex->req_sent)
+    /* The body keeps flowing after the response head arrived: some backends answer while
+     * still reading (and would deadlock if we stopped). */
+    if ((ex->state == EX_SENDING || ex->state == EX_STREAMING) && !ex->req_sent &&
+        !ex->req_write_failed)
         ex_pump_request(ex);
 }
 
