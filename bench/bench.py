@@ -477,8 +477,10 @@ def summarize(res, args):
                  % (mi["cpu_model"], mi["cpus"], mi["hypervisor"] or "bare metal", mi["mem"],
                     mi["kernel"], mi["os"]))
     lines.append("Versions: nginx %s (%s), %s, %s, sluice %s."
-                 % (mi["nginx"], mi["nginx_pkg"], mi["haproxy"].split(" - ")[0], mi["wrk"],
-                    mi["sluice"] or "(working tree)"))
+                 % (mi["nginx"], mi["nginx_pkg"], mi["haproxy"].split(" - ")[0],
+                    mi["wrk"].split(" Copyright")[0],
+                    "from the working tree at HEAD %s, binary %s" % (mi["sluice"] or "?",
+                                                 mi.get("sluice_binary", "not built"))))
     lines.append("")
     lines.append("| proxy | conns | req/s | p50 ms | p99 ms | CPU-µs/req (min–max) | "
                  "proxy CPU % | proxy core busy % | RSS under load MiB | errors |")
@@ -624,6 +626,14 @@ def main():
     if "sluice" in args.only and not os.access(args.sluice, os.X_OK):
         log("sluice binary %s not found: sluice is reported as pending" % args.sluice)
         res["sluice_missing"] = True
+    if "sluice" in args.only and not res.get("sluice_missing"):
+        # Snapshot the binary: others may rebuild build/release/sluice during the run.
+        snap = os.path.join(out, "sluice")
+        shutil.copy2(args.sluice, snap)
+        st = os.stat(args.sluice)
+        res["machine"]["sluice_binary"] = "%s (%d bytes, built %s)" % (
+            args.sluice, st.st_size, time.strftime("%Y-%m-%d %H:%M", time.gmtime(st.st_mtime)))
+        args.sluice_cmd = [snap if a == args.sluice else a for a in args.sluice_cmd]
     names = [n for n in args.only if n != "direct"
              and not (n == "sluice" and res.get("sluice_missing"))]
 
