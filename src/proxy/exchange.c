@@ -319,7 +319,7 @@ static bool build_upstream_head(struct exchange *ex)
             sb_str(&b, ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
         sb_put(&b, "\r\n", 2);
     }
-    struct sl_slice xff = {0};
+    bool has_xff = false;
     for (size_t i = 0; i < req->header_count; i++) {
         struct sl_slice n = req->headers[i].name;
         if (is_hop_by_hop(n) || sl_slice_ieq_cstr(n, "Host") || sl_slice_ieq_cstr(n, "Expect") ||
@@ -327,10 +327,7 @@ static bool build_upstream_head(struct exchange *ex)
             sl_slice_ieq_cstr(n, "X-Forwarded-Host"))
             continue;
         if (sl_slice_ieq_cstr(n, "X-Forwarded-For")) {
-            if (!xff.len)
-                xff = req->headers[i].value;
-            else
-                sb_header(&b, n, req->headers[i].value); /* keep extra lines in order */
+            has_xff = true; /* merged into one line below, in order */
             continue;
         }
         if (in_name_list(r->request_headers.remove, r->request_headers.remove_count, n) ||
@@ -342,9 +339,12 @@ static bool build_upstream_head(struct exchange *ex)
         sb_header(&b, n, req->headers[i].value);
     }
     sb_str(&b, "X-Forwarded-For: ");
-    if (xff.len) {
-        sb_slice(&b, xff);
-        sb_put(&b, ", ", 2);
+    for (size_t i = 0; has_xff && i < req->header_count; i++) {
+        if (sl_slice_ieq_cstr(req->headers[i].name, "X-Forwarded-For") &&
+            req->headers[i].value.len) {
+            sb_slice(&b, req->headers[i].value);
+            sb_put(&b, ", ", 2);
+        }
     }
     sb_slice(&b, req->client_ip);
     sb_str(&b, "\r\nX-Forwarded-Proto: http\r\n");
@@ -435,7 +435,10 @@ static void ex_start_send(struct exchange *ex)
     ex->req_sent = false;
     ex->wrote_upstream = false;
     ex->uc->requests++;
-    sl_upstream_conn_arm(ex->uc, ex->up->conf->response_timeout_ms);
+    /* While the request is still going out, a stall is a gap (idle); the response timeout
+     * counts from the moment the whole request is sent, so a slow upload does not make a
+     * healthy backend look hung. */
+    sl_upstream_conn_arm(ex->uc, ex->up->conf->idle_timeout_ms);
     ex_pump_request(ex);
 }
 
@@ -582,6 +585,8 @@ static void ex_pump_request(struct exchange *ex)
         if (wrote) {
             sl_request_body_consume(req, wrote);
             ex->body_consumed = true;
+            if (!ex->resp_head_done)
+                sl_upstream_conn_arm(ex->uc, ex->up->conf->idle_timeout_ms);
         }
         if (rc == -EAGAIN) {
             ex_update_upstream_events(ex, true);
@@ -603,6 +608,8 @@ static void ex_pump_request(struct exchange *ex)
         }
         if (fin && flushed) {
             ex->req_sent = true;
+            if (!ex->resp_head_done)
+                sl_upstream_conn_arm(ex->uc, ex->up->conf->response_timeout_ms);
             ex_update_upstream_events(ex, false);
             if (ex->resp_done)
                 ex_finish(ex);

@@ -694,3 +694,45 @@ def test_thousands_of_idle_connections_then_traffic(gateway, backend):
             s.close()
     print("RSS growth with 5000 idle connections: %d KiB" % grown)
     assert gw.alive()
+
+
+def test_several_x_forwarded_for_lines_merge_in_order(gateway, backend):
+    """Two X-Forwarded-For lines are one list (RFC 9110 5.3): the upstream must get a single
+    line with the client's hops in their original order and our peer appended last."""
+    b = backend("echo")
+    gw = gateway(proxy_config(workers=1), B1=b.addr)
+    with gw.connect() as c:
+        c.send(build_request("GET", "/xff", [("X-Forwarded-For", "1.1.1.1"),
+                                             ("X-Forwarded-For", "2.2.2.2, 3.3.3.3")]))
+        resp = c.read_response()
+    assert resp.status == 200, resp
+    xff = [v for k, v in resp.json()["headers"] if k.lower() == "x-forwarded-for"]
+    assert xff == ["1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"], xff
+
+
+def test_slow_upload_is_not_a_response_timeout(gateway, scripted):
+    """timeouts.response counts from the end of the request: an upload that takes longer than
+    it, while making progress, must reach the backend and get its answer, not a 504."""
+    def handler(conn, reader, index):
+        head = __import__("peers").read_head(reader)
+        n = int(hget(head[1], "content-length"))
+        got = len(reader.buf)
+        reader.buf.clear()
+        while got < n:
+            d = conn.recv(65536)
+            if not d:
+                break
+            got += len(d)
+        respond(conn, b"%d" % got)
+
+    sb = scripted(handler)
+    gw = gateway(proxy_config(workers=1, upstream_extra="    timeouts: {response: 300ms, idle: 2s}"),
+                 B1=sb.addr)
+    with gw.connect(timeout=10) as c:
+        c.send(build_request("POST", "/slow", [("Content-Length", "10")]))
+        for _ in range(10):  # ~1 s in total, three times the response timeout
+            time.sleep(0.1)  # the pacing is the behaviour under test, not a wait for a condition
+            c.sock.sendall(b"x")
+        resp = c.read_response()
+    assert resp.status == 200, resp
+    assert resp.body == b"10"
