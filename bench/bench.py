@@ -723,8 +723,6 @@ def main():
         os.symlink(os.path.relpath(out, os.path.dirname(latest)), latest)
     except OSError:
         pass
-    if not args.out:
-        shutil.rmtree(work, ignore_errors=True) if os.environ.get("BENCH_RM_WORK") else None
     print(md)
     return 0
 
