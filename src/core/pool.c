@@ -21,6 +21,19 @@ void sl_pool_dispose(struct sl_pool *p)
     p->free_count = 0;
 }
 
+size_t sl_pool_trim(struct sl_pool *p, size_t keep)
+{
+    size_t freed = 0;
+    while (p->free_count > keep) {
+        void *b = p->free_list;
+        p->free_list = *(void **)b;
+        p->free_count--;
+        free(b);
+        freed++;
+    }
+    return freed;
+}
+
 void *sl_pool_get(struct sl_pool *p)
 {
     void *b = p->free_list;

@@ -23,6 +23,9 @@ void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free);
 /* Frees every cached block. Blocks still outstanding are the holders' to return first. */
 void sl_pool_dispose(struct sl_pool *p);
 
+/* Frees cached blocks beyond `keep`. Returns how many were freed. */
+size_t sl_pool_trim(struct sl_pool *p, size_t keep);
+
 /* Returns a block of p->block_bytes, or NULL when out of memory. */
 void *sl_pool_get(struct sl_pool *p);
 

@@ -1,6 +1,7 @@
 #include "core/worker.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -42,6 +43,22 @@ static void on_wake(struct sl_loop *loop, void *data)
         w->hooks->on_command(w, cmds, w->hooks_data);
 }
 
+/*
+ * Once a second, blocks cached beyond what a quiet worker needs go back to the system, so a
+ * burst (thousands of connections arriving at once) does not leave its buffers resident for
+ * good. malloc_trim then returns the freed pages themselves (glibc keeps them otherwise).
+ */
+#define POOL_KEEP_BLOCKS 8
+#define POOL_TRIM_MS 1000
+
+static void on_pool_trim(struct sl_timer *t)
+{
+    struct sl_worker *w = t->data;
+    if (sl_pool_trim(&w->buf_pool, POOL_KEEP_BLOCKS) > 0)
+        malloc_trim(0);
+    sl_timer_arm(&w->loop, &w->pool_trim, POOL_TRIM_MS);
+}
+
 static void *worker_main(void *arg)
 {
     struct sl_worker *w = arg;
@@ -51,6 +68,8 @@ static void *worker_main(void *arg)
     atomic_store(&w->init_rc, rc);
     atomic_store(&w->started, true);
     if (rc == 0) {
+        sl_timer_init(&w->pool_trim, on_pool_trim, w);
+        sl_timer_arm(&w->loop, &w->pool_trim, POOL_TRIM_MS);
         /* Commands posted before the loop ran are picked up by the first wake. */
         if (atomic_load(&w->cmds))
             sl_loop_wake(&w->loop);

@@ -37,6 +37,7 @@ struct sl_worker {
     pthread_t thread;
     struct sl_loop loop;
     struct sl_pool buf_pool; /* I/O buffers and arena blocks */
+    struct sl_timer pool_trim;
     const struct sl_worker_hooks *hooks;
     void *hooks_data;
     void *app; /* the higher layer's per-worker state */
