@@ -1,6 +1,7 @@
 #include "core/loop.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -233,22 +234,25 @@ void sl_loop_run_timers(struct sl_loop *loop, uint64_t now_ms)
     }
 }
 
-/* ---- deferred callbacks ---- */
+/* ---- deferred callbacks ----
+ * The queue is singly linked through `next`; the last entry points at DEFER_TAIL rather than
+ * NULL so that "queued" needs no field of its own (NULL means not queued, which is also what
+ * a zeroed object says). */
+
+#define DEFER_TAIL ((struct sl_defer *)(uintptr_t)1)
 
 void sl_defer_init(struct sl_defer *d, sl_defer_cb cb, void *data)
 {
     d->next = NULL;
-    d->queued = false;
     d->cb = cb;
     d->data = data;
 }
 
 void sl_defer_queue(struct sl_loop *loop, struct sl_defer *d)
 {
-    if (d->queued)
+    if (d->next)
         return;
-    d->queued = true;
-    d->next = NULL;
+    d->next = DEFER_TAIL;
     if (loop->defer_tail)
         loop->defer_tail->next = d;
     else
@@ -258,19 +262,22 @@ void sl_defer_queue(struct sl_loop *loop, struct sl_defer *d)
 
 void sl_defer_cancel(struct sl_loop *loop, struct sl_defer *d)
 {
-    if (!d->queued)
+    if (!d->next)
         return;
-    struct sl_defer **pp = &loop->defer_head, *prev = NULL;
-    while (*pp && *pp != d) {
-        prev = *pp;
-        pp = &(*pp)->next;
+    struct sl_defer *prev = NULL, *cur = loop->defer_head;
+    while (cur && cur != d) {
+        prev = cur;
+        cur = cur->next == DEFER_TAIL ? NULL : cur->next;
     }
-    if (*pp) {
-        *pp = d->next;
+    if (cur) {
+        struct sl_defer *after = d->next == DEFER_TAIL ? NULL : d->next;
+        if (prev)
+            prev->next = after ? after : DEFER_TAIL;
+        else
+            loop->defer_head = after;
         if (loop->defer_tail == d)
             loop->defer_tail = prev;
     }
-    d->queued = false;
     d->next = NULL;
 }
 
@@ -281,10 +288,9 @@ void sl_loop_run_deferred(struct sl_loop *loop)
      * state change. */
     while (loop->defer_head) {
         struct sl_defer *d = loop->defer_head;
-        loop->defer_head = d->next;
+        loop->defer_head = d->next == DEFER_TAIL ? NULL : d->next;
         if (!loop->defer_head)
             loop->defer_tail = NULL;
-        d->queued = false;
         d->next = NULL;
         d->cb(d);
     }

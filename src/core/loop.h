@@ -62,11 +62,15 @@ struct sl_timer {
 
 /* A callback queued to run at the end of the current loop turn (once, until re-queued). */
 struct sl_defer {
-    struct sl_defer *next;
-    bool queued;
+    struct sl_defer *next; /* NULL when not queued */
     sl_defer_cb cb;
     void *data;
 };
+
+static inline bool sl_defer_is_queued(const struct sl_defer *d)
+{
+    return d->next != NULL;
+}
 
 struct sl_loop {
     int epfd;

@@ -1,24 +1,45 @@
 #include "core/pool.h"
 
 #include <stdlib.h>
+#include <sys/mman.h>
+
+static int use_mmap(const struct sl_pool *p)
+{
+    return p->block_bytes >= 4096;
+}
+
+static void *block_alloc(const struct sl_pool *p)
+{
+    if (!use_mmap(p))
+        return malloc(p->block_bytes);
+    void *b =
+        mmap(NULL, p->block_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return b == MAP_FAILED ? NULL : b;
+}
+
+static void block_free(const struct sl_pool *p, void *b)
+{
+    if (use_mmap(p))
+        munmap(b, p->block_bytes);
+    else
+        free(b);
+}
 
 void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free)
 {
+    if (block_bytes >= 4096)
+        block_bytes = (block_bytes + 4095) & ~(size_t)4095;
     p->block_bytes = block_bytes < sizeof(void *) ? sizeof(void *) : block_bytes;
     p->free_list = NULL;
     p->free_count = 0;
     p->max_free = max_free;
     p->outstanding = 0;
+    p->low_water = 0;
 }
 
 void sl_pool_dispose(struct sl_pool *p)
 {
-    while (p->free_list) {
-        void *b = p->free_list;
-        p->free_list = *(void **)b;
-        free(b);
-    }
-    p->free_count = 0;
+    sl_pool_trim(p, 0);
 }
 
 size_t sl_pool_trim(struct sl_pool *p, size_t keep)
@@ -28,9 +49,20 @@ size_t sl_pool_trim(struct sl_pool *p, size_t keep)
         void *b = p->free_list;
         p->free_list = *(void **)b;
         p->free_count--;
-        free(b);
+        block_free(p, b);
         freed++;
     }
+    if (p->low_water > p->free_count)
+        p->low_water = p->free_count;
+    return freed;
+}
+
+size_t sl_pool_trim_idle(struct sl_pool *p, size_t keep)
+{
+    size_t idle = p->low_water;
+    size_t target = p->free_count - (idle > keep ? idle - keep : 0);
+    size_t freed = sl_pool_trim(p, target);
+    p->low_water = p->free_count;
     return freed;
 }
 
@@ -40,8 +72,10 @@ void *sl_pool_get(struct sl_pool *p)
     if (b) {
         p->free_list = *(void **)b;
         p->free_count--;
+        if (p->free_count < p->low_water)
+            p->low_water = p->free_count;
     } else {
-        b = malloc(p->block_bytes);
+        b = block_alloc(p);
         if (!b)
             return NULL;
     }
@@ -55,7 +89,7 @@ void sl_pool_put(struct sl_pool *p, void *block)
         return;
     p->outstanding--;
     if (p->free_count >= p->max_free) {
-        free(block);
+        block_free(p, block);
         return;
     }
     *(void **)block = p->free_list;

@@ -6,9 +6,11 @@
 
 /*
  * Per-worker pool of fixed-size blocks (I/O buffers, arena chunks). A worker reuses blocks
- * from its free list, so a warm worker does not call malloc on the request path; the free
- * list keeps at most `max_free` blocks, returning the rest to the allocator so that a burst
- * does not pin memory forever. Single-threaded: owned by one worker.
+ * from its free list, so a warm worker does not allocate on the request path; the free list
+ * keeps at most `max_free` blocks, and sl_pool_trim_idle() gives back blocks that sat unused
+ * for a whole interval, so a burst does not pin memory forever. Blocks of a page or more are
+ * mapped directly (mmap), so giving one back really lowers the resident size; a heap
+ * allocator would keep fragments of them. Single-threaded: owned by one worker.
  */
 struct sl_pool {
     size_t block_bytes;
@@ -16,6 +18,7 @@ struct sl_pool {
     size_t free_count;
     size_t max_free;
     size_t outstanding; /* blocks handed out and not yet returned */
+    size_t low_water;   /* fewest free blocks since the last sl_pool_trim_idle() */
 };
 
 void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free);
@@ -25,6 +28,11 @@ void sl_pool_dispose(struct sl_pool *p);
 
 /* Frees cached blocks beyond `keep`. Returns how many were freed. */
 size_t sl_pool_trim(struct sl_pool *p, size_t keep);
+
+/* Frees the blocks that stayed in the free list during the whole interval since the last
+ * call (beyond `keep`): under steady load nothing, after a burst the burst's blocks.
+ * Returns how many were freed. */
+size_t sl_pool_trim_idle(struct sl_pool *p, size_t keep);
 
 /* Returns a block of p->block_bytes, or NULL when out of memory. */
 void *sl_pool_get(struct sl_pool *p);

@@ -1,7 +1,6 @@
 #include "core/worker.h"
 
 #include <errno.h>
-#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -44,9 +43,9 @@ static void on_wake(struct sl_loop *loop, void *data)
 }
 
 /*
- * Once a second, blocks cached beyond what a quiet worker needs go back to the system, so a
- * burst (thousands of connections arriving at once) does not leave its buffers resident for
- * good. malloc_trim then returns the freed pages themselves (glibc keeps them otherwise).
+ * Once a second, buffer blocks that sat unused in the pool for the whole second go back to
+ * the system, so a burst (thousands of connections arriving at once) does not leave its
+ * buffers resident for good, while steady load keeps its working set.
  */
 #define POOL_KEEP_BLOCKS 8
 #define POOL_TRIM_MS 1000
@@ -54,8 +53,7 @@ static void on_wake(struct sl_loop *loop, void *data)
 static void on_pool_trim(struct sl_timer *t)
 {
     struct sl_worker *w = t->data;
-    if (sl_pool_trim(&w->buf_pool, POOL_KEEP_BLOCKS) > 0)
-        malloc_trim(0);
+    sl_pool_trim_idle(&w->buf_pool, POOL_KEEP_BLOCKS);
     sl_timer_arm(&w->loop, &w->pool_trim, POOL_TRIM_MS);
 }
 

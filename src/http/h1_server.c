@@ -43,7 +43,7 @@ struct sl_server_conn {
     struct sl_transport tr;
     struct sl_timer timer;
     struct sl_defer defer;
-    struct sl_buf in, out;
+    struct sl_buf in; /* the response buffer belongs to the request (h1_req.out) */
     struct sl_h1_server *srv;
     struct sl_server_conn *prev, *next;
     struct h1_req *req;
@@ -59,6 +59,7 @@ struct sl_server_conn {
 /* The front-end's private part of a request; the public part comes first. */
 struct h1_req {
     struct sl_request pub;
+    struct sl_buf out; /* serialized response head, small bodies, framing */
     struct sl_h1_body_reader body;
     struct sl_h1_body_writer bw;
     uint64_t max_body;
@@ -176,6 +177,35 @@ void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr
     sl_timer_arm(srv->loop, &c->timer, srv->limits->header_timeout_ms);
 }
 
+/* ---- request objects ---- */
+
+/* Creates the request object (arena, response buffer) for connection `c`. NULL on OOM. */
+static struct h1_req *new_request(struct sl_server_conn *c)
+{
+    struct sl_arena arena;
+    sl_arena_init(&arena, conn_pool(c));
+    struct h1_req *r = sl_arena_alloc(&arena, sizeof *r);
+    if (!r) {
+        sl_arena_reset(&arena);
+        return NULL;
+    }
+    memset(r, 0, sizeof *r);
+    r->pub.arena = arena;
+    r->pub.conn = c;
+    r->pub.worker = c->srv->worker;
+    c->req = r;
+    return r;
+}
+
+static void release_request(struct sl_server_conn *c)
+{
+    struct h1_req *r = c->req;
+    c->req = NULL;
+    sl_buf_release(&r->out, conn_pool(c));
+    struct sl_arena arena = r->pub.arena; /* r itself lives in the arena */
+    sl_arena_reset(&arena);
+}
+
 /* ---- closing ---- */
 
 static void conn_close(struct sl_server_conn *c)
@@ -187,12 +217,9 @@ static void conn_close(struct sl_server_conn *c)
     sl_timer_cancel(srv->loop, &c->timer);
     sl_io_stop(srv->loop, &c->io);
     sl_transport_close(&c->tr);
-    if (c->req) {
-        sl_arena_reset(&c->req->pub.arena);
-        c->req = NULL;
-    }
+    if (c->req)
+        release_request(c);
     sl_buf_release(&c->in, conn_pool(c));
-    sl_buf_release(&c->out, conn_pool(c));
     unlink_conn(srv, c);
     sl_defer_queue(srv->loop, &c->defer); /* freed after this turn's callbacks */
     if (srv->draining && srv->conn_count == 0 && srv->on_drained)
@@ -268,12 +295,14 @@ static void set_client_ip(struct sl_server_conn *c, struct sl_request *r)
 
 static void respond_early_error(struct sl_server_conn *c, int status, const char *reason_name)
 {
-    /* No request object exists (the head did not parse): answer from the connection and
-     * close. The body is JSON like the handler's errors, without a request id. */
-    if (sl_buf_acquire(&c->out, conn_pool(c)) < 0) {
+    /* The head did not parse: a bare request object carries the answer (JSON like the
+     * handler's errors, without a request id), then the connection closes. */
+    struct h1_req *r = c->req ? c->req : new_request(c);
+    if (!r || sl_buf_acquire(&r->out, conn_pool(c)) < 0) {
         conn_close(c);
         return;
     }
+    r->finished = true;
     char body[160];
     int blen =
         snprintf(body, sizeof body, "{\"status\":%d,\"error\":\"%s\"}\n", status, reason_name);
@@ -283,8 +312,8 @@ static void respond_early_error(struct sl_server_conn *c, int status, const char
                         "%d\r\nConnection: close\r\n\r\n",
                         status, sl_http_reason(status), blen);
     if (hlen > 0 && blen > 0) {
-        sl_buf_append(&c->out, head, (size_t)hlen);
-        sl_buf_append(&c->out, body, (size_t)blen);
+        sl_buf_append(&r->out, head, (size_t)hlen);
+        sl_buf_append(&r->out, body, (size_t)blen);
     }
     c->flags |= CF_CLOSE_AFTER;
     c->state = CS_FLUSH;
@@ -321,19 +350,17 @@ static struct sl_slice strip_port(struct sl_slice host)
 static int start_request(struct sl_server_conn *c, const struct sl_h1_request *h)
 {
     struct sl_h1_server *srv = c->srv;
-    struct sl_arena arena;
-    sl_arena_init(&arena, conn_pool(c));
-    struct h1_req *r = sl_arena_alloc(&arena, sizeof *r);
-    char *copy = r ? sl_arena_dup(&arena, sl_buf_head(&c->in), h->head_len) : NULL;
+    struct h1_req *r = new_request(c);
+    if (!r)
+        return -ENOMEM;
+    struct sl_request *q = &r->pub;
+    char *copy = sl_arena_dup(&q->arena, sl_buf_head(&c->in), h->head_len);
     struct sl_h1_header *hdrs =
-        copy ? sl_arena_alloc(&arena, (h->header_count + 1) * sizeof *hdrs) : NULL;
+        copy ? sl_arena_alloc(&q->arena, (h->header_count + 1) * sizeof *hdrs) : NULL;
     if (!hdrs) {
-        sl_arena_reset(&arena);
+        release_request(c);
         return -ENOMEM;
     }
-    memset(r, 0, sizeof *r);
-    struct sl_request *q = &r->pub;
-    q->arena = arena;
     const char *base = sl_buf_head(&c->in);
     q->method = rebase(h->method, base, h->head_len, copy);
     q->method_bit = sl_method_from_token(q->method.ptr, q->method.len);
@@ -483,14 +510,8 @@ static int flush_out(struct sl_server_conn *c, bool fin)
 {
     size_t w = 0;
     bool flushed = false;
-    int rc;
-    if (c->req)
-        rc = sl_h1_body_writer_write(&c->req->bw, &c->tr, &c->out, NULL, 0, fin, &w, &flushed);
-    else {
-        struct sl_h1_body_writer bw;
-        sl_h1_body_writer_init(&bw, SL_H1_W_NONE);
-        rc = sl_h1_body_writer_write(&bw, &c->tr, &c->out, NULL, 0, false, &w, &flushed);
-    }
+    struct h1_req *r = c->req;
+    int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &r->out, NULL, 0, fin, &w, &flushed);
     if (rc < 0)
         return rc;
     return flushed ? 0 : -EAGAIN;
@@ -503,11 +524,8 @@ static void complete_request(struct sl_server_conn *c)
     struct h1_req *r = c->req;
     bool reuse = r && r->reusable && r->pub.keepalive && r->body.done && r->body.pending == 0 &&
                  !(c->flags & (CF_CLOSE_AFTER | CF_EOF)) && !srv->draining;
-    if (r) {
-        sl_arena_reset(&r->pub.arena);
-        c->req = NULL;
-    }
-    sl_buf_release_if_empty(&c->out, conn_pool(c));
+    if (r)
+        release_request(c);
     if (!reuse) {
         /* Half-close first so the client reads the whole response before the FIN. */
         c->tr.ops->shutdown(&c->tr);
@@ -577,15 +595,7 @@ static void on_conn_io(struct sl_io *io, uint32_t events)
         return;
     if (events & EPOLLOUT) {
         if (c->state == CS_FLUSH) {
-            if (c->req)
-                flush_finished(c);
-            else {
-                int rc = flush_out(c, false);
-                if (rc != -EAGAIN) {
-                    c->tr.ops->shutdown(&c->tr);
-                    conn_close(c);
-                }
-            }
+            flush_finished(c);
             return;
         }
         if (c->state == CS_ACTIVE && (c->flags & CF_WANT_WRITE)) {
@@ -670,17 +680,7 @@ static void on_conn_defer(struct sl_defer *d)
 /* Deferred work: flushing an early error, or notifying the handler outside its own call. */
 static void conn_process(struct sl_server_conn *c)
 {
-    if (c->state == CS_FLUSH && !c->req) {
-        int rc = flush_out(c, false);
-        if (rc == -EAGAIN) {
-            conn_update_events(c);
-            return;
-        }
-        c->tr.ops->shutdown(&c->tr);
-        conn_close(c);
-        return;
-    }
-    if (c->state == CS_FLUSH && c->req) {
+    if (c->state == CS_FLUSH) {
         flush_finished(c);
         return;
     }
@@ -715,10 +715,10 @@ enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *dat
     if ((req->flags & SL_H1_F_EXPECT_CONTINUE) && !(c->flags & CF_CONTINUE_SENT) &&
         !req->response_started && req->version_minor >= 1 && r->body.total == 0) {
         c->flags |= CF_CONTINUE_SENT;
-        if ((!c->in.data || sl_buf_len(&c->in) == 0) && sl_buf_acquire(&c->out, conn_pool(c)) == 0)
-            sl_buf_append(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+        if ((!c->in.data || sl_buf_len(&c->in) == 0) && sl_buf_acquire(&r->out, conn_pool(c)) == 0)
+            sl_buf_append(&r->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
     }
-    if (c->out.data && sl_buf_len(&c->out) && !req->response_started) {
+    if (r->out.data && sl_buf_len(&r->out) && !req->response_started) {
         int rc = flush_out(c, false);
         if (rc < 0 && rc != -EAGAIN) {
             conn_fail(c);
@@ -786,7 +786,8 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
 {
     struct h1_req *r = (struct h1_req *)req;
     struct sl_server_conn *c = req_conn(req);
-    if (sl_buf_acquire(&c->out, conn_pool(c)) < 0)
+    struct sl_buf *out = &r->out;
+    if (sl_buf_acquire(out, conn_pool(c)) < 0)
         return -ENOMEM;
     enum sl_h1_wmode mode = SL_H1_W_NONE;
     bool head_req = req->method_bit == SL_METHOD_HEAD;
@@ -824,15 +825,15 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
     else if (req->version_minor == 0)
         conn_hdr = "Connection: keep-alive\r\n";
     size_t clen = strlen(conn_hdr);
-    if (sl_buf_space(&c->out) < len + (size_t)n + clen + 2)
-        sl_buf_compact(&c->out);
-    if (sl_buf_space(&c->out) < len + (size_t)n + clen + 2)
+    if (sl_buf_space(out) < len + (size_t)n + clen + 2)
+        sl_buf_compact(out);
+    if (sl_buf_space(out) < len + (size_t)n + clen + 2)
         return -ENOMEM;
-    sl_buf_append(&c->out, head, len);
+    sl_buf_append(out, head, len);
     if (n > 0)
-        sl_buf_append(&c->out, extra, (size_t)n);
-    sl_buf_append(&c->out, conn_hdr, clen);
-    sl_buf_append(&c->out, "\r\n", 2);
+        sl_buf_append(out, extra, (size_t)n);
+    sl_buf_append(out, conn_hdr, clen);
+    sl_buf_append(out, "\r\n", 2);
     sl_h1_body_writer_init(&r->bw, mode);
     req->response_started = true;
     return 0;
@@ -846,7 +847,7 @@ int sl_request_write(struct sl_request *req, const char *data, size_t len, size_
     if (c->flags & CF_ABORT)
         return -EPIPE;
     bool flushed = false;
-    int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &c->out, data, len, false, written, &flushed);
+    int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &r->out, data, len, false, written, &flushed);
     if (rc == 0 && *written == len && flushed)
         return 0;
     if (rc < 0 && rc != -EAGAIN) {
@@ -861,8 +862,8 @@ int sl_request_write(struct sl_request *req, const char *data, size_t len, size_
 
 int sl_request_flush(struct sl_request *req)
 {
-    struct sl_server_conn *c = req_conn(req);
-    if (!c->out.data || sl_buf_len(&c->out) == 0)
+    struct h1_req *r = (struct h1_req *)req;
+    if (!r->out.data || sl_buf_len(&r->out) == 0)
         return 0;
     size_t none = 0;
     return sl_request_write(req, NULL, 0, &none);
@@ -890,6 +891,7 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
                        size_t body_len)
 {
     struct sl_server_conn *c = req_conn(req);
+    struct sl_buf *out = &((struct h1_req *)req)->out;
     char head[512];
     int n = snprintf(
         head, sizeof head, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nX-Request-Id: %.*s\r\n", status,
@@ -901,8 +903,8 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
     /* The head and body are small: build them in the output buffer in one piece. */
     int rc = 0;
     if (extra_len) {
-        if (sl_buf_acquire(&c->out, conn_pool(c)) < 0 || !sl_buf_append(&c->out, head, (size_t)n) ||
-            !sl_buf_append(&c->out, extra_headers, extra_len))
+        if (sl_buf_acquire(out, conn_pool(c)) < 0 || !sl_buf_append(out, head, (size_t)n) ||
+            !sl_buf_append(out, extra_headers, extra_len))
             rc = -ENOMEM;
         if (rc == 0) {
             /* respond_head appends framing after what is already in `out` */
@@ -913,10 +915,10 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
     }
     if (rc == 0 && body_len && req->method_bit != SL_METHOD_HEAD && status != 204 &&
         status != 304) {
-        if (sl_buf_space(&c->out) < body_len)
-            sl_buf_compact(&c->out);
-        if (sl_buf_space(&c->out) >= body_len) {
-            sl_buf_append(&c->out, body, body_len);
+        if (sl_buf_space(out) < body_len)
+            sl_buf_compact(out);
+        if (sl_buf_space(out) >= body_len) {
+            sl_buf_append(out, body, body_len);
         } else {
             /* Larger than the buffer: stream it (direct responses are config-sized). */
             size_t w = 0;

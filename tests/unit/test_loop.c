@@ -532,7 +532,7 @@ struct dd {
 static void on_dd(struct sl_defer *d)
 {
     struct dd *x = d->data;
-    assert_false(d->queued);
+    assert_false(sl_defer_is_queued(d));
     if (x->log->n < 32)
         x->log->order[x->log->n] = x->id;
     x->log->n++;
@@ -566,7 +566,7 @@ static void test_defer_order_once(void **state)
     sl_defer_queue(loop, &x[3].d);
     sl_defer_queue(loop, &x[1].d);
     sl_defer_queue(loop, &x[0].d);
-    assert_true(x[0].d.queued);
+    assert_true(sl_defer_is_queued(&x[0].d));
     sl_loop_run_deferred(loop);
     assert_int_equal(log.n, 4);
     assert_int_equal(log.order[0], 2);
@@ -574,7 +574,7 @@ static void test_defer_order_once(void **state)
     assert_int_equal(log.order[2], 3);
     assert_int_equal(log.order[3], 1);
     for (int i = 0; i < 4; i++)
-        assert_false(x[i].d.queued);
+        assert_false(sl_defer_is_queued(&x[i].d));
     assert_null(loop->defer_head);
     /* Ran once: a second pass runs nothing. */
     sl_loop_run_deferred(loop);
@@ -604,7 +604,7 @@ static void test_defer_cancel(void **state)
     sl_defer_cancel(loop, &x[2].d); /* middle */
     sl_defer_cancel(loop, &x[4].d); /* tail */
     sl_defer_cancel(loop, &x[4].d); /* twice */
-    assert_false(x[4].d.queued);
+    assert_false(sl_defer_is_queued(&x[4].d));
     /* The tail must be right after cancelling the old tail: a new entry goes last. */
     sl_defer_queue(loop, &x[0].d);
     sl_loop_run_deferred(loop);
