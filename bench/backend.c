@@ -39,9 +39,9 @@ static const char RESP[] = "HTTP/1.1 200 OK\r\n"
 
 struct conn {
     int fd;
-    size_t len;        /* bytes buffered in buf */
-    uint64_t discard;  /* body bytes still to skip */
-    char *out;         /* pending output (only when a write would block) */
+    size_t len;       /* bytes buffered in buf */
+    uint64_t discard; /* body bytes still to skip */
+    char *out;        /* pending output (only when a write would block) */
     size_t out_len, out_off;
     int close_after;
     char buf[RBUF];
@@ -223,6 +223,19 @@ static void on_readable(struct conn *c)
     }
 }
 
+/* Parses a non-negative decimal argument; exits with a message when it is not one. */
+static int arg_int(const char *s, const char *what)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < 0 || v > 1000000000L) {
+        fprintf(stderr, "bad %s: %s\n", what, s);
+        exit(2);
+    }
+    return (int)v;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -235,7 +248,7 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    int port = atoi(argv[1]);
+    int port = arg_int(argv[1], "port");
     const char *addr = argc > 2 ? argv[2] : "127.0.0.1";
     int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;

@@ -135,6 +135,19 @@ static int wait_line(void)
     return fgets(line, sizeof line, stdin) != NULL;
 }
 
+/* Parses a non-negative decimal argument; exits with a message when it is not one. */
+static int arg_int(const char *s, const char *what)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < 0 || v > 1000000000L) {
+        fprintf(stderr, "bad %s: %s\n", what, s);
+        exit(2);
+    }
+    return (int)v;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4) {
@@ -142,8 +155,8 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    int n = atoi(argv[3]);
-    int inflight_max = argc > 4 ? atoi(argv[4]) : 256;
+    int n = arg_int(argv[3], "connection count");
+    int inflight_max = argc > 4 ? arg_int(argv[4], "inflight") : 256;
     double timeout_ms = (argc > 5 ? atof(argv[5]) : 120) * 1000;
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
@@ -155,7 +168,7 @@ int main(int argc, char **argv)
         return 1;
     }
     dst.sin_family = AF_INET;
-    dst.sin_port = htons((uint16_t)atoi(argv[2]));
+    dst.sin_port = htons((uint16_t)arg_int(argv[2], "port"));
     if (inet_pton(AF_INET, argv[1], &dst.sin_addr) != 1) {
         fprintf(stderr, "idleconns: bad address %s\n", argv[1]);
         return 2;
@@ -180,8 +193,7 @@ int main(int argc, char **argv)
                 inflight++;
             }
             if (now_ms() - t0 > timeout_ms) {
-                fprintf(stderr, "idleconns: timeout with %d/%d done, %d failed\n", done, n,
-                        failed);
+                fprintf(stderr, "idleconns: timeout with %d/%d done, %d failed\n", done, n, failed);
                 printf("READY %d %.0f\n", done, now_ms() - t0);
                 goto hold;
             }
