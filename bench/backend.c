@@ -27,6 +27,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define RBUF 16384
 #define MAX_EVENTS 256
 
@@ -221,19 +223,6 @@ static void on_readable(struct conn *c)
         if ((size_t)n < space)
             return;
     }
-}
-
-/* Parses a non-negative decimal argument; exits with a message when it is not one. */
-static int arg_int(const char *s, const char *what)
-{
-    char *end = NULL;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < 0 || v > 1000000000L) {
-        fprintf(stderr, "bad %s: %s\n", what, s);
-        exit(2);
-    }
-    return (int)v;
 }
 
 int main(int argc, char **argv)

@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
@@ -133,19 +135,6 @@ static int wait_line(void)
 {
     char line[128];
     return fgets(line, sizeof line, stdin) != NULL;
-}
-
-/* Parses a non-negative decimal argument; exits with a message when it is not one. */
-static int arg_int(const char *s, const char *what)
-{
-    char *end = NULL;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < 0 || v > 1000000000L) {
-        fprintf(stderr, "bad %s: %s\n", what, s);
-        exit(2);
-    }
-    return (int)v;
 }
 
 int main(int argc, char **argv)

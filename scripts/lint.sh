@@ -3,7 +3,7 @@
 set -e
 cd "$(dirname "$0")/.."
 status=0
-files=$(git ls-files 'src/*.c' 'src/*.h' 'tests/unit/*.c' 'tests/fuzz/*.c' 'bench/*.c' 2>/dev/null || true)
+files=$(git ls-files 'src/*.c' 'src/*.h' 'tests/unit/*.c' 'tests/fuzz/*.c' 'bench/*.c' 'bench/*.h' 2>/dev/null || true)
 [ -n "$files" ] || files=$(find src tests bench -name '*.[ch]')
 # strcpy/strcat/sprintf/strtok/atoi: unbounded or error-blind; use the bounded forms.
 banned=$(grep -nE '(^|[^_a-zA-Z0-9])(strcpy|strcat|sprintf|vsprintf|strtok|atoi|gets)[[:space:]]*\(' $files || true)

@@ -14,6 +14,7 @@
 #include "core/buf.h"
 #include "core/fmt.h"
 #include "core/log.h"
+#include "core/rand.h"
 #include "core/transport.h"
 #include "core/worker.h"
 #include "http/h1_body.h"
@@ -245,13 +246,7 @@ static void conn_fail(struct sl_server_conn *c)
 
 static uint64_t next_rand(struct sl_h1_server *srv)
 {
-    /* xorshift64*: request ids need uniqueness, not secrecy. */
-    uint64_t x = srv->rng;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    srv->rng = x;
-    return x * 0x2545F4914F6CDD1Dull;
+    return sl_rand_next(&srv->rng); /* request ids need uniqueness, not secrecy */
 }
 
 static bool valid_request_id(struct sl_slice v)

@@ -6,6 +6,7 @@
 
 #include "config/config.h"
 #include "core/hash.h"
+#include "core/rand.h"
 
 /* Seeds of the two Maglev permutation hashes; part of key placement, never change them. */
 #define MAGLEV_SEED_OFFSET 0x6d61676c65763031ull
@@ -206,15 +207,9 @@ void sl_balancer_free(struct sl_balancer *b)
     free(b);
 }
 
-/* xorshift64* */
 static uint64_t rng_next(struct sl_balancer *b)
 {
-    uint64_t x = b->rng;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    b->rng = x;
-    return x * 0x2545f4914f6cdd1dull;
+    return sl_rand_next(&b->rng);
 }
 
 /* Uniform-enough value in [0, n) without division (Lemire's multiply-shift). */
