@@ -268,8 +268,12 @@ static bool build_upstream_head(struct exchange *ex)
 {
     struct sl_request *req = ex->req;
     const struct sl_route_conf *r = ex->route;
-    size_t cap = req->target.len + 64 + ops_size(&r->request_headers) + req->client_ip.len +
-                 req->request_id.len + req->host.len + 160;
+    /* The method, the host twice (Host and X-Forwarded-Host) or the endpoint's address in
+     * its place, and everything else the head gets. */
+    size_t cap = req->method.len + req->target.len + 64 + ops_size(&r->request_headers) +
+                 req->client_ip.len + req->request_id.len + 2 * req->host.len + 160;
+    if (!req->host.len)
+        cap += strlen(ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
     if (r->rewrite_prefix)
         cap += strlen(r->rewrite_prefix);
     for (size_t i = 0; i < req->header_count; i++)
@@ -669,7 +673,9 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
         uc->keepalive_ms = resp->keepalive_timeout_ms;
     ex->upstream_reusable = resp->version_minor >= 1 && !(resp->flags & SL_H1_F_CONN_CLOSE) &&
                             resp->body != SL_H1_BODY_UNTIL_CLOSE;
-    size_t cap = resp->head_len + ops_size(&ex->route->response_headers) + req->request_id.len + 64;
+    /* "Name:value" and bare-LF lines grow by up to two bytes each when rebuilt. */
+    size_t cap = resp->head_len + 2 * resp->header_count +
+                 ops_size(&ex->route->response_headers) + req->request_id.len + 64;
     char *p = sl_arena_alloc(&req->arena, cap);
     struct sb b = {p, 0, cap, p == NULL};
     if (!build_client_head(ex, resp, &b)) {
