@@ -65,6 +65,8 @@ struct h1_req {
     struct sl_h1_body_writer bw;
     uint64_t max_body;
     bool finished; /* the handler called finish */
+    const char *rest; /* what sl_request_respond could not write yet (outlives the request) */
+    size_t rest_len;
     bool reusable;
 };
 
@@ -506,10 +508,13 @@ static int flush_out(struct sl_server_conn *c, bool fin)
     size_t w = 0;
     bool flushed = false;
     struct h1_req *r = c->req;
-    int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &r->out, NULL, 0, fin, &w, &flushed);
+    int rc =
+        sl_h1_body_writer_write(&r->bw, &c->tr, &r->out, r->rest, r->rest_len, fin, &w, &flushed);
+    r->rest += w;
+    r->rest_len -= w;
     if (rc < 0)
         return rc;
-    return flushed ? 0 : -EAGAIN;
+    return flushed && r->rest_len == 0 ? 0 : -EAGAIN;
 }
 
 /* A response is fully out: recycle the request and look at what comes next. */
@@ -918,8 +923,14 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
             /* Larger than the buffer: stream it (direct responses are config-sized). */
             size_t w = 0;
             int wr = sl_request_write(req, body, body_len, &w);
-            if (wr < 0 || w != body_len)
-                rc = -ENOMEM; /* partial big body: give up on the connection */
+            if (wr == -EAGAIN) {
+                /* The rest goes out from the flush (the body outlives the request). */
+                struct h1_req *r = (struct h1_req *)req;
+                r->rest = body + w;
+                r->rest_len = body_len - w;
+            } else if (wr < 0 || w != body_len) {
+                rc = -ENOMEM; /* the client failed: give up on the connection */
+            }
         }
     }
     sl_request_finish(req, rc == 0);
