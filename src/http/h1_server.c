@@ -64,7 +64,7 @@ struct h1_req {
     struct sl_h1_body_reader body;
     struct sl_h1_body_writer bw;
     uint64_t max_body;
-    bool finished; /* the handler called finish */
+    bool finished;    /* the handler called finish */
     const char *rest; /* what sl_request_respond could not write yet (outlives the request) */
     size_t rest_len;
     bool reusable;
@@ -1022,8 +1022,20 @@ const char *sl_http_reason(int status)
         return "URI Too Long";
     case 415:
         return "Unsupported Media Type";
+    case 418:
+        return "I'm a teapot";
+    case 422:
+        return "Unprocessable Content";
+    case 425:
+        return "Too Early";
+    case 426:
+        return "Upgrade Required";
+    case 428:
+        return "Precondition Required";
     case 429:
         return "Too Many Requests";
+    case 451:
+        return "Unavailable For Legal Reasons";
     case 431:
         return "Request Header Fields Too Large";
     case 500:

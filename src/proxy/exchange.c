@@ -674,8 +674,8 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
     ex->upstream_reusable = resp->version_minor >= 1 && !(resp->flags & SL_H1_F_CONN_CLOSE) &&
                             resp->body != SL_H1_BODY_UNTIL_CLOSE;
     /* "Name:value" and bare-LF lines grow by up to two bytes each when rebuilt. */
-    size_t cap = resp->head_len + 2 * resp->header_count +
-                 ops_size(&ex->route->response_headers) + req->request_id.len + 64;
+    size_t cap = resp->head_len + 2 * resp->header_count + ops_size(&ex->route->response_headers) +
+                 req->request_id.len + 64;
     char *p = sl_arena_alloc(&req->arena, cap);
     struct sb b = {p, 0, cap, p == NULL};
     if (!build_client_head(ex, resp, &b)) {
@@ -867,9 +867,13 @@ static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data)
         ex_connect_failed(ex, -ETIMEDOUT);
         return;
     }
+    /* The name says which setting ran out: a stall while the body moves in either direction
+     * is timeouts.idle, waiting for the head after the whole request went out is
+     * timeouts.response. A client that stopped reading is its own send_timeout (the response
+     * has started, so it only ever shows in logs: the client connection is cut). */
     if (ex->client_blocked)
         ex_fail(ex, 504, "client_send_timeout", SL_OUTCOME_CANCELLED);
-    else if (ex->resp_head_done)
+    else if (ex->resp_head_done || !ex->req_sent)
         ex_fail(ex, 504, "upstream_idle_timeout", SL_OUTCOME_TIMEOUT);
     else
         ex_fail(ex, 504, "upstream_timeout", SL_OUTCOME_TIMEOUT);

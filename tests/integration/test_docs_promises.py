@@ -1258,10 +1258,6 @@ def test_send_timeout_cuts_client_that_stops_reading(gateway, backend):
         assert closed and got < size, (closed, got)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a request-body stall towards the backend fires "
-                   "after timeouts.idle but is answered 504 upstream_timeout (the timeouts.response "
-                   "name) instead of upstream_idle_timeout (exchange.c ex_upstream_timeout picks "
-                   "the name by resp_head_done only)")
 def test_upstream_idle_timeout_while_body_goes_out_is_504(gateway):
     # configuration.md: timeouts.idle bounds a stall while the request body goes out (504 if
     # no response byte was sent yet); timeouts.response does not run during the upload.
