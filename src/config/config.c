@@ -723,10 +723,11 @@ static const struct sl__schema_section header_ops_section = {
 };
 
 static const struct sl__schema_key direct_keys[] = {
+    /* 1xx is interim: a client would read the configured body as the final response. */
     {.name = "status",
      .type = SL__T_UINT,
      SL__FIELD(struct sl_direct_response_conf, status),
-     .min = 100,
+     .min = 200,
      .max = 599,
      .def = 200},
     {.name = "body",

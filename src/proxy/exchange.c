@@ -428,6 +428,12 @@ static bool is_idempotent(const struct sl_request *req)
 
 static void ex_start_send(struct exchange *ex)
 {
+    /* A Host-less HTTP/1.0 request is sent with the chosen endpoint's address as Host, which
+     * is only known now: rebuild its head for this attempt (a rare path). */
+    if (!ex->req->host.len && !build_upstream_head(ex)) {
+        ex_fail(ex, 500, "out_of_memory", SL_OUTCOME_CANCELLED);
+        return;
+    }
     ex->state = EX_SENDING;
     ex->head_view =
         (struct sl_buf){ex->up_head, 0, (uint32_t)ex->up_head_len, (uint32_t)ex->up_head_len};

@@ -306,7 +306,7 @@ def test_doc_example_duration_without_unit(tmp_path):
 def test_doc_example_status_out_of_range(tmp_path):
     text = listener_text() + "routes:\n  - direct_response: {status: 700}\n"
     assert_rejected(tmp_path, text,
-                    "5:31: routes[0].direct_response.status: 700 is out of range 100..599")
+                    "5:31: routes[0].direct_response.status: 700 is out of range 200..599")
 
 
 def test_doc_example_duplicate_listener_address(tmp_path):
