@@ -24,6 +24,7 @@ enum conn_state {
     CS_HEAD,    /* reading a request head; header timer */
     CS_ACTIVE,  /* a request is with the handler */
     CS_FLUSH,   /* the handler finished; last response bytes going out */
+    CS_LINGER,  /* response sent and write side shut; discarding what the client still sends */
     CS_CLOSING, /* closed; freed at the end of the turn */
 };
 
@@ -495,6 +496,9 @@ static void conn_update_events(struct sl_server_conn *c)
     case CS_FLUSH:
         ev |= EPOLLOUT;
         break;
+    case CS_LINGER:
+        ev |= EPOLLIN | EPOLLRDHUP;
+        break;
     }
     sl_io_modify(c->srv->loop, &c->io, ev);
 }
@@ -517,6 +521,45 @@ static int flush_out(struct sl_server_conn *c, bool fin)
     return flushed && r->rest_len == 0 ? 0 : -EAGAIN;
 }
 
+/*
+ * Lingering close: closing a socket whose receive queue still holds client bytes makes the
+ * kernel send RST, which discards the response still in flight in the send queue (a client
+ * that was uploading when it was refused would never see the 413). So after a half-close we
+ * read and drop what the client sends until it closes, for at most LINGER_MS.
+ */
+#define LINGER_MS 2000
+#define LINGER_READS_PER_TURN 16
+
+static void start_linger(struct sl_server_conn *c)
+{
+    c->state = CS_LINGER;
+    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_NOTIFY_WRITE);
+    sl_buf_release(&c->in, conn_pool(c));
+    sl_timer_arm(c->srv->loop, &c->timer, LINGER_MS);
+    conn_update_events(c);
+    if (c->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP))
+        sl_defer_queue(c->srv->loop, &c->defer);
+}
+
+static void linger_discard(struct sl_server_conn *c)
+{
+    char sink[16384];
+    for (int i = 0; i < LINGER_READS_PER_TURN; i++) {
+        size_t n = 0;
+        int rc = sl_transport_read(&c->tr, sink, sizeof sink, &n);
+        if (rc == -EAGAIN) {
+            sl_io_clear_ready(&c->io, EPOLLIN);
+            return;
+        }
+        if (rc < 0 || n == 0) {
+            conn_close(c);
+            return;
+        }
+    }
+    /* Still more: continue next turn rather than starve other connections. */
+    sl_defer_queue(c->srv->loop, &c->defer);
+}
+
 /* A response is fully out: recycle the request and look at what comes next. */
 static void complete_request(struct sl_server_conn *c)
 {
@@ -524,12 +567,19 @@ static void complete_request(struct sl_server_conn *c)
     struct h1_req *r = c->req;
     bool reuse = r && r->reusable && r->pub.keepalive && r->body.done && r->body.pending == 0 &&
                  !(c->flags & (CF_CLOSE_AFTER | CF_EOF)) && !srv->draining;
+    /* Is the client perhaps still sending (an unread body, pipelined bytes)? */
+    bool unread =
+        !(c->flags & CF_EOF) && ((r && (!r->body.done || r->body.pending)) ||
+                                 (c->in.data && sl_buf_len(&c->in)) || (c->io.ready & EPOLLIN));
     if (r)
         release_request(c);
     if (!reuse) {
         /* Half-close first so the client reads the whole response before the FIN. */
         c->tr.ops->shutdown(&c->tr);
-        conn_close(c);
+        if (unread)
+            start_linger(c);
+        else
+            conn_close(c);
         return;
     }
     c->state = CS_IDLE;
@@ -608,6 +658,10 @@ static void on_conn_io(struct sl_io *io, uint32_t events)
         }
     }
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        if (c->state == CS_LINGER) {
+            linger_discard(c);
+            return;
+        }
         if (c->state == CS_IDLE || c->state == CS_HEAD) {
             conn_read_head(c, events);
             return;
@@ -653,6 +707,7 @@ static void on_conn_timer(struct sl_timer *t)
         conn_fail(c);
         break;
     case CS_FLUSH:
+    case CS_LINGER:
         conn_close(c);
         break;
     default:
@@ -680,6 +735,10 @@ static void on_conn_defer(struct sl_defer *d)
 /* Deferred work: flushing an early error, or notifying the handler outside its own call. */
 static void conn_process(struct sl_server_conn *c)
 {
+    if (c->state == CS_LINGER) {
+        linger_discard(c);
+        return;
+    }
     if (c->state == CS_FLUSH) {
         flush_finished(c);
         return;

@@ -738,10 +738,6 @@ def test_http10_without_host_gets_the_picked_endpoints_address(gateway, scripted
         assert host == addr, seen
 
 
-@pytest.mark.xfail(strict=True, reason="bug: no lingering close; closing the client socket "
-                   "with unread request body bytes makes the kernel send RST and drop the "
-                   "part of the response still in the send queue (h1_server.c "
-                   "complete_request: shutdown + close at once)")
 def test_early_rejection_with_big_body_reaches_a_slow_reader_whole(gateway, scripted):
     """The backend rejects an upload at once with a 300 KB answer; the client keeps
     uploading and reads the answer slowly. It must get the whole answer, then the close."""
