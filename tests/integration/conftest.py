@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from adversarial_peers import ScriptedBackend  # noqa: E402
 from helpers import BackendFactory, GatewayFactory  # noqa: E402
 
 
@@ -18,6 +19,22 @@ def gateway(tmp_path):
     yield f.start
     problems = f.finish()
     assert not problems, "\n\n".join(problems)
+
+
+@pytest.fixture
+def scripted():
+    """Factory: scripted(handler) -> a backend whose connections run handler(conn, reader,
+    index); stopped at teardown."""
+    started = []
+
+    def make(handler):
+        b = ScriptedBackend(handler)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
 
 
 @pytest.fixture

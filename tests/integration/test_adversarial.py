@@ -13,24 +13,10 @@ import time
 
 import pytest
 
-from adversarial_peers import ScriptedBackend, read_request, reset
+from adversarial_peers import read_request, reset
 from client import IncompleteResponse, build_request
 from helpers import is_sanitizer_build, poll, proxy_config, simple_config
 from peers import hget
-
-
-@pytest.fixture
-def scripted():
-    started = []
-
-    def make(handler):
-        b = ScriptedBackend(handler)
-        started.append(b)
-        return b
-
-    yield make
-    for b in started:
-        b.stop()
 
 
 def fd_count(pid):

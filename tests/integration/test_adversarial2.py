@@ -13,24 +13,10 @@ import time
 import pytest
 
 from adversarial2_peers import ok_response, recording_handler
-from adversarial_peers import ScriptedBackend, read_request
+from adversarial_peers import read_request
 from client import build_request, chunk_encode
 from helpers import RssSampler, can_connect, poll, proxy_config, run_cli
 from peers import hget, read_head
-
-
-@pytest.fixture
-def scripted():
-    started = []
-
-    def make(handler):
-        b = ScriptedBackend(handler)
-        started.append(b)
-        return b
-
-    yield make
-    for b in started:
-        b.stop()
 
 
 @pytest.fixture
