@@ -283,10 +283,20 @@ static void make_request_id(struct sl_server_conn *c, struct sl_request *r)
 static void set_client_ip(struct sl_server_conn *c, struct sl_request *r)
 {
     char *p = sl_arena_alloc(&r->arena, INET6_ADDRSTRLEN);
-    if (p && c->family && inet_ntop(c->family, c->peer_addr, p, INET6_ADDRSTRLEN))
+    if (p && c->family == AF_INET) {
+        /* glibc's inet_ntop formats IPv4 with sprintf, which showed in per-request profiles. */
+        size_t n = 0;
+        for (int i = 0; i < 4; i++) {
+            if (i)
+                p[n++] = '.';
+            n += sl_fmt_u64(p + n, c->peer_addr[i]);
+        }
+        r->client_ip = sl_slice_make(p, n);
+    } else if (p && c->family && inet_ntop(c->family, c->peer_addr, p, INET6_ADDRSTRLEN)) {
         r->client_ip = sl_slice_cstr(p);
-    else
+    } else {
         r->client_ip = SL_SLICE_LIT("unknown");
+    }
 }
 
 /* ---- answering errors found by the front-end itself ---- */
