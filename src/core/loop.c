@@ -303,8 +303,7 @@ void sl_loop_run(struct sl_loop *loop)
     while (!loop->stop) {
         int timeout = sl_loop_next_timeout_ms(loop);
         int n = epoll_wait(loop->epfd, evs, MAX_EVENTS, timeout);
-        uint64_t woke = sl_clock_now_ms();
-        loop->now_ms = woke;
+        loop->now_ms = sl_clock_now_ms();
         if (n < 0 && errno != EINTR)
             break;
         for (int i = 0; i < n; i++) {
@@ -322,9 +321,5 @@ void sl_loop_run(struct sl_loop *loop)
         }
         sl_loop_run_timers(loop, loop->now_ms);
         sl_loop_run_deferred(loop);
-        loop->turns++;
-        uint64_t spent = sl_clock_now_ms() - woke;
-        if (spent > loop->lag_max_ms)
-            loop->lag_max_ms = spent;
     }
 }

@@ -83,8 +83,6 @@ struct sl_loop {
     void (*on_wake)(struct sl_loop *loop, void *data);
     void *wake_data;
     struct sl_io wake_io;
-    uint64_t turns;
-    uint64_t lag_max_ms; /* longest turn since last read (dispatch time), for saturation */
 };
 
 /* Monotonic clock in milliseconds (CLOCK_MONOTONIC_COARSE is not used: 1-4 ms jitter). */

@@ -35,9 +35,8 @@ enum conn_flag {
     CF_CLOSE_AFTER = 1u << 3,
     CF_ABORT = 1u << 4, /* the client failed; on_abort pending */
     CF_NOTIFY_BODY = 1u << 5,
-    CF_NOTIFY_WRITE = 1u << 6,
-    CF_CONTINUE_SENT = 1u << 7,
-    CF_BODY_TIMEOUT = 1u << 8, /* the body stalled past body_timeout: next peek fails, 408 */
+    CF_CONTINUE_SENT = 1u << 6,
+    CF_BODY_TIMEOUT = 1u << 7, /* the body stalled past body_timeout: next peek fails, 408 */
 };
 
 struct sl_server_conn {
@@ -449,8 +448,7 @@ static void try_parse_head(struct sl_server_conn *c)
     }
     memset(&c->hs, 0, sizeof c->hs);
     c->state = CS_ACTIVE;
-    c->flags &=
-        ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_NOTIFY_WRITE | CF_CONTINUE_SENT);
+    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_CONTINUE_SENT);
     sl_timer_cancel(srv->loop, &c->timer);
     conn_update_events(c);
     srv->handler->on_request(&c->req->pub);
@@ -543,7 +541,7 @@ static int flush_out(struct sl_server_conn *c, bool fin)
 static void start_linger(struct sl_server_conn *c)
 {
     c->state = CS_LINGER;
-    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_NOTIFY_WRITE);
+    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY);
     sl_buf_release(&c->in, conn_pool(c));
     sl_timer_arm(c->srv->loop, &c->timer, LINGER_MS);
     conn_update_events(c);
@@ -593,7 +591,7 @@ static void complete_request(struct sl_server_conn *c)
         return;
     }
     c->state = CS_IDLE;
-    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY | CF_NOTIFY_WRITE);
+    c->flags &= ~(CF_WANT_BODY | CF_WANT_WRITE | CF_NOTIFY_BODY);
     sl_buf_release_if_empty(&c->in, conn_pool(c));
     if (c->in.data && sl_buf_len(&c->in)) {
         try_parse_head(c); /* pipelined request already here */
@@ -833,12 +831,6 @@ void sl_request_body_consume(struct sl_request *req, size_t n)
 {
     struct h1_req *r = (struct h1_req *)req;
     sl_h1_body_reader_consume(&r->body, &req_conn(req)->in, n);
-}
-
-uint64_t sl_request_body_received(const struct sl_request *req)
-{
-    const struct h1_req *r = (const struct h1_req *)req;
-    return r->body.total + r->body.pending;
 }
 
 static int content_length_line(char *out, uint64_t length)

@@ -82,9 +82,6 @@ enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *dat
 /* Marks `n` bytes from the last peek as used. */
 void sl_request_body_consume(struct sl_request *req, size_t n);
 
-/* Bytes of body received so far. */
-uint64_t sl_request_body_received(const struct sl_request *req);
-
 /*
  * Starts the response: `head` is a complete serialized status line + headers (the front-end
  * adds nothing but framing headers it needs: it appends Content-Length / Transfer-Encoding /

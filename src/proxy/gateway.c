@@ -73,10 +73,6 @@ static void on_server_drained(struct sl_h1_server *srv, void *data)
     sl_gw_worker_check_drained(data);
 }
 
-struct start_ctx {
-    struct sl_gateway *gw;
-};
-
 static int worker_init(struct sl_worker *w, void *data)
 {
     struct sl_gateway *g = data;
