@@ -321,5 +321,6 @@ void sl_loop_run(struct sl_loop *loop)
         }
         sl_loop_run_timers(loop, loop->now_ms);
         sl_loop_run_deferred(loop);
+        loop->turns++;
     }
 }

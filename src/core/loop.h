@@ -77,6 +77,7 @@ struct sl_loop {
     int wake_fd; /* eventfd; sl_loop_wake() makes the loop run `on_wake` */
     bool stop;
     uint64_t now_ms;        /* cached monotonic time, refreshed once per turn */
+    uint64_t turns;         /* completed loop turns (tests use it to tell turns apart) */
     struct sl_timer **heap; /* 1-based binary min-heap */
     uint32_t heap_len, heap_cap;
     struct sl_defer *defer_head, *defer_tail;

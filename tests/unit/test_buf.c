@@ -87,6 +87,43 @@ static void test_pool_max_free(void **state)
     sl_pool_dispose(&p);
 }
 
+/* sl_pool_trim_idle gives back only the blocks that sat unused for a whole interval: a burst's
+ * blocks go after the quiet interval that follows it, the working set of steady load stays. */
+static void test_pool_trim_idle(void **state)
+{
+    (void)state;
+    enum { N = 40 };
+    struct sl_pool p;
+    sl_pool_init(&p, 8192, 1024); /* page-sized: the mmap path */
+    assert_int_equal(p.block_bytes, 8192);
+    void *b[N];
+    for (int i = 0; i < N; i++)
+        assert_non_null(b[i] = sl_pool_get(&p));
+    for (int i = 0; i < N; i++)
+        sl_pool_put(&p, b[i]);
+    assert_int_equal(p.free_count, N);
+    /* The interval that saw the burst: the free list was empty at its low point. */
+    assert_int_equal(sl_pool_trim_idle(&p, 4), 0);
+    assert_int_equal(p.free_count, N);
+    /* Steady load during the next interval uses 10 blocks at most at once. */
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 10; i++)
+            b[i] = sl_pool_get(&p);
+        for (int i = 0; i < 10; i++)
+            sl_pool_put(&p, b[i]);
+    }
+    /* 30 blocks were never touched: all but `keep` of them go. */
+    assert_int_equal(sl_pool_trim_idle(&p, 4), N - 10 - 4);
+    assert_int_equal(p.free_count, 14);
+    /* A quiet interval: the rest beyond `keep` go too, and nothing more after that. */
+    assert_int_equal(sl_pool_trim_idle(&p, 4), 10);
+    assert_int_equal(p.free_count, 4);
+    assert_int_equal(sl_pool_trim_idle(&p, 4), 0);
+    assert_int_equal(p.outstanding, 0);
+    sl_pool_dispose(&p);
+    assert_int_equal(p.free_count, 0);
+}
+
 /* ---- buf --------------------------------------------------------------------------------- */
 
 #define BLOCK 1024
@@ -480,6 +517,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pool_reuse),
         cmocka_unit_test(test_pool_max_free),
+        cmocka_unit_test(test_pool_trim_idle),
         cmocka_unit_test(test_buf_acquire_append_consume),
         cmocka_unit_test(test_buf_append_no_fit),
         cmocka_unit_test(test_buf_compact),
