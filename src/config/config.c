@@ -1093,7 +1093,8 @@ static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *
             size_t pos = 0;
             for (size_t m = 0; lseq && lseq->kind == SL_YAML_SEQ && m < lseq->count; m++) {
                 const struct sl_yaml_node *it = lseq->items[m];
-                if (it->kind == SL_YAML_SCALAR && strcmp(it->str, r->listeners[k]) == 0) {
+                if (it->kind == SL_YAML_SCALAR && !it->is_null &&
+                    strcmp(it->str, r->listeners[k]) == 0) {
                     at_node = it;
                     pos = m;
                     break;

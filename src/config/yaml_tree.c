@@ -253,6 +253,14 @@ static void on_event(struct builder *b, const yaml_event_t *ev, int *documents)
         /* A null placeholder keeps the surrounding mapping's keys and values paired. */
         struct sl_yaml_node *n = node_new(b, SL_YAML_SCALAR, m);
         if (n) {
+            /* An empty string, not NULL: readers may compare str before checking is_null. */
+            n->str = calloc(1, 1);
+            if (!n->str) {
+                free(n);
+                error_at(b, m, "out of memory");
+                b->fatal = true;
+                break;
+            }
             n->is_null = true;
             attach(b, n, m);
         }

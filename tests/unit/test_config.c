@@ -786,6 +786,24 @@ static void test_err_anchors(void **state)
                   "t.yaml:7:13: listeners[1].limits: expected a mapping, got null\n");
 }
 
+/* Found by the config fuzzer: an alias inside a route's listener list next to an unknown name. */
+static void test_err_alias_in_route_listeners(void **state)
+{
+    (void)state;
+    expect_errors("listeners:\n"
+                  "  - name: &p public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "routes:\n"
+                  "  - listeners: [*p, nope]\n"
+                  "    direct_response: {status: 200}\n",
+                  "t.yaml:2:11: listeners[0].name: anchors and aliases are not supported; repeat "
+                  "the value instead\n"
+                  "t.yaml:5:17: routes[0].listeners[0]: anchors and aliases are not supported; "
+                  "repeat the value instead\n"
+                  "t.yaml:5:17: routes[0].listeners[0]: expected a string, got null\n"
+                  "t.yaml:5:21: routes[0].listeners[1]: unknown listener \"nope\"\n");
+}
+
 static void test_err_twodocs(void **state)
 {
     (void)state;
@@ -861,6 +879,7 @@ int main(void)
         cmocka_unit_test(test_err_headers),
         cmocka_unit_test(test_err_hosts),
         cmocka_unit_test(test_err_anchors),
+        cmocka_unit_test(test_err_alias_in_route_listeners),
         cmocka_unit_test(test_err_twodocs),
         cmocka_unit_test(test_err_empty),
         cmocka_unit_test(test_err_toplist),
