@@ -9,6 +9,7 @@
 #include "config/config.h"
 #include "core/log.h"
 #include "core/loop.h"
+#include "filters/filter_set.h"
 #include "proxy/gateway.h"
 
 #define SLUICE_VERSION "0.1.0"
@@ -62,6 +63,7 @@ int main(int argc, char **argv)
 
     struct sl_config *cfg = NULL;
     struct sl_config_errors errs = {0};
+    sl_filters_register_config();
     if (sl_config_load(path, &cfg, &errs) < 0) {
         sl_config_errors_print(&errs, stderr);
         fprintf(stderr, "sluice: %s: %zu error%s, configuration rejected\n", path, errs.count,
@@ -71,6 +73,15 @@ int main(int argc, char **argv)
     }
     sl_config_errors_dispose(&errs);
     if (test_only) {
+        /* Filters load keys and files when built: a config that only parses is not OK yet. */
+        struct sl_filter_set *fs = NULL;
+        char ferr[512];
+        if (sl_filter_set_build(cfg, &fs, ferr, sizeof ferr) != 0) {
+            fprintf(stderr, "%s\nsluice: %s: configuration rejected\n", ferr, path);
+            sl_config_free(cfg);
+            return EXIT_CONFIG;
+        }
+        sl_filter_set_free(fs);
         printf("sluice: %s: configuration OK\n", path);
         sl_config_free(cfg);
         return EXIT_OK;
@@ -87,9 +98,10 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     uint64_t drain_ms = cfg->drain_timeout_ms;
-    struct sl_gateway *gw = sl_gateway_new(cfg);
+    char gerr[512];
+    struct sl_gateway *gw = sl_gateway_new(cfg, gerr, sizeof gerr);
     if (!gw) {
-        SL_ERR("out of memory building the runtime");
+        SL_ERR("%s", gerr);
         return EXIT_CONFIG;
     }
     if (sl_gateway_start(gw) < 0) {

@@ -8,7 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "config/errors.h"
+#include "config/filter_conf.h"
 #include "config/schema.h"
 #include "config/units.h"
 #include "config/yaml_tree.h"
@@ -796,12 +799,257 @@ static void route_check(struct sl__config_ctx *c, const struct sl_yaml_node *map
         r->strip_prefix = true;
 }
 
+/* ---- filters, redis, consumers ------------------------------------------------------------ */
+
+static const struct sl_config_filter_type *const *filter_types;
+static size_t filter_type_count;
+
+void sl_config_set_filter_types(const struct sl_config_filter_type *const *types, size_t count)
+{
+    filter_types = types;
+    filter_type_count = count;
+}
+
+static void filter_confs_free(struct sl_filter_conf *f, size_t n)
+{
+    for (size_t i = 0; f && i < n; i++) {
+        if (f[i].conf) {
+            sl__config_schema_free(f[i].type->section, f[i].conf);
+            free(f[i].conf);
+        }
+        free(f[i].where);
+    }
+    free(f);
+}
+
+/* `filters:` / `default_filters:`: a list of one-key mappings `- <type>: {<its keys>}`. */
+static void set_filters(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                        const struct sl_yaml_node *n, void *base)
+{
+    struct sl_filter_conf **arr = (void *)((char *)base + k->offset);
+    size_t *count = (void *)((char *)base + k->count_offset);
+    char q[160];
+    if (n->kind != SL_YAML_SEQ) {
+        sl__config_error(c, n, "expected a list of filters, got %s", sl__config_yaml_kind_name(n));
+        return;
+    }
+    filter_confs_free(*arr, *count);
+    *arr = NULL;
+    *count = 0;
+    if (n->count == 0)
+        return;
+    if (!(*arr = calloc(n->count, sizeof(**arr)))) {
+        sl__config_error(c, n, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *item = n->items[i];
+        size_t saved = sl__config_path_push_index(c, i);
+        if (item->kind != SL_YAML_MAP || item->count != 1) {
+            sl__config_error(c, item,
+                             "expected a filter as a one-key mapping, e.g. \"- jwt: {...}\"");
+            goto next;
+        }
+        const struct sl_yaml_node *key = item->keys[0], *val = item->items[0];
+        const struct sl_config_filter_type *t = NULL;
+        for (size_t j = 0; j < filter_type_count && !t; j++)
+            if (strlen(filter_types[j]->name) == key->len &&
+                memcmp(filter_types[j]->name, key->str, key->len) == 0)
+                t = filter_types[j];
+        if (!t) {
+            char known[256];
+            size_t o = 0;
+            known[0] = '\0';
+            for (size_t j = 0; j < filter_type_count && o < sizeof(known); j++) {
+                int w = snprintf(known + o, sizeof(known) - o, "%s%s", j ? ", " : "",
+                                 filter_types[j]->name);
+                if (w > 0)
+                    o += (size_t)w;
+            }
+            sl__config_error(c, key, "unknown filter %s (known: %s)",
+                             sl__config_q(q, sizeof(q), key), known);
+            goto next;
+        }
+        struct sl_filter_conf *f = &(*arr)[*count];
+        size_t saved2 = sl__config_path_push_key(c, key->str, key->len);
+        f->type = t;
+        f->line = key->line;
+        f->col = key->col;
+        f->where = sl__config_strndup(c, c->path, c->path_len);
+        f->conf = calloc(1, t->conf_size ? t->conf_size : 1);
+        ++*count;
+        if (!f->conf) {
+            sl__config_error(c, key, "out of memory");
+        } else {
+            sl__config_schema_defaults(c, t->section, f->conf);
+            if (val->kind == SL_YAML_SCALAR && val->is_null) {
+                /* `- api_key:` with no body: only defaults, but required keys still count. */
+                for (size_t j = 0; j < t->section->key_count; j++)
+                    if (t->section->keys[j].flags & SL__KEY_REQUIRED)
+                        sl__config_error(c, key, "missing required key \"%s\"",
+                                         t->section->keys[j].name);
+                if (t->section->check)
+                    t->section->check(c, key, f->conf);
+            } else {
+                sl__config_schema_apply(c, t->section, val, f->conf);
+            }
+        }
+        sl__config_path_pop(c, saved2);
+    next:
+        sl__config_path_pop(c, saved);
+    }
+}
+
+static void set_redis_address(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                              const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_redis_conf *r = base;
+    parse_address(c, n, &r->address, &r->addr, &r->addr_len);
+}
+
+static void redis_free(void *elem)
+{
+    struct sl_redis_conf *r = elem;
+    free(r->address);
+    r->address = NULL;
+}
+
+static const struct sl__schema_key redis_keys[] = {
+    {.name = "address", .type = SL__T_CUSTOM, .set = set_redis_address, .flags = SL__KEY_REQUIRED},
+    {.name = "username", .type = SL__T_STRING, SL__FIELD(struct sl_redis_conf, username)},
+    {.name = "password", .type = SL__T_STRING, SL__FIELD(struct sl_redis_conf, password)},
+    {.name = "db",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_redis_conf, db),
+     .min = 0,
+     .max = 1000000,
+     .def = 0},
+    {.name = "timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_redis_conf, timeout_ms),
+     .min = 1,
+     .max = 10 * SEC,
+     .def = 50},
+    {.name = "connect_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_redis_conf, connect_timeout_ms),
+     .min = 1,
+     .max = 60 * SEC,
+     .def = 200},
+    {.name = "key_prefix",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_redis_conf, key_prefix),
+     .def_str = "sluice:"},
+};
+
+static const struct sl__schema_section redis_section = {
+    .keys = redis_keys,
+    .key_count = sizeof(redis_keys) / sizeof(redis_keys[0]),
+    .free = redis_free,
+};
+
+static int hexval(char ch)
+{
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    if (ch >= 'a' && ch <= 'f')
+        return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F')
+        return ch - 'A' + 10;
+    return -1;
+}
+
+static void set_consumer_sha256(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                                const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_consumer_conf *cs = base;
+    const char *s = sl__config_scalar(c, n, "a SHA-256 as 64 hex digits");
+    if (!s)
+        return;
+    bool ok = n->len == 64;
+    for (size_t i = 0; ok && i < 32; i++) {
+        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+        ok = hi >= 0 && lo >= 0;
+        cs->key_sha256[i] = (unsigned char)(ok ? hi * 16 + lo : 0);
+    }
+    if (!ok) {
+        char q[160];
+        sl__config_error(c, n, "expected a SHA-256 as 64 hex digits, got %s",
+                         sl__config_q(q, sizeof(q), n));
+        return;
+    }
+    cs->has_sha256 = true;
+}
+
+static void consumer_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_consumer_conf *cs = elem;
+    cs->line = map->line;
+    cs->col = map->col;
+    bool has_key = cs->api_key != NULL, has_sha = sl__config_yaml_get(map, "api_key_sha256");
+    if (has_key && has_sha) {
+        error_at_key(c, map, "api_key_sha256", "cannot be combined with \"api_key\"");
+        return;
+    }
+    if (has_key) {
+        unsigned int len = 0;
+        if (!EVP_Digest(cs->api_key, strlen(cs->api_key), cs->key_sha256, &len, EVP_sha256(), NULL))
+            sl__config_error(c, map, "cannot hash the key");
+        cs->has_sha256 = true;
+    }
+}
+
+static const char *check_api_key(const char *s, size_t len, char *buf, size_t cap)
+{
+    (void)buf;
+    (void)cap;
+    if (len < 8)
+        return "must be at least 8 characters (use a random key of 32 or more)";
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)s[i] <= 0x20 || (unsigned char)s[i] >= 0x7f)
+            return "must be printable ASCII without spaces";
+    return NULL;
+}
+
+static const struct sl__schema_key consumer_keys[] = {
+    {.name = "name",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_consumer_conf, name),
+     .check = check_name,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "api_key",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_consumer_conf, api_key),
+     .check = check_api_key},
+    {.name = "api_key_sha256", .type = SL__T_CUSTOM, .set = set_consumer_sha256},
+};
+
+static const struct sl__schema_section consumer_section = {
+    .keys = consumer_keys,
+    .key_count = sizeof(consumer_keys) / sizeof(consumer_keys[0]),
+    .elem_size = sizeof(struct sl_consumer_conf),
+    .check = consumer_check,
+};
+
+static void config_top_free(void *elem)
+{
+    struct sl_config *cfg = elem;
+    filter_confs_free(cfg->default_filters, cfg->default_filter_count);
+    cfg->default_filters = NULL;
+    cfg->default_filter_count = 0;
+}
+
 static void route_free(void *elem)
 {
     struct sl_route_conf *r = elem;
     free_strings(r->listeners, r->listener_count);
     r->listeners = NULL;
     r->listener_count = 0;
+    filter_confs_free(r->filters, r->filter_count);
+    r->filters = NULL;
+    r->filter_count = 0;
 }
 
 static const struct sl__schema_key route_keys[] = {
@@ -844,6 +1092,15 @@ static const struct sl__schema_key route_keys[] = {
      SL__FIELD(struct sl_route_conf, direct_response),
      .section = &direct_section,
      .flags = SL__KEY_LAZY},
+    {.name = "filters",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_route_conf, filters),
+     .count_offset = offsetof(struct sl_route_conf, filter_count),
+     .set = set_filters},
+    {.name = "skip_default_filters",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_route_conf, skip_default_filters),
+     .def = false},
 };
 
 static const struct sl__schema_section route_section = {
@@ -885,6 +1142,21 @@ static const struct sl__schema_key top_keys[] = {
      SL__FIELD(struct sl_config, upstreams),
      .count_offset = offsetof(struct sl_config, upstream_count),
      .section = &upstream_section},
+    {.name = "redis",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_config, redis),
+     .section = &redis_section,
+     .flags = SL__KEY_LAZY},
+    {.name = "consumers",
+     .type = SL__T_LIST,
+     SL__FIELD(struct sl_config, consumers),
+     .count_offset = offsetof(struct sl_config, consumer_count),
+     .section = &consumer_section},
+    {.name = "default_filters",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_config, default_filters),
+     .count_offset = offsetof(struct sl_config, default_filter_count),
+     .set = set_filters},
     {.name = "routes",
      .type = SL__T_LIST,
      SL__FIELD(struct sl_config, routes),
@@ -895,6 +1167,7 @@ static const struct sl__schema_key top_keys[] = {
 static const struct sl__schema_section top_section = {
     .keys = top_keys,
     .key_count = sizeof(top_keys) / sizeof(top_keys[0]),
+    .free = config_top_free,
 };
 
 /* ---- step 2: resolve names ---------------------------------------------------------------- */

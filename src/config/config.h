@@ -113,6 +113,39 @@ struct sl_route_match_conf {
     size_t header_count;
 };
 
+struct sl_config_filter_type;
+
+/* One entry of a `filters:` list: its type (see config/filter_conf.h) and its parsed config,
+ * the struct that type's schema fills. */
+struct sl_filter_conf {
+    const struct sl_config_filter_type *type;
+    void *conf;
+    char *where; /* key path, e.g. "routes[1].filters[0].jwt", for run-time messages */
+    int line, col;
+};
+
+/* `redis:` at the top level: the server global rate limits share. */
+struct sl_redis_conf {
+    char *address; /* host:port as written; NULL when no `redis:` section */
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    char *username;              /* AUTH user (Redis 6 ACL), or NULL */
+    char *password;              /* AUTH password, or NULL */
+    uint32_t db;                 /* SELECT, default 0 */
+    uint64_t timeout_ms;         /* per command, default 50ms */
+    uint64_t connect_timeout_ms; /* default 200ms */
+    char *key_prefix;            /* default "sluice:" */
+};
+
+/* `consumers:`: who may call with an API key. */
+struct sl_consumer_conf {
+    char *name;
+    char *api_key;                /* plain key, or NULL */
+    unsigned char key_sha256[32]; /* SHA-256 of the key (from api_key or api_key_sha256) */
+    bool has_sha256;
+    int line, col;
+};
+
 struct sl_route_conf {
     char *name;
     size_t index; /* position in the file; the final tie-breaker */
@@ -127,6 +160,9 @@ struct sl_route_conf {
     struct sl_header_ops_conf response_headers;
     bool has_direct_response;
     struct sl_direct_response_conf direct_response;
+    struct sl_filter_conf *filters; /* the route's own, run after default_filters */
+    size_t filter_count;
+    bool skip_default_filters;
     int line, col;
 };
 
@@ -141,6 +177,11 @@ struct sl_config {
     size_t upstream_count;
     struct sl_route_conf *routes;
     size_t route_count;
+    struct sl_filter_conf *default_filters; /* run first on every route */
+    size_t default_filter_count;
+    struct sl_redis_conf redis;
+    struct sl_consumer_conf *consumers;
+    size_t consumer_count;
 };
 
 /* One error found while loading: "file:line:col: key.path: message". */

@@ -25,6 +25,21 @@ static void on_wake_io(struct sl_io *io, uint32_t events)
     uint64_t v;
     ssize_t r = read(loop->wake_fd, &v, sizeof v);
     (void)r;
+    struct sl_post *p = atomic_exchange(&loop->posted, NULL);
+    struct sl_post *rev = NULL;
+    while (p) { /* the stack is newest first: run in posting order */
+        struct sl_post *next = p->next;
+        p->next = rev;
+        rev = p;
+        p = next;
+    }
+    while (rev) {
+        struct sl_post *next = rev->next;
+        rev->next = NULL;
+        atomic_store(&rev->queued, 0);
+        rev->cb(rev);
+        rev = next;
+    }
     if (loop->on_wake)
         loop->on_wake(loop, loop->wake_data);
 }
@@ -59,6 +74,18 @@ void sl_loop_dispose(struct sl_loop *loop)
     free(loop->heap);
     loop->heap = NULL;
     loop->epfd = loop->wake_fd = -1;
+}
+
+void sl_loop_post(struct sl_loop *loop, struct sl_post *p)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&p->queued, &expected, 1))
+        return;
+    struct sl_post *head = atomic_load(&loop->posted);
+    do
+        p->next = head;
+    while (!atomic_compare_exchange_weak(&loop->posted, &head, p));
+    sl_loop_wake(loop);
 }
 
 void sl_loop_wake(struct sl_loop *loop)

@@ -1,6 +1,7 @@
 #ifndef SL_CORE_LOOP_H
 #define SL_CORE_LOOP_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -60,6 +61,17 @@ struct sl_timer {
     void *data;
 };
 
+/*
+ * A callback posted from another thread to run on the loop's thread (a key set fetched by a
+ * background thread, for example). Embedded in its owner, which keeps it alive until it ran.
+ */
+struct sl_post {
+    struct sl_post *next;
+    void (*cb)(struct sl_post *p);
+    void *data;
+    _Atomic int queued; /* 1 while posted and not yet run */
+};
+
 /* A callback queued to run at the end of the current loop turn (once, until re-queued). */
 struct sl_defer {
     struct sl_defer *next; /* NULL when not queued */
@@ -82,6 +94,7 @@ struct sl_loop {
     uint32_t heap_len, heap_cap;
     struct sl_defer *defer_head, *defer_tail;
     void (*on_wake)(struct sl_loop *loop, void *data);
+    struct sl_post *_Atomic posted; /* stack of posts from other threads */
     void *wake_data;
     struct sl_io wake_io;
 };
@@ -103,6 +116,10 @@ void sl_loop_stop(struct sl_loop *loop);
 
 /* Wakes the loop from any thread; `on_wake` runs on the loop thread. Async-signal-safe. */
 void sl_loop_wake(struct sl_loop *loop);
+
+/* From any thread: runs p->cb on the loop's thread soon (posts run before `on_wake`). A post
+ * already queued is not queued twice. Lock-free. */
+void sl_loop_post(struct sl_loop *loop, struct sl_post *p);
 
 static inline uint64_t sl_loop_now_ms(const struct sl_loop *loop)
 {

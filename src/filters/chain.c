@@ -29,10 +29,14 @@ static void run_from(struct sl_filter_run *run)
 }
 
 void sl_filter_run_start(struct sl_filter_run *run, const struct sl_filter_chain *chain,
-                         struct sl_request *req, sl_filter_done_cb done, void *data)
+                         void *const *wstates, struct sl_request *req, sl_filter_done_cb done,
+                         void *data)
 {
     static const struct sl_filter_chain empty = {NULL, 0};
     run->chain = chain ? chain : &empty;
+    run->wstates = wstates;
+    run->extra_headers = NULL;
+    run->extra_len = 0;
     run->req = req;
     run->pos = 0;
     run->paused = false;
@@ -63,6 +67,16 @@ void sl_filter_resume(struct sl_filter_run *run, enum sl_filter_verdict verdict)
     }
     run->pos++;
     run_from(run);
+}
+
+void sl_filter_run_cancel(struct sl_filter_run *run)
+{
+    if (!run->paused || run->pos >= run->chain->count)
+        return;
+    run->paused = false;
+    const struct sl_filter_instance *f = &run->chain->items[run->pos];
+    if (f->ops->on_cancel)
+        f->ops->on_cancel(run, f->state);
 }
 
 enum sl_filter_verdict sl_filter_respond(struct sl_filter_run *run, int status,

@@ -963,9 +963,11 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
     }
     /* The head and body are small: build them in the output buffer in one piece. */
     int rc = 0;
-    if (extra_len) {
+    if (extra_len || req->resp_extra_len) {
+        /* Filters' lines (RateLimit-*, WWW-Authenticate) go with every answer. */
         if (sl_buf_acquire(out, conn_pool(c)) < 0 || !sl_buf_append(out, head, (size_t)n) ||
-            !sl_buf_append(out, extra_headers, extra_len))
+            (extra_len && !sl_buf_append(out, extra_headers, extra_len)) ||
+            (req->resp_extra_len && !sl_buf_append(out, req->resp_extra, req->resp_extra_len)))
             rc = -ENOMEM;
         if (rc == 0) {
             /* respond_head appends framing after what is already in `out` */

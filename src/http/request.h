@@ -69,6 +69,11 @@ struct sl_request {
     const void *route;
     bool response_started;
     bool keepalive; /* the front-end may reuse the connection after this response */
+    /* set by filters */
+    struct sl_slice consumer; /* who is calling (api_key consumer name), for limits and logs */
+    const void *jwt_claims;   /* verified token claims (filters/jwt.h reads them) */
+    char *resp_extra;         /* header lines added to the response, in the arena */
+    size_t resp_extra_len, resp_extra_cap;
 };
 
 /*
@@ -123,6 +128,29 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
 /* Answers a gateway-generated error as JSON {"status":N,"error":"<name>","request_id":"..."}
  * and finishes the request. */
 void sl_request_respond_error(struct sl_request *req, int status, const char *name);
+
+/* ---- helpers for filters (request_util.c); all allocation is in the request arena ---- */
+
+/* First header named `name` (case-insensitive). Returns true and sets *value when found. */
+bool sl_request_header(const struct sl_request *req, const char *name, struct sl_slice *value);
+
+/* Removes every header named `name`, so it never reaches the upstream. */
+void sl_request_header_remove(struct sl_request *req, const char *name);
+
+/* Appends a header sent upstream (copies name and value into the arena). 0 or -ENOMEM. */
+int sl_request_header_append(struct sl_request *req, struct sl_slice name, struct sl_slice value);
+
+/* Query parameter `name`, percent-decoded into the arena when it contains escapes. Returns true
+ * when present (value may be empty); false when absent or its escapes are malformed. */
+bool sl_request_query_param(struct sl_request *req, const char *name, struct sl_slice *value);
+
+/* Cookie `name` from the Cookie header(s). Returns true when present. */
+bool sl_request_cookie(const struct sl_request *req, const char *name, struct sl_slice *value);
+
+/* Adds a "name: value" line to whatever response this request gets (the upstream's, a direct
+ * response, or a filter's answer). 0 or -ENOMEM. */
+int sl_request_add_response_header(struct sl_request *req, struct sl_slice name,
+                                   struct sl_slice value);
 
 /* Standard reason phrase for a status ("OK", "Not Found", ...); "" when unknown. */
 const char *sl_http_reason(int status);

@@ -14,6 +14,7 @@
 #include "core/hash.h"
 #include "core/log.h"
 #include "filters/filter.h"
+#include "filters/filter_set.h"
 #include "http/h1_body.h"
 #include "http/h1_parse.h"
 #include "http/request.h"
@@ -666,6 +667,8 @@ static bool build_client_head(struct exchange *ex, const struct sl_h1_response *
     }
     sb_header(b, SL_SLICE_LIT("X-Request-Id"), req->request_id);
     sb_header_ops(b, &r->response_headers);
+    if (req->resp_extra_len)
+        sb_put(b, req->resp_extra, req->resp_extra_len);
     return !b->overflow;
 }
 
@@ -681,7 +684,7 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
                             resp->body != SL_H1_BODY_UNTIL_CLOSE;
     /* "Name:value" and bare-LF lines grow by up to two bytes each when rebuilt. */
     size_t cap = resp->head_len + 2 * resp->header_count + ops_size(&ex->route->response_headers) +
-                 req->request_id.len + 64;
+                 req->request_id.len + req->resp_extra_len + 64;
     char *p = sl_arena_alloc(&req->arena, cap);
     struct sb b = {p, 0, cap, p == NULL};
     if (!build_client_head(ex, resp, &b)) {
@@ -893,9 +896,9 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
     if (v == SL_FILTER_RESPOND) {
         struct sl_request *req = ex->req;
         ex_end(ex);
-        sl_request_respond(req, run->status,
-                           run->content_type ? run->content_type : "application/json", NULL, 0,
-                           run->body ? run->body : "", run->body_len);
+        sl_request_respond(
+            req, run->status, run->content_type ? run->content_type : "application/json",
+            run->extra_headers, run->extra_len, run->body ? run->body : "", run->body_len);
         return;
     }
     if (ex->route->has_direct_response) {
@@ -939,6 +942,8 @@ static void h_on_abort(struct sl_request *req)
     struct exchange *ex = req->handler_state;
     if (!ex)
         return;
+    if (ex->state == EX_FILTERS)
+        sl_filter_run_cancel(&ex->frun);
     ex_release_upstream(ex, SL_OUTCOME_CANCELLED, false);
     ex_end(ex);
 }
@@ -986,5 +991,7 @@ static void h_on_request(struct sl_request *req)
         return;
     }
     ex->state = EX_FILTERS;
-    sl_filter_run_start(&ex->frun, NULL, req, on_filters_done, ex);
+    const struct sl_filter_set *fs = gl->gw->rt->filters;
+    sl_filter_run_start(&ex->frun, fs ? &fs->route_chains[ex->route->index] : NULL,
+                        gl->gw->filter_wstates, req, on_filters_done, ex);
 }

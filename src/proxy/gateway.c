@@ -1,12 +1,14 @@
 #include "proxy/gateway.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "config/config.h"
 #include "core/log.h"
+#include "filters/filter_set.h"
 #include "proxy/balancer.h"
 #include "proxy/router.h"
 
@@ -25,11 +27,14 @@ static size_t buffer_bytes(const struct sl_config *cfg)
     return (need + 4095) & ~(size_t)4095;
 }
 
-struct sl_gateway *sl_gateway_new(struct sl_config *cfg)
+struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_len)
 {
     struct sl_gateway *gw = calloc(1, sizeof *gw);
-    if (!gw)
+    snprintf(err, err_len, "out of memory building the runtime");
+    if (!gw) {
+        sl_config_free(cfg);
         return NULL;
+    }
     gw->rt.cfg = cfg;
     gw->rt.routers = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof(void *));
     gw->rt.balancers = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
@@ -41,6 +46,8 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg)
     for (size_t i = 0; i < cfg->upstream_count; i++)
         if (!(gw->rt.balancers[i] = sl_balancer_shared_new(&cfg->upstreams[i])))
             goto fail;
+    if (sl_filter_set_build(cfg, &gw->rt.filters, err, err_len) != 0)
+        goto fail;
     return gw;
 fail:
     gw->workers = NULL;
@@ -89,6 +96,9 @@ static int worker_init(struct sl_worker *w, void *data)
     gw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *gw->resp_scratch);
     if (!gw->listeners || !gw->upstreams || !gw->resp_scratch)
         return -ENOMEM;
+    int frc = sl_filter_set_worker_init(g->rt.filters, w, &gw->filter_wstates);
+    if (frc < 0)
+        return frc;
     for (size_t i = 0; i < cfg->upstream_count; i++) {
         int rc = sl_upstream_rt_init(&gw->upstreams[i], &cfg->upstreams[i], g->rt.balancers[i], w);
         if (rc < 0)
@@ -150,6 +160,9 @@ static void worker_fini(struct sl_worker *w, void *data)
     sl_loop_run_deferred(&w->loop);
     for (size_t i = 0; i < gw->upstream_count; i++)
         sl_upstream_rt_dispose(&gw->upstreams[i]);
+    sl_loop_run_deferred(&w->loop);
+    if (gw->filter_wstates)
+        sl_filter_set_worker_fini(gw->rt->filters, gw->filter_wstates);
     sl_loop_run_deferred(&w->loop);
     free(gw->listeners);
     free(gw->upstreams);
@@ -236,6 +249,7 @@ void sl_gateway_free(struct sl_gateway *gw)
     }
     free(gw->rt.routers);
     free(gw->rt.balancers);
+    sl_filter_set_free(gw->rt.filters);
     sl_config_free(gw->rt.cfg);
     free(gw);
 }

@@ -13,6 +13,7 @@
 struct sl_config;
 struct sl_router;
 struct sl_balancer_shared;
+struct sl_filter_set;
 
 /*
  * The running gateway: the immutable runtime built from one config snapshot (routers per
@@ -23,6 +24,7 @@ struct sl_runtime {
     struct sl_config *cfg;                 /* owned */
     struct sl_router **routers;            /* per listener */
     struct sl_balancer_shared **balancers; /* per upstream */
+    struct sl_filter_set *filters;         /* instances and per-route chains */
 };
 
 struct sl_gw_worker;
@@ -46,7 +48,8 @@ struct sl_gw_worker {
     size_t upstream_count;
     struct sl_h1_header *resp_scratch; /* upstream response header storage */
     size_t resp_scratch_cap;
-    size_t inflight; /* exchanges alive on this worker */
+    void **filter_wstates; /* per-worker filter states, by slot */
+    size_t inflight;       /* exchanges alive on this worker */
     bool draining;
 };
 
@@ -57,8 +60,9 @@ struct sl_gateway {
     int *listen_fds; /* [worker][listener], handed to workers at start */
 };
 
-/* Builds the runtime from `cfg` (taking ownership). NULL on allocation failure. */
-struct sl_gateway *sl_gateway_new(struct sl_config *cfg);
+/* Builds the runtime from `cfg` (taking ownership, also on failure). NULL with a message in
+ * `err` when a filter cannot be built or memory runs out. */
+struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_len);
 
 /* Opens listening sockets and starts the workers. Returns 0 or -errno; on failure a message
  * naming the listener has been logged. */

@@ -87,7 +87,7 @@ static void test_empty_chain(void **state)
     (void)state;
     struct fixture f;
     fixture_init(&f, 0, NULL);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     /* Synchronously, exactly once. */
     assert_int_equal(f.trace.done_count, 1);
     assert_int_equal(f.trace.done_verdict, SL_FILTER_CONTINUE);
@@ -98,7 +98,7 @@ static void test_empty_chain(void **state)
     /* A NULL chain behaves as an empty one. */
     struct trace t2 = {0};
     struct sl_filter_run run2;
-    sl_filter_run_start(&run2, NULL, DUMMY_REQ, on_done, &t2);
+    sl_filter_run_start(&run2, NULL, NULL, DUMMY_REQ, on_done, &t2);
     assert_int_equal(t2.done_count, 1);
     assert_int_equal(t2.done_verdict, SL_FILTER_CONTINUE);
 }
@@ -109,7 +109,7 @@ static void test_all_continue(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_CONTINUE, SL_FILTER_CONTINUE};
     struct fixture f;
     fixture_init(&f, 3, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.ncalls, 3);
     assert_int_equal(f.trace.calls[0], 0);
     assert_int_equal(f.trace.calls[1], 1);
@@ -135,7 +135,7 @@ static void test_respond_stops_chain(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_RESPOND, SL_FILTER_CONTINUE};
     struct fixture f;
     fixture_init(&f, 3, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.ncalls, 2); /* the third filter never ran */
     assert_int_equal(f.trace.calls[0], 0);
     assert_int_equal(f.trace.calls[1], 1);
@@ -170,7 +170,7 @@ static void test_pause_then_continue(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_PAUSE, SL_FILTER_CONTINUE};
     struct fixture f;
     fixture_init(&f, 3, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     /* Paused at filter 1: done not called, filter 2 not called yet. */
     assert_int_equal(f.trace.ncalls, 2);
     assert_int_equal(f.trace.done_count, 0);
@@ -197,7 +197,7 @@ static void test_pause_last_filter(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_PAUSE};
     struct fixture f;
     fixture_init(&f, 1, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.done_count, 0);
     sl_filter_resume(&f.run, SL_FILTER_CONTINUE);
     assert_int_equal(f.trace.ncalls, 1);
@@ -211,7 +211,7 @@ static void test_pause_twice(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_PAUSE, SL_FILTER_PAUSE, SL_FILTER_CONTINUE};
     struct fixture f;
     fixture_init(&f, 3, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.ncalls, 1);
     sl_filter_resume(&f.run, SL_FILTER_CONTINUE);
     assert_int_equal(f.trace.ncalls, 2);
@@ -232,7 +232,7 @@ static void test_pause_then_respond(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_PAUSE, SL_FILTER_CONTINUE};
     struct fixture f;
     fixture_init(&f, 2, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.done_count, 0);
     /* The paused filter's async work decided to answer. */
     sl_filter_respond(&f.run, 403, "text/plain", "no", 2, "async_deny");
@@ -256,7 +256,7 @@ static void test_resume_not_paused(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_CONTINUE};
     struct fixture f;
     fixture_init(&f, 2, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.done_count, 1);
     size_t pos = f.run.pos;
     sl_filter_resume(&f.run, SL_FILTER_CONTINUE);
@@ -273,10 +273,10 @@ static void test_restart_resets_response(void **state)
     const enum sl_filter_verdict v[] = {SL_FILTER_RESPOND};
     struct fixture f;
     fixture_init(&f, 1, v);
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.run.status, 401);
     f.scripts[0].verdict = SL_FILTER_CONTINUE;
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.done_count, 2);
     assert_int_equal(f.trace.done_verdict, SL_FILTER_CONTINUE);
     assert_int_equal(f.run.status, 0);
@@ -313,7 +313,7 @@ static void test_resume_inside_on_request(void **state)
     struct fixture f;
     fixture_init(&f, 2, v);
     f.items[0].ops = &sync_resume_ops;
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.ncalls, 2);
     assert_int_equal(f.trace.calls[1], 1);
     assert_int_equal(f.trace.done_count, 1);
@@ -323,7 +323,7 @@ static void test_resume_inside_on_request(void **state)
     const enum sl_filter_verdict r[] = {SL_FILTER_RESPOND, SL_FILTER_CONTINUE};
     fixture_init(&f, 2, r);
     f.items[0].ops = &sync_resume_ops;
-    sl_filter_run_start(&f.run, &f.chain, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
     assert_int_equal(f.trace.ncalls, 1); /* the second filter never ran */
     assert_int_equal(f.trace.done_count, 1);
     assert_int_equal(f.trace.done_verdict, SL_FILTER_RESPOND);
