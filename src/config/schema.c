@@ -180,6 +180,8 @@ bool sl__config_schema_defaults(struct sl__config_ctx *c, const struct sl__schem
             break;
         case SL__T_LIST:
         case SL__T_CUSTOM:
+        case SL__T_STRLIST:
+        case SL__T_STRMAP:
             break;
         }
     }
@@ -219,10 +221,133 @@ void sl__config_schema_free(const struct sl__schema_section *s, void *base)
             memcpy((char *)base + k->count_offset, &count, sizeof(count));
             break;
         }
+        case SL__T_STRLIST: {
+            char **arr;
+            size_t count;
+            memcpy(&arr, field, sizeof(arr));
+            memcpy(&count, (char *)base + k->count_offset, sizeof(count));
+            for (size_t j = 0; arr && j < count; j++)
+                free(arr[j]);
+            free(arr);
+            arr = NULL;
+            count = 0;
+            memcpy(field, &arr, sizeof(arr));
+            memcpy((char *)base + k->count_offset, &count, sizeof(count));
+            break;
+        }
+        case SL__T_STRMAP: {
+            struct sl_header_pair *arr;
+            size_t count;
+            memcpy(&arr, field, sizeof(arr));
+            memcpy(&count, (char *)base + k->count_offset, sizeof(count));
+            for (size_t j = 0; arr && j < count; j++) {
+                free(arr[j].name);
+                free(arr[j].value);
+            }
+            free(arr);
+            arr = NULL;
+            count = 0;
+            memcpy(field, &arr, sizeof(arr));
+            memcpy((char *)base + k->count_offset, &count, sizeof(count));
+            break;
+        }
         default:
             break;
         }
     }
+}
+
+static void set_strlist(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                        const struct sl_yaml_node *n, char *field, void *base)
+{
+    char buf[256];
+    const struct sl_yaml_node *one[1] = {n};
+    const struct sl_yaml_node *const *items = one;
+    size_t count = 1;
+    if (n->kind == SL_YAML_SEQ) {
+        items = (const struct sl_yaml_node *const *)n->items;
+        count = n->count;
+    } else if (n->kind != SL_YAML_SCALAR || n->is_null) {
+        sl__config_error(c, n, "expected a list of strings, got %s", sl__config_yaml_kind_name(n));
+        return;
+    }
+    if (count < k->min) {
+        sl__config_error(c, n, "must contain at least %llu %s", (unsigned long long)k->min,
+                         k->min == 1 ? "entry" : "entries");
+        return;
+    }
+    char **arr = count ? calloc(count, sizeof(*arr)) : NULL;
+    if (count && !arr) {
+        sl__config_error(c, n, "out of memory");
+        return;
+    }
+    size_t stored = 0;
+    memcpy(field, &arr, sizeof(arr));
+    memcpy((char *)base + k->count_offset, &stored, sizeof(stored));
+    for (size_t i = 0; i < count; i++) {
+        const struct sl_yaml_node *item = items[i];
+        size_t saved = n->kind == SL_YAML_SEQ ? sl__config_path_push_index(c, i) : c->path_len;
+        const char *s = sl__config_scalar(c, item, "a string");
+        const char *msg = NULL;
+        if (s && memchr(s, '\0', item->len))
+            msg = "must not contain NUL bytes";
+        else if (s && (k->flags & SL__KEY_NONEMPTY) && item->len == 0)
+            msg = "must not be empty";
+        else if (s && k->check)
+            msg = k->check(s, item->len, buf, sizeof(buf));
+        if (msg)
+            sl__config_error(c, item, "%s", msg);
+        else if (s && (arr[stored] = sl__config_strndup(c, s, item->len)))
+            stored++;
+        sl__config_path_pop(c, saved);
+    }
+    memcpy((char *)base + k->count_offset, &stored, sizeof(stored));
+}
+
+static void set_strmap(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                       const struct sl_yaml_node *n, char *field, void *base)
+{
+    char buf[256];
+    if (n->kind != SL_YAML_MAP) {
+        sl__config_error(c, n, "expected a mapping, got %s", sl__config_yaml_kind_name(n));
+        return;
+    }
+    struct sl_header_pair *arr = n->count ? calloc(n->count, sizeof(*arr)) : NULL;
+    if (n->count && !arr) {
+        sl__config_error(c, n, "out of memory");
+        return;
+    }
+    size_t stored = 0;
+    memcpy(field, &arr, sizeof(arr));
+    memcpy((char *)base + k->count_offset, &stored, sizeof(stored));
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *key = n->keys[i], *val = n->items[i];
+        size_t saved = sl__config_path_push_key(c, key->str ? key->str : "", key->len);
+        const char *s = sl__config_scalar(c, val, "a string");
+        const char *msg = NULL;
+        if (key->kind != SL_YAML_SCALAR || key->is_null || key->len == 0 ||
+            memchr(key->str, '\0', key->len))
+            msg = "keys must be non-empty strings";
+        else if (s && memchr(s, '\0', val->len))
+            msg = "must not contain NUL bytes";
+        else if (s && k->check)
+            msg = k->check(s, val->len, buf, sizeof(buf));
+        if (msg) {
+            sl__config_error(c, msg[0] == 'k' ? key : val, "%s", msg);
+        } else if (s) {
+            arr[stored].name = sl__config_strndup(c, key->str, key->len);
+            arr[stored].value = sl__config_strndup(c, s, val->len);
+            if (arr[stored].name && arr[stored].value)
+                stored++;
+            else {
+                free(arr[stored].name);
+                free(arr[stored].value);
+                arr[stored].name = arr[stored].value = NULL;
+            }
+        }
+        sl__config_path_pop(c, saved);
+    }
+    memcpy((char *)base + k->count_offset, &stored, sizeof(stored));
 }
 
 /* Edit distance, for "did you mean" hints on misspelt keys. */
@@ -475,6 +600,12 @@ static void apply_key(struct sl__config_ctx *c, const struct sl__schema_key *k,
         return;
     case SL__T_CUSTOM:
         k->set(c, k, n, base);
+        return;
+    case SL__T_STRLIST:
+        set_strlist(c, k, n, field, base);
+        return;
+    case SL__T_STRMAP:
+        set_strmap(c, k, n, field, base);
         return;
     }
 }

@@ -37,6 +37,10 @@ enum sl__schema_type {
     SL__T_SECTION,  /* nested mapping described by `section`, at base + offset */
     SL__T_LIST,     /* list of `section` elements: pointer at offset, count at count_offset */
     SL__T_CUSTOM,   /* `set` does everything */
+    SL__T_STRLIST,  /* list of strings (or one string): char ** at offset, count at count_offset;
+                     * `check` applies to each */
+    SL__T_STRMAP,   /* mapping string -> string: struct sl_header_pair * at offset, count at
+                     * count_offset; `check` applies to each value */
 };
 
 #define SL__KEY_REQUIRED 0x1u   /* missing key is an error */
