@@ -1,4 +1,8 @@
 #include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "http/request.h"
 
 #include "filters/filter.h"
 
@@ -89,4 +93,19 @@ enum sl_filter_verdict sl_filter_respond(struct sl_filter_run *run, int status,
     run->body_len = body_len;
     run->error = error;
     return SL_FILTER_RESPOND;
+}
+
+enum sl_filter_verdict sl_filter_reject(struct sl_filter_run *run, struct sl_request *req,
+                                        int status, const char *error)
+{
+    size_t cap = 64 + strlen(error) + req->request_id.len;
+    char *body = sl_arena_alloc(&req->arena, cap);
+    int n = body ? snprintf(body, cap, "{\"status\":%d,\"error\":\"%s\",\"request_id\":\"%.*s\"}\n",
+                            status, error, (int)req->request_id.len, req->request_id.ptr)
+                 : -1;
+    if (n < 0 || (size_t)n >= cap) {
+        body = "{\"error\":\"denied\"}\n";
+        n = (int)strlen(body);
+    }
+    return sl_filter_respond(run, status, "application/json", body, (size_t)n, error);
 }

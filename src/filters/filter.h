@@ -116,6 +116,11 @@ enum sl_filter_verdict sl_filter_respond(struct sl_filter_run *run, int status,
                                          const char *content_type, const char *body,
                                          size_t body_len, const char *error);
 
+/* Answers with the gateway's JSON error body {"status":N,"error":"<error>","request_id":...}
+ * built in the request arena (a static fallback when the arena is exhausted). */
+enum sl_filter_verdict sl_filter_reject(struct sl_filter_run *run, struct sl_request *req,
+                                        int status, const char *error);
+
 /* Finds a registered filter by name; NULL when unknown. */
 const struct sl_filter_ops *sl_filter_find(const char *name);
 
