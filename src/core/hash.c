@@ -1,5 +1,9 @@
 #include "core/hash.h"
 
+#include <sys/random.h>
+#include <sys/types.h>
+#include <time.h>
+
 #include <string.h>
 
 /*
@@ -130,4 +134,63 @@ uint64_t sl_hash_bytes(const void *p, size_t len, uint64_t seed)
 uint64_t sl_hash_bytes_lower(const void *p, size_t len, uint64_t seed)
 {
     return hash_core(p, len, seed, 1);
+}
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1;                                                                                  \
+        v1 = ROTL(v1, 13);                                                                         \
+        v1 ^= v0;                                                                                  \
+        v0 = ROTL(v0, 32);                                                                         \
+        v2 += v3;                                                                                  \
+        v3 = ROTL(v3, 16);                                                                         \
+        v3 ^= v2;                                                                                  \
+        v0 += v3;                                                                                  \
+        v3 = ROTL(v3, 21);                                                                         \
+        v3 ^= v0;                                                                                  \
+        v2 += v1;                                                                                  \
+        v1 = ROTL(v1, 17);                                                                         \
+        v1 ^= v2;                                                                                  \
+        v2 = ROTL(v2, 32);                                                                         \
+    } while (0)
+
+uint64_t sl_siphash(const void *p, size_t len, const uint64_t key[2])
+{
+    const unsigned char *in = p;
+    uint64_t v0 = 0x736f6d6570736575ull ^ key[0], v1 = 0x646f72616e646f6dull ^ key[1];
+    uint64_t v2 = 0x6c7967656e657261ull ^ key[0], v3 = 0x7465646279746573ull ^ key[1];
+    size_t full = len & ~(size_t)7;
+    for (size_t i = 0; i < full; i += 8) {
+        uint64_t m = 0;
+        for (int j = 7; j >= 0; j--) /* little-endian load, whatever the host */
+            m = (m << 8) | in[i + (size_t)j];
+        v3 ^= m;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= m;
+    }
+    uint64_t b = (uint64_t)len << 56;
+    for (size_t j = 0; j < (len & 7); j++)
+        b |= (uint64_t)in[full + j] << (8 * j);
+    v3 ^= b;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+void sl_siphash_key_init(uint64_t key[2])
+{
+    if (getrandom(key, 2 * sizeof(uint64_t), 0) == (ssize_t)(2 * sizeof(uint64_t)))
+        return;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    key[0] = sl_hash_bytes(&ts, sizeof ts, (uint64_t)(uintptr_t)key);
+    key[1] = sl_hash_bytes(key, sizeof(uint64_t), (uint64_t)ts.tv_nsec);
 }

@@ -152,6 +152,23 @@ static void test_avalanche(void **state)
     }
 }
 
+/* The reference vectors of the SipHash paper (key 00..0f, messages 00..len-1). */
+static void test_siphash_vectors(void **state)
+{
+    (void)state;
+    uint64_t key[2] = {0x0706050403020100ull, 0x0f0e0d0c0b0a0908ull};
+    unsigned char msg[16];
+    for (unsigned i = 0; i < sizeof msg; i++)
+        msg[i] = (unsigned char)i;
+    assert_int_equal(sl_siphash(msg, 0, key), 0x726fdb47dd0e0e31ull);
+    assert_int_equal(sl_siphash(msg, 1, key), 0x74f839c593dc67fdull);
+    assert_int_equal(sl_siphash(msg, 8, key), 0x93f5f5799a932462ull);
+    assert_int_equal(sl_siphash(msg, 15, key), 0xa129ca6149be45e5ull);
+    uint64_t k2[2];
+    sl_siphash_key_init(k2);
+    assert_true(k2[0] != 0 || k2[1] != 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -161,6 +178,7 @@ int main(void)
         cmocka_unit_test(test_lower_matches_lowercased_copy),
         cmocka_unit_test(test_distribution),
         cmocka_unit_test(test_avalanche),
+        cmocka_unit_test(test_siphash_vectors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
