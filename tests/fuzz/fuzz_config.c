@@ -5,6 +5,7 @@
 #include <stdio.h>
 
 #include "config/config.h"
+#include "filters/filter_set.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -15,6 +16,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argv;
     /* No DNS: lookups are slow, flaky and would make runs depend on the network. */
     sl_config_set_resolve(false);
+    /* Filter schemas (jwt, api_key, rate_limit) are part of what the loader checks. */
+    sl_filters_register_config();
     return 0;
 }
 

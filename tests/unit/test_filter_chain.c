@@ -350,6 +350,87 @@ static void test_registry(void **state)
     }
 }
 
+/* A filter that paused and whose request went away gets on_cancel, once, and no done. */
+static int cancel_calls;
+static struct sl_filter_run *cancel_run;
+
+static void on_cancel_count(struct sl_filter_run *run, void *state)
+{
+    (void)state;
+    cancel_calls++;
+    cancel_run = run;
+}
+
+static const struct sl_filter_ops pausing_ops = {
+    .name = "pausing",
+    .on_request = on_request,
+    .on_cancel = on_cancel_count,
+};
+
+static void test_cancel_paused(void **state)
+{
+    (void)state;
+    const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_PAUSE};
+    struct fixture f;
+    fixture_init(&f, 2, v);
+    f.items[1].ops = &pausing_ops;
+    cancel_calls = 0;
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
+    assert_true(f.run.paused);
+    sl_filter_run_cancel(&f.run);
+    assert_int_equal(cancel_calls, 1);
+    assert_ptr_equal(cancel_run, &f.run);
+    assert_false(f.run.paused);
+    /* Neither a second cancel nor a late resume reaches anyone. */
+    sl_filter_run_cancel(&f.run);
+    sl_filter_resume(&f.run, SL_FILTER_CONTINUE);
+    assert_int_equal(cancel_calls, 1);
+    assert_int_equal(f.trace.done_count, 0);
+}
+
+/* A run that is not paused has nothing to cancel. */
+static void test_cancel_not_paused(void **state)
+{
+    (void)state;
+    const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE};
+    struct fixture f;
+    fixture_init(&f, 1, v);
+    f.items[0].ops = &pausing_ops;
+    cancel_calls = 0;
+    sl_filter_run_start(&f.run, &f.chain, NULL, DUMMY_REQ, on_done, &f.trace);
+    sl_filter_run_cancel(&f.run);
+    assert_int_equal(cancel_calls, 0);
+    assert_int_equal(f.trace.done_count, 1);
+}
+
+/* sl_filter_wstate gives the running filter its own worker slot. */
+static void *seen_wstate[2];
+static enum sl_filter_verdict on_request_wstate(struct sl_filter_run *run, struct sl_request *req,
+                                                void *state)
+{
+    (void)req;
+    seen_wstate[((struct script *)state)->id] = sl_filter_wstate(run);
+    return SL_FILTER_CONTINUE;
+}
+
+static void test_worker_state_by_slot(void **state)
+{
+    (void)state;
+    static const struct sl_filter_ops ws_ops = {.name = "ws", .on_request = on_request_wstate};
+    const enum sl_filter_verdict v[] = {SL_FILTER_CONTINUE, SL_FILTER_CONTINUE};
+    struct fixture f;
+    fixture_init(&f, 2, v);
+    int a = 1, b = 2;
+    void *slots[5] = {NULL, NULL, &b, NULL, &a};
+    f.items[0].ops = &ws_ops;
+    f.items[0].slot = 4;
+    f.items[1].ops = &ws_ops;
+    f.items[1].slot = 2;
+    sl_filter_run_start(&f.run, &f.chain, slots, DUMMY_REQ, on_done, &f.trace);
+    assert_ptr_equal(seen_wstate[0], &a);
+    assert_ptr_equal(seen_wstate[1], &b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -365,6 +446,9 @@ int main(void)
         cmocka_unit_test(test_restart_resets_response),
         cmocka_unit_test(test_resume_inside_on_request),
         cmocka_unit_test(test_registry),
+        cmocka_unit_test(test_cancel_paused),
+        cmocka_unit_test(test_cancel_not_paused),
+        cmocka_unit_test(test_worker_state_by_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
