@@ -29,6 +29,7 @@ struct sl_rl_result {
 };
 
 struct sl_redis_call;
+struct sl_redis_cmd;
 /* `res` is valid only during the call. err: 0, -ETIMEDOUT, -ENOTCONN, -EPROTO (bad reply),
  * -ENOMEM. Runs on the loop thread, never from inside sl_redis_gcra(). */
 typedef void (*sl_redis_gcra_cb)(struct sl_redis_call *call, const struct sl_rl_result *res,
@@ -40,6 +41,7 @@ struct sl_redis_call {
     struct sl_timer timer;
     struct sl_defer defer; /* delivers immediate failures after the current call returns */
     struct sl_redis_call *prev, *next; /* the client's pending list */
+    struct sl_redis_cmd *cmd;          /* the command in flight for it (client-owned), or NULL */
     sl_redis_gcra_cb cb;
     void *data;
     int err; /* for a deferred failure */
@@ -58,14 +60,18 @@ void sl_redis_free(struct sl_redis *r);
  * One GCRA decision in Redis, atomically (one EVALSHA of a small Lua script; falls back to
  * EVAL on NOSCRIPT), using the Redis server's clock so every gateway instance agrees:
  * `period_us` is the emission interval (1 s / rate), `burst` the extra requests allowed at once.
- * The key expires when the bucket would be full again. Returns 0 (cb follows) or -errno
- * (-ENOTCONN when disconnected; cb does not follow). `key` is copied.
+ * The key expires when the bucket would be full again. The key in Redis is conf->key_prefix
+ * followed by `key` (binary-safe; copied). Returns 0 (cb follows, after the call returns) or
+ * -errno, and then cb does not follow: -ENOTCONN when disconnected, -ENOBUFS when 1024
+ * commands are already in flight, -EINVAL for period_us 0 (or > 2^40, or burst > 2^20: the
+ * script computes in doubles), -EALREADY when `call` is still pending, -ENOMEM.
  */
-int sl_redis_gcra(struct sl_redis *r, struct sl_redis_call *call, const char *key,
-                  size_t key_len, uint64_t period_us, uint64_t burst, sl_redis_gcra_cb cb,
-                  void *data);
+int sl_redis_gcra(struct sl_redis *r, struct sl_redis_call *call, const char *key, size_t key_len,
+                  uint64_t period_us, uint64_t burst, sl_redis_gcra_cb cb, void *data);
 
-/* Forgets a pending call: its callback will not run. Safe on a call that is not pending. */
+/* Forgets a pending call: its callback will not run (a reply arriving later is dropped inside
+ * the client, so the call's memory may be freed right after). Safe on a call that is not
+ * pending. */
 void sl_redis_cancel(struct sl_redis_call *call);
 
 /* True while connected (and authenticated). */
