@@ -30,7 +30,7 @@ enum sl_jws_alg {
     SL_JWS_EDDSA = 1u << 11, /* Ed25519 only */
 };
 #define SL_JWS_HMAC_ALGS (SL_JWS_HS256 | SL_JWS_HS384 | SL_JWS_HS512)
-#define SL_JWS_RSA_ALGS                                                                           \
+#define SL_JWS_RSA_ALGS                                                                            \
     (SL_JWS_RS256 | SL_JWS_RS384 | SL_JWS_RS512 | SL_JWS_PS256 | SL_JWS_PS384 | SL_JWS_PS512)
 #define SL_JWS_ALL_ALGS 0xfffu
 
@@ -47,18 +47,19 @@ const char *sl_jws_alg_name(unsigned alg);
  */
 int sl_b64url_decode(const char *in, size_t len, unsigned char *out, size_t cap, size_t *out_len);
 
-/* Encoder (for tests and thumbprints): writes ceil(len*4/3) chars, no padding, returns that. */
+/* Encoder (for tests and thumbprints): writes ceil(len*4/3) chars, no padding and no NUL, and
+ * returns that; returns 0 (writing nothing) when `cap` is too small. */
 size_t sl_b64url_encode(const unsigned char *in, size_t len, char *out, size_t cap);
 
 struct evp_pkey_st; /* EVP_PKEY, without pulling OpenSSL headers into every includer */
 
 struct sl_jwk {
-    char *kid;                 /* NULL when the key has none */
-    unsigned algs;             /* algorithms this key may verify (from kty/crv and "alg") */
-    struct evp_pkey_st *pkey;  /* public key (RSA, EC P-256/P-384, Ed25519), or NULL */
-    unsigned char *secret;     /* HMAC secret (kty oct), or NULL */
+    char *kid;                /* NULL when the key has none */
+    unsigned algs;            /* algorithms this key may verify (from kty/crv and "alg") */
+    struct evp_pkey_st *pkey; /* public key (RSA, EC P-256/P-384, Ed25519), or NULL */
+    unsigned char *secret;    /* HMAC secret (kty oct), or NULL */
     size_t secret_len;
-    uint64_t fingerprint;      /* stable hash of the key material, to tell keys apart */
+    uint64_t fingerprint; /* stable hash of the key material, to tell keys apart */
 };
 
 /* An immutable key set, shared by threads and refcounted. */
@@ -72,14 +73,17 @@ struct sl_jwks {
 /*
  * Parses a JWK Set ({"keys":[...]}) or a single JWK object. Supports kty RSA (n, e; at least
  * 2048 bits), EC (crv P-256 / P-384, x, y, point checked on the curve), OKP (crv Ed25519, x)
- * and oct (k; only when `allow_oct`, since a shared secret must not come from a URL). Keys with
- * "use" other than "sig" or unsupported types are skipped and counted. Returns a set with one
+ * and oct (k; only when `allow_oct`, since a shared secret must not come from a URL; at least 32
+ * bytes, see sl_jwks_from_secret). Keys with "use" other than "sig", "key_ops" without
+ * "verify", an unknown "alg", or unsupported types are skipped and counted. Returns a set with one
  * reference, or NULL with a reason in `err` (also when no usable key remains).
  */
 struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char *err,
                               size_t err_len);
 
-/* A set with one HMAC key. `algs` is a subset of SL_JWS_HMAC_ALGS (0 = all three). */
+/* A set with one HMAC key. `algs` is a subset of SL_JWS_HMAC_ALGS (0 = all three). The secret is
+ * copied. RFC 7518 §3.2: HS256/HS384/HS512 need a secret of at least 32/48/64 bytes; algorithms
+ * the secret is too short for are dropped, and NULL (with a reason) when none remains. */
 struct sl_jwks *sl_jwks_from_secret(const unsigned char *secret, size_t len, unsigned algs,
                                     char *err, size_t err_len);
 
@@ -116,8 +120,8 @@ struct sl_jws_parsed {
     struct sl_slice payload;       /* decoded payload JSON (in scratch) */
     unsigned char *sig;            /* decoded signature (in scratch) */
     size_t sig_len;
-    unsigned alg;          /* one SL_JWS_* bit */
-    struct sl_slice kid;   /* may be empty (in scratch) */
+    unsigned alg;        /* one SL_JWS_* bit */
+    struct sl_slice kid; /* may be empty (in scratch) */
 };
 
 /*
@@ -141,9 +145,9 @@ struct sl_jwt_rules {
     size_t issuer_count;
     char **audiences; /* token "aud" (string or array) must contain one of these */
     size_t audience_count;
-    char **required; /* claim names that must be present */
+    char **required; /* claim names that must be present (a null value counts as absent) */
     size_t required_count;
-    char **claim_names; /* claim_names[i] must equal claim_values[i] (a string claim equal, or */
+    char **claim_names;  /* claim_names[i] must equal claim_values[i] (a string claim equal, or */
     char **claim_values; /* an array claim containing it, or a number/bool whose text equals) */
     size_t claim_count;
     uint64_t leeway_s;
@@ -152,14 +156,14 @@ struct sl_jwt_rules {
 
 enum sl_jwt_claims_status {
     SL_JWT_CLAIMS_OK = 0,
-    SL_JWT_CLAIMS_MALFORMED,   /* payload is not a JSON object, or exp/nbf/iat not numbers */
-    SL_JWT_EXPIRED,            /* now > exp + leeway (or exp missing with require_exp) */
-    SL_JWT_NOT_YET_VALID,      /* now < nbf - leeway */
-    SL_JWT_ISSUED_IN_FUTURE,   /* now < iat - leeway */
-    SL_JWT_BAD_ISSUER,         /* 401 */
-    SL_JWT_BAD_AUDIENCE,       /* 401 */
-    SL_JWT_CLAIM_MISSING,      /* a required claim is absent: 403 */
-    SL_JWT_CLAIM_MISMATCH,     /* a claim value differs: 403 */
+    SL_JWT_CLAIMS_MALFORMED, /* payload is not a JSON object, or exp/nbf/iat not numbers */
+    SL_JWT_EXPIRED,          /* now > exp + leeway (or exp missing with require_exp) */
+    SL_JWT_NOT_YET_VALID,    /* now < nbf - leeway */
+    SL_JWT_ISSUED_IN_FUTURE, /* now < iat - leeway */
+    SL_JWT_BAD_ISSUER,       /* 401 */
+    SL_JWT_BAD_AUDIENCE,     /* 401 */
+    SL_JWT_CLAIM_MISSING,    /* a required (or value-checked) claim is absent: 403 */
+    SL_JWT_CLAIM_MISMATCH,   /* a claim value differs: 403 */
 };
 
 const char *sl_jwt_claims_status_name(enum sl_jwt_claims_status st);
@@ -172,12 +176,12 @@ const char *sl_jwt_claims_status_name(enum sl_jwt_claims_status st);
  */
 enum sl_jwt_claims_status sl_jwt_claims_check(const char *payload, size_t len,
                                               const struct sl_jwt_rules *rules, int64_t now_s,
-                                              int64_t *exp_s, unsigned char *flat,
-                                              size_t flat_cap, size_t *flat_len);
+                                              int64_t *exp_s, unsigned char *flat, size_t flat_cap,
+                                              size_t *flat_len);
 
 /* Looks claim `name` up in a flat blob. Strings come unquoted and unescaped, numbers and
  * booleans as their JSON text. Returns true when found. */
-bool sl_jwt_flat_get(const unsigned char *flat, size_t flat_len, const char *name,
-                     size_t name_len, struct sl_slice *value);
+bool sl_jwt_flat_get(const unsigned char *flat, size_t flat_len, const char *name, size_t name_len,
+                     struct sl_slice *value);
 
 #endif
