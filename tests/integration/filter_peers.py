@@ -362,6 +362,7 @@ class RedisServer:
     def _end(self, sig):
         if self.proc is None or self.proc.poll() is not None:
             return
+        os.kill(self.proc.pid, signal.SIGCONT)  # a paused server must be able to exit
         os.kill(self.proc.pid, sig)
         try:
             self.proc.wait(timeout=5)
@@ -372,6 +373,13 @@ class RedisServer:
 
     def kill(self):
         self._end(signal.SIGKILL)
+
+    def pause(self):
+        """SIGSTOP: connections still open, nothing is answered (a hung Redis)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self):
         self._end(signal.SIGTERM)
@@ -412,7 +420,7 @@ def jwks_server():
 
 
 def filter_config(filters=(), routes=None, top="", workers=1, default_filters=(),
-                  upstream="$B1"):
+                  upstream="$B1", limits=""):
     """A config with upstream `app` at `upstream` and, by default, one catch-all route `all`
     running `filters` (YAML flow entries such as "jwt: {secret: ...}"). `routes` replaces the
     route list (YAML items indented by two spaces). `top` adds top-level YAML (consumers:,
@@ -426,7 +434,7 @@ def filter_config(filters=(), routes=None, top="", workers=1, default_filters=()
         extra += ("\n" if extra else "") + "default_filters:\n" + "".join(
             "  - %s\n" % f for f in default_filters).rstrip("\n")
     upstreams = "  - name: app\n    endpoints:\n      - {address: %s}\n" % upstream
-    return simple_config(routes, upstreams, workers=workers, global_extra=extra)
+    return simple_config(routes, upstreams, workers=workers, global_extra=extra, limits=limits)
 
 
 def route(name, prefix, filters=(), extra="", upstream="app"):
@@ -542,40 +550,46 @@ def hammer(port, seconds, threads, target="/", headers=None):
     return out
 
 
-def pipeline_flood(port, targets_headers, batch=2000, timeout=30.0):
-    """Sends GET / with each header list of `targets_headers` (an iterable of request bytes
-    or header lists), pipelined `batch` at a time on fresh connections. Returns the number
-    of responses per status code."""
+def pipeline_flood(port, requests, batch=2000, timeout=30.0):
+    """Sends `requests` (an iterable of request bytes or header lists for GET /) pipelined
+    `batch` at a time, each batch on a fresh connection (resending what a closed connection
+    left unanswered). Returns {status: count}. Responses must be short and bodies must not
+    contain "HTTP/1.1 " (true for direct responses and the gateway's JSON errors)."""
     counts = {}
-    pending = []
 
     def flush(reqs):
         left = list(reqs)
+        stalls = 0
         while left:
             s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            got = 0
             try:
                 s.sendall(b"".join(left))
-                buf = b""
-                got = 0
+                tail = b""
                 while got < len(left):
                     data = s.recv(1 << 20)
                     if not data:
                         break
-                    buf += data
-                    # Count complete status lines; bodies are short ("ok" or JSON).
+                    buf = tail + data
+                    i = 0
                     while True:
-                        i = buf.find(b"HTTP/1.1 ")
-                        if i < 0 or len(buf) < i + 12:
+                        j = buf.find(b"HTTP/1.1 ", i)
+                        if j < 0 or len(buf) < j + 12:
                             break
-                        st = int(buf[i + 9:i + 12])
+                        st = int(buf[j + 9:j + 12])
                         counts[st] = counts.get(st, 0) + 1
                         got += 1
-                        buf = buf[i + 12:]
-                left = left[got:]
+                        i = j + 12
+                    tail = buf[max(i, len(buf) - 11):]
             finally:
                 s.close()
+            stalls = stalls + 1 if got == 0 else 0
+            if stalls > 3:
+                raise AssertionError("no response to a pipelined batch (%d left)" % len(left))
+            left = left[got:]
 
-    for item in targets_headers:
+    pending = []
+    for item in requests:
         pending.append(item if isinstance(item, bytes) else build_request("GET", "/", item))
         if len(pending) >= batch:
             flush(pending)
@@ -583,3 +597,26 @@ def pipeline_flood(port, targets_headers, batch=2000, timeout=30.0):
     if pending:
         flush(pending)
     return counts
+
+
+def request_from(src_ip, port, target="/", headers=None, timeout=5.0):
+    """One request on a fresh connection whose source address is `src_ip` (any 127.x.y.z
+    works on Linux loopback): a second client address for ip-keyed limits."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.bind((src_ip, 0))
+    s.connect(("127.0.0.1", port))
+    c = RawClient.__new__(RawClient)
+    c.sock, c.timeout, c.buf, c.eof, c.reset = s, timeout, bytearray(), False, False
+    try:
+        c.send(build_request("GET", target, headers))
+        return c.read_response()
+    finally:
+        c.close()
+
+
+def pipelined(port, n, target="/", headers=None, timeout=5.0):
+    """n identical requests written at once on one connection; returns the n responses."""
+    with RawClient(port, timeout=timeout) as c:
+        c.send(build_request("GET", target, headers) * n)
+        return [c.read_response() for _ in range(n)]
