@@ -28,13 +28,15 @@
  */
 struct sl_jwks_source;
 
+/* Options; a zero field takes its default, and `opts` may be NULL for all defaults. The
+ * structure and `ca_file` are copied. */
 struct sl_jwks_source_opts {
     uint64_t refresh_ms;              /* default 5 min */
     uint64_t refresh_min_ms;          /* default 1 min */
     uint64_t refresh_max_ms;          /* default 24 h */
     uint64_t refetch_min_interval_ms; /* default 30 s */
     uint64_t timeout_ms;              /* whole fetch (connect + TLS + response), default 5 s */
-    size_t max_bytes;                 /* largest accepted body, default 1 MiB */
+    size_t max_bytes;                 /* largest accepted body (or file), default 1 MiB */
     const char *ca_file;              /* PEM bundle for HTTPS, or NULL for the system store */
 };
 
@@ -42,7 +44,8 @@ struct sl_jwks_source_opts {
  * A source for `url` ("http://host[:port]/path" or "https://..."). Tries one synchronous fetch
  * (bounded by timeout_ms) so a healthy IdP has keys before the first request; when that fails
  * the source still starts (logged) and keeps retrying. NULL with a reason in `err` only for a
- * bad URL or allocation failure.
+ * bad URL (userinfo and fragments are refused), an unusable `ca_file`, or allocation failure.
+ * Starts the shared background thread if it is not running.
  */
 struct sl_jwks_source *sl_jwks_source_new_url(const char *url,
                                               const struct sl_jwks_source_opts *opts, char *err,
@@ -54,8 +57,9 @@ struct sl_jwks_source *sl_jwks_source_new_file(const char *path,
                                                const struct sl_jwks_source_opts *opts,
                                                bool allow_oct, char *err, size_t err_len);
 
-/* Stops background work for this source and frees it once no fetch uses it. Every subscriber
- * must have unsubscribed. */
+/* Stops background work for this source and frees it, waiting for a fetch in progress to end
+ * (bounded by timeout_ms, name resolution aside); the last source freed stops and joins the thread.
+ * Every subscriber must have unsubscribed. NULL is fine. */
 void sl_jwks_source_free(struct sl_jwks_source *src);
 
 /* The current set with a reference taken (NULL when none was ever loaded). Any thread; takes
