@@ -147,7 +147,7 @@ bool sl_request_query_param(struct sl_request *req, const char *name, struct sl_
 /* Cookie `name` from the Cookie header(s). Returns true when present. */
 bool sl_request_cookie(const struct sl_request *req, const char *name, struct sl_slice *value);
 
-/* Adds a "name: value" line to whatever response this request gets (the upstream's, a direct
+/* Adds a "name: value" line to every response to this request (the upstream's, a direct
  * response, or a filter's answer). 0 or -ENOMEM. */
 int sl_request_add_response_header(struct sl_request *req, struct sl_slice name,
                                    struct sl_slice value);
