@@ -1067,6 +1067,14 @@ static void test_pem_forms(void **state)
     n = BIO_get_mem_data(bio, &data);
     assert_null(sl_jwks_from_pem(data, (size_t)n, 0, err, sizeof(err)));
     BIO_free(bio);
+    /* a private key is refused even in the PKCS#1 form the RSA PUBLIC KEY decoder reads */
+    bio = BIO_new(BIO_s_mem());
+    assert_int_equal(PEM_write_bio_PrivateKey_traditional(bio, rsa_key, NULL, NULL, 0, NULL, NULL),
+                     1);
+    n = BIO_get_mem_data(bio, &data);
+    assert_non_null(memmem(data, (size_t)n, "BEGIN RSA PRIVATE KEY", 21));
+    assert_null(sl_jwks_from_pem(data, (size_t)n, 0, err, sizeof(err)));
+    BIO_free(bio);
 }
 
 /* ---- claims ---- */
