@@ -489,6 +489,54 @@ static void test_rfc8037_ed25519(void **state)
     sl_jwks_unref(ks);
 }
 
+/* Every prefix and every one-character change of a valid token must fail (strict base64url
+ * makes each change reach the signed bytes), each from an exact-size copy so ASan sees any
+ * read past the end. */
+static void mutate_all(const char *jwks, const char *token)
+{
+    struct sl_jwks *ks = parse_set(jwks, true);
+    size_t n = strlen(token);
+    for (size_t len = 0; len < n; len++) {
+        char *t = malloc(len ? len : 1);
+        assert_non_null(t);
+        memcpy(t, token, len);
+        unsigned char scratch[SCRATCH];
+        struct sl_jws_parsed p;
+        if (sl_jws_parse(t, len, SL_JWS_ALL_ALGS, scratch, sizeof(scratch), &p) == SL_JWS_OK) {
+            const struct sl_jwk *k = sl_jwks_find(ks, p.kid, p.alg);
+            assert_true(!k || sl_jws_verify(&p, k) != SL_JWS_OK);
+        }
+        free(t);
+    }
+    static const char subst[] = {'A', 'g', '_', '.'};
+    char *t = malloc(n);
+    assert_non_null(t);
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < sizeof(subst); j++) {
+            if (token[i] == subst[j])
+                continue;
+            memcpy(t, token, n);
+            t[i] = subst[j];
+            unsigned char scratch[SCRATCH];
+            struct sl_jws_parsed p;
+            if (sl_jws_parse(t, n, SL_JWS_ALL_ALGS, scratch, sizeof(scratch), &p) != SL_JWS_OK)
+                continue;
+            const struct sl_jwk *k = sl_jwks_find(ks, p.kid, p.alg);
+            assert_true(!k || sl_jws_verify(&p, k) != SL_JWS_OK);
+        }
+    }
+    free(t);
+    sl_jwks_unref(ks);
+}
+
+static void test_every_prefix_and_change_fails(void **state)
+{
+    (void)state;
+    mutate_all(a1_jwk, a1_token);
+    mutate_all(a3_jwk, a3_token);
+    mutate_all(ed_jwk, ed_token);
+}
+
 /* ---- generated keys: every other algorithm ---- */
 
 static void roundtrip(EVP_PKEY *priv, unsigned alg, const char *jwk_extra)
@@ -1273,19 +1321,34 @@ static void test_claims_flat(void **state)
 
 int main(void)
 {
+    /* one test per line reads better than the columns clang-format would pack */
+    // clang-format off
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_b64_valid),         cmocka_unit_test(test_b64_invalid),
-        cmocka_unit_test(test_rfc7515_a1_hs256),  cmocka_unit_test(test_rfc7515_a2_rs256),
-        cmocka_unit_test(test_rfc7515_a3_es256),  cmocka_unit_test(test_rfc8037_ed25519),
-        cmocka_unit_test(test_rsa_algs),          cmocka_unit_test(test_ec_ed_algs),
-        cmocka_unit_test(test_hmac_algs),         cmocka_unit_test(test_alg_none_and_crit),
-        cmocka_unit_test(test_token_shape),       cmocka_unit_test(test_alg_confusion),
-        cmocka_unit_test(test_jwk_alg_narrows),   cmocka_unit_test(test_es256_sig_length),
-        cmocka_unit_test(test_kid_lookup),        cmocka_unit_test(test_jwks_rules),
-        cmocka_unit_test(test_rsa_1024_rejected), cmocka_unit_test(test_ec_point_off_curve),
-        cmocka_unit_test(test_pem_forms),         cmocka_unit_test(test_claims_time),
-        cmocka_unit_test(test_claims_iss_aud),    cmocka_unit_test(test_claims_required_and_values),
+        cmocka_unit_test(test_b64_valid),
+        cmocka_unit_test(test_b64_invalid),
+        cmocka_unit_test(test_rfc7515_a1_hs256),
+        cmocka_unit_test(test_rfc7515_a2_rs256),
+        cmocka_unit_test(test_rfc7515_a3_es256),
+        cmocka_unit_test(test_rfc8037_ed25519),
+        cmocka_unit_test(test_every_prefix_and_change_fails),
+        cmocka_unit_test(test_rsa_algs),
+        cmocka_unit_test(test_ec_ed_algs),
+        cmocka_unit_test(test_hmac_algs),
+        cmocka_unit_test(test_alg_none_and_crit),
+        cmocka_unit_test(test_token_shape),
+        cmocka_unit_test(test_alg_confusion),
+        cmocka_unit_test(test_jwk_alg_narrows),
+        cmocka_unit_test(test_es256_sig_length),
+        cmocka_unit_test(test_kid_lookup),
+        cmocka_unit_test(test_jwks_rules),
+        cmocka_unit_test(test_rsa_1024_rejected),
+        cmocka_unit_test(test_ec_point_off_curve),
+        cmocka_unit_test(test_pem_forms),
+        cmocka_unit_test(test_claims_time),
+        cmocka_unit_test(test_claims_iss_aud),
+        cmocka_unit_test(test_claims_required_and_values),
         cmocka_unit_test(test_claims_flat),
     };
+    // clang-format on
     return cmocka_run_group_tests(tests, setup_keys, teardown_keys);
 }
