@@ -609,6 +609,10 @@ static void jwks_free(struct sl_jwks *ks)
     free(ks);
 }
 
+/* Identity providers publish a handful of keys; the bound keeps a hostile set of tiny entries
+ * from costing a key slot (and RSA/EC import work) each. */
+#define JWKS_MAX_KEYS 1024
+
 struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char *err,
                               size_t err_len)
 {
@@ -632,6 +636,10 @@ struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char
             goto out;
         }
         n = json_array_size(keys);
+        if (n > JWKS_MAX_KEYS) {
+            set_err(err, err_len, "more than %d keys in the set", JWKS_MAX_KEYS);
+            goto out;
+        }
     } else if (json_is_object(root) && json_object_get(root, "kty")) {
         n = 1;
     } else {

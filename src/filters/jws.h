@@ -76,7 +76,8 @@ struct sl_jwks {
  * and oct (k; only when `allow_oct`, since a shared secret must not come from a URL; at least 32
  * bytes, see sl_jwks_from_secret). Keys with "use" other than "sig", "key_ops" without
  * "verify", an unknown "alg", or unsupported types are skipped and counted. Returns a set with one
- * reference, or NULL with a reason in `err` (also when no usable key remains).
+ * reference, or NULL with a reason in `err` (also when no usable key remains, or for more than
+ * 1024 entries).
  */
 struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char *err,
                               size_t err_len);

@@ -989,6 +989,26 @@ static void test_jwks_rules(void **state)
         assert_null(sl_jwks_parse(bad[i], strlen(bad[i]), true, err, sizeof(err)));
         assert_true(err[0] != '\0');
     }
+    /* at most 1024 entries */
+    for (size_t total = 1024; total <= 1025; total++) {
+        size_t cap = total * 3 + strlen(a3_jwk) + 16;
+        char *big = malloc(cap);
+        assert_non_null(big);
+        size_t off = (size_t)snprintf(big, cap, "{\"keys\":[%s", a3_jwk);
+        for (size_t i = 1; i < total; i++)
+            off += (size_t)snprintf(big + off, cap - off, ",{}");
+        snprintf(big + off, cap - off, "]}");
+        ks = sl_jwks_parse(big, strlen(big), false, err, sizeof(err));
+        if (total == 1024) {
+            assert_non_null(ks);
+            assert_int_equal(ks->skipped, 1023);
+            sl_jwks_unref(ks);
+        } else {
+            assert_null(ks);
+            assert_non_null(strstr(err, "1024"));
+        }
+        free(big);
+    }
     /* a single JWK (not in a set) is accepted */
     ks = parse_set(a3_jwk, false);
     assert_int_equal(ks->count, 1);
