@@ -2,10 +2,12 @@
 
 #include "filters/api_key.h"
 #include "filters/filter.h"
+#include "filters/jwt.h"
 
 /* One line per filter. */
 static const struct sl_filter_ops *const registry[] = {
     &sl_filter_api_key,
+    &sl_filter_jwt,
     NULL,
 };
 
