@@ -153,6 +153,16 @@ def test_jwt_bad_jwks_url(tmp_path):
     expect_error(r, path, "routes[0].filters[0].jwt.jwks_url", "http", at="ftp://", text=text)
 
 
+def test_jwt_refetch_interval_zero_rejected(tmp_path):
+    """0s would have to mean "no minimum"; sluice does not offer that (a floor of 1s keeps a
+    forged-kid flood from becoming an IdP flood) and must say so rather than use another
+    value silently."""
+    text = config(["jwt: {jwks_url: https://idp.test/jwks, jwks_refetch_interval: 0s}"])
+    path, r = check(tmp_path, text)
+    expect_error(r, path, "routes[0].filters[0].jwt.jwks_refetch_interval", "range",
+                 at="0s", text=text)
+
+
 def test_rate_limit_bad_rate(tmp_path):
     text = config(["rate_limit: {rate: 10/x, burst: 5}"])
     path, r = check(tmp_path, text)
