@@ -247,7 +247,8 @@ def test_distinct_key_flood_memory_bounded(gateway, backend):
 def global_config(redis, rule, workers=1, timeout="50ms"):
     top = "redis: {address: %s, timeout: %s, connect_timeout: 200ms, key_prefix: %s}\n" % (
         redis.addr, timeout, q("sluice-test:"))
-    return filter_config(routes=direct_route("all", "/", [rule]), top=top, workers=workers)
+    return filter_config(routes=direct_route("all", "/", [rule]), top=top, workers=workers,
+                         upstream="127.0.0.1:9")
 
 
 def test_global_two_gateways_share_budget(gateway, redis_server):
