@@ -595,8 +595,13 @@ static void complete_request(struct sl_server_conn *c)
     sl_buf_release_if_empty(&c->in, conn_pool(c));
     if (c->in.data && sl_buf_len(&c->in)) {
         try_parse_head(c); /* pipelined request already here */
-        if (c->state == CS_HEAD || c->state == CS_IDLE)
+        if (c->state == CS_HEAD || c->state == CS_IDLE) {
             conn_update_events(c);
+            /* The buffered bytes ended inside a head and the socket still holds more (the
+             * last read filled the buffer, so no new edge will come): read them now. */
+            if (c->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP))
+                conn_read_head(c, c->io.ready);
+        }
         return;
     }
     sl_timer_arm(srv->loop, &c->timer, srv->limits->idle_timeout_ms);

@@ -343,6 +343,16 @@ def test_many_pipelined_requests(echo_gw):
     assert paths == ["/pl/%d" % i for i in range(n)]
 
 
+def test_pipelined_burst_larger_than_the_input_buffer(echo_gw):
+    # 1000 requests (~60 KiB) in one write: the buffer fills, the last buffered head is cut,
+    # and the rest must be read although no new readiness edge arrives for it.
+    n = 1000
+    with echo_gw.connect(timeout=20) as c:
+        c.send(b"".join(build_request("GET", "/big/%05d" % i) for i in range(n)))
+        paths = [c.read_response().json()["path"] for _ in range(n)]
+    assert paths == ["/big/%05d" % i for i in range(n)]
+
+
 def test_client_abort_mid_upload_does_not_hurt(echo_gw):
     with echo_gw.connect() as c:
         c.send(build_request("POST", "/abort", [("Content-Length", "100000")]) + b"a" * 5000)
