@@ -889,7 +889,9 @@ static enum sl_filter_verdict decide(struct sl_filter_run *run, struct sl_reques
     if ((r == R_UNKNOWN_KID || r == R_NO_KEYS) && may_wait && st->source_is_url &&
         sl_jwks_source_refetch(st->source))
         return SL_FILTER_PAUSE;
-    neg_put(st, h, jw->gen, r);
+    /* An unknown kid from a URL source may become known at the next refetch: not cached. */
+    if (!(r == R_UNKNOWN_KID && st->source_is_url))
+        neg_put(st, h, jw->gen, r);
     return reject(run, req, r);
 }
 
