@@ -3,11 +3,13 @@
 #include "filters/api_key.h"
 #include "filters/filter.h"
 #include "filters/jwt.h"
+#include "filters/rate_limit.h"
 
 /* One line per filter. */
 static const struct sl_filter_ops *const registry[] = {
     &sl_filter_api_key,
     &sl_filter_jwt,
+    &sl_filter_rate_limit,
     NULL,
 };
 

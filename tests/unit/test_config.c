@@ -17,6 +17,8 @@
 #include <cmocka.h>
 
 #include "config/config.h"
+#include "config/filter_conf.h"
+#include "filters/filter_set.h"
 
 /* Loads `yaml` as "t.yaml"; returns the printed errors (caller frees) or NULL on success. */
 static char *load(const char *yaml, struct sl_config **cfg)
@@ -847,10 +849,102 @@ static void test_err_nolisteners(void **state)
     expect_errors("listeners: []\n", "t.yaml:1:12: listeners: must contain at least 1 entry\n");
 }
 
+/* ---- filters: entries are checked against each filter's registered schema ---- */
+
+static void test_filters_parsed(void **state)
+{
+    (void)state;
+    struct sl_config *cfg =
+        load_ok("listeners:\n"
+                "  - {name: public, address: 127.0.0.1:8080}\n"
+                "consumers:\n"
+                "  - {name: app, api_key: \"0123456789abcdef\"}\n"
+                "  - {name: b, api_key_sha256: "
+                "\"9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08\"}\n"
+                "default_filters:\n"
+                "  - api_key: {header: X-Key}\n"
+                "routes:\n"
+                "  - skip_default_filters: true\n"
+                "    filters:\n"
+                "      - api_key:\n"
+                "      - jwt: {secret: \"0123456789abcdef0123456789abcdef\", issuers: [a, b]}\n"
+                "    direct_response: {status: 200}\n");
+    assert_int_equal(cfg->default_filter_count, 1);
+    assert_string_equal(cfg->default_filters[0].type->name, "api_key");
+    assert_string_equal(cfg->default_filters[0].where, "default_filters[0].api_key");
+    assert_int_equal(cfg->route_count, 1);
+    assert_true(cfg->routes[0].skip_default_filters);
+    assert_int_equal(cfg->routes[0].filter_count, 2);
+    assert_string_equal(cfg->routes[0].filters[1].type->name, "jwt");
+    assert_int_equal(cfg->routes[0].filters[1].line, 12);
+    assert_int_equal(cfg->routes[0].filters[1].col, 9);
+    assert_int_equal(cfg->consumer_count, 2);
+    assert_true(cfg->consumers[0].has_sha256);
+    assert_int_equal(cfg->consumers[1].key_sha256[0], 0x9f);
+    assert_int_equal(cfg->consumers[1].key_sha256[31], 0x08);
+    sl_config_free(cfg);
+}
+
+static void test_err_filters(void **state)
+{
+    (void)state;
+    expect_errors("listeners:\n"
+                  "  - {name: public, address: 127.0.0.1:8080}\n"
+                  "routes:\n"
+                  "  - filters:\n"
+                  "      - jwtt: {}\n"
+                  "      - jwt: {secret: \"0123456789abcdef0123456789abcdef\", leeway: 5}\n"
+                  "      - jwt: {secret: \"short\", jwks_url: \"ftp://x\"}\n"
+                  "      - {jwt: {}, api_key: {}}\n"
+                  "      - api_key: {hedaer: X}\n"
+                  "      - jwt: {public_key_file: /k.pem, jwks_file: /j.json}\n"
+                  "    direct_response: {status: 200}\n",
+                  "t.yaml:5:9: routes[0].filters[0]: unknown filter \"jwtt\" (known: api_key, "
+                  "jwt, rate_limit)\n"
+                  "t.yaml:6:67: routes[0].filters[1].jwt.leeway: invalid duration \"5\": add a "
+                  "unit (ms, s, m or h), e.g. 10s\n"
+                  "t.yaml:7:14: routes[0].filters[2].jwt: secret must be at least 32 bytes (RFC "
+                  "7518 3.2: a key as long as the hash)\n"
+                  "t.yaml:7:42: routes[0].filters[2].jwt.jwks_url: must be an http:// or "
+                  "https:// URL\n"
+                  "t.yaml:8:9: routes[0].filters[3]: expected a filter as a one-key mapping, "
+                  "e.g. \"- jwt: {...}\"\n"
+                  "t.yaml:9:19: routes[0].filters[4].api_key.hedaer: unknown key \"hedaer\" "
+                  "(did you mean \"header\"?)\n"
+                  "t.yaml:10:14: routes[0].filters[5].jwt: needs exactly one of secret, "
+                  "public_key_file, jwks_file or jwks_url\n");
+}
+
+static void test_err_consumers_redis(void **state)
+{
+    (void)state;
+    expect_errors("listeners:\n"
+                  "  - {name: public, address: 127.0.0.1:8080}\n"
+                  "redis: {timeout: 0ms}\n"
+                  "consumers:\n"
+                  "  - {name: a, api_key: \"0123456789\", api_key_sha256: \"00\"}\n"
+                  "  - {name: b, api_key_sha256: \"xyz\"}\n"
+                  "  - {name: c, api_key: \"short\"}\n",
+                  "t.yaml:3:8: redis: missing required key \"address\"\n"
+                  "t.yaml:3:18: redis.timeout: 0ms is out of range 1ms..10s\n"
+                  "t.yaml:5:54: consumers[0].api_key_sha256: expected a SHA-256 as 64 hex "
+                  "digits, got \"00\"\n"
+                  "t.yaml:5:54: consumers[0].api_key_sha256: cannot be combined with "
+                  "\"api_key\"\n"
+                  "t.yaml:6:31: consumers[1].api_key_sha256: expected a SHA-256 as 64 hex "
+                  "digits, got \"xyz\"\n"
+                  "t.yaml:7:24: consumers[2].api_key: must be at least 8 characters (use a "
+                  "random key of 32 or more)\n");
+}
+
 int main(void)
 {
+    sl_filters_register_config();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_example),
+        cmocka_unit_test(test_filters_parsed),
+        cmocka_unit_test(test_err_filters),
+        cmocka_unit_test(test_err_consumers_redis),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_limits_merge),
         cmocka_unit_test(test_hash_on_ignored_without_hash),
