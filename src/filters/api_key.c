@@ -7,18 +7,17 @@
  */
 #include "filters/api_key.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <strings.h>
 #include <string.h>
 
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
 
 #include "config/config.h"
 #include "config/filter_conf.h"
 #include "config/units.h"
+#include "core/sha256.h"
 #include "http/request.h"
 
 struct api_key_conf {
@@ -180,36 +179,6 @@ static void destroy(void *state)
     free(st);
 }
 
-/* Per worker: a reusable digest context, so hashing a key allocates nothing per request. */
-struct api_key_worker {
-    EVP_MD *md;
-    EVP_MD_CTX *ctx;
-};
-
-static int worker_init(void *state, struct sl_worker *w, void **wstate)
-{
-    (void)state;
-    (void)w;
-    struct api_key_worker *aw = calloc(1, sizeof *aw);
-    if (!aw)
-        return -ENOMEM;
-    aw->md = EVP_MD_fetch(NULL, "SHA256", NULL);
-    aw->ctx = EVP_MD_CTX_new();
-    *wstate = aw;
-    if (!aw->md || !aw->ctx)
-        return -ENOMEM;
-    return 0;
-}
-
-static void worker_fini(void *state, void *wstate)
-{
-    (void)state;
-    struct api_key_worker *aw = wstate;
-    EVP_MD_CTX_free(aw->ctx);
-    EVP_MD_free(aw->md);
-    free(aw);
-}
-
 static enum sl_filter_verdict deny(struct sl_filter_run *run, struct sl_request *req, int status,
                                    const char *error)
 {
@@ -225,7 +194,6 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
 {
     const struct api_key_state *st = state;
     const struct api_key_conf *conf = st->conf;
-    struct api_key_worker *aw = sl_filter_wstate(run);
     struct sl_slice key = {0};
     bool found = sl_request_header(req, conf->header, &key);
     if (!found && conf->query)
@@ -233,11 +201,7 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
     if (!found || key.len == 0)
         return deny(run, req, 401, "missing_api_key");
     unsigned char sha[32];
-    unsigned int sha_len = 0;
-    if (!aw || !EVP_DigestInit_ex2(aw->ctx, aw->md, NULL) ||
-        !EVP_DigestUpdate(aw->ctx, key.ptr, key.len) ||
-        !EVP_DigestFinal_ex(aw->ctx, sha, &sha_len) || sha_len != 32)
-        return sl_filter_reject(run, req, 500, "internal");
+    sl_sha256(key.ptr, key.len, sha);
     const struct consumer *hit = NULL;
     for (size_t s = slot_of(sha, st->mask); st->slots[s].name; s = (s + 1) & st->mask) {
         if (CRYPTO_memcmp(st->slots[s].sha, sha, 32) == 0) {
@@ -267,7 +231,5 @@ const struct sl_filter_ops sl_filter_api_key = {
     .conf_type = &conf_type,
     .create = create,
     .destroy = destroy,
-    .worker_init = worker_init,
-    .worker_fini = worker_fini,
     .on_request = on_request,
 };

@@ -8,6 +8,7 @@
 #include <cmocka.h>
 
 #include "core/hash.h"
+#include "core/sha256.h"
 
 struct pinned {
     const char *in;
@@ -169,6 +170,37 @@ static void test_siphash_vectors(void **state)
     assert_true(k2[0] != 0 || k2[1] != 0);
 }
 
+/* FIPS 180-2 known answers: empty, one block, and a message whose padding needs two blocks. */
+static void test_sha256_vectors(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *msg;
+        const char *hex;
+    } v[] = {
+        {"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"},
+        {"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+        {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+         "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"},
+    };
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        unsigned char out[32];
+        char hex[65];
+        sl_sha256(v[i].msg, strlen(v[i].msg), out);
+        for (int j = 0; j < 32; j++)
+            snprintf(hex + 2 * j, 3, "%02x", out[j]);
+        assert_string_equal(hex, v[i].hex);
+    }
+    /* A million 'a's crosses many blocks. */
+    static char big[1000000];
+    memset(big, 'a', sizeof big);
+    unsigned char out[32];
+    sl_sha256(big, sizeof big, out);
+    assert_int_equal(out[0], 0xcd);
+    assert_int_equal(out[1], 0xc7);
+    assert_int_equal(out[31], 0xd0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -179,6 +211,7 @@ int main(void)
         cmocka_unit_test(test_distribution),
         cmocka_unit_test(test_avalanche),
         cmocka_unit_test(test_siphash_vectors),
+        cmocka_unit_test(test_sha256_vectors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
