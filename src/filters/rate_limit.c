@@ -146,22 +146,11 @@ static const char *check_id(const char *s, size_t len, char *buf, size_t cap)
     return NULL;
 }
 
-static const struct sl_yaml_node *map_value(const struct sl_yaml_node *map, const char *key)
-{
-    if (!map || map->kind != SL_YAML_MAP)
-        return NULL;
-    for (size_t i = 0; i < map->count; i++)
-        if (map->keys[i]->len == strlen(key) &&
-            memcmp(map->keys[i]->str, key, map->keys[i]->len) == 0)
-            return map->items[i];
-    return NULL;
-}
-
 static void conf_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
 {
     const struct rate_limit_conf *rc = elem;
     if (rc->key_count > MAX_PARTS) {
-        const struct sl_yaml_node *n = map_value(map, "key");
+        const struct sl_yaml_node *n = sl__config_yaml_get(map, "key");
         size_t saved = sl__config_path_push_key(c, "key", 3);
         sl__config_error(c, n ? n : map, "at most %d key parts, got %zu", MAX_PARTS, rc->key_count);
         sl__config_path_pop(c, saved);
