@@ -95,7 +95,8 @@ struct sl_redis {
     unsigned depth;    /* inside redisAsyncHandleRead/Write */
     bool free_requested;
     bool destroying;
-    char reason[160]; /* why the current connection is being dropped */
+    unsigned timeouts_in_row; /* calls that timed out since the last reply */
+    char reason[160];         /* why the current connection is being dropped */
     struct sl_redis_call *head, *tail;
     struct sl_redis_cmd *free_cmds;
     size_t cmd_count;
@@ -163,10 +164,23 @@ static void on_call_defer(struct sl_defer *d)
     call_finish(call, NULL, call->err);
 }
 
+/* A server that accepts but never answers (stopped, wedged, a black-holed route) would
+ * otherwise keep the connection forever while every call times out: after this many timeouts
+ * in a row with no reply at all, reconnect. */
+#define TIMEOUTS_BEFORE_RECONNECT 8
+
+static void drop_connection(struct sl_redis *r, const char *why);
+
 static void on_call_timeout(struct sl_timer *t)
 {
     struct sl_redis_call *call = t->data;
-    call_finish(call, NULL, -ETIMEDOUT);
+    struct sl_redis *r = call->client;
+    call_forget(call);
+    if (++r->timeouts_in_row >= TIMEOUTS_BEFORE_RECONNECT && r->state == ST_UP && !r->depth) {
+        r->timeouts_in_row = 0;
+        drop_connection(r, "no reply to 8 commands in a row within the timeout");
+    }
+    call->cb(call, NULL, -ETIMEDOUT);
 }
 
 /* ---- command records --------------------------------------------------------------------- */
@@ -546,7 +560,9 @@ static void on_gcra_reply(redisAsyncContext *ac, void *reply_, void *privdata)
     struct sl_redis_call *call = c->call;
     redisReply *reply = reply_;
     if (!call) {
-        cmd_put(r, c); /* abandoned: timed out or cancelled */
+        if (reply)
+            r->timeouts_in_row = 0; /* late, but the server answers */
+        cmd_put(r, c);              /* abandoned: timed out or cancelled */
         return;
     }
     if (!reply) {
@@ -566,6 +582,7 @@ static void on_gcra_reply(redisAsyncContext *ac, void *reply_, void *privdata)
         call_fail_later(call, -ENOTCONN);
         return;
     }
+    r->timeouts_in_row = 0;
     struct sl_rl_result res = {.limit = c->limit};
     int err = parse_gcra(reply, &res);
     call->cmd = NULL;

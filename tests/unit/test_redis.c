@@ -541,6 +541,31 @@ static void test_timeout_and_bounds(void **state)
     close(lfd);
 }
 
+/* A server that accepts and never answers: after 8 timeouts in a row the client gives up on
+ * the connection and reconnects instead of waiting on it forever. */
+static void test_silent_server_forces_reconnect(void **state)
+{
+    (void)state;
+    int port;
+    int lfd = silent_server(&port);
+    struct fixture f;
+    fixture_init(&f, port);
+    f.conf.timeout_ms = 20;
+    struct sl_redis *r = connect_client(&f);
+    for (int i = 0; i < 8; i++) {
+        assert_true(sl_redis_is_connected(r));
+        struct outcome o = {0};
+        assert_int_equal(sl_redis_gcra(r, &o.call, "x", 1, 1000000, 1, on_result, &o), 0);
+        assert_true(run_until(&f.loop, is_done, &o, WAIT_MS));
+        assert_int_equal(o.err, -ETIMEDOUT);
+    }
+    assert_false(sl_redis_is_connected(r));
+    /* The backoff then connects again (the listener's backlog completes the handshake). */
+    assert_true(run_until(&f.loop, is_up, r, WAIT_MS));
+    fixture_dispose(&f, r);
+    close(lfd);
+}
+
 static void test_restart(void **state)
 {
     (void)state;
@@ -629,6 +654,7 @@ int main(void)
         cmocka_unit_test(test_noscript_fallback),
         cmocka_unit_test(test_auth_and_select),
         cmocka_unit_test(test_timeout_and_bounds),
+        cmocka_unit_test(test_silent_server_forces_reconnect),
         cmocka_unit_test(test_restart),
         cmocka_unit_test(test_cancel_and_free),
     };
