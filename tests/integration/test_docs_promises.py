@@ -132,6 +132,27 @@ def test_quickstart_demo_backend_directly(quickstart):
     assert r.status == 418 and r.body == b"I'm a teapot\n"
 
 
+def test_quickstart_private_needs_the_demo_api_key(quickstart):
+    # README: `/private/hello  # 401: needs an API key`, then 200 with the demo key.
+    r = quickstart.request("GET", "/private/hello")
+    doc = assert_gateway_error(r, 401)
+    assert doc["error"] == "missing_api_key"
+    r = quickstart.request("GET", "/private/hello",
+                           headers=[("X-API-Key", "demo-key-change-me")])
+    assert r.status == 200 and r.json() == {"hello": "world"}, r
+    assert r.header("ratelimit-limit") == "11"  # quickstart: burst 10 per consumer
+
+
+def test_quickstart_api_is_rate_limited_per_ip(quickstart):
+    # quickstart.yaml: 20/s per client IP, burst 10 on /api/. 100 pipelined requests arrive
+    # within well under a second even under sanitizers, so most must be refused.
+    n = 100
+    with quickstart.connect(timeout=10) as c:
+        c.send(b"".join(build_request("GET", "/api/hello") for _ in range(n)))
+        statuses = [c.read_response().status for _ in range(n)]
+    assert statuses.count(200) >= 11 and statuses.count(429) >= n // 2, statuses
+
+
 def test_quickstart_ctrl_c_drains_and_exits_0(quickstart):
     # README: "Stop it with Ctrl-C (drains in-flight requests, then exits 0)."
     assert quickstart.request("GET", "/healthz").status == 200
