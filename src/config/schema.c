@@ -322,11 +322,14 @@ static void set_strmap(struct sl__config_ctx *c, const struct sl__schema_key *k,
     memcpy((char *)base + k->count_offset, &stored, sizeof(stored));
     for (size_t i = 0; i < n->count; i++) {
         const struct sl_yaml_node *key = n->keys[i], *val = n->items[i];
-        size_t saved = sl__config_path_push_key(c, key->str ? key->str : "", key->len);
+        /* A mapping or list used as a key has no text. */
+        bool text_key = key->kind == SL_YAML_SCALAR && key->str && !key->is_null;
+        const char *kstr = text_key ? key->str : "";
+        size_t klen = text_key ? key->len : 0;
+        size_t saved = sl__config_path_push_key(c, kstr, klen);
         const char *s = sl__config_scalar(c, val, "a string");
         const char *msg = NULL;
-        if (key->kind != SL_YAML_SCALAR || key->is_null || key->len == 0 ||
-            memchr(key->str, '\0', key->len))
+        if (klen == 0 || memchr(kstr, '\0', klen))
             msg = "keys must be non-empty strings";
         else if (s && memchr(s, '\0', val->len))
             msg = "must not contain NUL bytes";
@@ -335,7 +338,7 @@ static void set_strmap(struct sl__config_ctx *c, const struct sl__schema_key *k,
         if (msg) {
             sl__config_error(c, msg[0] == 'k' ? key : val, "%s", msg);
         } else if (s) {
-            arr[stored].name = sl__config_strndup(c, key->str, key->len);
+            arr[stored].name = sl__config_strndup(c, kstr, klen);
             arr[stored].value = sl__config_strndup(c, s, val->len);
             if (arr[stored].name && arr[stored].value)
                 stored++;
