@@ -18,6 +18,15 @@ uint64_t sl_clock_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* One clock read per turn serves both the millisecond timers and microsecond users. */
+static void loop_read_clock(struct sl_loop *loop)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    loop->now_us = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+    loop->now_ms = loop->now_us / 1000u;
+}
+
 static void on_wake_io(struct sl_io *io, uint32_t events)
 {
     (void)events;
@@ -56,7 +65,7 @@ int sl_loop_init(struct sl_loop *loop)
         close(loop->epfd);
         return e;
     }
-    loop->now_ms = sl_clock_now_ms();
+    loop_read_clock(loop);
     int rc = sl_io_start(loop, &loop->wake_io, loop->wake_fd, EPOLLIN, on_wake_io, loop);
     if (rc < 0) {
         close(loop->wake_fd);
@@ -330,7 +339,7 @@ void sl_loop_run(struct sl_loop *loop)
     while (!loop->stop) {
         int timeout = sl_loop_next_timeout_ms(loop);
         int n = epoll_wait(loop->epfd, evs, MAX_EVENTS, timeout);
-        loop->now_ms = sl_clock_now_ms();
+        loop_read_clock(loop);
         if (n < 0 && errno != EINTR)
             break;
         for (int i = 0; i < n; i++) {

@@ -89,6 +89,7 @@ struct sl_loop {
     int wake_fd; /* eventfd; sl_loop_wake() makes the loop run `on_wake` */
     bool stop;
     uint64_t now_ms;        /* cached monotonic time, refreshed once per turn */
+    uint64_t now_us;        /* the same reading in microseconds */
     uint64_t turns;         /* completed loop turns (tests use it to tell turns apart) */
     struct sl_timer **heap; /* 1-based binary min-heap */
     uint32_t heap_len, heap_cap;
@@ -124,6 +125,12 @@ void sl_loop_post(struct sl_loop *loop, struct sl_post *p);
 static inline uint64_t sl_loop_now_ms(const struct sl_loop *loop)
 {
     return loop->now_ms;
+}
+
+/* The turn's monotonic time in microseconds (same clock as sl_clock_now_ms). */
+static inline uint64_t sl_loop_now_us(const struct sl_loop *loop)
+{
+    return loop->now_us;
 }
 
 /* Registers `fd` with interest `events` (EPOLLIN, EPOLLOUT, EPOLLRDHUP), level-triggered, or

@@ -310,8 +310,7 @@ struct waiter {
     struct sl_filter_run *run;
     struct sl_request *req;
     struct sl_slice token;
-    uint64_t hash;
-    bool refetched; /* a refetch already ran for this request: do not ask again */
+    uint64_t hash, neg_hash; /* cache index hash, negative-cache hash */
 };
 
 struct jwt_worker {
@@ -339,10 +338,12 @@ bool sl_jwt_request_claim(const struct sl_request *req, const char *name, size_t
     return sl_jwt_flat_get(rc->flat, rc->flat_len, name, name_len, out);
 }
 
+/* Token times are whole seconds: the coarse clock (a few ms of resolution, no TSC read) is
+ * precise enough and cheaper on the cached path. */
 static int64_t now_s(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     return (int64_t)ts.tv_sec;
 }
 
@@ -837,7 +838,7 @@ static _Thread_local unsigned char flatbuf[FLAT_MAX];
  * Full verification of a token that missed the cache. Returns R_NONE on success (claims in
  * flatbuf), R_UNKNOWN_KID / R_NO_KEYS when the key set may be stale.
  */
-static enum reason verify(struct jwt_worker *jw, struct sl_slice tok, uint64_t h, size_t *flat_len)
+static enum reason verify(struct jwt_worker *jw, struct sl_slice tok, uint64_t ch, size_t *flat_len)
 {
     const struct jwt_state *st = jw->st;
     struct sl_jws_parsed p;
@@ -864,7 +865,7 @@ static enum reason verify(struct jwt_worker *jw, struct sl_slice tok, uint64_t h
         for (size_t i = 0; i < nbfv.len && nbfv.ptr[i] >= '0' && nbfv.ptr[i] <= '9'; i++)
             nbf = nbf * 10 + (nbfv.ptr[i] - '0');
     }
-    cache_put(st, h, tok.ptr, tok.len, flatbuf, *flat_len, exp, nbf, key->fingerprint);
+    cache_put(st, ch, tok.ptr, tok.len, flatbuf, *flat_len, exp, nbf, key->fingerprint);
     return R_NONE;
 }
 
@@ -878,12 +879,12 @@ static bool key_present(const struct sl_jwks *ks, uint64_t fp)
 
 /* Decides a token: CONTINUE, RESPOND, or PAUSE (when `w` may wait for the key source). */
 static enum sl_filter_verdict decide(struct sl_filter_run *run, struct sl_request *req,
-                                     struct jwt_worker *jw, struct sl_slice tok, uint64_t h,
-                                     bool may_wait)
+                                     struct jwt_worker *jw, struct sl_slice tok, uint64_t ch,
+                                     uint64_t nh, bool may_wait)
 {
     const struct jwt_state *st = jw->st;
     size_t flat_len = 0;
-    enum reason r = verify(jw, tok, h, &flat_len);
+    enum reason r = verify(jw, tok, ch, &flat_len);
     if (r == R_NONE)
         return accept_token(run, req, st, flatbuf, flat_len);
     if ((r == R_UNKNOWN_KID || r == R_NO_KEYS) && may_wait && st->source_is_url &&
@@ -891,7 +892,7 @@ static enum sl_filter_verdict decide(struct sl_filter_run *run, struct sl_reques
         return SL_FILTER_PAUSE;
     /* An unknown kid from a URL source may become known at the next refetch: not cached. */
     if (!(r == R_UNKNOWN_KID && st->source_is_url))
-        neg_put(st, h, jw->gen, r);
+        neg_put(st, nh, jw->gen, r);
     return reject(run, req, r);
 }
 
@@ -919,7 +920,7 @@ static void resume_waiters(struct jwt_worker *jw, bool timed_out)
         if (timed_out && !jw->keys)
             v = reject(w->run, w->req, R_NO_KEYS);
         else
-            v = decide(w->run, w->req, jw, w->token, w->hash, false);
+            v = decide(w->run, w->req, jw, w->token, w->hash, w->neg_hash, false);
         sl_filter_resume(w->run, v);
     }
 }
@@ -937,9 +938,12 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
         return reject(run, req, R_MISSING);
     if (tok.len > MAX_TOKEN_BYTES)
         return reject(run, req, R_TOO_LARGE);
-    uint64_t h = sl_siphash(tok.ptr, tok.len, st->hkey);
+    /* The positive cache confirms a hit by comparing the whole token, so a fast seeded hash
+     * is enough for its index; the negative cache trusts its hash alone, so it gets SipHash,
+     * computed only on a miss. */
+    uint64_t ch = sl_hash_bytes(tok.ptr, tok.len, st->hkey[0] ^ st->hkey[1]);
     struct cache_hit hit;
-    if (cache_get(st, h, tok.ptr, tok.len, flatbuf, &hit)) {
+    if (cache_get(st, ch, tok.ptr, tok.len, flatbuf, &hit)) {
         int64_t now = now_s();
         bool live = (hit.exp == 0 || now <= hit.exp + st->leeway_s) &&
                     (hit.nbf == 0 || now + st->leeway_s >= hit.nbf);
@@ -947,14 +951,15 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
         if (live && key_present(jw->keys, hit.key_fp))
             return accept_token(run, req, st, flatbuf, hit.flat_len);
         if (!live) {
-            neg_put(st, h, jw->gen, R_EXPIRED);
+            neg_put(st, sl_siphash(tok.ptr, tok.len, st->hkey), jw->gen, R_EXPIRED);
             return reject(run, req, R_EXPIRED);
         }
     }
-    enum reason nr = neg_get(st, h, jw->gen);
+    uint64_t nh = sl_siphash(tok.ptr, tok.len, st->hkey);
+    enum reason nr = neg_get(st, nh, jw->gen);
     if (nr != R_NONE)
         return reject(run, req, nr);
-    enum sl_filter_verdict v = decide(run, req, jw, tok, h, true);
+    enum sl_filter_verdict v = decide(run, req, jw, tok, ch, nh, true);
     if (v != SL_FILTER_PAUSE)
         return v;
     struct waiter *w = sl_arena_alloc(&req->arena, sizeof *w);
@@ -964,7 +969,8 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
     w->run = run;
     w->req = req;
     w->token = tok;
-    w->hash = h;
+    w->hash = ch;
+    w->neg_hash = nh;
     w->next = jw->waiters;
     if (jw->waiters)
         jw->waiters->prev = w;

@@ -499,7 +499,9 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
     size_t key_len = build_key(st, req, key);
     if (!st->global) {
         struct sl_rl_decision d;
-        sl_rl_table_decide(st->table, key, key_len, &st->lim, sl_rl_now_us(), &d);
+        /* The loop's time for this turn: no clock read per request. */
+        uint64_t now = req->worker ? sl_loop_now_us(&req->worker->loop) : sl_rl_now_us();
+        sl_rl_table_decide(st->table, key, key_len, &st->lim, now, &d);
         if (d.allowed)
             return allowed(req, st, d.limit, d.remaining, ceil_div(d.reset_us, 1000000));
         return refused(run, req, d.limit, ceil_div(d.retry_after_us, 1000000),
