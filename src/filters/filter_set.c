@@ -7,9 +7,12 @@
 
 #include "config/config.h"
 #include "config/filter_conf.h"
+#include "filters/json_scratch.h"
 
 void sl_filters_register_config(void)
 {
+    /* Before any other thread exists: jansson's allocator is process-wide. */
+    sl_json_scratch_install();
     static const struct sl_config_filter_type *types[16];
     size_t n = 0, count;
     const struct sl_filter_ops *const *reg = sl_filter_registry(&count);

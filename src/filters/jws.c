@@ -42,6 +42,8 @@
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
 
+#include "filters/json_scratch.h"
+
 /* ---- algorithms ---- */
 
 static const struct {
@@ -902,13 +904,17 @@ enum sl_jws_status sl_jws_parse(const char *token, size_t len, unsigned allowed_
         return SL_JWS_MALFORMED;
 
     json_error_t jerr;
+    sl_json_scratch_begin();
     json_t *h = json_loadb((const char *)hdr, hn, JSON_REJECT_DUPLICATES, &jerr);
-    if (!h)
+    if (!h) {
+        sl_json_scratch_end();
         return SL_JWS_MALFORMED;
+    }
     unsigned alg = 0;
     size_t kid_len = 0;
     enum sl_jws_status st = check_header(h, allowed_algs, &alg, hdr, hn, &kid_len);
     json_decref(h);
+    sl_json_scratch_end();
     if (st != SL_JWS_OK)
         return st;
     if (b64_run(d1 + 1, pl, pay) != 0 || b64_run(d2 + 1, sl, sig) != 0)
@@ -1195,6 +1201,7 @@ enum sl_jwt_claims_status sl_jwt_claims_check(const char *payload, size_t len,
     if (!payload)
         return SL_JWT_CLAIMS_MALFORMED;
     json_error_t jerr;
+    sl_json_scratch_begin();
     json_t *c = json_loadb(payload, len, JSON_REJECT_DUPLICATES, &jerr);
     enum sl_jwt_claims_status st = SL_JWT_CLAIMS_MALFORMED;
     if (!json_is_object(c))
@@ -1267,6 +1274,7 @@ enum sl_jwt_claims_status sl_jwt_claims_check(const char *payload, size_t len,
         flat_put(c, flat, flat_cap, flat_len);
 out:
     json_decref(c);
+    sl_json_scratch_end();
     return st;
 }
 

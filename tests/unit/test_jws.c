@@ -1288,6 +1288,36 @@ static void expect_flat(const unsigned char *flat, size_t len, const char *name,
     assert_memory_equal(v.ptr, want, v.len);
 }
 
+/* Claims parse in the per-thread scratch allocator; a payload larger than the scratch spills
+ * to malloc part-way, and both kinds of memory must be released correctly (ASan checks). */
+static void test_claims_scratch_spill(void **state)
+{
+    (void)state;
+    size_t cap = 8000 * 24 + 64, o = 0;
+    char *p = malloc(cap);
+    assert_non_null(p);
+    o += (size_t)snprintf(p + o, cap - o, "{\"exp\":99");
+    for (int i = 0; i < 8000; i++)
+        o += (size_t)snprintf(p + o, cap - o, ",\"claim%05d\":\"v%d\"", i, i);
+    o += (size_t)snprintf(p + o, cap - o, ",\"sub\":\"last\"}");
+    unsigned char flat[64];
+    for (int round = 0; round < 3; round++) {
+        size_t flat_len = 0;
+        int64_t exp = 0;
+        assert_int_equal(sl_jwt_claims_check(p, o, NULL, 0, &exp, flat, sizeof flat, &flat_len),
+                         SL_JWT_CLAIMS_OK);
+        assert_int_equal(exp, 99);
+        /* and a small one right after, entirely in scratch */
+        const char *small = "{\"exp\":7,\"sub\":\"s\"}";
+        assert_int_equal(
+            sl_jwt_claims_check(small, strlen(small), NULL, 0, &exp, flat, sizeof flat, &flat_len),
+            SL_JWT_CLAIMS_OK);
+        assert_int_equal(exp, 7);
+        expect_flat(flat, flat_len, "sub", "s");
+    }
+    free(p);
+}
+
 static void test_claims_flat(void **state)
 {
     (void)state;
@@ -1368,6 +1398,7 @@ int main(void)
         cmocka_unit_test(test_claims_iss_aud),
         cmocka_unit_test(test_claims_required_and_values),
         cmocka_unit_test(test_claims_flat),
+        cmocka_unit_test(test_claims_scratch_spill),
     };
     // clang-format on
     return cmocka_run_group_tests(tests, setup_keys, teardown_keys);
