@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Filters benchmark: what sluice's jwt and rate_limit filters cost per request, against the
-# bare proxy, in one run on one machine. See docs/benchmarks.md ("Filters"). Usage:
+# bare proxy, in one run on one machine; optionally HAProxy's and nginx's equivalents side by
+# side (--only peers, or names such as haproxy-jwt-hs256). See docs/benchmarks.md ("Filters").
+# Usage:
 #   bench/filters.sh [--quick] [--runs N] [--duration S] [--conns C] [--only a,b,...]
 #                    [--sluice PATH]
 # Results: bench/results/<stamp>-filters/{raw.json,summary.md,wrk-*.txt}; the summary table is
@@ -17,6 +19,14 @@ command -v taskset >/dev/null || need+=(util-linux)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
 [ -x "$PY" ] || need+=(python3)
+# The peers only when a peer scenario is selected (--only peers|all|haproxy-*|nginx-*).
+export PATH="$PATH:/usr/sbin:/sbin"
+peers=
+case " $* " in *haproxy*|*nginx*|*peers*|*all*) peers=1 ;; esac
+if [ -n "$peers" ]; then
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v nginx >/dev/null || need+=(nginx-light)
+fi
 if [ -x "$PY" ]; then
     "$PY" -c 'import jwt' 2>/dev/null || need+=(python3-jwt)
     "$PY" -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)
@@ -38,6 +48,13 @@ fi
 if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
     echo "filters bench: note: system redis-server service is running (not stopped; it idles)" >&2
 fi
+if [ -n "$peers" ]; then
+    for svc in nginx haproxy; do
+        if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+            echo "filters bench: note: system $svc service is running (not stopped; it idles)" >&2
+        fi
+    done
+fi
 
 mkdir -p "$BIN"
 cc -O2 -Wall -Wextra -o "$BIN/backend" $BENCH/backend.c
@@ -58,7 +75,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-# The driver itself runs on the load core so that the proxy core only runs sluice.
+# The driver itself runs on the load core so that the proxy core only runs the proxy.
 timeout -k 15 "${BENCH_TIMEOUT:-1800}" taskset -c 0 "$PY" $BENCH/filters.py --bindir "$BIN" "$@" &
 pid=$!
 wait "$pid"
