@@ -234,9 +234,9 @@ struct cslot {
     _Atomic uint64_t seq; /* odd while a writer fills the slot */
     _Atomic uint64_t hash;
     _Atomic uint64_t lens; /* token_len << 32 | flat_len */
-    _Atomic int64_t exp, nbf;
+    _Atomic int64_t exp;
     _Atomic uint64_t key_fp;
-    _Atomic uint64_t data[(SLOT_BYTES - 6 * 8) / 8];
+    _Atomic uint64_t data[(SLOT_BYTES - 5 * 8) / 8];
 };
 #define SLOT_DATA_BYTES (sizeof(((struct cslot *)0)->data))
 
@@ -338,9 +338,18 @@ bool sl_jwt_request_claim(const struct sl_request *req, const char *name, size_t
     return sl_jwt_flat_get(rc->flat, rc->flat_len, name, name_len, out);
 }
 
-/* Token times are whole seconds: the coarse clock (a few ms of resolution, no TSC read) is
- * precise enough and cheaper on the cached path. */
+/* Token times are whole seconds. Full verification reads the precise clock: the coarse one
+ * lags by up to a tick, and a token issued this very second would look issued in the future
+ * when the second turns. The cached path only re-checks exp (which that lag makes lenient by
+ * a few ms at most), so it takes the cheaper coarse clock. */
 static int64_t now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec;
+}
+
+static int64_t now_s_coarse(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
@@ -385,7 +394,7 @@ static void words_load(_Atomic uint64_t *w, unsigned char *out, size_t len)
 }
 
 struct cache_hit {
-    int64_t exp, nbf;
+    int64_t exp;
     uint64_t key_fp;
     size_t flat_len;
 };
@@ -411,7 +420,6 @@ static bool cache_get(const struct jwt_state *st, uint64_t h, const char *tok, s
         return false;
     words_load(s->data + tw / 8, flat, fl);
     hit->exp = atomic_load_explicit(&s->exp, memory_order_relaxed);
-    hit->nbf = atomic_load_explicit(&s->nbf, memory_order_relaxed);
     hit->key_fp = atomic_load_explicit(&s->key_fp, memory_order_relaxed);
     hit->flat_len = fl;
     atomic_thread_fence(memory_order_acquire);
@@ -419,8 +427,7 @@ static bool cache_get(const struct jwt_state *st, uint64_t h, const char *tok, s
 }
 
 static void cache_put(const struct jwt_state *st, uint64_t h, const char *tok, size_t len,
-                      const unsigned char *flat, size_t fl, int64_t exp, int64_t nbf,
-                      uint64_t key_fp)
+                      const unsigned char *flat, size_t fl, int64_t exp, uint64_t key_fp)
 {
     size_t tw = (len + 7) & ~(size_t)7;
     if (!st->cache || tw + fl > SLOT_DATA_BYTES)
@@ -434,7 +441,6 @@ static void cache_put(const struct jwt_state *st, uint64_t h, const char *tok, s
     atomic_store_explicit(&s->hash, h, memory_order_relaxed);
     atomic_store_explicit(&s->lens, (uint64_t)len << 32 | fl, memory_order_relaxed);
     atomic_store_explicit(&s->exp, exp, memory_order_relaxed);
-    atomic_store_explicit(&s->nbf, nbf, memory_order_relaxed);
     atomic_store_explicit(&s->key_fp, key_fp, memory_order_relaxed);
     words_store(s->data, (const unsigned char *)tok, len);
     if (fl)
@@ -859,13 +865,7 @@ static enum reason verify(struct jwt_worker *jw, struct sl_slice tok, uint64_t c
     enum reason r = claims_reason(cs);
     if (r != R_NONE)
         return r;
-    struct sl_slice nbfv;
-    int64_t nbf = 0;
-    if (sl_jwt_flat_get(flatbuf, *flat_len, "nbf", 3, &nbfv)) {
-        for (size_t i = 0; i < nbfv.len && nbfv.ptr[i] >= '0' && nbfv.ptr[i] <= '9'; i++)
-            nbf = nbf * 10 + (nbfv.ptr[i] - '0');
-    }
-    cache_put(st, ch, tok.ptr, tok.len, flatbuf, *flat_len, exp, nbf, key->fingerprint);
+    cache_put(st, ch, tok.ptr, tok.len, flatbuf, *flat_len, exp, key->fingerprint);
     return R_NONE;
 }
 
@@ -944,9 +944,9 @@ static enum sl_filter_verdict on_request(struct sl_filter_run *run, struct sl_re
     uint64_t ch = sl_hash_bytes(tok.ptr, tok.len, st->hkey[0] ^ st->hkey[1]);
     struct cache_hit hit;
     if (cache_get(st, ch, tok.ptr, tok.len, flatbuf, &hit)) {
-        int64_t now = now_s();
-        bool live = (hit.exp == 0 || now <= hit.exp + st->leeway_s) &&
-                    (hit.nbf == 0 || now + st->leeway_s >= hit.nbf);
+        int64_t now = now_s_coarse();
+        /* nbf passed when the token was verified and cached; only exp can change. */
+        bool live = hit.exp == 0 || now <= hit.exp + st->leeway_s;
         /* A cached token stays good only while its key is still in the set. */
         if (live && key_present(jw->keys, hit.key_fp))
             return accept_token(run, req, st, flatbuf, hit.flat_len);
