@@ -77,6 +77,9 @@ def gw(module_gateway_factory, module_backend, keydir):
                      "header:X-Token]}" % q(HMAC_SECRET)])
     routes += route("only-rs256", "/only-rs256",
                     ["jwt: {public_key_file: %s, algorithms: [RS256]}" % rsa_pem])
+    routes += route("nocache", "/nocache",
+                    ["jwt: {public_key_file: %s, cache_size: 0, negative_cache_size: 0}"
+                     % pem(keydir, "ec256")])
     routes += direct_route("open", "/open")
     text = filter_config(routes=routes, limits="{max_header_bytes: 64KiB}", workers=2)
     return module_gateway_factory.start(text, B1=b.addr)
@@ -561,3 +564,17 @@ def test_jwks_file_reread_when_changed(gateway, backend, tmp_path):
     write_json(tmp_path, "jwks.json", jwks(jwk("rsa", "B", n=1)))
     os.utime(path, (time.time() + 5, time.time() + 5))  # a visibly newer mtime
     wait_accepted(g, make_token("RS256", claims(sub="b"), kid="B", n=1), timeout=15.0)
+
+
+def test_caches_off_still_verify_every_request(gw):
+    # cache_size: 0, negative_cache_size: 0: the good token passes every time, the bad one
+    # fails every time, alternating on one connection (nothing remembered either way).
+    good = make_token("ES256", claims(sub="nocache"))
+    bad = flip_signature(good)
+    k = KeepAliveClient(gw.port)
+    try:
+        seen = [(k.request("/nocache/%d" % i, bearer(t)).status)
+                for i in range(100) for t in (good, bad)]
+    finally:
+        k.close()
+    assert seen == [200, 401] * 100, seen

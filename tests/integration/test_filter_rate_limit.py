@@ -335,3 +335,45 @@ def test_global_redis_failure(gateway, redis_server, policy, failure):
     assert poll(lambda: 429 in statuses(pipelined(g.port, 10)), 15.0, interval=0.1), \
         "limiting did not resume after Redis came back" + g.diag()
     assert g.alive()
+
+
+def _redis_raw(r, payload, timeout=2.0):
+    """Inline commands on one connection (so AUTH and SELECT apply to what follows)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", r.port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.settimeout(timeout)
+        out = b""
+        while out.count(b"\r\n") < payload.count(b"\r\n"):
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+        return out
+
+
+def test_global_with_acl_user_password_and_db(gateway, redis_server):
+    # redis: {username, password, db}: the limit works through AUTH user pass + SELECT, and
+    # its keys land in that database; a wrong password fails closed with deny (503).
+    r = redis_server()
+    assert r.command("ACL", "SETUSER", "gw", "on", ">s3cret-pw", "~*", "+@all").startswith(b"+OK")
+    assert r.command("ACL", "SETUSER", "default", "off").startswith(b"+OK")
+    rule = rl(rate="1/m", burst=1, scope="global", on_redis_error="deny", key="ip")
+    top = ("redis: {address: %s, username: gw, password: %s, db: 3, timeout: 500ms, "
+           "connect_timeout: 500ms, key_prefix: %s}\n" % (r.addr, q("s3cret-pw"), q("acl:")))
+    g = gateway(filter_config(routes=direct_route("all", "/", [rule]), top=top,
+                              upstream="127.0.0.1:9"))
+    # The first answers may be 503 while the connection authenticates: poll for a 200.
+    assert poll(lambda: g.request("GET", "/").status == 200, 5.0), g.diag()
+    codes = [g.request("GET", "/").status for _ in range(3)]
+    assert codes.count(429) >= 2 and 503 not in codes, codes
+    out = _redis_raw(r, b"AUTH gw s3cret-pw\r\nSELECT 3\r\nDBSIZE\r\n")
+    assert out.startswith(b"+OK\r\n+OK\r\n:") and not out.endswith(b":0\r\n"), out
+
+    bad = ("redis: {address: %s, username: gw, password: wrong, timeout: 100ms, "
+           "connect_timeout: 200ms}\n" % r.addr)
+    g2 = gateway(filter_config(routes=direct_route("all", "/", [rule]), top=bad,
+                               upstream="127.0.0.1:9"))
+    for _ in range(3):
+        resp = g2.request("GET", "/")
+        assert resp.status == 503 and error_of(resp) == "redis_unavailable", resp
