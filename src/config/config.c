@@ -15,6 +15,7 @@
 #include "config/schema.h"
 #include "config/units.h"
 #include "config/yaml_tree.h"
+#include "core/fmt.h"
 #include "core/slice.h"
 
 #define SEC 1000ull
@@ -949,17 +950,6 @@ static const struct sl__schema_section redis_section = {
     .free = redis_free,
 };
 
-static int hexval(char ch)
-{
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F')
-        return ch - 'A' + 10;
-    return -1;
-}
-
 static void set_consumer_sha256(struct sl__config_ctx *c, const struct sl__schema_key *k,
                                 const struct sl_yaml_node *n, void *base)
 {
@@ -970,7 +960,8 @@ static void set_consumer_sha256(struct sl__config_ctx *c, const struct sl__schem
         return;
     bool ok = n->len == 64;
     for (size_t i = 0; ok && i < 32; i++) {
-        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+        int hi = sl_hex_digit((unsigned char)s[2 * i]),
+            lo = sl_hex_digit((unsigned char)s[2 * i + 1]);
         ok = hi >= 0 && lo >= 0;
         cs->key_sha256[i] = (unsigned char)(ok ? hi * 16 + lo : 0);
     }

@@ -37,4 +37,15 @@ static inline size_t sl_fmt_hex(char *out, uint64_t v)
     return n;
 }
 
+/* The value of one hex digit (either case), or -1. */
+static inline int sl_hex_digit(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c |= 0x20; /* ASCII lower case; leaves digits' neighbours outside a-f */
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
 #endif

@@ -3,6 +3,8 @@
 #include <limits.h>
 #include <string.h>
 
+#include "core/fmt.h"
+
 /*
  * Design notes.
  *
@@ -765,16 +767,6 @@ void sl_h1_chunked_init(struct sl_h1_chunked *ch)
     memset(ch, 0, sizeof(*ch));
 }
 
-static int hex_val(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    c = lower(c);
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    return -1;
-}
-
 enum sl_status sl_h1_chunked_parse(struct sl_h1_chunked *ch, const char *in, size_t len,
                                    size_t *consumed, struct sl_slice *data, enum sl_h1_err *err)
 {
@@ -807,7 +799,7 @@ enum sl_status sl_h1_chunked_parse(struct sl_h1_chunked *ch, const char *in, siz
         unsigned char c = uc(in[pos++]);
         switch (ch->state) {
         case CH_SIZE: {
-            int d = hex_val(c);
+            int d = sl_hex_digit((unsigned char)c);
             if (d >= 0) {
                 if (ch->line_bytes == 16) {
                     ch->state = CH_ERR_LARGE;

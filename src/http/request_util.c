@@ -7,6 +7,8 @@
 
 #include "http/request.h"
 
+#include "core/fmt.h"
+
 bool sl_request_header(const struct sl_request *req, const char *name, struct sl_slice *value)
 {
     for (size_t i = 0; i < req->header_count; i++) {
@@ -51,17 +53,6 @@ int sl_request_header_append(struct sl_request *req, struct sl_slice name, struc
     return 0;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 bool sl_request_query_param(struct sl_request *req, const char *name, struct sl_slice *value)
 {
     size_t nl = strlen(name);
@@ -84,8 +75,8 @@ bool sl_request_query_param(struct sl_request *req, const char *name, struct sl_
             size_t o = 0;
             for (size_t i = 0; i < vl; i++) {
                 if (v[i] == '%') {
-                    int hi = i + 1 < vl ? hexval(v[i + 1]) : -1;
-                    int lo = i + 2 < vl ? hexval(v[i + 2]) : -1;
+                    int hi = i + 1 < vl ? sl_hex_digit((unsigned char)v[i + 1]) : -1;
+                    int lo = i + 2 < vl ? sl_hex_digit((unsigned char)v[i + 2]) : -1;
                     if (hi < 0 || lo < 0)
                         return false;
                     out[o++] = (char)(hi * 16 + lo);
