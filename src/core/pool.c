@@ -3,6 +3,27 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 
+/*
+ * Under AddressSanitizer a block on the free list is poisoned (all but the link word), so a
+ * use after free of pooled memory (a request arena, a buffer) is reported like one of malloc'ed
+ * memory instead of silently reading a recycled block.
+ */
+#if defined(__SANITIZE_ADDRESS__)
+#define SL_POOL_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SL_POOL_ASAN 1
+#endif
+#endif
+#ifdef SL_POOL_ASAN
+#include <sanitizer/asan_interface.h>
+#define POISON(b, n) ASAN_POISON_MEMORY_REGION((char *)(b) + sizeof(void *), (n) - sizeof(void *))
+#define UNPOISON(b, n) ASAN_UNPOISON_MEMORY_REGION((b), (n))
+#else
+#define POISON(b, n) ((void)(b), (void)(n))
+#define UNPOISON(b, n) ((void)(b), (void)(n))
+#endif
+
 static int use_mmap(const struct sl_pool *p)
 {
     return p->block_bytes >= 4096;
@@ -19,6 +40,7 @@ static void *block_alloc(const struct sl_pool *p)
 
 static void block_free(const struct sl_pool *p, void *b)
 {
+    UNPOISON(b, p->block_bytes);
     if (use_mmap(p))
         munmap(b, p->block_bytes);
     else
@@ -74,6 +96,7 @@ void *sl_pool_get(struct sl_pool *p)
         p->free_count--;
         if (p->free_count < p->low_water)
             p->low_water = p->free_count;
+        UNPOISON(b, p->block_bytes);
     } else {
         b = block_alloc(p);
         if (!b)
@@ -95,4 +118,5 @@ void sl_pool_put(struct sl_pool *p, void *block)
     *(void **)block = p->free_list;
     p->free_list = block;
     p->free_count++;
+    POISON(block, p->block_bytes);
 }
