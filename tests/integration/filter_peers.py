@@ -241,6 +241,9 @@ class _JwksHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         owner = self.server.owner
         with owner.lock:
+            owner.arrived += 1
+        owner.gate.wait(10)  # hold() keeps answers back (a slow IdP); bounded
+        with owner.lock:
             owner.fetches += 1
             owner.paths.append(self.path)
             body = owner.body
@@ -267,6 +270,9 @@ class JwksServer:
         self.status = 200
         self.extra_headers = []
         self.body = json.dumps(doc or {"keys": []}).encode()
+        self.arrived = 0  # requests received, answered or not
+        self.gate = threading.Event()
+        self.gate.set()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
@@ -294,6 +300,13 @@ class JwksServer:
         with self.lock:
             return self.fetches
 
+    def hold(self):
+        """Fetches wait (at most 10 s) until release(): a slow identity provider."""
+        self.gate.clear()
+
+    def release(self):
+        self.gate.set()
+
     def wait_fetches(self, n, timeout=5.0):
         return poll(lambda: self.count() >= n, timeout)
 
@@ -301,6 +314,7 @@ class JwksServer:
         if self.stopped:
             return
         self.stopped = True
+        self.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)

@@ -578,3 +578,43 @@ def test_caches_off_still_verify_every_request(gw):
     finally:
         k.close()
     assert seen == [200, 401] * 100, seen
+
+
+def test_client_gone_while_waiting_for_unknown_kid_refetch(gateway, backend, jwks_server):
+    # A kid-B token parks its request while the refetch runs; the client resets meanwhile.
+    # The jwt filter must forget the waiter (on_cancel): when the slow IdP finally answers,
+    # nothing may touch the freed request (the ASan run reports it), and B then works.
+    import socket
+    import struct
+    idp = jwks_server(jwks(jwk("rsa", "A", n=0)))
+    b = backend()
+    g = gateway(jwks_url_config(idp.url, "jwks_refetch_interval: 1s, jwks_refresh: 1h"),
+                B1=b.addr)
+    wait_accepted(g, make_token("RS256", claims(sub="a"), kid="A", n=0))
+    idp.set_keys(jwk("rsa", "A", n=0), jwk("rsa", "B", n=1))
+    idp.hold()
+    socks = []
+    try:
+        before = idp.arrived
+        tok = make_token("RS256", claims(sub="b"), kid="B", n=1)
+        req = ("GET /api/x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n\r\n"
+               % tok).encode()
+
+        def parked():
+            # Requests inside the refetch interval are refused at once; the first one after
+            # it starts the (held) fetch and stays parked.
+            s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+            s.sendall(req)
+            socks.append(s)
+            return idp.arrived > before
+
+        assert poll(parked, 5.0, interval=0.05), "no refetch started"
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        socks = []
+    finally:
+        for s in socks:
+            s.close()
+        idp.release()
+    assert poll(lambda: get(g, "/api/x", tok).status == 200, 5.0), g.diag()
