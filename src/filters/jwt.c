@@ -295,7 +295,7 @@ struct jwt_state {
     bool source_is_url;
     struct token_src *srcs;
     size_t src_count;
-    size_t *hdr_name_lens; /* claims_to_headers[i].value lengths */
+    size_t *hdr_name_lens; /* claims_to_headers: [2i] claim name, [2i+1] header name lengths */
     struct cslot *cache;
     size_t cache_mask; /* 0 with no cache */
     struct nslot *neg;
@@ -554,11 +554,13 @@ static int create(const void *vconf, const struct sl_config *cfg, void **out, ch
     }
     size_t nsrc = conf->from_count ? conf->from_count : 1;
     st->srcs = calloc(nsrc, sizeof *st->srcs);
-    st->hdr_name_lens = calloc(conf->claims_to_headers_count + 1, sizeof(size_t));
+    st->hdr_name_lens = calloc(2 * conf->claims_to_headers_count + 1, sizeof(size_t));
     if (!st->srcs || !st->hdr_name_lens)
         goto oom;
-    for (size_t i = 0; i < conf->claims_to_headers_count; i++)
-        st->hdr_name_lens[i] = strlen(conf->claims_to_headers[i].value);
+    for (size_t i = 0; i < conf->claims_to_headers_count; i++) {
+        st->hdr_name_lens[2 * i] = strlen(conf->claims_to_headers[i].name);
+        st->hdr_name_lens[2 * i + 1] = strlen(conf->claims_to_headers[i].value);
+    }
     if (!conf->from_count) {
         st->srcs[0].kind = SRC_AUTHORIZATION;
     } else {
@@ -778,14 +780,15 @@ static enum sl_filter_verdict accept_token(struct sl_filter_run *run, struct sl_
         /* Whatever the client sent under that name must not reach the backend. */
         sl_request_header_remove(req, p->value);
         struct sl_slice v;
-        if (!sl_jwt_flat_get(copy, flat_len, p->name, strlen(p->name), &v))
+        if (!sl_jwt_flat_get(copy, flat_len, p->name, st->hdr_name_lens[2 * i], &v))
             continue;
         bool clean = true;
         for (size_t k = 0; k < v.len && clean; k++)
             clean = (unsigned char)v.ptr[k] >= 0x20 && v.ptr[k] != 0x7f;
         if (!clean)
             continue; /* a claim with control characters cannot become a header */
-        if (sl_request_header_append(req, sl_slice_make(p->value, st->hdr_name_lens[i]), v) != 0)
+        if (sl_request_header_append(req, sl_slice_make(p->value, st->hdr_name_lens[2 * i + 1]),
+                                     v) != 0)
             return sl_filter_reject(run, req, 503, "out_of_memory");
     }
     if (conf->strip_authorization)
