@@ -64,6 +64,99 @@ struct sl_endpoint_conf {
 enum sl_balance { SL_BALANCE_ROUND_ROBIN = 0, SL_BALANCE_LEAST_REQUEST, SL_BALANCE_HASH };
 enum sl_hash_on { SL_HASH_IP = 0, SL_HASH_HEADER, SL_HASH_COOKIE };
 
+/* A set of HTTP statuses 100..599 as a bitmap (index status - 100). */
+struct sl_status_set {
+    uint64_t bits[8];
+};
+
+static inline bool sl_status_set_has(const struct sl_status_set *s, int status)
+{
+    if (status < 100 || status > 599)
+        return false;
+    unsigned i = (unsigned)(status - 100);
+    return (s->bits[i / 64] >> (i % 64)) & 1u;
+}
+
+/* `health.passive:` -- outlier detection, which is also the per-endpoint circuit breaker
+ * (closed = in rotation, open = ejected, half-open = probing). */
+struct sl_passive_health_conf {
+    bool enabled;                    /* default true */
+    uint32_t consecutive_failures;   /* eject after this many in a row; default 5; 0 = off */
+    uint32_t failure_ratio_permille; /* eject above this failure ratio; default 0 = off */
+    uint32_t min_requests;           /* requests in the window before the ratio counts; 20 */
+    uint64_t window_ms;              /* sliding window of the ratio; default 10s */
+    uint64_t ejection_ms;            /* first ejection time; default 5s */
+    uint64_t max_ejection_ms;        /* cap of the growing ejection time; default 5m */
+    uint32_t max_ejection_percent;   /* share of the pool that may be ejected; default 50 */
+    uint32_t half_open_requests;     /* probe requests that must succeed; default 1 */
+    struct sl_status_set statuses;   /* response statuses counted as failures; 502, 503, 504 */
+};
+
+/* `health.active:` -- checks run by one thread per process. */
+struct sl_active_health_conf {
+    bool enabled;                  /* the section is present */
+    char *path;                    /* HTTP GET path; NULL = TCP connect check */
+    char *host;                    /* Host header; default the endpoint address */
+    uint64_t interval_ms;          /* default 5s */
+    uint64_t timeout_ms;           /* default 1s */
+    uint32_t healthy;              /* successes in a row to mark healthy; default 2 */
+    uint32_t unhealthy;            /* failures in a row to mark unhealthy; default 3 */
+    struct sl_status_set statuses; /* expected; default 200..399 */
+};
+
+/* `circuit_breaker:` -- per upstream, across all workers; 0 = no limit. */
+struct sl_breaker_conf {
+    uint32_t max_connections; /* open connections (busy and idle) */
+    uint32_t max_pending;     /* requests waiting for a connection to open */
+    uint32_t max_requests;    /* requests in flight */
+};
+
+/* Bits of sl_retry_conf.on besides statuses. */
+enum sl_retry_on {
+    SL_RETRY_CONNECT_FAILURE = 1u << 0,
+    SL_RETRY_RESET = 1u << 1,
+    SL_RETRY_TIMEOUT = 1u << 2,
+};
+
+/* `retries:` on an upstream (or a route, which overrides it). */
+struct sl_retry_conf {
+    uint32_t attempts;             /* retries after the first try; default 2; 0 = none */
+    uint32_t on;                   /* enum sl_retry_on bits */
+    struct sl_status_set statuses; /* response statuses retried */
+    uint64_t per_try_timeout_ms;   /* response wait of one try; 0 = timeouts.response */
+    uint64_t backoff_base_ms;      /* default 25ms */
+    uint64_t backoff_max_ms;       /* default 250ms */
+    uint32_t budget_percent;       /* retries per requests over 10s; default 20 */
+    uint32_t min_retries;          /* per 10s, always allowed; default 10 */
+    bool non_idempotent;           /* retry POST/PATCH without Idempotency-Key too */
+    uint64_t max_body_bytes;       /* request body kept for a retry; default 64KiB */
+};
+
+/* `zone_aware:` */
+struct sl_zone_aware_conf {
+    bool enabled;           /* default false */
+    uint32_t panic_percent; /* healthy share below which health is ignored; default 50 */
+};
+
+enum sl_discovery_kind {
+    SL_DISCOVERY_NONE = 0,
+    SL_DISCOVERY_DNS,
+    SL_DISCOVERY_SRV,
+    SL_DISCOVERY_FILE
+};
+
+/* `discovery:` -- one source besides the static `endpoints:`. */
+struct sl_discovery_conf {
+    enum sl_discovery_kind kind;
+    char *name;               /* DNS name (dns/srv) or file path (file) */
+    uint32_t port;            /* dns: port of every address */
+    uint32_t weight;          /* dns/srv: weight of every address; default 1 (srv: record's) */
+    char *zone;               /* dns/srv: zone of every address, or NULL */
+    uint64_t min_interval_ms; /* re-resolve no sooner than; default 1s */
+    uint64_t max_interval_ms; /* and no later than (TTL is honoured between); default 5m */
+    int line, col;
+};
+
 struct sl_upstream_conf {
     char *name;
     enum sl_balance balance; /* default round_robin */
@@ -76,7 +169,13 @@ struct sl_upstream_conf {
     uint64_t connect_timeout_ms;        /* default 1s */
     uint64_t response_timeout_ms;       /* until the response head arrives; default 15s, 504 */
     uint64_t idle_timeout_ms;           /* max gap while streaming a body; default 60s */
-    uint32_t connect_attempts;          /* endpoints tried on connect failure; default 3 */
+    uint32_t connect_attempts;          /* to be replaced by retries */
+    struct sl_passive_health_conf passive;
+    struct sl_active_health_conf active;
+    struct sl_breaker_conf breaker;
+    struct sl_retry_conf retries;
+    struct sl_zone_aware_conf zone_aware;
+    struct sl_discovery_conf discovery;
     int line, col;
 };
 
@@ -163,6 +262,8 @@ struct sl_route_conf {
     struct sl_filter_conf *filters; /* the route's own, run after default_filters */
     size_t filter_count;
     bool skip_default_filters;
+    bool has_retries; /* the route has its own `retries:` (else the upstream's apply) */
+    struct sl_retry_conf retries;
     int line, col;
 };
 
@@ -182,6 +283,10 @@ struct sl_config {
     struct sl_redis_conf redis;
     struct sl_consumer_conf *consumers;
     size_t consumer_count;
+    char *zone;         /* this instance's zone: `zone:`, else $SLUICE_ZONE, else NULL */
+    char **dns_servers; /* `resolver.servers`: ip[:port] list; empty = /etc/resolv.conf */
+    size_t dns_server_count;
+    uint64_t dns_timeout_ms; /* `resolver.timeout`, default 2s */
 };
 
 /* One error found while loading: "file:line:col: key.path: message". */
