@@ -177,10 +177,11 @@ static const char *describe(const struct hc_check *c, char *buf, size_t cap)
 
 /* ---- verdicts --------------------------------------------------------------------------- */
 
+/* sl_endpoint_set_active_down also counts the change in pool->stats.active_up/active_down,
+ * which is why it is called on transitions only. */
 static void record(struct hc_check *c, bool ok)
 {
     const struct sl_active_health_conf *conf = c->hp->conf;
-    struct sl_pool *pool = c->hp->pool;
     uint32_t healthy = conf->healthy ? conf->healthy : 1;
     uint32_t unhealthy = conf->unhealthy ? conf->unhealthy : 1;
     if (ok) {
@@ -190,7 +191,6 @@ static void record(struct hc_check *c, bool ok)
         if (c->down && c->successes >= healthy) {
             c->down = false;
             sl_endpoint_set_active_down(c->ep, false);
-            atomic_fetch_add_explicit(&pool->stats.active_up, 1, memory_order_relaxed);
             SL_INFO("upstream %s endpoint %s: active health check passed %u times: marked up",
                     c->hp->name, c->ep->address, c->successes);
         }
@@ -203,7 +203,6 @@ static void record(struct hc_check *c, bool ok)
     if (!c->down && c->failures >= unhealthy) {
         c->down = true;
         sl_endpoint_set_active_down(c->ep, true);
-        atomic_fetch_add_explicit(&pool->stats.active_down, 1, memory_order_relaxed);
         SL_WARN("upstream %s endpoint %s: active health check failed %u times (%s): marked down",
                 c->hp->name, c->ep->address, c->failures, describe(c, buf, sizeof buf));
     } else {

@@ -18,9 +18,10 @@ struct sl_endpoint;
  * one `interval` ±10% after the previous one started (later if that one is still running), so
  * checks of many endpoints and of several instances do not fall into step. An endpoint is
  * marked down after `unhealthy` failures in a row and up again after `healthy` successes in a
- * row (sl_endpoint_set_active_down, only on a change; pool->stats.active_down/active_up count
- * the changes; each change is logged). Endpoints start from whatever verdict they carry,
- * which for a new endpoint is up: passive health serves until the first verdict.
+ * row (sl_endpoint_set_active_down, called only on a change since it also counts the change
+ * in pool->stats.active_down/active_up; each change is logged). Endpoints start from whatever
+ * verdict they carry, which for a new endpoint is up: passive health serves until the first
+ * verdict.
  *
  * The checker follows each pool's endpoint set: it compares pool->version with the version it
  * last saw every SL_HEALTH_SYNC_MS (and on sl_health_checker_sync), checks endpoints that
