@@ -589,14 +589,551 @@ static const struct sl__schema_section timeouts_section = {
     .key_count = sizeof(timeouts_keys) / sizeof(timeouts_keys[0]),
 };
 
+/* ---- upstream resilience: health, breakers, retries, zones, discovery ---- */
+
+static void error_at_key(struct sl__config_ctx *c, const struct sl_yaml_node *map, const char *key,
+                         const char *msg);
+
+/* "20%" or, for a percent key, "20"; "0.2" or "20%" for a ratio key. Stored as permille. */
+static bool parse_share(const char *s, size_t len, bool plain_is_percent, uint32_t *out_permille)
+{
+    bool pct = len > 0 && s[len - 1] == '%';
+    size_t end = pct ? len - 1 : len;
+    uint64_t ip = 0, frac = 0, fdiv = 1;
+    size_t i = 0;
+    for (; i < end && s[i] >= '0' && s[i] <= '9' && i < 6; i++)
+        ip = ip * 10 + (uint64_t)(s[i] - '0');
+    size_t int_digits = i;
+    if (i < end && s[i] == '.') {
+        i++;
+        for (size_t d = 0; i < end && s[i] >= '0' && s[i] <= '9' && d < 6; i++, d++) {
+            frac = frac * 10 + (uint64_t)(s[i] - '0');
+            fdiv *= 10;
+        }
+    }
+    if (i != end || (int_digits == 0 && fdiv == 1))
+        return false;
+    uint64_t permille =
+        pct || plain_is_percent ? ip * 10 + frac * 10 / fdiv : ip * 1000 + frac * 1000 / fdiv;
+    if (permille > 1000)
+        return false;
+    *out_permille = (uint32_t)permille;
+    return true;
+}
+
+static void set_share(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                      const struct sl_yaml_node *n, void *base, bool percent)
+{
+    const char *s =
+        sl__config_scalar(c, n, percent ? "a percentage (\"20%\")" : "a ratio (0.5 or \"50%\")");
+    if (!s)
+        return;
+    uint32_t pm = 0;
+    if (!parse_share(s, n->len, percent, &pm)) {
+        char q[160];
+        sl__config_error(c, n, "expected %s between 0 and 100%%, got %s",
+                         percent ? "a percentage like \"20%\"" : "a ratio like 0.5 or \"50%\"",
+                         sl__config_q(q, sizeof(q), n));
+        return;
+    }
+    uint32_t *field = (void *)((char *)base + k->offset);
+    *field = percent ? pm / 10 : pm;
+}
+
+static void set_permille(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                         const struct sl_yaml_node *n, void *base)
+{
+    set_share(c, k, n, base, false);
+}
+
+static void set_percent(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                        const struct sl_yaml_node *n, void *base)
+{
+    set_share(c, k, n, base, true);
+}
+
+static void status_set_add(struct sl_status_set *set, int lo, int hi)
+{
+    for (int st = lo; st <= hi; st++) {
+        unsigned i = (unsigned)(st - 100);
+        set->bits[i / 64] |= 1ull << (i % 64);
+    }
+}
+
+/* One status "503" or a class "5xx" into `set`; false when it is neither. */
+static bool parse_status_item(const char *s, size_t len, struct sl_status_set *set)
+{
+    if (len != 3)
+        return false;
+    if (s[0] < '1' || s[0] > '5')
+        return false;
+    if ((s[1] == 'x' || s[1] == 'X') && (s[2] == 'x' || s[2] == 'X')) {
+        int lo = (s[0] - '0') * 100;
+        status_set_add(set, lo, lo + 99);
+        return true;
+    }
+    if (s[1] < '0' || s[1] > '9' || s[2] < '0' || s[2] > '9')
+        return false;
+    int st = (s[0] - '0') * 100 + (s[1] - '0') * 10 + (s[2] - '0');
+    status_set_add(set, st, st);
+    return true;
+}
+
+static void set_status_list(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                            const struct sl_yaml_node *n, void *base)
+{
+    struct sl_status_set *set = (void *)((char *)base + k->offset);
+    struct sl_status_set tmp = {{0}};
+    if (n->kind != SL_YAML_SEQ) {
+        sl__config_error(c, n, "expected a list of statuses (503 or \"5xx\"), got %s",
+                         sl__config_yaml_kind_name(n));
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *item = n->items[i];
+        size_t saved = sl__config_path_push_index(c, i);
+        const char *v = sl__config_scalar(c, item, "a status (503) or a class (\"5xx\")");
+        if (v && !parse_status_item(v, item->len, &tmp)) {
+            char q[160];
+            sl__config_error(c, item, "expected a status 100..599 or a class like \"5xx\", got %s",
+                             sl__config_q(q, sizeof(q), item));
+        }
+        sl__config_path_pop(c, saved);
+    }
+    *set = tmp;
+}
+
+/* retries.on: condition names and statuses. */
+static void set_retry_on(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                         const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_retry_conf *r = base;
+    uint32_t on = 0;
+    struct sl_status_set st = {{0}};
+    if (n->kind != SL_YAML_SEQ) {
+        sl__config_error(c, n,
+                         "expected a list like [connect_failure, reset, timeout, 503], got %s",
+                         sl__config_yaml_kind_name(n));
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *item = n->items[i];
+        size_t saved = sl__config_path_push_index(c, i);
+        const char *v = sl__config_scalar(c, item, "a retry condition");
+        if (v) {
+            if (strcmp(v, "connect_failure") == 0)
+                on |= SL_RETRY_CONNECT_FAILURE;
+            else if (strcmp(v, "reset") == 0)
+                on |= SL_RETRY_RESET;
+            else if (strcmp(v, "timeout") == 0)
+                on |= SL_RETRY_TIMEOUT;
+            else if (!parse_status_item(v, item->len, &st)) {
+                char q[160];
+                sl__config_error(c, item,
+                                 "expected connect_failure, reset, timeout, a status (503) or a "
+                                 "class (\"5xx\"), got %s",
+                                 sl__config_q(q, sizeof(q), item));
+            }
+        }
+        sl__config_path_pop(c, saved);
+    }
+    r->on = on;
+    r->statuses = st;
+}
+
+static const struct sl__schema_key passive_keys[] = {
+    {.name = "enabled",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_passive_health_conf, enabled),
+     .def = true},
+    {.name = "consecutive_failures",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_passive_health_conf, consecutive_failures),
+     .min = 0,
+     .max = 1000,
+     .def = 5},
+    {.name = "failure_ratio",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_passive_health_conf, failure_ratio_permille),
+     .set = set_permille},
+    {.name = "min_requests",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_passive_health_conf, min_requests),
+     .min = 1,
+     .max = 1000000,
+     .def = 20},
+    {.name = "window",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_passive_health_conf, window_ms),
+     .min = 100,
+     .max = HOUR,
+     .def = 10 * SEC},
+    {.name = "ejection",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_passive_health_conf, ejection_ms),
+     .min = 10,
+     .max = HOUR,
+     .def = 5 * SEC},
+    {.name = "max_ejection",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_passive_health_conf, max_ejection_ms),
+     .min = 10,
+     .max = 24 * HOUR,
+     .def = 5 * MIN},
+    {.name = "max_ejection_percent",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_passive_health_conf, max_ejection_percent),
+     .set = set_percent},
+    {.name = "half_open_requests",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_passive_health_conf, half_open_requests),
+     .min = 1,
+     .max = 100,
+     .def = 1},
+    {.name = "statuses",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_passive_health_conf, statuses),
+     .set = set_status_list},
+};
+
+static const struct sl__schema_section passive_section = {
+    .keys = passive_keys,
+    .key_count = sizeof(passive_keys) / sizeof(passive_keys[0]),
+};
+
+static void active_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_active_health_conf *a = elem;
+    a->enabled = true;
+    if (a->timeout_ms >= a->interval_ms)
+        error_at_key(c, map, "timeout", "must be shorter than the interval");
+}
+
+static const struct sl__schema_key active_keys[] = {
+    {.name = "path",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_active_health_conf, path),
+     .check = check_path},
+    {.name = "host", .type = SL__T_STRING, SL__FIELD(struct sl_active_health_conf, host)},
+    {.name = "interval",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_active_health_conf, interval_ms),
+     .min = 50,
+     .max = HOUR,
+     .def = 5 * SEC},
+    {.name = "timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_active_health_conf, timeout_ms),
+     .min = 10,
+     .max = 10 * MIN,
+     .def = 1 * SEC},
+    {.name = "healthy",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_active_health_conf, healthy),
+     .min = 1,
+     .max = 100,
+     .def = 2},
+    {.name = "unhealthy",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_active_health_conf, unhealthy),
+     .min = 1,
+     .max = 100,
+     .def = 3},
+    {.name = "statuses",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_active_health_conf, statuses),
+     .set = set_status_list},
+};
+
+static const struct sl__schema_section active_section = {
+    .keys = active_keys,
+    .key_count = sizeof(active_keys) / sizeof(active_keys[0]),
+    .check = active_check,
+};
+
+/* health: is nested in the file, passive/active are fields of the upstream. */
+static const struct sl__schema_key health_keys[] = {
+    {.name = "passive",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, passive),
+     .section = &passive_section},
+    {.name = "active",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, active),
+     .section = &active_section,
+     .flags = SL__KEY_LAZY},
+};
+
+static const struct sl__schema_section health_section = {
+    .keys = health_keys,
+    .key_count = sizeof(health_keys) / sizeof(health_keys[0]),
+};
+
+static const struct sl__schema_key breaker_keys[] = {
+    {.name = "max_connections",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_breaker_conf, max_connections),
+     .min = 0,
+     .max = 10000000,
+     .def = 0},
+    {.name = "max_pending",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_breaker_conf, max_pending),
+     .min = 0,
+     .max = 10000000,
+     .def = 0},
+    {.name = "max_requests",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_breaker_conf, max_requests),
+     .min = 0,
+     .max = 10000000,
+     .def = 0},
+};
+
+static const struct sl__schema_section breaker_section = {
+    .keys = breaker_keys,
+    .key_count = sizeof(breaker_keys) / sizeof(breaker_keys[0]),
+};
+
+static const struct sl__schema_key backoff_keys[] = {
+    {.name = "base",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_retry_conf, backoff_base_ms),
+     .min = 0,
+     .max = MIN,
+     .def = 25},
+    {.name = "max",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_retry_conf, backoff_max_ms),
+     .min = 0,
+     .max = 10 * MIN,
+     .def = 250},
+};
+
+static const struct sl__schema_section backoff_section = {
+    .keys = backoff_keys,
+    .key_count = sizeof(backoff_keys) / sizeof(backoff_keys[0]),
+};
+
+static void retry_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_retry_conf *r = elem;
+    if (r->backoff_max_ms < r->backoff_base_ms)
+        error_at_key(c, map, "backoff", "max must not be below base");
+}
+
+static const struct sl__schema_key retry_keys[] = {
+    {.name = "attempts",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_retry_conf, attempts),
+     .min = 0,
+     .max = 10,
+     .def = 2},
+    {.name = "on", .type = SL__T_CUSTOM, .set = set_retry_on},
+    {.name = "per_try_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_retry_conf, per_try_timeout_ms),
+     .min = 1,
+     .max = 24 * HOUR,
+     .def = 0},
+    {.name = "backoff", .type = SL__T_SECTION, .offset = 0, .section = &backoff_section},
+    {.name = "budget",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_retry_conf, budget_percent),
+     .set = set_percent},
+    {.name = "min_retries",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_retry_conf, min_retries),
+     .min = 0,
+     .max = 1000000,
+     .def = 10},
+    {.name = "non_idempotent",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_retry_conf, non_idempotent),
+     .def = false},
+    {.name = "max_body",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_retry_conf, max_body_bytes),
+     .min = 0,
+     .max = 16 * MIB,
+     .def = 64 * KIB},
+};
+
+static const struct sl__schema_section retry_section = {
+    .keys = retry_keys,
+    .key_count = sizeof(retry_keys) / sizeof(retry_keys[0]),
+    .check = retry_check,
+};
+
+static void retry_defaults(struct sl_retry_conf *r)
+{
+    r->on = SL_RETRY_CONNECT_FAILURE | SL_RETRY_RESET | SL_RETRY_TIMEOUT;
+    memset(&r->statuses, 0, sizeof r->statuses);
+    status_set_add(&r->statuses, 502, 504);
+    r->budget_percent = 20;
+}
+
+static const struct sl__schema_key zone_aware_keys[] = {
+    {.name = "enabled",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_zone_aware_conf, enabled),
+     .def = false},
+    {.name = "panic_threshold",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_zone_aware_conf, panic_percent),
+     .set = set_percent},
+};
+
+static const struct sl__schema_section zone_aware_section = {
+    .keys = zone_aware_keys,
+    .key_count = sizeof(zone_aware_keys) / sizeof(zone_aware_keys[0]),
+};
+
+static void set_discovery_source(struct sl__config_ctx *c, const struct sl_yaml_node *n,
+                                 struct sl_discovery_conf *d, enum sl_discovery_kind kind)
+{
+    const char *s =
+        sl__config_scalar(c, n, kind == SL_DISCOVERY_FILE ? "a file path" : "a DNS name");
+    if (!s)
+        return;
+    if (d->kind != SL_DISCOVERY_NONE) {
+        sl__config_error(c, n, "only one of dns, srv and file may be given");
+        return;
+    }
+    if (n->len == 0 || memchr(s, '\0', n->len)) {
+        sl__config_error(c, n, "must not be empty");
+        return;
+    }
+    if (kind != SL_DISCOVERY_FILE) {
+        bool ok = n->len <= 253;
+        for (size_t i = 0; ok && i < n->len; i++) {
+            char ch = s[i];
+            ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                 ch == '-' || ch == '_' || ch == '.';
+        }
+        if (!ok) {
+            char q[160];
+            sl__config_error(c, n, "invalid DNS name %s", sl__config_q(q, sizeof(q), n));
+            return;
+        }
+    }
+    d->kind = kind;
+    free(d->name);
+    d->name = sl__config_strndup(c, s, n->len);
+}
+
+static void set_discovery_dns(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                              const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    set_discovery_source(c, n, base, SL_DISCOVERY_DNS);
+}
+
+static void set_discovery_srv(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                              const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    set_discovery_source(c, n, base, SL_DISCOVERY_SRV);
+}
+
+static void set_discovery_file(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                               const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    set_discovery_source(c, n, base, SL_DISCOVERY_FILE);
+}
+
+static void discovery_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_discovery_conf *d = elem;
+    d->line = map->line;
+    d->col = map->col;
+    if (d->kind == SL_DISCOVERY_NONE && !c->failed)
+        sl__config_error(c, map, "needs one of dns, srv or file");
+    if (d->kind == SL_DISCOVERY_DNS && d->port == 0)
+        sl__config_error(c, map, "dns needs a port");
+    if (d->kind != SL_DISCOVERY_DNS && sl__config_yaml_get(map, "port"))
+        error_at_key(c, map, "port", "only applies to dns (srv records carry their ports)");
+    if (d->kind == SL_DISCOVERY_FILE &&
+        (sl__config_yaml_get(map, "zone") || sl__config_yaml_get(map, "weight")))
+        error_at_key(c, map, sl__config_yaml_get(map, "zone") ? "zone" : "weight",
+                     "comes from the file for file discovery");
+    if (d->max_interval_ms < d->min_interval_ms)
+        error_at_key(c, map, "max_interval", "must not be below min_interval");
+}
+
+static void discovery_free(void *elem)
+{
+    struct sl_discovery_conf *d = elem;
+    free(d->name);
+    d->name = NULL;
+}
+
+static const struct sl__schema_key discovery_keys[] = {
+    {.name = "dns", .type = SL__T_CUSTOM, .set = set_discovery_dns},
+    {.name = "srv", .type = SL__T_CUSTOM, .set = set_discovery_srv},
+    {.name = "file", .type = SL__T_CUSTOM, .set = set_discovery_file},
+    {.name = "port",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_discovery_conf, port),
+     .min = 1,
+     .max = 65535,
+     .def = 0},
+    {.name = "weight",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_discovery_conf, weight),
+     .min = 1,
+     .max = 1000,
+     .def = 1},
+    {.name = "zone",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_discovery_conf, zone),
+     .check = check_name},
+    {.name = "min_interval",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_discovery_conf, min_interval_ms),
+     .min = 100,
+     .max = HOUR,
+     .def = 1 * SEC},
+    {.name = "max_interval",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_discovery_conf, max_interval_ms),
+     .min = 100,
+     .max = 24 * HOUR,
+     .def = 5 * MIN},
+};
+
+static const struct sl__schema_section discovery_section = {
+    .keys = discovery_keys,
+    .key_count = sizeof(discovery_keys) / sizeof(discovery_keys[0]),
+    .check = discovery_check,
+    .free = discovery_free,
+};
+
+static void upstream_init(struct sl__config_ctx *c, void *elem, size_t index)
+{
+    (void)c;
+    (void)index;
+    struct sl_upstream_conf *u = elem;
+    status_set_add(&u->passive.statuses, 502, 504);
+    u->passive.max_ejection_percent = 50;
+    status_set_add(&u->active.statuses, 200, 399);
+    retry_defaults(&u->retries);
+    u->zone_aware.panic_percent = 50;
+    u->connect_attempts = 3;
+}
+
 static const char *const balance_names[] = {"round_robin", "least_request", "hash", NULL};
 
 static void upstream_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
 {
-    (void)c;
     struct sl_upstream_conf *u = elem;
     u->line = map->line;
     u->col = map->col;
+    if (u->endpoint_count == 0 && u->discovery.kind == SL_DISCOVERY_NONE &&
+        !sl__config_yaml_get(map, "endpoints") && !sl__config_yaml_get(map, "discovery"))
+        sl__config_error(c, map, "needs endpoints or discovery");
     /* hash_on is deliberately not an error without `balance: hash`: it is ignored, so a
      * balancer can be switched by editing one line. */
 }
@@ -624,23 +1161,35 @@ static const struct sl__schema_key upstream_keys[] = {
      .type = SL__T_LIST,
      SL__FIELD(struct sl_upstream_conf, endpoints),
      .count_offset = offsetof(struct sl_upstream_conf, endpoint_count),
-     .min = 1,
-     .section = &endpoint_section,
-     .flags = SL__KEY_REQUIRED},
+     .min = 0,
+     .section = &endpoint_section},
     {.name = "keepalive", .type = SL__T_SECTION, .offset = 0, .section = &keepalive_section},
     {.name = "timeouts", .type = SL__T_SECTION, .offset = 0, .section = &timeouts_section},
-    {.name = "connect_attempts",
-     .type = SL__T_UINT,
-     SL__FIELD(struct sl_upstream_conf, connect_attempts),
-     .min = 1,
-     .max = 100,
-     .def = 3},
+    {.name = "health", .type = SL__T_SECTION, .offset = 0, .section = &health_section},
+    {.name = "circuit_breaker",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, breaker),
+     .section = &breaker_section},
+    {.name = "retries",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, retries),
+     .section = &retry_section},
+    {.name = "zone_aware",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, zone_aware),
+     .section = &zone_aware_section},
+    {.name = "discovery",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, discovery),
+     .section = &discovery_section,
+     .flags = SL__KEY_LAZY},
 };
 
 static const struct sl__schema_section upstream_section = {
     .keys = upstream_keys,
     .key_count = sizeof(upstream_keys) / sizeof(upstream_keys[0]),
     .elem_size = sizeof(struct sl_upstream_conf),
+    .init = upstream_init,
     .check = upstream_check,
     .free = upstream_free,
 };
@@ -760,6 +1309,7 @@ static void route_init(struct sl__config_ctx *c, void *elem, size_t index)
     int n = snprintf(name, sizeof(name), "route%zu", index);
     r->index = index;
     r->name = sl__config_strndup(c, name, n > 0 ? (size_t)n : 0);
+    retry_defaults(&r->retries);
 }
 
 /* Reports `fmt` at the value of `key` inside `map`, with `key` appended to the path. */
@@ -781,6 +1331,7 @@ static void route_check(struct sl__config_ctx *c, const struct sl_yaml_node *map
     bool has_prefix = sl__config_yaml_get(match, "path_prefix") != NULL;
     r->line = map->line;
     r->col = map->col;
+    r->has_retries = sl__config_yaml_get(map, "retries") != NULL;
     r->has_direct_response = has_direct && r->direct_response.body;
     if (has_upstream && has_direct)
         error_at_key(c, map, "direct_response", "cannot be combined with \"upstream\"");
@@ -1092,6 +1643,11 @@ static const struct sl__schema_key route_keys[] = {
      .type = SL__T_BOOL,
      SL__FIELD(struct sl_route_conf, skip_default_filters),
      .def = false},
+    {.name = "retries",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_route_conf, retries),
+     .section = &retry_section,
+     .flags = SL__KEY_LAZY},
 };
 
 static const struct sl__schema_section route_section = {
@@ -1101,6 +1657,44 @@ static const struct sl__schema_section route_section = {
     .init = route_init,
     .check = route_check,
     .free = route_free,
+};
+
+static const char *check_dns_server(const char *s, size_t len, char *buf, size_t cap)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = 0;
+    char msg[160];
+    (void)len;
+    /* an IP with an optional port: "10.0.0.2", "10.0.0.2:5353", "[::1]:53" */
+    if (sl__config_address_parse(s, false, &ss, &sl, msg, sizeof(msg)) == 0)
+        return NULL;
+    struct in6_addr a6;
+    struct in_addr a4;
+    if (inet_pton(AF_INET, s, &a4) == 1 || inet_pton(AF_INET6, s, &a6) == 1)
+        return NULL;
+    char q[160];
+    snprintf(buf, cap, "invalid DNS server %s: expected an IP address with an optional port",
+             sl__config_quote(q, sizeof(q), s, len));
+    return buf;
+}
+
+static const struct sl__schema_key resolver_keys[] = {
+    {.name = "servers",
+     .type = SL__T_STRLIST,
+     SL__FIELD(struct sl_config, dns_servers),
+     .count_offset = offsetof(struct sl_config, dns_server_count),
+     .check = check_dns_server},
+    {.name = "timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_config, dns_timeout_ms),
+     .min = 10,
+     .max = MIN,
+     .def = 2 * SEC},
+};
+
+static const struct sl__schema_section resolver_section = {
+    .keys = resolver_keys,
+    .key_count = sizeof(resolver_keys) / sizeof(resolver_keys[0]),
 };
 
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
@@ -1148,6 +1742,8 @@ static const struct sl__schema_key top_keys[] = {
      SL__FIELD(struct sl_config, default_filters),
      .count_offset = offsetof(struct sl_config, default_filter_count),
      .set = set_filters},
+    {.name = "zone", .type = SL__T_STRING, SL__FIELD(struct sl_config, zone), .check = check_name},
+    {.name = "resolver", .type = SL__T_SECTION, .offset = 0, .section = &resolver_section},
     {.name = "routes",
      .type = SL__T_LIST,
      SL__FIELD(struct sl_config, routes),
@@ -1418,6 +2014,16 @@ int sl_config_load_string(const char *name, const char *yaml, size_t len, struct
         resolve_listeners(&c, root, cfg);
         resolve_upstreams(&c, root, cfg);
         resolve_routes(&c, root, cfg);
+    }
+    /* The same file serves every instance; the zone usually comes from where it runs. */
+    const char *env_zone = getenv("SLUICE_ZONE");
+    if (!cfg->zone && env_zone && *env_zone) {
+        char buf[200];
+        const char *msg = check_name(env_zone, strlen(env_zone), buf, sizeof(buf));
+        if (msg)
+            sl__config_error(&c, NULL, "SLUICE_ZONE: %s", msg);
+        else
+            cfg->zone = sl__config_strndup(&c, env_zone, strlen(env_zone));
     }
 
     /* Step 3: the snapshot is the parsed structs; it only needs its origin. */

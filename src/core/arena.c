@@ -13,7 +13,7 @@ struct sl_arena_chunk {
 
 _Static_assert(sizeof(struct sl_arena_chunk) == 16, "chunk header keeps data 16-aligned");
 
-void sl_arena_init(struct sl_arena *a, struct sl_pool *pool)
+void sl_arena_init(struct sl_arena *a, struct sl_bpool *pool)
 {
     a->pool = pool;
     a->chunks = NULL;
@@ -49,7 +49,7 @@ void *sl_arena_alloc(struct sl_arena *a, size_t n)
             a->chunks = c;
         return (char *)(c + 1);
     }
-    c = sl_pool_get(a->pool);
+    c = sl_bpool_get(a->pool);
     if (!c)
         return NULL;
     c->from_pool = 1;
@@ -74,7 +74,7 @@ void sl_arena_reset(struct sl_arena *a)
     while (c) {
         struct sl_arena_chunk *next = c->next;
         if (c->from_pool)
-            sl_pool_put(a->pool, c);
+            sl_bpool_put(a->pool, c);
         else
             free(c);
         c = next;

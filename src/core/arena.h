@@ -3,7 +3,7 @@
 
 #include <stddef.h>
 
-#include "core/pool.h"
+#include "core/bpool.h"
 
 /*
  * Per-request bump allocator over pool blocks; everything is released in one call when the
@@ -13,13 +13,13 @@
 struct sl_arena_chunk;
 
 struct sl_arena {
-    struct sl_pool *pool;
+    struct sl_bpool *pool;
     struct sl_arena_chunk *chunks; /* newest first */
     char *cur;
     size_t left;
 };
 
-void sl_arena_init(struct sl_arena *a, struct sl_pool *pool);
+void sl_arena_init(struct sl_arena *a, struct sl_bpool *pool);
 
 /* Returns `n` bytes aligned to 16, or NULL on OOM. Valid until sl_arena_reset(). */
 void *sl_arena_alloc(struct sl_arena *a, size_t n);

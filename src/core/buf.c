@@ -3,11 +3,11 @@
 #include <errno.h>
 #include <string.h>
 
-int sl_buf_acquire(struct sl_buf *b, struct sl_pool *pool)
+int sl_buf_acquire(struct sl_buf *b, struct sl_bpool *pool)
 {
     if (b->data)
         return 0;
-    b->data = sl_pool_get(pool);
+    b->data = sl_bpool_get(pool);
     if (!b->data)
         return -ENOMEM;
     b->start = b->end = 0;
@@ -33,17 +33,17 @@ void sl_buf_consume(struct sl_buf *b, size_t n)
         b->start = b->end = 0;
 }
 
-void sl_buf_release_if_empty(struct sl_buf *b, struct sl_pool *pool)
+void sl_buf_release_if_empty(struct sl_buf *b, struct sl_bpool *pool)
 {
     if (b->data && b->start == b->end)
         sl_buf_release(b, pool);
 }
 
-void sl_buf_release(struct sl_buf *b, struct sl_pool *pool)
+void sl_buf_release(struct sl_buf *b, struct sl_bpool *pool)
 {
     if (!b->data)
         return;
-    sl_pool_put(pool, b->data);
+    sl_bpool_put(pool, b->data);
     b->data = NULL;
     b->start = b->end = b->cap = 0;
 }

@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "core/pool.h"
+#include "core/bpool.h"
 
 /*
  * A bounded byte buffer whose storage is a pool block, held only while it has work: an idle
@@ -34,7 +34,7 @@ static inline size_t sl_buf_space(const struct sl_buf *b)
 }
 
 /* Makes sure a block is held. Returns 0 or -ENOMEM. */
-int sl_buf_acquire(struct sl_buf *b, struct sl_pool *pool);
+int sl_buf_acquire(struct sl_buf *b, struct sl_bpool *pool);
 
 /* Moves readable bytes to the front so that all free space is at the tail. Invalidates
  * slices into the buffer. */
@@ -44,10 +44,10 @@ void sl_buf_compact(struct sl_buf *b);
 void sl_buf_consume(struct sl_buf *b, size_t n);
 
 /* Returns the block to the pool when no readable bytes remain. */
-void sl_buf_release_if_empty(struct sl_buf *b, struct sl_pool *pool);
+void sl_buf_release_if_empty(struct sl_buf *b, struct sl_bpool *pool);
 
 /* Returns the block to the pool, discarding any bytes. */
-void sl_buf_release(struct sl_buf *b, struct sl_pool *pool);
+void sl_buf_release(struct sl_buf *b, struct sl_bpool *pool);
 
 /* Appends bytes; returns false (and appends nothing) when they do not fit. */
 bool sl_buf_append(struct sl_buf *b, const void *p, size_t n);

@@ -53,7 +53,7 @@ static void on_wake(struct sl_loop *loop, void *data)
 static void on_pool_trim(struct sl_timer *t)
 {
     struct sl_worker *w = t->data;
-    sl_pool_trim_idle(&w->buf_pool, POOL_KEEP_BLOCKS);
+    sl_bpool_trim_idle(&w->buf_pool, POOL_KEEP_BLOCKS);
     sl_timer_arm(&w->loop, &w->pool_trim, POOL_TRIM_MS);
 }
 
@@ -111,7 +111,7 @@ struct sl_worker *sl_workers_start(unsigned count, size_t buf_bytes,
         }
         w->loop.on_wake = on_wake;
         w->loop.wake_data = w;
-        sl_pool_init(&w->buf_pool, buf_bytes, 1024);
+        sl_bpool_init(&w->buf_pool, buf_bytes, 1024);
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
             sl_loop_dispose(&w->loop);
             *err = -EAGAIN;
@@ -132,7 +132,7 @@ struct sl_worker *sl_workers_start(unsigned count, size_t buf_bytes,
             sl_worker_post(&ws[i], SL_WORKER_CMD_STOP);
         for (unsigned i = 0; i < started; i++) {
             pthread_join(ws[i].thread, NULL);
-            sl_pool_dispose(&ws[i].buf_pool);
+            sl_bpool_dispose(&ws[i].buf_pool);
             sl_loop_dispose(&ws[i].loop);
         }
         free(ws);
@@ -165,7 +165,7 @@ void sl_workers_free(struct sl_worker *ws, unsigned count)
 {
     for (unsigned i = 0; i < count; i++) {
         pthread_join(ws[i].thread, NULL);
-        sl_pool_dispose(&ws[i].buf_pool);
+        sl_bpool_dispose(&ws[i].buf_pool);
         sl_loop_dispose(&ws[i].loop);
     }
     free(ws);

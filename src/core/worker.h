@@ -8,7 +8,7 @@
 #include <sys/socket.h>
 
 #include "core/loop.h"
-#include "core/pool.h"
+#include "core/bpool.h"
 
 /*
  * Worker threads: each runs one event loop and owns every connection it accepts for that
@@ -36,7 +36,7 @@ struct sl_worker {
     unsigned id;
     pthread_t thread;
     struct sl_loop loop;
-    struct sl_pool buf_pool; /* I/O buffers and arena blocks */
+    struct sl_bpool buf_pool; /* I/O buffers and arena blocks */
     struct sl_timer pool_trim;
     const struct sl_worker_hooks *hooks;
     void *hooks_data;

@@ -78,7 +78,7 @@ static void on_conn_timer(struct sl_timer *t);
 static void on_conn_defer(struct sl_defer *d);
 static void conn_read_head(struct sl_server_conn *c, uint32_t events);
 
-static struct sl_pool *conn_pool(const struct sl_server_conn *c)
+static struct sl_bpool *conn_pool(const struct sl_server_conn *c)
 {
     return &c->srv->worker->buf_pool;
 }

@@ -4,7 +4,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config/config.h"
 #include "core/hash.h"
 #include "core/rand.h"
 
@@ -18,10 +17,10 @@
 #define MAGLEV_SLOTS_PER_ENDPOINT 100u
 
 struct sl_balancer_shared {
-    const struct sl_upstream_conf *up;
     size_t n;
     enum sl_balance policy;
     uint32_t *weights;
+    char **addresses; /* Maglev placement keys */
     uint32_t *maglev; /* endpoint index per slot, only for SL_BALANCE_HASH */
     uint32_t maglev_size;
 };
@@ -79,7 +78,7 @@ static int maglev_build(struct sl_balancer_shared *s)
 
     uint32_t wmax = 0;
     for (size_t i = 0; i < s->n; i++) {
-        const char *addr = s->up->endpoints[i].address ? s->up->endpoints[i].address : "";
+        const char *addr = s->addresses[i] ? s->addresses[i] : "";
         size_t len = strlen(addr);
         offset[i] = sl_hash_bytes(addr, len, MAGLEV_SEED_OFFSET) % m;
         skip[i] = sl_hash_bytes(addr, len, MAGLEV_SEED_SKIP) % (m - 1) + 1;
@@ -121,30 +120,36 @@ void sl_balancer_shared_free(struct sl_balancer_shared *s)
 {
     if (!s)
         return;
+    for (size_t i = 0; s->addresses && i < s->n; i++)
+        free(s->addresses[i]);
+    free(s->addresses);
     free(s->weights);
     free(s->maglev);
     free(s);
 }
 
-struct sl_balancer_shared *sl_balancer_shared_new(const struct sl_upstream_conf *up)
+struct sl_balancer_shared *sl_balancer_shared_new(enum sl_balance policy, const uint32_t *weights,
+                                                  const char *const *addresses, size_t n)
 {
     struct sl_balancer_shared *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
-    s->up = up;
-    s->n = up->endpoint_count;
-    s->policy = up->balance;
+    s->n = n;
+    s->policy = policy;
     /* pick returns an int and the table stores uint32_t indexes */
     if (s->n > INT32_MAX)
         goto fail;
     if (s->n) {
         s->weights = malloc(s->n * sizeof *s->weights);
-        if (!s->weights)
+        s->addresses = calloc(s->n, sizeof *s->addresses);
+        if (!s->weights || !s->addresses)
             goto fail;
         for (size_t i = 0; i < s->n; i++) {
             /* the schema enforces 1..1000; 0 would starve SWRR and break Maglev's loop */
-            uint32_t w = up->endpoints[i].weight;
+            uint32_t w = weights ? weights[i] : 1;
             s->weights[i] = w ? w : 1;
+            if (!(s->addresses[i] = strdup(addresses && addresses[i] ? addresses[i] : "")))
+                goto fail;
         }
     }
     if (s->policy == SL_BALANCE_HASH && s->n && maglev_build(s) != 0)
@@ -223,6 +228,8 @@ static bool is_excluded(const struct sl_pick_ctx *ctx, size_t idx)
 {
     if (!ctx)
         return false;
+    if (ctx->mask && !((ctx->mask[idx / 64] >> (idx % 64)) & 1u))
+        return true;
     for (size_t i = 0; i < ctx->exclude_count; i++)
         if (ctx->exclude[i] >= 0 && (size_t)ctx->exclude[i] == idx)
             return true;
@@ -232,8 +239,14 @@ static bool is_excluded(const struct sl_pick_ctx *ctx, size_t idx)
 /* Endpoints left after exclusion; duplicate and out-of-range exclusions are ignored. */
 static size_t eligible_count(size_t n, const struct sl_pick_ctx *ctx)
 {
-    if (!ctx || ctx->exclude_count == 0)
+    if (!ctx || (ctx->exclude_count == 0 && !ctx->mask))
         return n;
+    if (ctx->mask) {
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++)
+            m += !is_excluded(ctx, i);
+        return m;
+    }
     size_t excluded = 0;
     for (size_t i = 0; i < ctx->exclude_count; i++) {
         int e = ctx->exclude[i];
@@ -250,7 +263,7 @@ static size_t eligible_count(size_t n, const struct sl_pick_ctx *ctx)
 /* The k-th (0-based) non-excluded endpoint. */
 static size_t nth_eligible(size_t n, const struct sl_pick_ctx *ctx, size_t k)
 {
-    if (!ctx || ctx->exclude_count == 0)
+    if (!ctx || (ctx->exclude_count == 0 && !ctx->mask))
         return k;
     for (size_t i = 0; i < n; i++) {
         if (is_excluded(ctx, i))
@@ -376,6 +389,12 @@ void sl_balancer_release(struct sl_balancer *b, int idx, enum sl_outcome outcome
             b->consecutive_failures[idx]++;
         break;
     }
+}
+
+void sl_balancer_set_inflight(struct sl_balancer *b, int idx, uint32_t n)
+{
+    if (idx >= 0 && (size_t)idx < b->s->n)
+        b->inflight[idx] = n;
 }
 
 uint32_t sl_balancer_inflight(const struct sl_balancer *b, int idx)

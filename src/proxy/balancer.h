@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-struct sl_upstream_conf;
+#include "config/config.h"
 
 /*
  * Load balancing over one upstream's endpoints. Two parts:
@@ -37,10 +37,13 @@ struct sl_pick_ctx {
     bool has_hash;      /* false -> hash balancer falls back to round robin */
     const int *exclude; /* endpoint indexes not to pick (tried already) */
     size_t exclude_count;
+    const uint64_t *mask; /* eligible endpoints as a bitmap (bit i = index i); NULL = all */
 };
 
-/* Builds the shared part; NULL on allocation failure. `up` must outlive it. */
-struct sl_balancer_shared *sl_balancer_shared_new(const struct sl_upstream_conf *up);
+/* Builds the shared part for `n` endpoints with these weights (NULL = all 1) and addresses
+ * (the Maglev placement keys; copied). NULL on allocation failure. */
+struct sl_balancer_shared *sl_balancer_shared_new(enum sl_balance policy, const uint32_t *weights,
+                                                  const char *const *addresses, size_t n);
 void sl_balancer_shared_free(struct sl_balancer_shared *s);
 
 /* Per-worker state over a shared part (which must outlive it). NULL on allocation failure. */
@@ -62,6 +65,9 @@ int sl_balancer_pick(struct sl_balancer *b, const struct sl_pick_ctx *ctx);
 
 /* Ends an attempt started by pick on endpoint `idx`: decrements in-flight, records outcome. */
 void sl_balancer_release(struct sl_balancer *b, int idx, enum sl_outcome outcome);
+
+/* Sets endpoint `idx`'s in-flight count (carrying counts over to a new endpoint set). */
+void sl_balancer_set_inflight(struct sl_balancer *b, int idx, uint32_t n);
 
 /* In-flight attempts on endpoint `idx` from this worker (for tests and metrics). */
 uint32_t sl_balancer_inflight(const struct sl_balancer *b, int idx);

@@ -5,6 +5,7 @@
  * events from the two connections and bounded by a timer.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -13,6 +14,7 @@
 #include "core/fmt.h"
 #include "core/hash.h"
 #include "core/log.h"
+#include "core/rand.h"
 #include "filters/filter.h"
 #include "filters/filter_set.h"
 #include "http/h1_body.h"
@@ -20,11 +22,13 @@
 #include "http/request.h"
 #include "proxy/balancer.h"
 #include "proxy/gateway.h"
+#include "proxy/pool.h"
 #include "proxy/router.h"
 #include "proxy/upstream.h"
 
 enum ex_state {
     EX_FILTERS,
+    EX_BACKOFF, /* waiting to retry */
     EX_CONNECTING,
     EX_SENDING,   /* head and request body going upstream; response may arrive meanwhile */
     EX_STREAMING, /* response head sent to the client; body streaming */
@@ -39,10 +43,22 @@ struct exchange {
     struct sl_filter_run frun;
     struct sl_upstream_conn *uc;
     enum ex_state state;
-    int ep;
-    int tried[SL_PICK_MAX_EXCLUDE];
+    struct sl_wep *wep; /* endpoint of the current attempt (a use held) */
+    bool probe;         /* the current attempt is a half-open probe */
+    struct sl_endpoint *tried[SL_PICK_MAX_EXCLUDE];
     size_t tried_count;
-    unsigned connect_failures;
+    const struct sl_retry_conf *rc;
+    unsigned retries;
+    struct sl_timer retry_timer;
+    bool counted_request;  /* holds a slot of circuit_breaker.max_requests */
+    bool counted_pending;  /* holds a slot of circuit_breaker.max_pending */
+    bool retryable_method; /* idempotent, Idempotency-Key, or retries.non_idempotent */
+    char *body_copy;       /* request body kept for a retry (arena) */
+    size_t body_copy_len, body_copy_cap;
+    size_t replay_off;  /* bytes of body_copy sent on this attempt */
+    bool body_overflow; /* the body outgrew body_copy: no retry once any was consumed */
+    int last_status;    /* the last failed attempt, answered when no retry follows */
+    const char *last_name;
     bool replayed;
     bool req_sent;         /* head + whole body written upstream */
     bool req_write_failed; /* the backend stopped taking the body after it began answering */
@@ -67,6 +83,7 @@ static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data);
 static void ex_try_endpoint(struct exchange *ex);
 static void ex_pump_request(struct exchange *ex);
 static void ex_pump_response(struct exchange *ex);
+static void on_retry_timer(struct sl_timer *t);
 
 static const struct sl_upstream_user *ex_user(struct exchange *ex)
 {
@@ -198,21 +215,36 @@ static size_t ops_size(const struct sl_header_ops_conf *ops)
 
 /* ---- ending ---- */
 
+static void ex_unpend(struct exchange *ex)
+{
+    if (ex->counted_pending) {
+        atomic_fetch_sub_explicit(&ex->up->pool->pending, 1, memory_order_relaxed);
+        ex->counted_pending = false;
+    }
+}
+
 static void ex_release_upstream(struct exchange *ex, enum sl_outcome outcome, bool reusable)
 {
+    ex_unpend(ex);
     if (ex->uc) {
         sl_upstream_release(ex->uc, reusable);
         ex->uc = NULL;
     }
-    if (ex->ep >= 0) {
-        sl_balancer_release(ex->up->bal, ex->ep, outcome);
-        ex->ep = -1;
+    if (ex->wep) {
+        sl_upstream_done(ex->up, ex->wep, outcome, ex->probe);
+        ex->wep = NULL;
+        ex->probe = false;
     }
 }
 
 static void ex_end(struct exchange *ex)
 {
     struct sl_gw_worker *gw = ex->gl->gw;
+    sl_timer_cancel(&gw->worker->loop, &ex->retry_timer);
+    if (ex->counted_request) {
+        atomic_fetch_sub_explicit(&ex->up->pool->requests, 1, memory_order_relaxed);
+        ex->counted_request = false;
+    }
     ex->state = EX_DONE;
     ex->req->handler_state = NULL;
     gw->inflight--;
@@ -231,6 +263,15 @@ static void ex_fail(struct exchange *ex, int status, const char *name, enum sl_o
                 ex->up ? ex->up->conf->name : "-");
     ex_end(ex);
     sl_request_respond_error(req, status, name);
+}
+
+/* A fast 503 that tells the client when to come back. */
+static void ex_fail_unavailable(struct exchange *ex, const char *name, uint64_t retry_after_s)
+{
+    char v[24];
+    size_t n = sl_fmt_u64(v, retry_after_s ? retry_after_s : 1);
+    sl_request_add_response_header(ex->req, SL_SLICE_LIT("Retry-After"), sl_slice_make(v, n));
+    ex_fail(ex, 503, name, SL_OUTCOME_CANCELLED);
 }
 
 static void ex_finish(struct exchange *ex)
@@ -273,8 +314,9 @@ static bool build_upstream_head(struct exchange *ex)
      * its place, and everything else the head gets. */
     size_t cap = req->method.len + req->target.len + 64 + ops_size(&r->request_headers) +
                  req->client_ip.len + req->request_id.len + 2 * req->host.len + 160;
+    const char *ep_addr = ex->wep ? ex->wep->ep->address : "";
     if (!req->host.len)
-        cap += strlen(ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
+        cap += strlen(ep_addr);
     if (r->rewrite_prefix)
         cap += strlen(r->rewrite_prefix);
     for (size_t i = 0; i < req->header_count; i++)
@@ -321,7 +363,7 @@ static bool build_upstream_head(struct exchange *ex)
         if (req->host.len)
             sb_slice(&b, req->host);
         else
-            sb_str(&b, ex->up->conf->endpoints[ex->ep >= 0 ? ex->ep : 0].address);
+            sb_str(&b, ep_addr);
         sb_put(&b, "\r\n", 2);
     }
     bool has_xff = false;
@@ -445,6 +487,7 @@ static void ex_start_send(struct exchange *ex)
     memset(&ex->rhs, 0, sizeof ex->rhs);
     ex->req_sent = false;
     ex->wrote_upstream = false;
+    ex->replay_off = 0;
     ex->uc->requests++;
     /* While the request is still going out, a stall is a gap (idle); the response timeout
      * counts from the moment the whole request is sent, so a slow upload does not make a
@@ -453,45 +496,144 @@ static void ex_start_send(struct exchange *ex)
     ex_pump_request(ex);
 }
 
+/* Response wait of one attempt: timeouts.response, or retries.per_try_timeout when shorter. */
+static uint64_t ex_response_timeout(const struct exchange *ex)
+{
+    uint64_t t = ex->up->conf->response_timeout_ms;
+    if (ex->rc && ex->rc->per_try_timeout_ms && ex->rc->per_try_timeout_ms < t)
+        t = ex->rc->per_try_timeout_ms;
+    return t;
+}
+
+enum retry_cond { RC_CONNECT, RC_RESET, RC_TIMEOUT, RC_STATUS };
+
+/* Whether the failed attempt may be tried again elsewhere (and the budget allows it). */
+static bool ex_may_retry(struct exchange *ex, enum retry_cond cond, int status)
+{
+    const struct sl_retry_conf *rc = ex->rc;
+    if (!rc || ex->retries >= rc->attempts || ex->resp_head_done || ex->req->response_started)
+        return false;
+    switch (cond) {
+    case RC_CONNECT:
+        if (!(rc->on & SL_RETRY_CONNECT_FAILURE))
+            return false;
+        break;
+    case RC_RESET:
+        if (!(rc->on & SL_RETRY_RESET))
+            return false;
+        break;
+    case RC_TIMEOUT:
+        if (!(rc->on & SL_RETRY_TIMEOUT))
+            return false;
+        break;
+    case RC_STATUS:
+        if (!sl_status_set_has(&rc->statuses, status))
+            return false;
+        break;
+    }
+    /* Nothing reached the backend on a connect failure, so any method may go elsewhere;
+     * otherwise the request may have had its effect and only a safe one is sent twice. */
+    if (cond != RC_CONNECT && ex->wrote_upstream && !ex->retryable_method)
+        return false;
+    if (ex->body_consumed && ex->body_overflow)
+        return false; /* part of the body is gone and cannot be sent again */
+    if (ex->tried_count >= SL_PICK_MAX_EXCLUDE)
+        return false;
+    return sl_pool_budget_retry(ex->up->pool, rc, sl_loop_now_ms(&ex->gl->gw->worker->loop));
+}
+
+static void on_retry_timer(struct sl_timer *t)
+{
+    struct exchange *ex = t->data;
+    if (ex->state == EX_BACKOFF)
+        ex_try_endpoint(ex);
+}
+
+/* Ends the current attempt (ex_may_retry said yes) and starts the next one after a jittered
+ * backoff. */
+static void ex_retry(struct exchange *ex, enum sl_outcome outcome, enum retry_cond cond)
+{
+    ex_release_upstream(ex, outcome, false);
+    ex->retries++;
+    SL_DEBUG("request %.*s: retry %u after %s", (int)ex->req->request_id.len,
+             ex->req->request_id.ptr, ex->retries, ex->last_name);
+    /* A refused connect sent nothing: go elsewhere at once. Anything else backs off with
+     * equal jitter, so retries of many requests do not arrive together. */
+    uint64_t delay = 0;
+    if (cond != RC_CONNECT && ex->rc->backoff_base_ms) {
+        uint64_t d = ex->rc->backoff_base_ms << (ex->retries - 1 < 16 ? ex->retries - 1 : 16);
+        if (d > ex->rc->backoff_max_ms)
+            d = ex->rc->backoff_max_ms;
+        uint64_t *rng = &ex->up->rng;
+        delay = d / 2 + (d / 2 ? sl_rand_next(rng) % (d / 2 + 1) : 0);
+    }
+    if (delay == 0) {
+        ex_try_endpoint(ex);
+        return;
+    }
+    ex->state = EX_BACKOFF;
+    sl_timer_arm(&ex->gl->gw->worker->loop, &ex->retry_timer, delay);
+}
+
+/* Ends the current attempt as failed; retries when allowed, else answers the client with this
+ * failure. */
+static void ex_attempt_failed(struct exchange *ex, enum sl_outcome outcome, enum retry_cond cond,
+                              int status, const char *name)
+{
+    ex->last_status = status;
+    ex->last_name = name;
+    if (!ex_may_retry(ex, cond, status)) {
+        ex_fail(ex, status, name, outcome);
+        return;
+    }
+    ex_retry(ex, outcome, cond);
+}
+
 static void ex_connect_failed(struct exchange *ex, int err)
 {
     SL_DEBUG("upstream %s endpoint %s: connect failed: %s", ex->up->conf->name,
-             ex->up->conf->endpoints[ex->ep].address, strerror(-err));
-    if (ex->uc) {
-        sl_upstream_release(ex->uc, false);
-        ex->uc = NULL;
-    }
-    sl_balancer_release(ex->up->bal, ex->ep,
-                        err == -ETIMEDOUT ? SL_OUTCOME_TIMEOUT : SL_OUTCOME_CONNECT_FAILURE);
-    ex->ep = -1;
-    ex->connect_failures++;
-    if (ex->connect_failures >= ex->up->conf->connect_attempts ||
-        ex->tried_count >= ex->up->conf->endpoint_count) {
-        if (err == -ETIMEDOUT)
-            ex_fail(ex, 504, "upstream_connect_timeout", SL_OUTCOME_TIMEOUT);
-        else
-            ex_fail(ex, 502, "upstream_connect_failed", SL_OUTCOME_CONNECT_FAILURE);
+             ex->wep ? ex->wep->ep->address : "-", strerror(-err));
+    if (err == -EMFILE) {
+        atomic_fetch_add_explicit(&ex->up->pool->stats.overflow_connections, 1,
+                                  memory_order_relaxed);
+        ex_release_upstream(ex, SL_OUTCOME_CANCELLED, false);
+        ex_fail_unavailable(ex, "upstream_overloaded", 1);
         return;
     }
-    ex_try_endpoint(ex);
+    if (err == -ETIMEDOUT)
+        ex_attempt_failed(ex, SL_OUTCOME_TIMEOUT, RC_CONNECT, 504, "upstream_connect_timeout");
+    else
+        ex_attempt_failed(ex, SL_OUTCOME_CONNECT_FAILURE, RC_CONNECT, 503,
+                          "upstream_connect_failed");
 }
 
 static void ex_try_endpoint(struct exchange *ex)
 {
     struct sl_pick_ctx ctx = {0};
     ctx.hash = pick_hash(ex, &ctx.has_hash);
-    ctx.exclude = ex->tried;
-    ctx.exclude_count = ex->tried_count;
-    int ep = sl_balancer_pick(ex->up->bal, &ctx);
-    if (ep < 0) {
-        ex_fail(ex, 503, "no_endpoint", SL_OUTCOME_CONNECT_FAILURE);
+    enum sl_pick_fail why = 0;
+    bool probe = false;
+    struct sl_wep *w = sl_upstream_pick(ex->up, &ctx, ex->tried, ex->tried_count, &probe, &why);
+    if (!w) {
+        if (ex->last_name) {
+            /* a retry found nowhere else to go: the client gets the last failure */
+            ex_fail(ex, ex->last_status, ex->last_name, SL_OUTCOME_CANCELLED);
+            return;
+        }
+        if (why == SL_PICK_NONE_HEALTHY) {
+            atomic_fetch_add_explicit(&ex->up->pool->stats.no_healthy_endpoint, 1,
+                                      memory_order_relaxed);
+            ex_fail_unavailable(ex, "no_healthy_endpoint", sl_upstream_retry_after_s(ex->up));
+            return;
+        }
+        ex_fail_unavailable(ex, "no_endpoint", 1);
         return;
     }
-    ex->ep = ep;
-    if (ex->tried_count < SL_PICK_MAX_EXCLUDE)
-        ex->tried[ex->tried_count++] = ep;
+    ex->wep = w;
+    ex->probe = probe;
+    ex->tried[ex->tried_count++] = w->ep;
     int err = 0;
-    ex->uc = sl_upstream_acquire(ex->up, ep, ex_user(ex), false, &err);
+    ex->uc = sl_upstream_acquire(ex->up, w, ex_user(ex), false, &err);
     if (!ex->uc) {
         ex_connect_failed(ex, err);
         return;
@@ -499,6 +641,18 @@ static void ex_try_endpoint(struct exchange *ex)
     if (ex->uc->state == SL_UC_BUSY) {
         ex_start_send(ex);
         return;
+    }
+    uint32_t maxp = ex->up->conf->breaker.max_pending;
+    if (maxp) {
+        uint32_t cur = atomic_fetch_add_explicit(&ex->up->pool->pending, 1, memory_order_relaxed);
+        ex->counted_pending = true;
+        if (cur >= maxp) {
+            atomic_fetch_add_explicit(&ex->up->pool->stats.overflow_pending, 1,
+                                      memory_order_relaxed);
+            ex_release_upstream(ex, SL_OUTCOME_CANCELLED, false);
+            ex_fail_unavailable(ex, "upstream_overloaded", 1);
+            return;
+        }
     }
     ex->state = EX_CONNECTING;
     sl_upstream_conn_arm(ex->uc, ex->up->conf->connect_timeout_ms);
@@ -514,12 +668,11 @@ static bool ex_maybe_replay(struct exchange *ex)
         return false;
     if (ex->wrote_upstream && !is_idempotent(ex->req))
         return false;
-    int ep = ex->ep;
     sl_upstream_release(ex->uc, false);
     ex->uc = NULL;
     ex->replayed = true;
     int err = 0;
-    ex->uc = sl_upstream_acquire(ex->up, ep, ex_user(ex), true, &err);
+    ex->uc = sl_upstream_acquire(ex->up, ex->wep, ex_user(ex), true, &err);
     if (!ex->uc) {
         ex_connect_failed(ex, err);
         return true;
@@ -546,9 +699,13 @@ static void ex_upstream_broken(struct exchange *ex, int err)
 {
     if (ex_maybe_replay(ex))
         return;
-    SL_DEBUG("upstream %s endpoint %d: connection failed: %s", ex->up->conf->name, ex->ep,
-             strerror(err < 0 ? -err : err));
-    ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
+    SL_DEBUG("upstream %s endpoint %s: connection failed: %s", ex->up->conf->name,
+             ex->wep ? ex->wep->ep->address : "-", strerror(err < 0 ? -err : err));
+    if (ex->resp_head_done) {
+        ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
+        return;
+    }
+    ex_attempt_failed(ex, SL_OUTCOME_RESET, RC_RESET, 502, "upstream_reset");
 }
 
 static bool ex_parse_response_head(struct exchange *ex, bool eof);
@@ -568,13 +725,42 @@ static bool ex_read_early_response(struct exchange *ex)
     return true;
 }
 
+/* Keeps body bytes sent upstream so that a retry can send them again (up to retries.max_body;
+ * beyond it the copy is abandoned and such a request is not retried once bytes are gone). */
+static void ex_keep_body(struct exchange *ex, const char *p, size_t n)
+{
+    if (ex->body_overflow)
+        return;
+    if (!ex->body_copy) {
+        uint64_t cap = ex->rc->max_body_bytes;
+        if (ex->req->body_kind == SL_H1_BODY_LENGTH && ex->req->content_length < cap)
+            cap = ex->req->content_length;
+        ex->body_copy = cap ? sl_arena_alloc(&ex->req->arena, (size_t)cap) : NULL;
+        ex->body_copy_cap = ex->body_copy ? (size_t)cap : 0;
+    }
+    if (ex->body_copy_len + n > ex->body_copy_cap) {
+        ex->body_overflow = true;
+        return;
+    }
+    memcpy(ex->body_copy + ex->body_copy_len, p, n);
+    ex->body_copy_len += n;
+    ex->replay_off = ex->body_copy_len;
+}
+
 static void ex_pump_request(struct exchange *ex)
 {
     struct sl_request *req = ex->req;
     for (;;) {
         struct sl_slice data = {0};
         int status = 0;
-        enum sl_status st = sl_request_body_peek(req, &data, &status);
+        /* A retry first sends again what the client already gave us, then goes on reading. */
+        bool from_copy = ex->replay_off < ex->body_copy_len;
+        enum sl_status st = SL_OK;
+        if (from_copy)
+            data =
+                sl_slice_make(ex->body_copy + ex->replay_off, ex->body_copy_len - ex->replay_off);
+        else
+            st = sl_request_body_peek(req, &data, &status);
         if (st == SL_ERROR) {
             ex_fail(ex, status,
                     status == 413   ? "body_too_large"
@@ -594,8 +780,13 @@ static void ex_pump_request(struct exchange *ex)
         if (ex->head_view.start != before || wrote)
             ex->wrote_upstream = true;
         if (wrote) {
-            sl_request_body_consume(req, wrote);
-            ex->body_consumed = true;
+            if (from_copy) {
+                ex->replay_off += wrote;
+            } else {
+                ex_keep_body(ex, data.ptr, wrote);
+                sl_request_body_consume(req, wrote);
+                ex->body_consumed = true;
+            }
             if (!ex->resp_head_done)
                 sl_upstream_conn_arm(ex->uc, ex->up->conf->idle_timeout_ms);
         }
@@ -620,7 +811,7 @@ static void ex_pump_request(struct exchange *ex)
         if (fin && flushed) {
             ex->req_sent = true;
             if (!ex->resp_head_done)
-                sl_upstream_conn_arm(ex->uc, ex->up->conf->response_timeout_ms);
+                sl_upstream_conn_arm(ex->uc, ex_response_timeout(ex));
             ex_update_upstream_events(ex, false);
             if (ex->resp_done)
                 ex_finish(ex);
@@ -677,7 +868,15 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
     struct sl_request *req = ex->req;
     struct sl_upstream_conn *uc = ex->uc;
     ex->status = resp->status;
-    ex->last_outcome_5xx = resp->status >= 500;
+    ex->last_outcome_5xx = sl_status_set_has(&ex->up->conf->passive.statuses, resp->status);
+    if (ex->rc && sl_status_set_has(&ex->rc->statuses, resp->status) &&
+        ex_may_retry(ex, RC_STATUS, resp->status)) {
+        /* The client never sees this answer: another endpoint gets the request. */
+        ex->last_status = resp->status;
+        ex->last_name = "upstream_error";
+        ex_retry(ex, ex->last_outcome_5xx ? SL_OUTCOME_HTTP_5XX : SL_OUTCOME_SUCCESS, RC_STATUS);
+        return;
+    }
     if (resp->keepalive_timeout_ms)
         uc->keepalive_ms = resp->keepalive_timeout_ms;
     ex->upstream_reusable = resp->version_minor >= 1 && !(resp->flags & SL_H1_F_CONN_CLOSE) &&
@@ -727,7 +926,7 @@ static bool ex_parse_response_head(struct exchange *ex, bool eof)
                                  gw->resp_scratch_cap, &err);
         if (st == SL_AGAIN) {
             if (eof) {
-                ex_fail(ex, 502, "upstream_truncated_head", SL_OUTCOME_RESET);
+                ex_attempt_failed(ex, SL_OUTCOME_RESET, RC_RESET, 502, "upstream_truncated_head");
                 return false;
             }
             if (sl_buf_len(&uc->in) >= uc->in.cap) {
@@ -738,8 +937,8 @@ static bool ex_parse_response_head(struct exchange *ex, bool eof)
         }
         if (st == SL_ERROR) {
             SL_INFO("upstream %s endpoint %s: invalid response: %s", ex->up->conf->name,
-                    ex->up->conf->endpoints[ex->ep].address, sl_h1_err_name(err));
-            ex_fail(ex, 502, "upstream_bad_response", SL_OUTCOME_HTTP_5XX);
+                    ex->wep->ep->address, sl_h1_err_name(err));
+            ex_attempt_failed(ex, SL_OUTCOME_RESET, RC_RESET, 502, "upstream_bad_response");
             return false;
         }
         if (resp.status < 200) {
@@ -789,7 +988,7 @@ static void ex_pump_response(struct exchange *ex)
         }
         if (st == SL_ERROR) {
             SL_INFO("upstream %s endpoint %s: invalid response body: %s", ex->up->conf->name,
-                    ex->up->conf->endpoints[ex->ep].address, sl_h1_err_name(err));
+                    ex->wep ? ex->wep->ep->address : "-", sl_h1_err_name(err));
             ex_fail(ex, 502, "upstream_bad_body", SL_OUTCOME_RESET);
             return;
         }
@@ -882,10 +1081,12 @@ static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data)
      * has started, so it only ever shows in logs: the client connection is cut). */
     if (ex->client_blocked)
         ex_fail(ex, 504, "client_send_timeout", SL_OUTCOME_CANCELLED);
-    else if (ex->resp_head_done || !ex->req_sent)
+    else if (ex->resp_head_done)
         ex_fail(ex, 504, "upstream_idle_timeout", SL_OUTCOME_TIMEOUT);
+    else if (!ex->req_sent)
+        ex_attempt_failed(ex, SL_OUTCOME_TIMEOUT, RC_TIMEOUT, 504, "upstream_idle_timeout");
     else
-        ex_fail(ex, 504, "upstream_timeout", SL_OUTCOME_TIMEOUT);
+        ex_attempt_failed(ex, SL_OUTCOME_TIMEOUT, RC_TIMEOUT, 504, "upstream_timeout");
 }
 
 /* ---- filters, routing, and the request handler ---- */
@@ -906,6 +1107,28 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
         return;
     }
     ex->up = &ex->gl->gw->upstreams[ex->route->upstream_index];
+    struct sl_request *req = ex->req;
+    const struct sl_upstream_conf *uconf = ex->up->conf;
+    uint32_t maxr = uconf->breaker.max_requests;
+    if (maxr) {
+        uint32_t cur = atomic_fetch_add_explicit(&ex->up->pool->requests, 1, memory_order_relaxed);
+        ex->counted_request = true;
+        if (cur >= maxr) {
+            atomic_fetch_add_explicit(&ex->up->pool->stats.overflow_requests, 1,
+                                      memory_order_relaxed);
+            ex_fail_unavailable(ex, "upstream_overloaded", 1);
+            return;
+        }
+    }
+    ex->rc = ex->route->has_retries ? &ex->route->retries : &uconf->retries;
+    if (ex->rc->attempts == 0)
+        ex->rc = NULL;
+    else
+        sl_pool_budget_request(ex->up->pool, sl_loop_now_ms(&ex->gl->gw->worker->loop));
+    struct sl_slice idem;
+    ex->retryable_method = is_idempotent(req) || (ex->rc && ex->rc->non_idempotent) ||
+                           sl_request_header(req, "Idempotency-Key", &idem);
+    ex->body_overflow = !ex->rc || !ex->retryable_method || req->body_kind == SL_H1_BODY_NONE;
     if (!build_upstream_head(ex)) {
         ex_fail(ex, 431, "request_head_too_large", SL_OUTCOME_CANCELLED);
         return;
@@ -972,7 +1195,7 @@ static void h_on_request(struct sl_request *req)
     memset(ex, 0, sizeof *ex);
     ex->req = req;
     ex->gl = gl;
-    ex->ep = -1;
+    sl_timer_init(&ex->retry_timer, on_retry_timer, ex);
     req->handler_state = ex;
     gl->gw->inflight++;
     struct sl_route_input in = {

@@ -10,6 +10,7 @@
 #include "core/log.h"
 #include "filters/filter_set.h"
 #include "proxy/balancer.h"
+#include "proxy/pool.h"
 #include "proxy/router.h"
 
 #define RESP_MAX_HEADERS 128
@@ -37,14 +38,15 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_l
     }
     gw->rt.cfg = cfg;
     gw->rt.routers = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof(void *));
-    gw->rt.balancers = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
-    if (!gw->rt.routers || !gw->rt.balancers)
+    gw->rt.pools = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
+    gw->rt.worker_count = cfg->workers ? cfg->workers : sl_cpu_count();
+    if (!gw->rt.routers || !gw->rt.pools)
         goto fail;
     for (size_t i = 0; i < cfg->listener_count; i++)
         if (!(gw->rt.routers[i] = sl_router_new(cfg, cfg->listeners[i].name)))
             goto fail;
     for (size_t i = 0; i < cfg->upstream_count; i++)
-        if (!(gw->rt.balancers[i] = sl_balancer_shared_new(&cfg->upstreams[i])))
+        if (!(gw->rt.pools[i] = sl_pool_new(&cfg->upstreams[i], cfg->zone, gw->rt.worker_count)))
             goto fail;
     if (sl_filter_set_build(cfg, &gw->rt.filters, err, err_len) != 0)
         goto fail;
@@ -100,10 +102,9 @@ static int worker_init(struct sl_worker *w, void *data)
     if (frc < 0)
         return frc;
     for (size_t i = 0; i < cfg->upstream_count; i++) {
-        int rc = sl_upstream_rt_init(&gw->upstreams[i], &cfg->upstreams[i], g->rt.balancers[i], w);
+        int rc = sl_upstream_rt_init(&gw->upstreams[i], g->rt.pools[i], w);
         if (rc < 0)
             return rc;
-        sl_balancer_seed(gw->upstreams[i].bal, (uint64_t)w->id * 0x9e3779b97f4a7c15ull + i + 1);
         gw->upstream_count++;
     }
     for (size_t i = 0; i < cfg->listener_count; i++) {
@@ -180,7 +181,7 @@ static const struct sl_worker_hooks hooks = {
 int sl_gateway_start(struct sl_gateway *gw)
 {
     const struct sl_config *cfg = gw->rt.cfg;
-    unsigned n = cfg->workers ? cfg->workers : sl_cpu_count();
+    unsigned n = gw->rt.worker_count;
     size_t nfds = (size_t)n * cfg->listener_count;
     gw->listen_fds = malloc((nfds ? nfds : 1) * sizeof(int));
     if (!gw->listen_fds)
@@ -235,7 +236,7 @@ void sl_gateway_free(struct sl_gateway *gw)
     }
     const struct sl_config *cfg = gw->rt.cfg;
     if (gw->listen_fds && cfg) {
-        size_t nfds = (size_t)(cfg->workers ? cfg->workers : sl_cpu_count()) * cfg->listener_count;
+        size_t nfds = (size_t)gw->rt.worker_count * cfg->listener_count;
         for (size_t i = 0; i < nfds; i++)
             if (gw->listen_fds[i] >= 0)
                 close(gw->listen_fds[i]);
@@ -244,11 +245,11 @@ void sl_gateway_free(struct sl_gateway *gw)
     if (cfg) {
         for (size_t i = 0; gw->rt.routers && i < cfg->listener_count; i++)
             sl_router_free(gw->rt.routers[i]);
-        for (size_t i = 0; gw->rt.balancers && i < cfg->upstream_count; i++)
-            sl_balancer_shared_free(gw->rt.balancers[i]);
+        for (size_t i = 0; gw->rt.pools && i < cfg->upstream_count; i++)
+            sl_pool_free(gw->rt.pools[i]);
     }
     free(gw->rt.routers);
-    free(gw->rt.balancers);
+    free(gw->rt.pools);
     sl_filter_set_free(gw->rt.filters);
     sl_config_free(gw->rt.cfg);
     free(gw);

@@ -12,7 +12,8 @@
 
 struct sl_config;
 struct sl_router;
-struct sl_balancer_shared;
+struct sl_pool;
+struct sl_control;
 struct sl_filter_set;
 
 /*
@@ -21,10 +22,11 @@ struct sl_filter_set;
  * front-ends, upstream pools). Workers read the snapshot without locks.
  */
 struct sl_runtime {
-    struct sl_config *cfg;                 /* owned */
-    struct sl_router **routers;            /* per listener */
-    struct sl_balancer_shared **balancers; /* per upstream */
-    struct sl_filter_set *filters;         /* instances and per-route chains */
+    struct sl_config *cfg;      /* owned */
+    struct sl_router **routers; /* per listener */
+    struct sl_pool **pools;     /* per upstream: endpoints and their health */
+    unsigned worker_count;
+    struct sl_filter_set *filters; /* instances and per-route chains */
 };
 
 struct sl_gw_worker;
@@ -57,7 +59,8 @@ struct sl_gateway {
     struct sl_runtime rt;
     struct sl_worker *workers;
     unsigned worker_count;
-    int *listen_fds; /* [worker][listener], handed to workers at start */
+    int *listen_fds;            /* [worker][listener], handed to workers at start */
+    struct sl_control *control; /* health checks and discovery thread, or NULL */
 };
 
 /* Builds the runtime from `cfg` (taking ownership, also on failure). NULL with a message in

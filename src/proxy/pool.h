@@ -133,9 +133,9 @@ struct sl_pool_stats {
     _Atomic uint64_t updates;     /* sets published */
 };
 
-/* Called (with the pool's mutex held) for each published set, once per registered worker. */
-typedef void (*sl_pool_publish_cb)(struct sl_pool *p, unsigned worker, struct sl_endpoint_set *s,
-                                   void *data);
+/* Called (with the pool's mutex held) for each published set, once per registered worker,
+ * handing over one reference to `s`. Must not block (post to the worker's loop). */
+typedef void (*sl_pool_publish_cb)(struct sl_endpoint_set *s, void *ctx);
 
 struct sl_pool {
     const struct sl_upstream_conf *conf;
@@ -145,11 +145,11 @@ struct sl_pool {
     struct sl_endpoint_set *current;
     struct sl_endpoint_spec *src[SL_POOL_SRC_COUNT]; /* owned copies (strings owned too) */
     size_t src_count[SL_POOL_SRC_COUNT];
-    bool *worker_registered; /* [worker_count] */
-    sl_pool_publish_cb on_publish;
-    void *on_publish_data;
-    _Atomic uint64_t health_gen; /* bumped on every state change of any endpoint */
-    _Atomic uint64_t version;    /* version of `current` */
+    sl_pool_publish_cb *worker_cb; /* [worker_count], NULL = not registered */
+    void **worker_ctx;             /* [worker_count] */
+    _Atomic uint64_t health_gen;   /* bumped on every state change of any endpoint */
+    _Atomic uint64_t version;      /* version of `current` */
+    _Atomic uint32_t ejected;      /* endpoints not closed (open or half-open) */
     /* upstream circuit breaker */
     _Atomic uint32_t connections, pending, requests;
     /* retry budget: [requests, retries] over 10 s */
@@ -166,8 +166,13 @@ struct sl_pool *sl_pool_new(const struct sl_upstream_conf *conf, const char *loc
                             unsigned worker_count);
 void sl_pool_free(struct sl_pool *p);
 
-/* Installs the hook that hands published sets to workers (before any worker registers). */
-void sl_pool_set_publish_cb(struct sl_pool *p, sl_pool_publish_cb cb, void *data);
+/*
+ * A worker's registration: returns the current set with a reference for the caller, and from
+ * now on each published set is handed to cb(set, ctx) for this worker (with a reference).
+ */
+struct sl_endpoint_set *sl_pool_register_worker(struct sl_pool *p, unsigned worker,
+                                                sl_pool_publish_cb cb, void *ctx);
+void sl_pool_unregister_worker(struct sl_pool *p, unsigned worker);
 
 /*
  * Replaces what source `src` says the endpoints are (copying `specs`) and publishes the union
@@ -176,13 +181,6 @@ void sl_pool_set_publish_cb(struct sl_pool *p, sl_pool_publish_cb cb, void *data
  */
 int sl_pool_set_source(struct sl_pool *p, enum sl_pool_source src,
                        const struct sl_endpoint_spec *specs, size_t n);
-
-/*
- * A worker's registration: returns the current set with a reference for the caller, and from
- * now on each published set is handed to on_publish for this worker (with a reference).
- */
-struct sl_endpoint_set *sl_pool_register_worker(struct sl_pool *p, unsigned worker);
-void sl_pool_unregister_worker(struct sl_pool *p, unsigned worker);
 
 /* The current set with a reference (for the health checker and the admin API). */
 struct sl_endpoint_set *sl_pool_acquire_set(struct sl_pool *p);

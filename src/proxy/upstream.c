@@ -11,23 +11,161 @@
 
 #include "config/config.h"
 #include "core/log.h"
+#include "core/rand.h"
 #include "core/worker.h"
 
 static void on_uc_io(struct sl_io *io, uint32_t events);
 static void on_uc_timer(struct sl_timer *t);
 static void on_uc_free(struct sl_defer *d);
 
-int sl_upstream_rt_init(struct sl_upstream_rt *up, const struct sl_upstream_conf *conf,
-                        const struct sl_balancer_shared *shared, struct sl_worker *w)
+static void wep_put(struct sl_wep *w);
+
+/* ---- the worker's endpoint set --------------------------------------------------------- */
+
+static unsigned wid(const struct sl_upstream_rt *up)
+{
+    return up->worker->id;
+}
+
+static void masks_free(struct sl_upstream_rt *up)
+{
+    free(up->healthy);
+    free(up->local_healthy);
+    free(up->remote_healthy);
+    free(up->all);
+    up->healthy = up->local_healthy = up->remote_healthy = up->all = NULL;
+    up->mask_words = 0;
+}
+
+static void close_idle_of(struct sl_wep *w);
+
+/* Swaps in `set` (taking the caller's reference): endpoints that stay keep their per-worker
+ * state and in-flight counts; removed ones lose their idle connections and are freed once
+ * their last request ended. Returns 0 or -ENOMEM (the old set then stays). */
+static int install_set(struct sl_upstream_rt *up, struct sl_endpoint_set *set)
+{
+    size_t n = set->count, words = (n + 63) / 64;
+    struct sl_wep **weps = calloc(n ? n : 1, sizeof *weps);
+    struct sl_balancer *bal = sl_balancer_new(set->bal);
+    uint64_t *m[4];
+    for (int i = 0; i < 4; i++)
+        m[i] = calloc(words ? words : 1, sizeof(uint64_t));
+    bool ok = weps && bal && m[0] && m[1] && m[2] && m[3];
+    for (size_t i = 0; ok && i < n; i++) {
+        struct sl_endpoint *ep = set->eps[i];
+        struct sl_wep *w = ep->wslot[wid(up)];
+        if (!w) {
+            if (!(w = calloc(1, sizeof *w))) {
+                ok = false;
+                break;
+            }
+            sl_endpoint_ref(ep);
+            w->ep = ep;
+            w->up = up;
+            w->index = -1;
+            ep->wslot[wid(up)] = w;
+        }
+        weps[i] = w;
+    }
+    if (!ok) {
+        /* undo the per-worker states created above (those not in the old set) */
+        for (size_t i = 0; weps && i < n; i++)
+            if (weps[i] && weps[i]->index < 0 && weps[i]->users == 0 && !weps[i]->idle)
+                wep_put(weps[i]);
+        free(weps);
+        sl_balancer_free(bal);
+        for (int i = 0; i < 4; i++)
+            free(m[i]);
+        sl_endpoint_set_unref(set);
+        return -ENOMEM;
+    }
+    sl_balancer_seed(bal, up->rng ^ set->version);
+    /* carry in-flight counts over, then re-index */
+    for (size_t i = 0; i < n; i++)
+        if (weps[i]->index >= 0 && up->bal)
+            sl_balancer_set_inflight(bal, (int)i, sl_balancer_inflight(up->bal, weps[i]->index));
+    for (size_t i = 0; up->set && i < up->set->count; i++)
+        up->weps[i]->index = -1;
+    for (size_t i = 0; i < n; i++)
+        weps[i]->index = (int)i;
+    /* whatever is still -1 left the set */
+    struct sl_wep **old = up->weps;
+    size_t old_n = up->set ? up->set->count : 0;
+    struct sl_endpoint_set *old_set = up->set;
+    up->weps = weps;
+    up->set = set;
+    sl_balancer_free(up->bal);
+    up->bal = bal;
+    masks_free(up);
+    up->healthy = m[0];
+    up->local_healthy = m[1];
+    up->remote_healthy = m[2];
+    up->all = m[3];
+    up->mask_words = words;
+    for (size_t i = 0; i < n; i++)
+        up->all[i / 64] |= 1ull << (i % 64);
+    up->health_gen = UINT64_MAX; /* force a rebuild on the next pick */
+    for (size_t i = 0; i < old_n; i++) {
+        if (old[i]->index >= 0)
+            continue;
+        close_idle_of(old[i]); /* frees it when nothing else uses it */
+    }
+    free(old);
+    sl_endpoint_set_unref(old_set);
+    return 0;
+}
+
+/* Frees a per-worker endpoint state that left the set and has no users. */
+static void wep_put(struct sl_wep *w)
+{
+    if (w->index >= 0 || w->users > 0 || w->idle)
+        return;
+    struct sl_upstream_rt *up = w->up;
+    w->ep->wslot[wid(up)] = NULL;
+    sl_endpoint_unref(w->ep);
+    free(w);
+}
+
+static void wep_unuse(struct sl_wep *w)
+{
+    if (w->users)
+        w->users--;
+    if (w->users == 0 && w->index < 0)
+        wep_put(w);
+}
+
+static void on_set_post(struct sl_post *p)
+{
+    struct sl_upstream_rt *up = p->data;
+    struct sl_endpoint_set *set = atomic_exchange(&up->incoming, NULL);
+    if (set && install_set(up, set) < 0)
+        SL_WARN("upstream %s: out of memory installing a new endpoint set; keeping the old one",
+                up->conf->name);
+}
+
+/* The pool published a set (any thread, pool lock held): hand it to this worker's loop. */
+static void on_publish(struct sl_endpoint_set *set, void *ctx)
+{
+    struct sl_upstream_rt *up = ctx;
+    struct sl_endpoint_set *prev = atomic_exchange(&up->incoming, set);
+    sl_endpoint_set_unref(prev);
+    sl_loop_post(&up->worker->loop, &up->post);
+}
+
+int sl_upstream_rt_init(struct sl_upstream_rt *up, struct sl_pool *pool, struct sl_worker *w)
 {
     memset(up, 0, sizeof *up);
-    up->conf = conf;
+    up->conf = pool->conf;
+    up->pool = pool;
     up->worker = w;
-    up->bal = sl_balancer_new(shared);
-    up->idle = calloc(conf->endpoint_count ? conf->endpoint_count : 1, sizeof *up->idle);
-    if (!up->bal || !up->idle) {
-        sl_balancer_free(up->bal);
-        free(up->idle);
+    up->rng = (uint64_t)(uintptr_t)up * 0x9e3779b97f4a7c15ull + w->id + 1;
+    up->next_probe_ms = UINT64_MAX;
+    up->post.cb = on_set_post;
+    up->post.data = up;
+    atomic_init(&up->incoming, NULL);
+    struct sl_endpoint_set *set = sl_pool_register_worker(pool, w->id, on_publish, up);
+    if (install_set(up, set) < 0) {
+        sl_pool_unregister_worker(pool, w->id);
         return -ENOMEM;
     }
     return 0;
@@ -38,11 +176,12 @@ static void uc_close(struct sl_upstream_conn *uc)
     if (uc->state == SL_UC_CLOSED)
         return;
     struct sl_upstream_rt *up = uc->up;
+    struct sl_wep *w = uc->wep;
     if (uc->state == SL_UC_IDLE) {
         if (uc->prev)
             uc->prev->next = uc->next;
         else
-            up->idle[uc->endpoint] = uc->next;
+            w->idle = uc->next;
         if (uc->next)
             uc->next->prev = uc->prev;
         up->idle_count--;
@@ -53,26 +192,225 @@ static void uc_close(struct sl_upstream_conn *uc)
     sl_io_stop(loop, &uc->io);
     sl_transport_close(&uc->tr);
     sl_buf_release(&uc->in, &up->worker->buf_pool);
+    if (up->conf->breaker.max_connections)
+        atomic_fetch_sub_explicit(&up->pool->connections, 1, memory_order_relaxed);
+    uc->wep = NULL;
+    wep_unuse(w);
     sl_defer_queue(loop, &uc->free_defer);
+}
+
+static void close_idle_of(struct sl_wep *w)
+{
+    /* the last close may free w: hold it meanwhile */
+    w->users++;
+    while (w->idle)
+        uc_close(w->idle);
+    wep_unuse(w);
 }
 
 void sl_upstream_rt_close_idle(struct sl_upstream_rt *up)
 {
-    for (size_t i = 0; i < up->conf->endpoint_count; i++)
-        while (up->idle[i])
-            uc_close(up->idle[i]);
+    for (size_t i = 0; up->set && i < up->set->count; i++)
+        close_idle_of(up->weps[i]);
 }
 
 void sl_upstream_rt_dispose(struct sl_upstream_rt *up)
 {
-    if (up->idle) {
-        sl_upstream_rt_close_idle(up);
-        free(up->idle);
+    if (!up->pool)
+        return;
+    sl_pool_unregister_worker(up->pool, wid(up));
+    sl_endpoint_set_unref(atomic_exchange(&up->incoming, NULL));
+    for (size_t i = 0; up->set && i < up->set->count; i++) {
+        struct sl_wep *w = up->weps[i];
+        w->index = -1;
+        close_idle_of(w); /* frees w when nothing else uses it */
     }
+    free(up->weps);
+    up->weps = NULL;
+    sl_endpoint_set_unref(up->set);
+    up->set = NULL;
+    masks_free(up);
     sl_balancer_free(up->bal);
-    up->idle = NULL;
     up->bal = NULL;
+    up->pool = NULL;
 }
+
+/* ---- choosing an endpoint ------------------------------------------------------------- */
+
+static inline void bit_set(uint64_t *m, size_t i)
+{
+    m[i / 64] |= 1ull << (i % 64);
+}
+
+/* Rebuilds the eligibility cache from the endpoints' shared health. */
+static void refresh(struct sl_upstream_rt *up, uint64_t gen, uint64_t now_ms)
+{
+    const struct sl_endpoint_set *set = up->set;
+    size_t words = up->mask_words;
+    memset(up->healthy, 0, words * sizeof(uint64_t));
+    memset(up->local_healthy, 0, words * sizeof(uint64_t));
+    memset(up->remote_healthy, 0, words * sizeof(uint64_t));
+    uint64_t total_w = 0, healthy_w = 0;
+    up->local_total_w = up->local_healthy_w = up->remote_healthy_w = 0;
+    up->healthy_count = 0;
+    up->next_probe_ms = UINT64_MAX;
+    up->has_half_open = false;
+    for (size_t i = 0; i < set->count; i++) {
+        struct sl_endpoint *ep = set->eps[i];
+        int st = atomic_load_explicit(&ep->state, memory_order_acquire);
+        bool down = atomic_load_explicit(&ep->active_down, memory_order_relaxed);
+        total_w += ep->weight;
+        if (ep->local)
+            up->local_total_w += ep->weight;
+        if (st == SL_EP_OPEN && !down) {
+            uint64_t until = atomic_load_explicit(&ep->open_until_ms, memory_order_relaxed);
+            if (until < up->next_probe_ms)
+                up->next_probe_ms = until;
+        }
+        if (st == SL_EP_HALF_OPEN && !down)
+            up->has_half_open = true;
+        if (st != SL_EP_CLOSED || down)
+            continue;
+        bit_set(up->healthy, i);
+        up->healthy_count++;
+        healthy_w += ep->weight;
+        if (ep->local) {
+            bit_set(up->local_healthy, i);
+            up->local_healthy_w += ep->weight;
+        } else {
+            bit_set(up->remote_healthy, i);
+            up->remote_healthy_w += ep->weight;
+        }
+    }
+    const struct sl_zone_aware_conf *za = &up->conf->zone_aware;
+    up->panic =
+        za->enabled && total_w > 0 && healthy_w * 100 < (uint64_t)za->panic_percent * total_w;
+    up->health_gen = gen;
+    (void)now_ms;
+}
+
+static int index_of(const struct sl_upstream_rt *up, const struct sl_endpoint *ep)
+{
+    const struct sl_wep *w = ep->wslot[wid(up)];
+    return w ? w->index : -1;
+}
+
+static bool is_tried(struct sl_endpoint *const *tried, size_t n, const struct sl_endpoint *ep)
+{
+    for (size_t i = 0; i < n; i++)
+        if (tried[i] == ep)
+            return true;
+    return false;
+}
+
+/* An ejected endpoint whose time is up gets the next request as its probe. */
+static struct sl_wep *pick_probe(struct sl_upstream_rt *up, struct sl_endpoint *const *tried,
+                                 size_t tried_count, uint64_t now_ms)
+{
+    const struct sl_endpoint_set *set = up->set;
+    for (size_t i = 0; i < set->count; i++) {
+        struct sl_endpoint *ep = set->eps[i];
+        int st = atomic_load_explicit(&ep->state, memory_order_relaxed);
+        if (st == SL_EP_CLOSED || atomic_load_explicit(&ep->active_down, memory_order_relaxed) ||
+            is_tried(tried, tried_count, ep))
+            continue;
+        if (sl_endpoint_try_probe(ep, now_ms))
+            return up->weps[i];
+    }
+    return NULL;
+}
+
+static bool mask_any(const uint64_t *m, size_t words, const int *excl, size_t nexcl)
+{
+    for (size_t wi = 0; wi < words; wi++) {
+        uint64_t v = m[wi];
+        for (size_t k = 0; k < nexcl; k++)
+            if (excl[k] >= 0 && (size_t)excl[k] / 64 == wi)
+                v &= ~(1ull << (excl[k] % 64));
+        if (v)
+            return true;
+    }
+    return false;
+}
+
+struct sl_wep *sl_upstream_pick(struct sl_upstream_rt *up, const struct sl_pick_ctx *hash_ctx,
+                                struct sl_endpoint *const *tried, size_t tried_count, bool *probe,
+                                enum sl_pick_fail *why)
+{
+    *probe = false;
+    if (!up->set || up->set->count == 0) {
+        *why = SL_PICK_NO_ENDPOINTS;
+        return NULL;
+    }
+    uint64_t now = sl_loop_now_ms(&up->worker->loop);
+    uint64_t gen = atomic_load_explicit(&up->pool->health_gen, memory_order_acquire);
+    if (gen != up->health_gen)
+        refresh(up, gen, now);
+    if (now >= up->next_probe_ms || up->has_half_open) {
+        struct sl_wep *w = pick_probe(up, tried, tried_count, now);
+        if (w) {
+            *probe = true;
+            w->users++;
+            sl_balancer_set_inflight(up->bal, w->index,
+                                     sl_balancer_inflight(up->bal, w->index) + 1);
+            return w;
+        }
+    }
+    int excl[SL_PICK_MAX_EXCLUDE];
+    size_t nexcl = 0;
+    for (size_t i = 0; i < tried_count && nexcl < SL_PICK_MAX_EXCLUDE; i++) {
+        int idx = index_of(up, tried[i]);
+        if (idx >= 0)
+            excl[nexcl++] = idx;
+    }
+    struct sl_pick_ctx ctx = {0};
+    if (hash_ctx)
+        ctx = *hash_ctx;
+    ctx.exclude = excl;
+    ctx.exclude_count = nexcl;
+    const uint64_t *mask = up->panic ? up->all : up->healthy;
+    if (!up->panic && up->conf->zone_aware.enabled && up->local_healthy_w > 0) {
+        /* The local zone keeps the share of traffic its healthy capacity can take (all of
+         * it when whole); the rest spills to the other zones by their healthy weight. */
+        bool local = up->remote_healthy_w == 0 || up->local_healthy_w >= up->local_total_w;
+        if (!local) {
+            uint64_t r = sl_rand_next(&up->rng) % up->local_total_w;
+            local = r < up->local_healthy_w;
+        }
+        const uint64_t *zm = local ? up->local_healthy : up->remote_healthy;
+        if (mask_any(zm, up->mask_words, excl, nexcl))
+            mask = zm;
+    }
+    ctx.mask = mask;
+    int idx = sl_balancer_pick(up->bal, &ctx);
+    if (idx < 0) {
+        *why = mask_any(up->all, up->mask_words, excl, nexcl) ? SL_PICK_NONE_HEALTHY
+                                                              : SL_PICK_ALL_TRIED;
+        return NULL;
+    }
+    struct sl_wep *w = up->weps[idx];
+    w->users++;
+    return w;
+}
+
+void sl_upstream_done(struct sl_upstream_rt *up, struct sl_wep *w, enum sl_outcome outcome,
+                      bool probe)
+{
+    if (w->index >= 0)
+        sl_balancer_release(up->bal, w->index, outcome);
+    sl_endpoint_report(w->ep, up->set, outcome, probe, sl_loop_now_ms(&up->worker->loop));
+    wep_unuse(w);
+}
+
+uint64_t sl_upstream_retry_after_s(const struct sl_upstream_rt *up)
+{
+    uint64_t now = sl_loop_now_ms(&up->worker->loop);
+    if (up->next_probe_ms == UINT64_MAX || up->next_probe_ms <= now)
+        return 1;
+    return (up->next_probe_ms - now + 999) / 1000;
+}
+
+/* ---- connections ------------------------------------------------------------------------ */
 
 static void on_uc_free(struct sl_defer *d)
 {
@@ -92,15 +430,15 @@ static uint64_t idle_budget_ms(const struct sl_upstream_conn *uc)
     return cfg;
 }
 
-struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, int ep,
+struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct sl_wep *w,
                                              const struct sl_upstream_user *user, bool fresh,
                                              int *err)
 {
     struct sl_loop *loop = &up->worker->loop;
     *err = 0;
-    while (!fresh && up->idle[ep]) {
-        struct sl_upstream_conn *uc = up->idle[ep];
-        up->idle[ep] = uc->next;
+    while (!fresh && w->idle) {
+        struct sl_upstream_conn *uc = w->idle;
+        w->idle = uc->next;
         if (uc->next)
             uc->next->prev = NULL;
         up->idle_count--;
@@ -119,27 +457,36 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, int ep,
         sl_io_modify(loop, &uc->io, 0);
         return uc;
     }
-    const struct sl_endpoint_conf *e = &up->conf->endpoints[ep];
+    uint32_t maxc = up->conf->breaker.max_connections;
+    if (maxc) {
+        uint32_t cur = atomic_fetch_add_explicit(&up->pool->connections, 1, memory_order_relaxed);
+        if (cur >= maxc) {
+            atomic_fetch_sub_explicit(&up->pool->connections, 1, memory_order_relaxed);
+            *err = -EMFILE;
+            return NULL;
+        }
+    }
+    const struct sl_endpoint *e = w->ep;
     int fd = socket(e->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         *err = -errno;
-        return NULL;
+        goto fail;
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (connect(fd, (const struct sockaddr *)&e->addr, e->addr_len) < 0 && errno != EINPROGRESS) {
         *err = -errno;
         close(fd);
-        return NULL;
+        goto fail;
     }
     struct sl_upstream_conn *uc = calloc(1, sizeof *uc);
     if (!uc) {
         close(fd);
         *err = -ENOMEM;
-        return NULL;
+        goto fail;
     }
     uc->up = up;
-    uc->endpoint = ep;
+    uc->wep = w;
     uc->state = SL_UC_CONNECTING;
     uc->user = *user;
     sl_tcp_transport_init(&uc->tr, fd);
@@ -149,10 +496,15 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, int ep,
         *err = -errno;
         close(fd);
         free(uc);
-        return NULL;
+        goto fail;
     }
+    w->users++;
     up->connects++;
     return uc;
+fail:
+    if (maxc)
+        atomic_fetch_sub_explicit(&up->pool->connections, 1, memory_order_relaxed);
+    return NULL;
 }
 
 int sl_upstream_conn_connect_result(struct sl_upstream_conn *uc)
@@ -182,7 +534,7 @@ void sl_upstream_release(struct sl_upstream_conn *uc, bool reusable)
     /* Unread bytes (in our buffer or, by the edge we saw, in the socket) or a FIN mean the
      * backend sent more than the response: such a connection must never carry another. */
     if (!reusable || uc->state != SL_UC_BUSY || up->idle_count >= up->conf->keepalive_max_idle ||
-        (uc->in.data && sl_buf_len(&uc->in)) ||
+        uc->wep->index < 0 || (uc->in.data && sl_buf_len(&uc->in)) ||
         (uc->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || idle_budget_ms(uc) == 0) {
         uc_close(uc);
         return;
@@ -192,10 +544,10 @@ void sl_upstream_release(struct sl_upstream_conn *uc, bool reusable)
     uc->reused = false;
     uc->idle_since_ms = sl_loop_now_ms(loop);
     uc->prev = NULL;
-    uc->next = up->idle[uc->endpoint];
+    uc->next = uc->wep->idle;
     if (uc->next)
         uc->next->prev = uc;
-    up->idle[uc->endpoint] = uc;
+    uc->wep->idle = uc;
     up->idle_count++;
     sl_timer_arm(loop, &uc->timer, idle_budget_ms(uc));
     /* Any readiness on an idle connection is the backend closing it (or misbehaving). */

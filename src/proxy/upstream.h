@@ -9,24 +9,54 @@
 #include "core/loop.h"
 #include "core/transport.h"
 #include "proxy/balancer.h"
+#include "proxy/pool.h"
 
 struct sl_upstream_conf;
 struct sl_worker;
 struct sl_upstream_conn;
+struct sl_pool;
+struct sl_endpoint;
+struct sl_endpoint_set;
+
+/* One endpoint as one worker sees it: its keep-alive connections and who uses it. Lives while
+ * the endpoint is in the worker's current set or anything still uses it. */
+struct sl_wep {
+    struct sl_endpoint *ep; /* reference held */
+    struct sl_upstream_rt *up;
+    struct sl_upstream_conn *idle; /* most recently used first */
+    uint32_t users;                /* exchanges and connections holding it */
+    int index;                     /* position in the worker's current set; -1 once removed */
+};
 
 /*
- * Per-worker view of one upstream pool: its balancer state and its keep-alive connections.
+ * Per-worker view of one upstream pool: the endpoint set it currently uses (swapped in when
+ * the pool publishes a new one), its balancer state, its keep-alive connections, and a cache
+ * of which endpoints are eligible (rebuilt when the pool's health generation moves).
  * Idle connections stay registered for reading so that a backend closing one is noticed at
  * once (the connection is dropped before any request can be sent on it), and each retires
  * before the backend's own keep-alive timeout (learned from `Keep-Alive: timeout=`).
  */
 struct sl_upstream_rt {
     const struct sl_upstream_conf *conf;
-    struct sl_balancer *bal;
+    struct sl_pool *pool;
     struct sl_worker *worker;
-    struct sl_upstream_conn **idle; /* per endpoint: most recently used first */
-    uint32_t idle_count;            /* across endpoints, bounded by keepalive.max_idle */
-    uint64_t connects, reuses;      /* for tests and metrics */
+    struct sl_endpoint_set *set; /* reference held */
+    struct sl_wep **weps;        /* [set->count] */
+    struct sl_balancer *bal;     /* over set->bal */
+    /* eligibility cache, bit i = set index i */
+    uint64_t *healthy, *local_healthy, *remote_healthy, *all;
+    size_t mask_words;
+    uint64_t health_gen;    /* pool generation the cache was built at */
+    uint64_t next_probe_ms; /* earliest end of an ejection; UINT64_MAX when none */
+    bool has_half_open;
+    bool panic; /* healthy share under zone_aware.panic_threshold: use every endpoint */
+    uint64_t healthy_count;
+    uint64_t local_total_w, local_healthy_w, remote_healthy_w;
+    uint64_t rng;
+    struct sl_post post;
+    struct sl_endpoint_set *_Atomic incoming; /* published, not yet installed */
+    uint32_t idle_count;                      /* across endpoints, bounded by keepalive.max_idle */
+    uint64_t connects, reuses;                /* for tests and metrics */
 };
 
 /* Who is using a busy connection: the exchange's callbacks. */
@@ -45,7 +75,7 @@ struct sl_upstream_conn {
     struct sl_defer free_defer;
     struct sl_buf in;
     struct sl_upstream_rt *up;
-    int endpoint;
+    struct sl_wep *wep; /* holds a use */
     enum sl_uc_state state;
     struct sl_upstream_conn *next, *prev; /* idle list */
     struct sl_upstream_user user;
@@ -55,24 +85,49 @@ struct sl_upstream_conn {
     bool reused;       /* taken from the idle pool for the current request */
 };
 
-int sl_upstream_rt_init(struct sl_upstream_rt *up, const struct sl_upstream_conf *conf,
-                        const struct sl_balancer_shared *shared, struct sl_worker *w);
+/* Sets up the worker's view of `pool` and registers for its updates. 0 or -ENOMEM. */
+int sl_upstream_rt_init(struct sl_upstream_rt *up, struct sl_pool *pool, struct sl_worker *w);
 
-/* Closes every idle connection and frees the per-worker state. Busy connections must have
- * been released by their users first. */
+/* Unregisters, closes every idle connection and frees the per-worker state. Busy connections
+ * must have been released by their users first. */
 void sl_upstream_rt_dispose(struct sl_upstream_rt *up);
 
 /* Closes idle connections (drain). */
 void sl_upstream_rt_close_idle(struct sl_upstream_rt *up);
 
+/* Why a pick found nothing. */
+enum sl_pick_fail {
+    SL_PICK_NO_ENDPOINTS = 1, /* the pool is empty */
+    SL_PICK_NONE_HEALTHY,     /* every endpoint not tried yet is ejected or down */
+    SL_PICK_ALL_TRIED,        /* every eligible endpoint was tried by this request */
+};
+
 /*
- * Gets a connection to endpoint `ep`: a pooled idle one (state BUSY, reused = true) or a new
+ * Chooses an endpoint for one attempt: a due half-open probe first, else the balancer over
+ * the eligible endpoints (healthy ones; with zone_aware, the local zone's share first; in
+ * panic, all), never one of `tried`. Takes a use of the result and counts it in flight.
+ * Returns NULL with *why set when there is none. *probe says the attempt is a probe.
+ */
+struct sl_wep *sl_upstream_pick(struct sl_upstream_rt *up, const struct sl_pick_ctx *hash_ctx,
+                                struct sl_endpoint *const *tried, size_t tried_count, bool *probe,
+                                enum sl_pick_fail *why);
+
+/* Ends an attempt on `w`: outcome to the balancer and the endpoint's health, use dropped. */
+void sl_upstream_done(struct sl_upstream_rt *up, struct sl_wep *w, enum sl_outcome outcome,
+                      bool probe);
+
+/* Seconds until the earliest ejection ends (for Retry-After), at least 1. */
+uint64_t sl_upstream_retry_after_s(const struct sl_upstream_rt *up);
+
+/*
+ * Gets a connection to endpoint `w`: a pooled idle one (state BUSY, reused = true) or a new
  * one being connected (state CONNECTING: the user's on_event sees EPOLLOUT when connected or
  * EPOLLERR on failure). Returns NULL with *err set when the socket cannot even be created
- * (-errno; e.g. -ECONNREFUSED may come back synchronously on loopback).
+ * (-errno; e.g. -ECONNREFUSED may come back synchronously on loopback), or -EMFILE when the
+ * upstream's circuit_breaker.max_connections is reached.
  * Events are delivered to `user` until the connection is released.
  */
-struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, int ep,
+struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct sl_wep *w,
                                              const struct sl_upstream_user *user, bool fresh,
                                              int *err);
 

@@ -47,7 +47,13 @@ struct lb {
 static struct lb lb_new(const struct up *u)
 {
     struct lb l;
-    l.s = sl_balancer_shared_new(&u->conf);
+    static uint32_t w[MAX_EP];
+    static const char *a[MAX_EP];
+    for (size_t i = 0; i < u->conf.endpoint_count; i++) {
+        w[i] = u->eps[i].weight;
+        a[i] = u->eps[i].address;
+    }
+    l.s = sl_balancer_shared_new(u->conf.balance, w, a, u->conf.endpoint_count);
     assert_non_null(l.s);
     l.b = sl_balancer_new(l.s);
     assert_non_null(l.b);

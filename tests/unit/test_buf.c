@@ -12,44 +12,44 @@
 
 #include "core/arena.h"
 #include "core/buf.h"
-#include "core/pool.h"
+#include "core/bpool.h"
 
 /* ---- pool -------------------------------------------------------------------------------- */
 
 static void test_pool_reuse(void **state)
 {
     (void)state;
-    struct sl_pool p;
-    sl_pool_init(&p, 4096, 8);
+    struct sl_bpool p;
+    sl_bpool_init(&p, 4096, 8);
     assert_int_equal(p.outstanding, 0);
-    char *a = sl_pool_get(&p);
+    char *a = sl_bpool_get(&p);
     assert_non_null(a);
     assert_int_equal(p.outstanding, 1);
     memset(a, 0xab, 4096); /* the whole block is usable */
-    sl_pool_put(&p, a);
+    sl_bpool_put(&p, a);
     assert_int_equal(p.outstanding, 0);
     assert_int_equal(p.free_count, 1);
-    char *b = sl_pool_get(&p);
+    char *b = sl_bpool_get(&p);
     assert_ptr_equal(b, a); /* the same block back */
     assert_int_equal(p.outstanding, 1);
     assert_int_equal(p.free_count, 0);
 
     /* LIFO: the most recently returned block comes back first. */
-    char *c = sl_pool_get(&p);
+    char *c = sl_bpool_get(&p);
     assert_ptr_not_equal(c, b);
-    sl_pool_put(&p, b);
-    sl_pool_put(&p, c);
-    assert_ptr_equal(sl_pool_get(&p), c);
-    assert_ptr_equal(sl_pool_get(&p), b);
+    sl_bpool_put(&p, b);
+    sl_bpool_put(&p, c);
+    assert_ptr_equal(sl_bpool_get(&p), c);
+    assert_ptr_equal(sl_bpool_get(&p), b);
     assert_int_equal(p.outstanding, 2);
-    sl_pool_put(&p, b);
-    sl_pool_put(&p, c);
+    sl_bpool_put(&p, b);
+    sl_bpool_put(&p, c);
 
     /* NULL is ignored. */
-    sl_pool_put(&p, NULL);
+    sl_bpool_put(&p, NULL);
     assert_int_equal(p.outstanding, 0);
     assert_int_equal(p.free_count, 2);
-    sl_pool_dispose(&p);
+    sl_bpool_dispose(&p);
     assert_int_equal(p.free_count, 0);
 }
 
@@ -57,70 +57,70 @@ static void test_pool_max_free(void **state)
 {
     (void)state;
     enum { N = 10 };
-    struct sl_pool p;
-    sl_pool_init(&p, 256, 3);
+    struct sl_bpool p;
+    sl_bpool_init(&p, 256, 3);
     void *blocks[N];
     for (int i = 0; i < N; i++) {
-        blocks[i] = sl_pool_get(&p);
+        blocks[i] = sl_bpool_get(&p);
         assert_non_null(blocks[i]);
         assert_int_equal(p.outstanding, (size_t)i + 1);
     }
     for (int i = 0; i < N; i++) {
-        sl_pool_put(&p, blocks[i]);
+        sl_bpool_put(&p, blocks[i]);
         assert_int_equal(p.outstanding, (size_t)(N - i - 1));
         assert_true(p.free_count <= 3);
     }
     assert_int_equal(p.free_count, 3);
     assert_int_equal(p.outstanding, 0);
     /* The cached ones come back first (LSan checks the rest were really freed). */
-    void *x = sl_pool_get(&p);
+    void *x = sl_bpool_get(&p);
     assert_true(x == blocks[0] || x == blocks[1] || x == blocks[2]);
-    sl_pool_put(&p, x);
-    sl_pool_dispose(&p);
+    sl_bpool_put(&p, x);
+    sl_bpool_dispose(&p);
 
     /* max_free 0: nothing is cached. */
-    sl_pool_init(&p, 256, 0);
-    void *y = sl_pool_get(&p);
-    sl_pool_put(&p, y);
+    sl_bpool_init(&p, 256, 0);
+    void *y = sl_bpool_get(&p);
+    sl_bpool_put(&p, y);
     assert_int_equal(p.free_count, 0);
     assert_int_equal(p.outstanding, 0);
-    sl_pool_dispose(&p);
+    sl_bpool_dispose(&p);
 }
 
-/* sl_pool_trim_idle gives back only the blocks that sat unused for a whole interval: a burst's
+/* sl_bpool_trim_idle gives back only the blocks that sat unused for a whole interval: a burst's
  * blocks go after the quiet interval that follows it, the working set of steady load stays. */
 static void test_pool_trim_idle(void **state)
 {
     (void)state;
     enum { N = 40 };
-    struct sl_pool p;
-    sl_pool_init(&p, 8192, 1024); /* page-sized: the mmap path */
+    struct sl_bpool p;
+    sl_bpool_init(&p, 8192, 1024); /* page-sized: the mmap path */
     assert_int_equal(p.block_bytes, 8192);
     void *b[N];
     for (int i = 0; i < N; i++)
-        assert_non_null(b[i] = sl_pool_get(&p));
+        assert_non_null(b[i] = sl_bpool_get(&p));
     for (int i = 0; i < N; i++)
-        sl_pool_put(&p, b[i]);
+        sl_bpool_put(&p, b[i]);
     assert_int_equal(p.free_count, N);
     /* The interval that saw the burst: the free list was empty at its low point. */
-    assert_int_equal(sl_pool_trim_idle(&p, 4), 0);
+    assert_int_equal(sl_bpool_trim_idle(&p, 4), 0);
     assert_int_equal(p.free_count, N);
     /* Steady load during the next interval uses 10 blocks at most at once. */
     for (int round = 0; round < 3; round++) {
         for (int i = 0; i < 10; i++)
-            b[i] = sl_pool_get(&p);
+            b[i] = sl_bpool_get(&p);
         for (int i = 0; i < 10; i++)
-            sl_pool_put(&p, b[i]);
+            sl_bpool_put(&p, b[i]);
     }
     /* 30 blocks were never touched: all but `keep` of them go. */
-    assert_int_equal(sl_pool_trim_idle(&p, 4), N - 10 - 4);
+    assert_int_equal(sl_bpool_trim_idle(&p, 4), N - 10 - 4);
     assert_int_equal(p.free_count, 14);
     /* A quiet interval: the rest beyond `keep` go too, and nothing more after that. */
-    assert_int_equal(sl_pool_trim_idle(&p, 4), 10);
+    assert_int_equal(sl_bpool_trim_idle(&p, 4), 10);
     assert_int_equal(p.free_count, 4);
-    assert_int_equal(sl_pool_trim_idle(&p, 4), 0);
+    assert_int_equal(sl_bpool_trim_idle(&p, 4), 0);
     assert_int_equal(p.outstanding, 0);
-    sl_pool_dispose(&p);
+    sl_bpool_dispose(&p);
     assert_int_equal(p.free_count, 0);
 }
 
@@ -137,8 +137,8 @@ static void fill_pattern(char *p, size_t n, unsigned seed)
 static void test_buf_acquire_append_consume(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf b = {0};
     assert_int_equal(sl_buf_len(&b), 0);
     assert_int_equal(sl_buf_acquire(&b, &pool), 0);
@@ -180,14 +180,14 @@ static void test_buf_acquire_append_consume(void **state)
     assert_int_equal(pool.outstanding, 0);
     sl_buf_release(&b, &pool); /* no block: no-op */
     assert_int_equal(pool.outstanding, 0);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_buf_append_no_fit(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf b = {0};
     assert_int_equal(sl_buf_acquire(&b, &pool), 0);
     char src[BLOCK + 1];
@@ -230,14 +230,14 @@ static void test_buf_append_no_fit(void **state)
     assert_memory_equal(sl_buf_head(&b) + BLOCK - 310, "abc", 3);
 
     sl_buf_release(&b, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_buf_compact(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf b = {0};
     assert_int_equal(sl_buf_acquire(&b, &pool), 0);
     assert_true(sl_buf_append(&b, "0123456789", 10));
@@ -254,14 +254,14 @@ static void test_buf_compact(void **state)
     assert_memory_equal(sl_buf_head(&b), "456789", 6);
     assert_int_equal(sl_buf_space(&b), BLOCK - 6);
     sl_buf_release(&b, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_buf_release_if_empty(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf b = {0};
     /* No block: no-op. */
     sl_buf_release_if_empty(&b, &pool);
@@ -296,15 +296,15 @@ static void test_buf_release_if_empty(void **state)
     assert_int_equal(sl_buf_len(&b), 0);
     assert_int_equal(sl_buf_space(&b), 0);
     assert_int_equal(pool.outstanding, 0);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* Random appends and consumes against a model byte queue. */
 static void test_buf_random_model(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf b = {0};
     assert_int_equal(sl_buf_acquire(&b, &pool), 0);
     char model[BLOCK];
@@ -340,7 +340,7 @@ static void test_buf_random_model(void **state)
             assert_int_equal(sl_buf_space(&b), BLOCK);
     }
     sl_buf_release(&b, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* ---- arena ------------------------------------------------------------------------------- */
@@ -348,8 +348,8 @@ static void test_buf_random_model(void **state)
 static void test_arena_alignment(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, 4096, 8);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, 4096, 8);
     struct sl_arena a;
     sl_arena_init(&a, &pool);
     char *prev = NULL;
@@ -367,15 +367,15 @@ static void test_arena_alignment(void **state)
     }
     sl_arena_reset(&a);
     assert_int_equal(pool.outstanding, 0);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_arena_many_small(void **state)
 {
     (void)state;
     enum { N = 2000, SZ = 40 };
-    struct sl_pool pool;
-    sl_pool_init(&pool, 1024, 64);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, 1024, 64);
     struct sl_arena a;
     sl_arena_init(&a, &pool);
     unsigned char *ptrs[N];
@@ -404,14 +404,14 @@ static void test_arena_many_small(void **state)
     sl_arena_reset(&a);
     sl_arena_reset(&a); /* twice is harmless */
     assert_int_equal(pool.outstanding, 0);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_arena_big_alloc_own_chunk(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, 1024, 8);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, 1024, 8);
     struct sl_arena a;
     sl_arena_init(&a, &pool);
 
@@ -464,14 +464,14 @@ static void test_arena_big_alloc_own_chunk(void **state)
     assert_ptr_equal(s1, s0 + 16);
     sl_arena_reset(&a);
     assert_int_equal(pool.outstanding, 0);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_arena_dup(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, 1024, 8);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, 1024, 8);
     struct sl_arena a;
     sl_arena_init(&a, &pool);
     char src[] = "Authorization-free header value";
@@ -494,7 +494,7 @@ static void test_arena_dup(void **state)
     assert_memory_equal(bd, big, sizeof big);
     sl_arena_reset(&a);
     assert_int_equal(pool.outstanding, 0);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* Sizes near SIZE_MAX must fail cleanly instead of wrapping in the rounding and the chunk
@@ -502,14 +502,14 @@ static void test_arena_dup(void **state)
 static void test_arena_overflow_is_null(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, 1024, 8);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, 1024, 8);
     struct sl_arena a;
     sl_arena_init(&a, &pool);
     assert_null(sl_arena_alloc(&a, SIZE_MAX));
     assert_null(sl_arena_alloc(&a, SIZE_MAX - 20));
     sl_arena_reset(&a);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 int main(void)

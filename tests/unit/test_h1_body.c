@@ -13,7 +13,7 @@
 #include <unistd.h>
 
 #include "core/buf.h"
-#include "core/pool.h"
+#include "core/bpool.h"
 #include "core/transport.h"
 #include "http/h1_body.h"
 #include "http/h1_parse.h"
@@ -54,8 +54,8 @@ static void append_str(struct sl_buf *b, const char *s)
 static void test_reader_length_split_and_leftover(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf in = {0};
     assert_int_equal(sl_buf_acquire(&in, &pool), 0);
     struct sl_h1_body_reader r;
@@ -96,14 +96,14 @@ static void test_reader_length_split_and_leftover(void **state)
     /* eof after the end is not an error. */
     assert_int_equal(sl_h1_body_reader_peek(&r, &in, true, &d, &err), SL_DONE);
     sl_buf_release(&in, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_reader_length_partial_consume(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf in = {0};
     assert_int_equal(sl_buf_acquire(&in, &pool), 0);
     struct sl_h1_body_reader r;
@@ -127,7 +127,7 @@ static void test_reader_length_partial_consume(void **state)
     assert_int_equal(sl_buf_len(&in), 4);
     assert_memory_equal(sl_buf_head(&in), "NEXT", 4);
     sl_buf_release(&in, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* Every split of body + next message into two reads. */
@@ -140,8 +140,8 @@ static void test_reader_length_every_split(void **state)
     size_t blen = sizeof body - 1, nlen = sizeof next - 1, wlen = blen + nlen;
     memcpy(wire, body, blen);
     memcpy(wire + blen, next, nlen);
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     for (size_t k = 0; k <= wlen; k++) {
         struct sl_buf in = {0};
         assert_int_equal(sl_buf_acquire(&in, &pool), 0);
@@ -176,14 +176,14 @@ static void test_reader_length_every_split(void **state)
         assert_memory_equal(sl_buf_head(&in), next, nlen);
         sl_buf_release(&in, &pool);
     }
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_reader_length_eof_and_zero(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf in = {0};
     struct sl_h1_body_reader r;
     struct sl_slice d;
@@ -215,7 +215,7 @@ static void test_reader_length_eof_and_zero(void **state)
     assert_int_equal(sl_h1_body_reader_peek(&r, &in, false, &d, &err), SL_DONE);
     assert_int_equal(sl_buf_len(&in), 4);
     sl_buf_release(&in, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* ---- reader: until close ----------------------------------------------------------------- */
@@ -223,8 +223,8 @@ static void test_reader_length_eof_and_zero(void **state)
 static void test_reader_until_close(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf in = {0};
     struct sl_h1_body_reader r;
     struct sl_slice d;
@@ -250,7 +250,7 @@ static void test_reader_until_close(void **state)
     assert_int_equal(r.total, 5);
     assert_int_equal(sl_h1_body_reader_peek(&r, &in, true, &d, &err), SL_DONE);
     sl_buf_release(&in, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* ---- reader: chunked --------------------------------------------------------------------- */
@@ -275,8 +275,8 @@ static void drive_reader(const char *wire, size_t wlen, size_t first, size_t pie
                          size_t max_piece, bool consume_all, bool eof_at_end,
                          struct drive_result *res)
 {
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf in = {0};
     assert_int_equal(sl_buf_acquire(&in, &pool), 0);
     struct sl_h1_body_reader r;
@@ -333,14 +333,14 @@ static void drive_reader(const char *wire, size_t wlen, size_t first, size_t pie
     memcpy(res->left + bl, wire + off, wlen - off);
     res->left_len = bl + (wlen - off);
     sl_buf_release(&in, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_reader_chunked_basic(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct sl_buf in = {0};
     assert_int_equal(sl_buf_acquire(&in, &pool), 0);
     struct sl_h1_body_reader r;
@@ -377,7 +377,7 @@ static void test_reader_chunked_basic(void **state)
     assert_int_equal(sl_h1_body_reader_peek(&r, &in, false, &d, &err), SL_DONE);
     assert_int_equal(sl_buf_len(&in), 4);
     sl_buf_release(&in, &pool);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_reader_chunked_every_split(void **state)
@@ -582,7 +582,7 @@ static void assert_peer_bytes(struct pair *p, const char *want, size_t n)
         fail_msg("peer got %zu bytes \"%.*s\", want %zu \"%.*s\"", g, (int)g, got, n, (int)n, want);
 }
 
-static void set_head(struct sl_buf *head, struct sl_pool *pool, const char *s)
+static void set_head(struct sl_buf *head, struct sl_bpool *pool, const char *s)
 {
     assert_int_equal(sl_buf_acquire(head, pool), 0);
     append_str(head, s);
@@ -591,8 +591,8 @@ static void set_head(struct sl_buf *head, struct sl_pool *pool, const char *s)
 static void test_writer_length(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct pair p;
     pair_open(&p, 0);
     struct sl_buf head = {0};
@@ -630,14 +630,14 @@ static void test_writer_length(void **state)
     assert_peer_bytes(&p, "raw\r\n", 5);
     sl_buf_release(&head, &pool);
     pair_close(&p);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_writer_chunked_exact(void **state)
 {
     (void)state;
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct pair p;
     pair_open(&p, 0);
     struct sl_buf head = {0};
@@ -710,7 +710,7 @@ static void test_writer_chunked_exact(void **state)
 
     sl_buf_release(&head, &pool);
     pair_close(&p);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* Writes `total` bytes as one call sequence (whole rest each time, fin), with a tiny send
@@ -720,8 +720,8 @@ static void test_writer_chunked_partial_socket(void **state)
 {
     (void)state;
     enum { TOTAL = 300000, HEAD = 3000 };
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     struct pair p;
     pair_open(&p, 1); /* the kernel's minimum */
     char *data = malloc(TOTAL);
@@ -778,7 +778,7 @@ static void test_writer_chunked_partial_socket(void **state)
     free(want);
     sl_buf_release(&head, &pool);
     pair_close(&p);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* Incremental chunked decoder on the peer side. */
@@ -819,8 +819,8 @@ static void test_writer_chunked_random(void **state)
 {
     (void)state;
     enum { MAXB = 400000 };
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     char *data = malloc(MAXB);
     char *rbuf = malloc(1 << 17);
     struct peer_decoder dc = {.out = malloc(MAXB), .out_cap = MAXB};
@@ -888,7 +888,7 @@ static void test_writer_chunked_random(void **state)
     free(dc.out);
     free(rbuf);
     free(data);
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 /* ---- writer against a scripted transport: short writes at every byte offset ------------- */
@@ -932,8 +932,8 @@ static void mock_init(struct mock_tr *m)
 static void check_every_short_write(enum sl_h1_wmode mode, const char *h, const char *body,
                                     const char *want)
 {
-    struct sl_pool pool;
-    sl_pool_init(&pool, BLOCK, 4);
+    struct sl_bpool pool;
+    sl_bpool_init(&pool, BLOCK, 4);
     size_t hl = strlen(h), bl = strlen(body), wl = strlen(want);
     for (size_t first = 0; first <= wl; first++) {
         for (int style = 0; style < 2; style++) {
@@ -970,7 +970,7 @@ static void check_every_short_write(enum sl_h1_wmode mode, const char *h, const 
             sl_buf_release(&head, &pool);
         }
     }
-    sl_pool_dispose(&pool);
+    sl_bpool_dispose(&pool);
 }
 
 static void test_writer_every_short_write(void **state)

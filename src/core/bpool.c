@@ -1,4 +1,4 @@
-#include "core/pool.h"
+#include "core/bpool.h"
 
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -24,12 +24,12 @@
 #define UNPOISON(b, n) ((void)(b), (void)(n))
 #endif
 
-static int use_mmap(const struct sl_pool *p)
+static int use_mmap(const struct sl_bpool *p)
 {
     return p->block_bytes >= 4096;
 }
 
-static void *block_alloc(const struct sl_pool *p)
+static void *block_alloc(const struct sl_bpool *p)
 {
     if (!use_mmap(p))
         return malloc(p->block_bytes);
@@ -38,7 +38,7 @@ static void *block_alloc(const struct sl_pool *p)
     return b == MAP_FAILED ? NULL : b;
 }
 
-static void block_free(const struct sl_pool *p, void *b)
+static void block_free(const struct sl_bpool *p, void *b)
 {
     UNPOISON(b, p->block_bytes);
     if (use_mmap(p))
@@ -47,7 +47,7 @@ static void block_free(const struct sl_pool *p, void *b)
         free(b);
 }
 
-void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free)
+void sl_bpool_init(struct sl_bpool *p, size_t block_bytes, size_t max_free)
 {
     if (block_bytes >= 4096)
         block_bytes = (block_bytes + 4095) & ~(size_t)4095;
@@ -59,12 +59,12 @@ void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free)
     p->low_water = 0;
 }
 
-void sl_pool_dispose(struct sl_pool *p)
+void sl_bpool_dispose(struct sl_bpool *p)
 {
-    sl_pool_trim(p, 0);
+    sl_bpool_trim(p, 0);
 }
 
-size_t sl_pool_trim(struct sl_pool *p, size_t keep)
+size_t sl_bpool_trim(struct sl_bpool *p, size_t keep)
 {
     size_t freed = 0;
     while (p->free_count > keep) {
@@ -79,16 +79,16 @@ size_t sl_pool_trim(struct sl_pool *p, size_t keep)
     return freed;
 }
 
-size_t sl_pool_trim_idle(struct sl_pool *p, size_t keep)
+size_t sl_bpool_trim_idle(struct sl_bpool *p, size_t keep)
 {
     size_t idle = p->low_water;
     size_t target = p->free_count - (idle > keep ? idle - keep : 0);
-    size_t freed = sl_pool_trim(p, target);
+    size_t freed = sl_bpool_trim(p, target);
     p->low_water = p->free_count;
     return freed;
 }
 
-void *sl_pool_get(struct sl_pool *p)
+void *sl_bpool_get(struct sl_bpool *p)
 {
     void *b = p->free_list;
     if (b) {
@@ -106,7 +106,7 @@ void *sl_pool_get(struct sl_pool *p)
     return b;
 }
 
-void sl_pool_put(struct sl_pool *p, void *block)
+void sl_bpool_put(struct sl_bpool *p, void *block)
 {
     if (!block)
         return;

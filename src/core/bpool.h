@@ -1,5 +1,5 @@
-#ifndef SL_CORE_POOL_H
-#define SL_CORE_POOL_H
+#ifndef SL_CORE_BPOOL_H
+#define SL_CORE_BPOOL_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -7,37 +7,37 @@
 /*
  * Per-worker pool of fixed-size blocks (I/O buffers, arena chunks). A worker reuses blocks
  * from its free list, so a warm worker does not allocate on the request path; the free list
- * keeps at most `max_free` blocks, and sl_pool_trim_idle() gives back blocks that sat unused
+ * keeps at most `max_free` blocks, and sl_bpool_trim_idle() gives back blocks that sat unused
  * for a whole interval, so a burst does not pin memory forever. Blocks of a page or more are
  * mapped directly (mmap), so giving one back really lowers the resident size; a heap
  * allocator would keep fragments of them. Single-threaded: owned by one worker.
  */
-struct sl_pool {
+struct sl_bpool {
     size_t block_bytes;
     void *free_list;
     size_t free_count;
     size_t max_free;
     size_t outstanding; /* blocks handed out and not yet returned */
-    size_t low_water;   /* fewest free blocks since the last sl_pool_trim_idle() */
+    size_t low_water;   /* fewest free blocks since the last sl_bpool_trim_idle() */
 };
 
-void sl_pool_init(struct sl_pool *p, size_t block_bytes, size_t max_free);
+void sl_bpool_init(struct sl_bpool *p, size_t block_bytes, size_t max_free);
 
 /* Frees every cached block. Blocks still outstanding are the holders' to return first. */
-void sl_pool_dispose(struct sl_pool *p);
+void sl_bpool_dispose(struct sl_bpool *p);
 
 /* Frees cached blocks beyond `keep`. Returns how many were freed. */
-size_t sl_pool_trim(struct sl_pool *p, size_t keep);
+size_t sl_bpool_trim(struct sl_bpool *p, size_t keep);
 
 /* Frees the blocks that stayed in the free list during the whole interval since the last
  * call (beyond `keep`): under steady load nothing, after a burst the burst's blocks.
  * Returns how many were freed. */
-size_t sl_pool_trim_idle(struct sl_pool *p, size_t keep);
+size_t sl_bpool_trim_idle(struct sl_bpool *p, size_t keep);
 
 /* Returns a block of p->block_bytes, or NULL when out of memory. */
-void *sl_pool_get(struct sl_pool *p);
+void *sl_bpool_get(struct sl_bpool *p);
 
-/* Returns a block obtained from sl_pool_get() of the same pool. NULL is ignored. */
-void sl_pool_put(struct sl_pool *p, void *block);
+/* Returns a block obtained from sl_bpool_get() of the same pool. NULL is ignored. */
+void sl_bpool_put(struct sl_bpool *p, void *block);
 
 #endif
