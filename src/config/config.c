@@ -631,8 +631,9 @@ static void set_share(struct sl__config_ctx *c, const struct sl__schema_key *k,
     uint32_t pm = 0;
     if (!parse_share(s, n->len, percent, &pm)) {
         char q[160];
-        sl__config_error(c, n, "expected %s between 0 and 100%%, got %s",
-                         percent ? "a percentage like \"20%\"" : "a ratio like 0.5 or \"50%\"",
+        sl__config_error(c, n, "expected %s, got %s",
+                         percent ? "a percentage from 0% to 100% (like \"20%\")"
+                                 : "a ratio from 0 to 1 (like 0.5 or \"50%\")",
                          sl__config_q(q, sizeof(q), n));
         return;
     }
@@ -1121,7 +1122,6 @@ static void upstream_init(struct sl__config_ctx *c, void *elem, size_t index)
     status_set_add(&u->active.statuses, 200, 399);
     retry_defaults(&u->retries);
     u->zone_aware.panic_percent = 50;
-    u->connect_attempts = 3;
 }
 
 static const char *const balance_names[] = {"round_robin", "least_request", "hash", NULL};
@@ -1132,8 +1132,13 @@ static void upstream_check(struct sl__config_ctx *c, const struct sl_yaml_node *
     u->line = map->line;
     u->col = map->col;
     if (u->endpoint_count == 0 && u->discovery.kind == SL_DISCOVERY_NONE &&
-        !sl__config_yaml_get(map, "endpoints") && !sl__config_yaml_get(map, "discovery"))
-        sl__config_error(c, map, "needs endpoints or discovery");
+        !sl__config_yaml_get(map, "discovery")) {
+        if (sl__config_yaml_get(map, "endpoints"))
+            error_at_key(c, map, "endpoints",
+                         "needs at least one endpoint (or a discovery source)");
+        else
+            sl__config_error(c, map, "needs endpoints or discovery");
+    }
     /* hash_on is deliberately not an error without `balance: hash`: it is ignored, so a
      * balancer can be switched by editing one line. */
 }

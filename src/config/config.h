@@ -169,7 +169,6 @@ struct sl_upstream_conf {
     uint64_t connect_timeout_ms;        /* default 1s */
     uint64_t response_timeout_ms;       /* until the response head arrives; default 15s, 504 */
     uint64_t idle_timeout_ms;           /* max gap while streaming a body; default 60s */
-    uint32_t connect_attempts;          /* to be replaced by retries */
     struct sl_passive_health_conf passive;
     struct sl_active_health_conf active;
     struct sl_breaker_conf breaker;

@@ -480,14 +480,17 @@ def test_backend_early_response_then_reset(gateway, scripted):
         send_big_body_expect_413(gw)
 
 
-def test_backend_accepts_then_resets_is_502(gateway, scripted):
+def test_backend_accepts_then_resets_is_gateway_error(gateway, scripted):
     def handler(conn, reader, index):
         reset(conn)
 
     sb = scripted(handler)
     gw = gateway(proxy_config(workers=1), B1=sb.addr)
     r = gw.request("GET", "/")
-    assert r.status == 502, r
+    # The reset may land while the connect completes (503 upstream_connect_failed) or on the
+    # first write (502 upstream_reset): a race on loopback, either is a gateway error.
+    assert r.status in (502, 503), r
+    assert r.header("x-request-id")
     assert gw.alive()
 
 
@@ -590,8 +593,9 @@ def test_response_head_reaches_client_before_body(gateway, scripted):
 
 def test_hung_backend_many_requests_resources_return(gateway, backend):
     b = backend("hang")
-    gw = gateway(proxy_config(workers=1, upstream_extra="    timeouts: {response: 200ms}"),
-                 B1=b.addr)
+    # Passive health off: the hung endpoint must keep answering 504 rather than be ejected.
+    gw = gateway(proxy_config(workers=1, upstream_extra="    timeouts: {response: 200ms}\n"
+                              "    health: {passive: {enabled: false}}"), B1=b.addr)
     gw.request("GET", "/warm")
     base_fd = fd_count(gw.pid)
     base_rss = gw.rss_kib()

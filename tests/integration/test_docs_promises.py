@@ -272,7 +272,7 @@ def test_worker_log_lines_carry_worker_tag(gateway, backend):
     # operations.md: `2026-11-28T08:10:11.260Z info [w0] message`; gateway errors are logged
     # with the route at info (a worker event).
     g = gateway(proxy_config(endpoints="      - {address: 127.0.0.1:%d}" % dead_port()))
-    assert g.request("GET", "/x").status == 502
+    assert g.request("GET", "/x").status == 503
     assert poll(lambda: re.search(r"Z (warn|info|error) \[w\d+\] .*\ball\b", g.stderr_text()),
                 5), g.diag()
 
@@ -519,17 +519,17 @@ def test_listener_names_unique(tmp_path):
 def test_upstream_key_bounds(tmp_path):
     up = ("upstreams:\n  - {name: u, endpoints: [127.0.0.1:9], keepalive: {max_idle: 65536, "
           "idle_timeout: 61m}, timeouts: {connect: 11m, response: 25h, idle: 0ms}, "
-          "connect_attempts: 101}\n")
+          "retries: {attempts: 11}}\n")
     rc, _, lines = check(tmp_path, listener_text() + up)
     paths = [e.split(": ")[1] for e in error_lines(lines)]
     assert rc == 1 and paths == [
         "upstreams[0].keepalive.max_idle", "upstreams[0].keepalive.idle_timeout",
         "upstreams[0].timeouts.connect", "upstreams[0].timeouts.response",
-        "upstreams[0].timeouts.idle", "upstreams[0].connect_attempts"], lines
+        "upstreams[0].timeouts.idle", "upstreams[0].retries.attempts"], lines
     assert_accepted(tmp_path, listener_text() + (
         "upstreams:\n  - {name: u, endpoints: [127.0.0.1:9], keepalive: {max_idle: 0, "
         "idle_timeout: 1h}, timeouts: {connect: 10m, response: 24h, idle: 24h}, "
-        "connect_attempts: 100}\n"))
+        "retries: {attempts: 10}}\n"))
 
 
 def test_upstream_balance_hash_on_and_endpoints(tmp_path):
@@ -547,7 +547,7 @@ def test_upstream_balance_hash_on_and_endpoints(tmp_path):
                          "upstreams:\n  - {name: u, endpoints: []}\n")
     assert rc == 1 and "upstreams[0].endpoints" in lines[0], lines
     rc, _, lines = check(tmp_path, listener_text() + "upstreams:\n  - {name: u}\n")
-    assert rc == 1 and 'missing required key "endpoints"' in lines[0], lines
+    assert rc == 1 and "needs endpoints or discovery" in lines[0], lines
     rc, _, lines = check(tmp_path, listener_text() + (
         "upstreams:\n  - {name: u, endpoints: [{address: \"127.0.0.1:9\", weight: 0}, "
         "{address: \"127.0.0.1:10\", weight: 1001}, {address: \"127.0.0.1:11\", weight: 1000, "
@@ -823,7 +823,7 @@ def test_upstream_errors_502_503_504(gateway, backend):
         upstreams=("  - {name: refused, endpoints: [\"127.0.0.1:%d\"]}\n" % dead_port() +
                    "  - {name: hang, endpoints: [\"$B1\"], timeouts: {response: 300ms}}\n")),
         B1=hang.addr)
-    doc = assert_gateway_error(g.request("GET", "/refused"), 502)
+    doc = assert_gateway_error(g.request("GET", "/refused"), 503)
     assert doc["error"] == "upstream_connect_failed", doc
     t0 = time.monotonic()
     doc = assert_gateway_error(g.request("GET", "/hang"), 504)
@@ -853,7 +853,7 @@ def test_upstream_connect_timeout_is_504(gateway):
         finally:
             probe.close()
         g = gateway(proxy_config(upstream_extra="    timeouts: {connect: 200ms}\n"
-                                 "    connect_attempts: 1"),
+                                 "    retries: {attempts: 0}"),
                     B1="127.0.0.1:%d" % srv.getsockname()[1])
         t0 = time.monotonic()
         doc = assert_gateway_error(g.request("GET", "/"), 504)
@@ -869,26 +869,28 @@ def test_upstream_connect_timeout_is_504(gateway):
 # upstreams at run time
 
 
-def test_connect_attempts_tries_each_endpoint_at_most_once(gateway, backend):
+def test_connect_failures_try_each_endpoint_at_most_once(gateway, backend):
     b = backend()
     eps = ("      - 127.0.0.1:%d\n      - 127.0.0.1:%d\n      - 127.0.0.1:%d\n      - $B1"
            % (dead_port(), dead_port(), dead_port()))
-    # Default connect_attempts 3 cannot always reach the 4th endpoint; 4 always can.
-    g = gateway(proxy_config(endpoints=eps, upstream_extra="    connect_attempts: 4"),
-                B1=b.addr)
+    # Passive health off so that every request meets the dead endpoints: 3 retries always
+    # reach the 4th endpoint (each endpoint tried once); no retry cannot always.
+    quiet = "    health: {passive: {enabled: false}}\n"
+    g = gateway(proxy_config(endpoints=eps, upstream_extra=quiet +
+                             "    retries: {attempts: 3, min_retries: 1000}"), B1=b.addr)
     for i in range(8):
         assert g.request("GET", "/a%d" % i).status == 200
-    g1 = gateway(proxy_config(endpoints=eps, upstream_extra="    connect_attempts: 1"),
+    g1 = gateway(proxy_config(endpoints=eps, upstream_extra=quiet + "    retries: {attempts: 0}"),
                  B1=b.addr)
     statuses = [g1.request("GET", "/b%d" % i).status for i in range(8)]
-    assert 502 in statuses and set(statuses) <= {200, 502}, statuses
+    assert 503 in statuses and set(statuses) <= {200, 503}, statuses
 
 
 def test_more_attempts_than_endpoints_is_not_a_loop(gateway):
     eps = "      - 127.0.0.1:%d\n      - 127.0.0.1:%d" % (dead_port(), dead_port())
-    g = gateway(proxy_config(endpoints=eps, upstream_extra="    connect_attempts: 100"))
+    g = gateway(proxy_config(endpoints=eps, upstream_extra="    retries: {attempts: 10}"))
     r = g.request("GET", "/")
-    assert r.status in (502, 503), r
+    assert r.status == 503, r
     doc = assert_gateway_error(r, r.status)
     assert doc["error"] in ("upstream_connect_failed", "no_endpoint"), doc
 
@@ -1246,7 +1248,7 @@ def test_response_headers_not_applied_to_gateway_errors(gateway):
         "  - {upstream: dead, response_headers: {set: {X-Frame-Options: DENY}}}",
         upstreams="  - {name: dead, endpoints: [\"127.0.0.1:%d\"]}\n" % dead_port()))
     r = g.request("GET", "/")
-    assert_gateway_error(r, 502)
+    assert_gateway_error(r, 503)
     assert r.header("x-frame-options") is None
 
 

@@ -208,14 +208,14 @@ def test_connect_refused_failover(gateway, backend):
     assert statuses == [200] * 20
 
 
-def test_all_endpoints_refused_is_502(gateway):
+def test_all_endpoints_refused_is_503(gateway):
     eps = "      - {address: 127.0.0.1:%d}\n      - {address: 127.0.0.1:%d}" % (
         dead_port(), dead_port())
     g = gateway(proxy_config(endpoints=eps, upstream_extra="    timeouts: {connect: 1s}"))
     t0 = time.monotonic()
     r = g.request("GET", "/dead")
     assert time.monotonic() - t0 < 3
-    assert_gateway_error(r, 502)
+    assert_gateway_error(r, 503)
 
 
 def test_hung_backend_is_504_within_response_timeout(gateway, backend):

@@ -143,7 +143,14 @@ static void test_example(void **state)
     assert_int_equal(u->connect_timeout_ms, 1000);
     assert_int_equal(u->response_timeout_ms, 15000);
     assert_int_equal(u->idle_timeout_ms, 60000);
-    assert_int_equal(u->connect_attempts, 3);
+    assert_int_equal(u->retries.attempts, 2);
+    assert_int_equal(u->retries.budget_percent, 20);
+    assert_true(u->passive.enabled);
+    assert_int_equal(u->passive.consecutive_failures, 5);
+    assert_int_equal(u->passive.max_ejection_percent, 50);
+    assert_true(sl_status_set_has(&u->passive.statuses, 503));
+    assert_false(sl_status_set_has(&u->passive.statuses, 500));
+    assert_false(u->active.enabled);
 
     assert_int_equal(cfg->route_count, 2);
     const struct sl_route_conf *r = &cfg->routes[0];
@@ -218,7 +225,14 @@ static void test_defaults(void **state)
     assert_int_equal(u->connect_timeout_ms, 1000);
     assert_int_equal(u->response_timeout_ms, 15000);
     assert_int_equal(u->idle_timeout_ms, 60000);
-    assert_int_equal(u->connect_attempts, 3);
+    assert_int_equal(u->retries.attempts, 2);
+    assert_int_equal(u->retries.budget_percent, 20);
+    assert_true(u->passive.enabled);
+    assert_int_equal(u->passive.consecutive_failures, 5);
+    assert_int_equal(u->passive.max_ejection_percent, 50);
+    assert_true(sl_status_set_has(&u->passive.statuses, 503));
+    assert_false(sl_status_set_has(&u->passive.statuses, 500));
+    assert_false(u->active.enabled);
     assert_string_equal(cfg->routes[0].name, "route0");
     assert_false(cfg->routes[0].strip_prefix);
     assert_false(cfg->routes[0].has_direct_response);
@@ -657,16 +671,20 @@ static void test_err_upstream_errs(void **state)
         "    endpoints: [{address: 127.0.0.1:1, weight: 0}]\n"
         "    keepalive: {max_idle: -1}\n"
         "    timeouts: {connect: 0ms}\n"
-        "    connect_attempts: 0\n",
-        "t.yaml:5:5: upstreams[0]: missing required key \"endpoints\"\n"
-        "t.yaml:7:16: upstreams[1].endpoints: must contain at least 1 entry\n"
+        "    retries: {attempts: 11, budget: 120%, on: [reset, 6xx]}\n",
+        "t.yaml:5:5: upstreams[0]: needs endpoints or discovery\n"
+        "t.yaml:7:16: upstreams[1].endpoints: needs at least one endpoint (or a discovery source)\n"
         "t.yaml:9:14: upstreams[2].balance: expected one of round_robin, least_request, hash, got "
         "\"random\"\n"
         "t.yaml:10:14: upstreams[2].hash_on: invalid header name \"\" (must be an HTTP token)\n"
         "t.yaml:11:48: upstreams[2].endpoints[0].weight: 0 is out of range 1..1000\n"
         "t.yaml:12:27: upstreams[2].keepalive.max_idle: expected an integer, got \"-1\"\n"
         "t.yaml:13:25: upstreams[2].timeouts.connect: 0ms is out of range 1ms..10m\n"
-        "t.yaml:14:23: upstreams[2].connect_attempts: 0 is out of range 1..100\n");
+        "t.yaml:14:25: upstreams[2].retries.attempts: 11 is out of range 0..10\n"
+        "t.yaml:14:37: upstreams[2].retries.budget: expected a percentage from 0% to 100% (like "
+        "\"20%\"), got \"120%\"\n"
+        "t.yaml:14:55: upstreams[2].retries.on[1]: expected connect_failure, reset, timeout, a "
+        "status (503) or a class (\"5xx\"), got \"6xx\"\n");
 }
 
 static void test_err_addresses(void **state)
