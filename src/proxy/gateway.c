@@ -10,6 +10,7 @@
 #include "core/log.h"
 #include "filters/filter_set.h"
 #include "proxy/balancer.h"
+#include "proxy/control.h"
 #include "proxy/pool.h"
 #include "proxy/router.h"
 
@@ -208,6 +209,12 @@ int sl_gateway_start(struct sl_gateway *gw)
         return err;
     }
     gw->worker_count = n;
+    char cerr[256];
+    gw->control = sl_control_start(cfg, gw->rt.pools, cerr, sizeof cerr);
+    if (!gw->control && cerr[0]) {
+        SL_ERR("%s", cerr);
+        return -ENOMEM;
+    }
     for (size_t i = 0; i < cfg->listener_count; i++)
         SL_INFO("listener %s on %s", cfg->listeners[i].name, cfg->listeners[i].address);
     SL_INFO("%u worker%s running", n, n == 1 ? "" : "s");
@@ -229,6 +236,8 @@ void sl_gateway_free(struct sl_gateway *gw)
 {
     if (!gw)
         return;
+    sl_control_stop(gw->control);
+    gw->control = NULL;
     if (gw->workers) {
         for (unsigned i = 0; i < gw->worker_count; i++)
             sl_worker_post(&gw->workers[i], SL_WORKER_CMD_STOP);
