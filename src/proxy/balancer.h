@@ -29,8 +29,8 @@ enum sl_outcome {
 struct sl_balancer_shared;
 struct sl_balancer;
 
-/* Max endpoints one pick can exclude (already-tried endpoints on failover). */
-#define SL_PICK_MAX_EXCLUDE 8
+/* Max endpoints one pick can exclude: the tries of one request (1 + retries.attempts). */
+#define SL_PICK_MAX_EXCLUDE 11
 
 struct sl_pick_ctx {
     uint64_t hash;      /* key hash for balance: hash (from sl_hash_bytes) */

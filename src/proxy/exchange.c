@@ -486,6 +486,7 @@ static void ex_start_send(struct exchange *ex)
     sl_h1_body_writer_init(&ex->reqw, mode);
     memset(&ex->rhs, 0, sizeof ex->rhs);
     ex->req_sent = false;
+    ex->req_write_failed = false;
     ex->wrote_upstream = false;
     ex->replay_off = 0;
     ex->uc->requests++;
