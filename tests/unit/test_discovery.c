@@ -1,0 +1,535 @@
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config/config.h"
+#include "core/loop.h"
+#include "proxy/discovery.h"
+#include "proxy/pool.h"
+
+/* Slow enough for ASan, far below anything a test waits for. */
+#define WAIT_MS 5000
+#define DNSMASQ "/usr/sbin/dnsmasq"
+
+/* ---- dnsmasq ------------------------------------------------------------------------------- */
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both). */
+static int free_port(void)
+{
+    for (;;) {
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        assert_true(fd >= 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+        socklen_t len = sizeof a;
+        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+        int tfd = socket(AF_INET, SOCK_STREAM, 0);
+        assert_true(tfd >= 0);
+        int ok = bind(tfd, (struct sockaddr *)&a, sizeof a) == 0;
+        close(tfd);
+        close(fd);
+        if (ok)
+            return ntohs(a.sin_port);
+    }
+}
+
+/* True when something answers a DNS query on 127.0.0.1:port within 100 ms. */
+static bool dns_answers(int port)
+{
+    static const uint8_t q[] = {0xab, 0xcd, 1, 0,   0,   1,   0,   0, 0, 0, 0, 0, 2,
+                                'u',  'p',  4, 't', 'e', 's', 't', 0, 0, 1, 0, 1};
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    assert_true(fd >= 0);
+    struct timeval tv = {0, 100000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    uint8_t buf[512];
+    bool ok = sendto(fd, q, sizeof q, 0, (struct sockaddr *)&a, sizeof a) == (ssize_t)sizeof q &&
+              recv(fd, buf, sizeof buf, 0) >= 12;
+    close(fd);
+    return ok;
+}
+
+static void write_file(const char *path, const char *text)
+{
+    /* replaced by a rename, as tools that rewrite such files do */
+    char tmp[160];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    assert_non_null(f);
+    assert_true(fputs(text, f) >= 0);
+    assert_int_equal(fclose(f), 0);
+    assert_int_equal(rename(tmp, path), 0);
+}
+
+struct dnsmasq {
+    pid_t pid;
+    int port;
+    char hosts[96];
+    char server[32];
+};
+
+static bool dnsmasq_try(struct dnsmasq *m, const char *const *args)
+{
+    m->port = free_port();
+    snprintf(m->server, sizeof m->server, "127.0.0.1:%d", m->port);
+    char port_arg[32], hosts_arg[128];
+    snprintf(port_arg, sizeof port_arg, "--port=%d", m->port);
+    snprintf(hosts_arg, sizeof hosts_arg, "--addn-hosts=%s", m->hosts);
+    const char *argv[32] = {"dnsmasq",
+                            "--no-daemon",
+                            port_arg,
+                            "--listen-address=127.0.0.1",
+                            "--bind-interfaces",
+                            "--no-resolv",
+                            "--no-hosts",
+                            "--local=/test/",
+                            hosts_arg,
+                            "--local-ttl=1",
+                            "--conf-file=/dev/null",
+                            "--pid-file=",
+                            "--log-facility=/dev/null"};
+    size_t n = 13;
+    if (geteuid() == 0)
+        argv[n++] = "--user=root"; /* no switch to nobody: the hosts file stays readable */
+    for (size_t i = 0; args && args[i]; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    m->pid = fork();
+    assert_true(m->pid >= 0);
+    if (m->pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int devnull = open("/dev/null", O_RDWR);
+        if (devnull >= 0) {
+            dup2(devnull, 0);
+            dup2(devnull, 1);
+            dup2(devnull, 2);
+        }
+        execv(DNSMASQ, (char *const *)argv);
+        _exit(127);
+    }
+    uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
+    while (!dns_answers(m->port)) {
+        int status;
+        if (waitpid(m->pid, &status, WNOHANG) == m->pid) {
+            m->pid = 0;
+            return false; /* its port was taken meanwhile */
+        }
+        assert_true(sl_clock_now_ms() < deadline);
+        sleep_ms(10);
+    }
+    return true;
+}
+
+static void dnsmasq_start(struct dnsmasq *m, const char *dir, const char *hosts,
+                          const char *const *args)
+{
+    memset(m, 0, sizeof *m);
+    snprintf(m->hosts, sizeof m->hosts, "%s/hosts", dir);
+    write_file(m->hosts, hosts);
+    for (int i = 0; i < 20; i++)
+        if (dnsmasq_try(m, args))
+            return;
+    fail_msg("dnsmasq did not start");
+}
+
+/* New addn-hosts contents, read again on SIGHUP. */
+static void dnsmasq_set_hosts(struct dnsmasq *m, const char *hosts)
+{
+    write_file(m->hosts, hosts);
+    assert_int_equal(kill(m->pid, SIGHUP), 0);
+}
+
+static void dnsmasq_stop(struct dnsmasq *m)
+{
+    if (m->pid > 0) {
+        kill(m->pid, SIGTERM);
+        int status;
+        waitpid(m->pid, &status, 0);
+        m->pid = 0;
+    }
+}
+
+/* ---- loop helpers ------------------------------------------------------------------------ */
+
+struct waiter {
+    struct sl_loop *loop;
+    bool (*pred)(void *);
+    void *arg;
+    struct sl_timer tick, deadline;
+};
+
+static void on_wait_tick(struct sl_timer *t)
+{
+    struct waiter *w = t->data;
+    if (w->pred && w->pred(w->arg))
+        sl_loop_stop(w->loop);
+    else
+        sl_timer_arm(w->loop, &w->tick, 1);
+}
+
+static void on_wait_deadline(struct sl_timer *t)
+{
+    struct waiter *w = t->data;
+    sl_loop_stop(w->loop);
+}
+
+/* Runs the loop until pred(arg) holds (checked every millisecond) or max_ms passed. */
+static bool run_until(struct sl_loop *loop, bool (*pred)(void *), void *arg, uint64_t max_ms)
+{
+    loop->now_ms = sl_clock_now_ms();
+    if (pred && pred(arg))
+        return true;
+    struct waiter w = {.loop = loop, .pred = pred, .arg = arg};
+    sl_timer_init(&w.tick, on_wait_tick, &w);
+    sl_timer_init(&w.deadline, on_wait_deadline, &w);
+    sl_timer_arm(loop, &w.tick, 1);
+    sl_timer_arm(loop, &w.deadline, max_ms);
+    sl_loop_run(loop);
+    sl_timer_cancel(loop, &w.tick);
+    sl_timer_cancel(loop, &w.deadline);
+    loop->now_ms = sl_clock_now_ms();
+    return pred ? pred(arg) : true;
+}
+
+/* ---- pools --------------------------------------------------------------------------------- */
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The pool's current set as "address/weight/zone" items, sorted, joined by spaces. */
+static void set_text(struct sl_pool *p, char *out, size_t cap)
+{
+    struct sl_endpoint_set *s = sl_pool_acquire_set(p);
+    assert_non_null(s);
+    char items[64][96];
+    char *ptrs[64];
+    assert_true(s->count <= 64);
+    for (size_t i = 0; i < s->count; i++) {
+        const struct sl_endpoint *ep = s->eps[i];
+        snprintf(items[i], sizeof items[i], "%s/%u/%s", ep->address, (unsigned)ep->weight,
+                 ep->zone ? ep->zone : "-");
+        ptrs[i] = items[i];
+    }
+    qsort(ptrs, s->count, sizeof ptrs[0], cmp_str);
+    size_t n = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < s->count; i++)
+        n += (size_t)snprintf(out + n, cap - n, "%s%s", i ? " " : "", ptrs[i]);
+    sl_endpoint_set_unref(s);
+}
+
+struct expect {
+    struct sl_pool *pool;
+    const char *text;
+};
+
+static bool pool_is(void *arg)
+{
+    struct expect *e = arg;
+    char buf[2048];
+    set_text(e->pool, buf, sizeof buf);
+    return strcmp(buf, e->text) == 0;
+}
+
+static void wait_pool(struct sl_loop *loop, struct sl_pool *p, const char *text)
+{
+    struct expect e = {p, text};
+    if (!run_until(loop, pool_is, &e, WAIT_MS)) {
+        char buf[2048];
+        set_text(p, buf, sizeof buf);
+        fail_msg("pool is \"%s\", expected \"%s\"", buf, text);
+    }
+}
+
+static void assert_pool(struct sl_pool *p, const char *text)
+{
+    char buf[2048];
+    set_text(p, buf, sizeof buf);
+    assert_string_equal(buf, text);
+}
+
+/* ---- tests --------------------------------------------------------------------------------- */
+
+struct fixture {
+    struct sl_loop loop;
+    char dir[64];
+    char file[96];
+    struct dnsmasq m;
+    char *servers[1];
+    struct sl_upstream_conf ups[4];
+    struct sl_config cfg;
+    struct sl_pool *pools[4];
+};
+
+static void fixture_init(struct fixture *f)
+{
+    memset(f, 0, sizeof *f);
+    assert_int_equal(sl_loop_init(&f->loop), 0);
+    snprintf(f->dir, sizeof f->dir, "/tmp/sl_test_discovery_XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    snprintf(f->file, sizeof f->file, "%s/endpoints.yaml", f->dir);
+    f->cfg.upstreams = f->ups;
+    f->cfg.dns_timeout_ms = 300;
+}
+
+static void fixture_pools(struct fixture *f, size_t n)
+{
+    f->cfg.upstream_count = n;
+    for (size_t i = 0; i < n; i++) {
+        f->pools[i] = sl_pool_new(&f->ups[i], NULL, 1);
+        assert_non_null(f->pools[i]);
+    }
+}
+
+static void fixture_dispose(struct fixture *f)
+{
+    sl_loop_run_deferred(&f->loop);
+    for (size_t i = 0; i < 4; i++)
+        sl_pool_free(f->pools[i]);
+    dnsmasq_stop(&f->m);
+    char path[160];
+    snprintf(path, sizeof path, "%s/hosts", f->dir);
+    unlink(path);
+    unlink(f->file);
+    rmdir(f->dir);
+    sl_loop_dispose(&f->loop);
+}
+
+static const char *const srv_args[] = {
+    "--srv-host=_users._tcp.test,srv-target.test,9001,0,0",
+    "--srv-host=_users._tcp.test,srv-target.test,9002,0,3",
+    "--srv-host=_users._tcp.test,srv-target.test,9003,1,1", /* a backup: not published */
+    NULL,
+};
+
+static void test_dns_srv_and_file(void **state)
+{
+    (void)state;
+    if (access(DNSMASQ, X_OK) != 0)
+        skip();
+    struct fixture f;
+    fixture_init(&f);
+    dnsmasq_start(&f.m, f.dir,
+                  "127.0.0.2 users.test\n127.0.0.3 users.test\n127.0.0.1 srv-target.test\n",
+                  srv_args);
+    f.servers[0] = f.m.server;
+    f.cfg.dns_servers = f.servers;
+    f.cfg.dns_server_count = 1;
+    f.ups[0] = (struct sl_upstream_conf){.name = "users",
+                                         .discovery = {.kind = SL_DISCOVERY_DNS,
+                                                       .name = "users.test",
+                                                       .port = 8080,
+                                                       .weight = 2,
+                                                       .zone = "az1",
+                                                       .min_interval_ms = 100,
+                                                       .max_interval_ms = 400}};
+    f.ups[1] = (struct sl_upstream_conf){.name = "static"};
+    f.ups[2] = (struct sl_upstream_conf){.name = "srv",
+                                         .discovery = {.kind = SL_DISCOVERY_SRV,
+                                                       .name = "_users._tcp.test",
+                                                       .weight = 1,
+                                                       .min_interval_ms = 100,
+                                                       .max_interval_ms = 400}};
+    f.ups[3] = (struct sl_upstream_conf){.name = "files",
+                                         .discovery = {.kind = SL_DISCOVERY_FILE,
+                                                       .name = f.file,
+                                                       .min_interval_ms = 100,
+                                                       .max_interval_ms = 400}};
+    fixture_pools(&f, 4);
+    write_file(f.file, "endpoints:\n  - 10.0.0.1:80\n  - {address: 10.0.0.2:80, weight: 4, "
+                       "zone: z2}\n");
+    char err[256];
+    f.loop.now_ms = sl_clock_now_ms();
+    struct sl_discovery *d = sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err);
+    assert_non_null(d);
+    /* the file is read before the start returns */
+    assert_pool(f.pools[3], "10.0.0.1:80/1/- 10.0.0.2:80/4/z2");
+    assert_pool(f.pools[1], "");
+
+    wait_pool(&f.loop, f.pools[0], "127.0.0.2:8080/2/az1 127.0.0.3:8080/2/az1");
+    /* SRV: record ports and weights (0 taken as 1), the lowest priority only */
+    wait_pool(&f.loop, f.pools[2], "127.0.0.1:9001/1/- 127.0.0.1:9002/3/-");
+
+    /* the answer changes: followed after its TTL (1 s, clamped to 400 ms) */
+    uint64_t t0 = sl_clock_now_ms();
+    dnsmasq_set_hosts(&f.m, "127.0.0.4 users.test\n127.0.0.1 srv-target.test\n");
+    wait_pool(&f.loop, f.pools[0], "127.0.0.4:8080/2/az1");
+    assert_true(sl_clock_now_ms() - t0 < 2000);
+
+    /* the name vanishes (NXDOMAIN), then the target of the SRV records: the last good sets
+     * stay */
+    dnsmasq_set_hosts(&f.m, "127.0.0.9 other.test\n");
+    run_until(&f.loop, NULL, NULL, 1200);
+    assert_pool(f.pools[0], "127.0.0.4:8080/2/az1");
+    assert_pool(f.pools[2], "127.0.0.1:9001/1/- 127.0.0.1:9002/3/-");
+
+    /* it comes back */
+    dnsmasq_set_hosts(&f.m, "127.0.0.5 users.test\n");
+    wait_pool(&f.loop, f.pools[0], "127.0.0.5:8080/2/az1");
+
+    /* the file changes, then turns invalid, then disappears: the last good set stays */
+    write_file(f.file, "[\"10.0.0.3:81\"]\n");
+    wait_pool(&f.loop, f.pools[3], "10.0.0.3:81/1/-");
+    write_file(f.file, "endpoints: [{address: 10.0.0.9:");
+    run_until(&f.loop, NULL, NULL, 300);
+    assert_pool(f.pools[3], "10.0.0.3:81/1/-");
+    unlink(f.file);
+    run_until(&f.loop, NULL, NULL, 300);
+    assert_pool(f.pools[3], "10.0.0.3:81/1/-");
+    write_file(f.file, "endpoints:\n  - 10.0.0.4:82\n");
+    wait_pool(&f.loop, f.pools[3], "10.0.0.4:82/1/-");
+    /* an empty list is what the file says */
+    write_file(f.file, "endpoints: []\n");
+    wait_pool(&f.loop, f.pools[3], "");
+
+    /* the DNS server dies: lookups time out, the last good set stays */
+    dnsmasq_stop(&f.m);
+    run_until(&f.loop, NULL, NULL, 1500);
+    assert_pool(f.pools[0], "127.0.0.5:8080/2/az1");
+    assert_pool(f.pools[2], "127.0.0.1:9001/1/- 127.0.0.1:9002/3/-");
+
+    sl_discovery_stop(d);
+    /* nothing runs after the stop */
+    run_until(&f.loop, NULL, NULL, 100);
+    fixture_dispose(&f);
+}
+
+static void test_start_errors(void **state)
+{
+    (void)state;
+    struct fixture f;
+    fixture_init(&f);
+    char err[256];
+    f.ups[0] = (struct sl_upstream_conf){
+        .name = "users", .discovery = {.kind = SL_DISCOVERY_DNS, .name = "users.test", .port = 80}};
+    f.cfg.upstream_count = 1;
+
+    /* a pool missing */
+    assert_null(sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err));
+    assert_string_equal(err, "upstream users: discovery without a pool");
+
+    /* a bad resolver address (the loader refuses it first; checked again here) */
+    fixture_pools(&f, 1);
+    char *bad[] = {"not-an-ip"};
+    f.cfg.dns_servers = bad;
+    f.cfg.dns_server_count = 1;
+    assert_null(sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err));
+    assert_non_null(strstr(err, "resolver: bad DNS server address"));
+
+    /* a file in a directory that does not exist */
+    f.ups[0].discovery = (struct sl_discovery_conf){.kind = SL_DISCOVERY_FILE,
+                                                    .name = "/nonexistent-dir-sl/eps.yaml"};
+    assert_null(sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err));
+    assert_non_null(strstr(err, "upstream users: discovery file /nonexistent-dir-sl/eps.yaml"));
+
+    /* a missing file in a directory that exists is not an error: it may come later */
+    f.ups[0].discovery.name = f.file;
+    struct sl_discovery *d = sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err);
+    assert_non_null(d);
+    assert_pool(f.pools[0], "");
+    write_file(f.file, "- 10.0.0.7:80\n");
+    wait_pool(&f.loop, f.pools[0], "10.0.0.7:80/1/-");
+    sl_discovery_stop(d);
+
+    /* no upstream with discovery: nothing to do, still a handle */
+    f.ups[0].discovery.kind = SL_DISCOVERY_NONE;
+    d = sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err);
+    assert_non_null(d);
+    sl_discovery_stop(d);
+    sl_discovery_stop(NULL);
+    fixture_dispose(&f);
+}
+
+/* A DNS server that never answers: the first lookups fail, nothing is published, and the
+ * retries back off from min_interval towards max_interval. */
+static void test_backoff_without_answers(void **state)
+{
+    (void)state;
+    struct fixture f;
+    fixture_init(&f);
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    socklen_t len = sizeof a;
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+    char server[32];
+    snprintf(server, sizeof server, "127.0.0.1:%d", ntohs(a.sin_port));
+    f.servers[0] = server;
+    f.cfg.dns_servers = f.servers;
+    f.cfg.dns_server_count = 1;
+    f.cfg.dns_timeout_ms = 50;
+    f.ups[0] = (struct sl_upstream_conf){.name = "users",
+                                         .discovery = {.kind = SL_DISCOVERY_DNS,
+                                                       .name = "users.test",
+                                                       .port = 80,
+                                                       .min_interval_ms = 100,
+                                                       .max_interval_ms = 400}};
+    fixture_pools(&f, 1);
+    char err[256];
+    f.loop.now_ms = sl_clock_now_ms();
+    struct sl_discovery *d = sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err);
+    assert_non_null(d);
+    /* Lookups start at 0, then after each 50 ms timeout wait 100, 200, 400, 400 ms: about
+     * 0, 150, 400, 850, 1300, 1750. Count the queries the silent server received. */
+    run_until(&f.loop, NULL, NULL, 1500);
+    /* Retries of one query reuse its id: distinct ids / 2 (A and AAAA) = lookups. */
+    uint16_t ids[256];
+    size_t nids = 0;
+    uint8_t buf[512];
+    while (recv(fd, buf, sizeof buf, MSG_DONTWAIT) >= 2) {
+        uint16_t id = (uint16_t)((buf[0] << 8) | buf[1]);
+        bool seen = false;
+        for (size_t i = 0; i < nids && !seen; i++)
+            seen = ids[i] == id;
+        if (!seen && nids < 256)
+            ids[nids++] = id;
+    }
+    size_t lookups = nids / 2;
+    /* without backoff (every 100 ms after each 50 ms timeout) there would be 10 */
+    assert_true(lookups >= 4 && lookups <= 6);
+    assert_pool(f.pools[0], "");
+    sl_discovery_stop(d);
+    close(fd);
+    fixture_dispose(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_dns_srv_and_file),
+        cmocka_unit_test(test_start_errors),
+        cmocka_unit_test(test_backoff_without_answers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
