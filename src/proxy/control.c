@@ -11,6 +11,7 @@
 #include "config/config.h"
 #include "core/log.h"
 #include "core/loop.h"
+#include "proxy/discovery.h"
 #include "proxy/health_check.h"
 #include "proxy/pool.h"
 
@@ -20,8 +21,10 @@ struct sl_control {
     struct sl_loop loop;
     pthread_t thread;
     struct sl_health_checker *hc;
+    struct sl_discovery *disc;
     _Atomic bool stopping;
     int start_rc; /* what the thread's set-up returned, read after `started` */
+    char start_err[256];
     pthread_mutex_t lock;
     pthread_cond_t cond;
     bool started;
@@ -42,13 +45,27 @@ static bool has_active(const struct sl_config *cfg)
     return false;
 }
 
+static bool has_discovery(const struct sl_config *cfg)
+{
+    for (size_t i = 0; i < cfg->upstream_count; i++)
+        if (cfg->upstreams[i].discovery.kind != SL_DISCOVERY_NONE)
+            return true;
+    return false;
+}
+
 static void *control_main(void *arg)
 {
     struct sl_control *c = arg;
     int rc = 0;
-    if (has_active(c->cfg) &&
-        !(c->hc = sl_health_checker_start(&c->loop, c->pools, c->cfg->upstream_count)))
+    if (has_discovery(c->cfg) && !(c->disc = sl_discovery_start(&c->loop, c->cfg, c->pools,
+                                                                c->start_err, sizeof c->start_err)))
+        rc = -EINVAL;
+    /* checks start after discovery so that endpoints from a file are checked from the start */
+    if (rc == 0 && has_active(c->cfg) &&
+        !(c->hc = sl_health_checker_start(&c->loop, c->pools, c->cfg->upstream_count))) {
+        snprintf(c->start_err, sizeof c->start_err, "out of memory starting health checks");
         rc = -ENOMEM;
+    }
     pthread_mutex_lock(&c->lock);
     c->start_rc = rc;
     c->started = true;
@@ -58,6 +75,8 @@ static void *control_main(void *arg)
         sl_loop_run(&c->loop);
     sl_health_checker_stop(c->hc);
     c->hc = NULL;
+    sl_discovery_stop(c->disc);
+    c->disc = NULL;
     sl_loop_run_deferred(&c->loop);
     return NULL;
 }
@@ -67,10 +86,7 @@ struct sl_control *sl_control_start(const struct sl_config *cfg, struct sl_pool 
 {
     if (err_len)
         err[0] = '\0';
-    bool needed = has_active(cfg);
-    for (size_t i = 0; i < cfg->upstream_count && !needed; i++)
-        needed = cfg->upstreams[i].discovery.kind != SL_DISCOVERY_NONE;
-    if (!needed)
+    if (!has_active(cfg) && !has_discovery(cfg))
         return NULL;
     struct sl_control *c = calloc(1, sizeof *c);
     if (!c) {
@@ -99,7 +115,7 @@ struct sl_control *sl_control_start(const struct sl_config *cfg, struct sl_pool 
         pthread_cond_wait(&c->cond, &c->lock);
     pthread_mutex_unlock(&c->lock);
     if (c->start_rc < 0) {
-        snprintf(err, err_len, "control thread: %s", strerror(-c->start_rc));
+        snprintf(err, err_len, "%s", c->start_err);
         pthread_join(c->thread, NULL);
         sl_loop_dispose(&c->loop);
         goto fail;
