@@ -29,17 +29,17 @@ enum phase { PH_IDLE = 0, PH_CONNECTING, PH_WRITING, PH_READING };
 /* Why the last check failed, for the transition log line. */
 enum why {
     WHY_NONE = 0,
-    WHY_NO_ADDRESS,       /* the endpoint's host name never resolved */
-    WHY_REFUSED,          /* detail: errno */
-    WHY_CONNECT,          /* detail: errno */
-    WHY_CONNECT_TIMEOUT,  /* */
-    WHY_RESET,            /* detail: errno */
-    WHY_SEND,             /* detail: errno */
-    WHY_RECV,             /* detail: errno */
-    WHY_RESPONSE_TIMEOUT, /* */
-    WHY_CLOSED,           /* the peer closed before the head was complete */
-    WHY_MALFORMED,        /* detail: enum sl_h1_err */
-    WHY_STATUS,           /* detail: the status */
+    WHY_NO_ADDRESS, /* the endpoint's host name never resolved */
+    WHY_REFUSED,    /* detail: errno */
+    WHY_CONNECT,    /* detail: errno */
+    WHY_CONNECT_TIMEOUT,
+    WHY_RESET, /* detail: errno */
+    WHY_SEND,  /* detail: errno */
+    WHY_RECV,  /* detail: errno */
+    WHY_RESPONSE_TIMEOUT,
+    WHY_CLOSED,    /* the peer closed before the head was complete */
+    WHY_MALFORMED, /* detail: enum sl_h1_err */
+    WHY_STATUS,    /* detail: the status */
 };
 
 struct hc_pool;

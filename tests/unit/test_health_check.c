@@ -766,6 +766,74 @@ static void test_jitter_within_bounds(void **state)
         srv_close(&s[i]);
 }
 
+/* The loader's structures as they reach the checker: `statuses` replaces the default 2xx/3xx,
+ * so a 200 is a failure and a 503 a success here; the pool of the other upstream, without
+ * `health.active`, is left alone. */
+static void test_config_from_yaml(void **state)
+{
+    (void)state;
+    struct sl_loop loop;
+    assert_int_equal(sl_loop_init(&loop), 0);
+    struct srv ok, unavailable;
+    srv_open(&ok, &loop, SRV_200);
+    srv_open(&unavailable, &loop, SRV_503);
+    uint16_t refused = refused_port();
+    char yaml[1024];
+    /* the listener is only parsed, never bound, by this test */
+    snprintf(yaml, sizeof yaml,
+             "listeners: [{name: l, address: '127.0.0.1:8080'}]\n"
+             "upstreams:\n"
+             "  - name: users\n"
+             "    endpoints: ['%s', '%s']\n"
+             "    health:\n"
+             "      active: {path: /status, interval: 50ms, timeout: 40ms, healthy: 1,"
+             " unhealthy: 2, statuses: [503]}\n"
+             "  - name: plain\n"
+             "    endpoints: ['127.0.0.1:%u']\n"
+             "routes:\n"
+             "  - {upstream: users}\n",
+             ok.address, unavailable.address, (unsigned)refused);
+    struct sl_config *cfg = NULL;
+    struct sl_config_errors errs = {0};
+    int rc = sl_config_load_string("hc.yaml", yaml, strlen(yaml), &cfg, &errs);
+    if (rc != 0)
+        sl_config_errors_print(&errs, stderr);
+    sl_config_errors_dispose(&errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->upstream_count, 2);
+    struct sl_pool *pools[2];
+    for (size_t i = 0; i < 2; i++) {
+        pools[i] = sl_pool_new(&cfg->upstreams[i], NULL, 1);
+        assert_non_null(pools[i]);
+    }
+    struct fx f = {.pool = pools[0]};
+    f.hc = sl_health_checker_start(&loop, pools, 2);
+    assert_non_null(f.hc);
+    struct sl_endpoint_set *s = sl_pool_acquire_set(pools[0]);
+    assert_int_equal(s->count, 2);
+    struct sl_endpoint *e200 = strcmp(s->eps[0]->address, ok.address) == 0 ? s->eps[0] : s->eps[1];
+    struct sl_endpoint *e503 = e200 == s->eps[0] ? s->eps[1] : s->eps[0];
+    struct sl_endpoint_set *plain = sl_pool_acquire_set(pools[1]);
+    assert_int_equal(plain->count, 1);
+    struct watch w = {.f = &f, .ep = e200, .want_down = true};
+    assert_true(run_until(&loop, watch_verdict, &w, 2000));
+    struct watch w503 = {.f = &f, .ep = e503, .min_attempts = 4};
+    assert_true(run_until(&loop, watch_attempts, &w503, 2000));
+    assert_false(is_down(e503));
+    assert_int_equal(sl_health_checker_check_count(f.hc, plain->eps[0], NULL), 0);
+    assert_non_null(strstr(ok.first_req, "GET /status HTTP/1.1\r\n"));
+    sl_endpoint_set_unref(plain);
+    sl_endpoint_set_unref(s);
+    sl_health_checker_stop(f.hc);
+    sl_loop_run_deferred(&loop);
+    for (size_t i = 0; i < 2; i++)
+        sl_pool_free(pools[i]);
+    sl_config_free(cfg);
+    srv_close(&ok);
+    srv_close(&unavailable);
+    sl_loop_dispose(&loop);
+}
+
 static bool conn_open(void *arg)
 {
     return ((struct srv *)arg)->open_conns > 0;
@@ -828,6 +896,7 @@ int main(void)
         cmocka_unit_test(test_recovery_after_healthy_successes),
         cmocka_unit_test(test_set_changes_followed),
         cmocka_unit_test(test_jitter_within_bounds),
+        cmocka_unit_test(test_config_from_yaml),
         cmocka_unit_test(test_stop_closes_checks_in_flight),
         cmocka_unit_test(test_disabled_pool_not_checked),
     };
