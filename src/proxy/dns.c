@@ -615,7 +615,7 @@ static int take_addr_reply(struct target *t, int type, const unsigned char *abuf
 static int find_or_add_target(struct sl_dns_query *q, const char *host, size_t *idx)
 {
     for (size_t i = 0; i < q->ntargets; i++) {
-        if (strcasecmp(q->targets[i].host, host) == 0) {
+        if (q->targets[i].host && strcasecmp(q->targets[i].host, host) == 0) {
             *idx = i;
             return 0;
         }
@@ -947,10 +947,16 @@ void sl_dns_free(struct sl_dns *d)
         return;
     d->destroying = true;
     sl_timer_cancel(d->loop, &d->timer);
-    while (d->queries) {
-        struct sl_dns_query *q = d->queries;
-        query_detach(q);
+    struct sl_dns_query *q = d->queries;
+    d->queries = NULL;
+    while (q) {
+        struct sl_dns_query *next = q->next;
+        q->live = false;
+        q->prev = q->next = NULL;
+        sl_timer_cancel(d->loop, &q->deadline);
+        sl_defer_cancel(d->loop, &q->step);
         query_unref(q);
+        q = next;
     }
     /* Answers every lookup in flight with ARES_EDESTRUCTION (dropping the last references to
      * silent queries) and reports each socket closed. */
