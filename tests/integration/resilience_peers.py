@@ -6,7 +6,8 @@ breakers, retries, zone-aware balancing, service discovery) and for bench/resili
   200 with its name as the body and `X-Backend: <name>`, counts requests per "METHOD path",
   and is switched at run time, for every path or for one path, into the modes:
       ok      200 (the default)
-      status  answer `status` (503, 500, ...), still with X-Backend and the name as the body
+      status  answer `status` (503, 500, ...), still with X-Backend and the name as the body;
+              with `every` = k only every k-th request of that path setting (a flaky one)
       slow    200 after `delay` seconds
       hang    read the request, never answer (until the gateway closes the connection)
       close   read the request, close the connection without answering (FIN)
@@ -67,7 +68,7 @@ import json, os, socket, struct, sys, threading, time
 NAME, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
 BODY = NAME.encode() + b"\n"
 lock = threading.Lock()
-default = {"mode": "ok", "status": 200, "delay": 0.0}
+default = {"mode": "ok", "status": 200, "delay": 0.0, "every": 1, "n": 0}
 by_path = {}
 counts = {}
 totals = {"conns": 0, "requests": 0}
@@ -99,7 +100,8 @@ def control():
         with lock:
             if op == "mode":
                 s = {"mode": cmd["mode"], "status": int(cmd.get("status") or 200),
-                     "delay": float(cmd.get("delay") or 0.0)}
+                     "delay": float(cmd.get("delay") or 0.0),
+                     "every": int(cmd.get("every") or 1), "n": 0}
                 if cmd.get("path"):
                     by_path[cmd["path"]] = s
                 else:
@@ -198,7 +200,9 @@ def serve(conn):
                 key = method + " " + path
                 counts[key] = counts.get(key, 0) + 1
                 totals["requests"] += 1
-                s = dict(by_path.get(path, default))
+                live = by_path.get(path, default)
+                live["n"] += 1
+                s = dict(live)
             read_body(conn, buf, headers)
             close = "close" in headers.get("connection", "").lower() or version == "HTTP/1.0"
             mode = s["mode"]
@@ -214,7 +218,9 @@ def serve(conn):
                 return
             if mode == "slow":
                 time.sleep(s["delay"])
-            status = s["status"] if mode == "status" else 200
+            status = 200
+            if mode == "status" and s["n"] % s["every"] == 0:
+                status = s["status"]
             respond(conn, status, close, method == "HEAD")
             if close:
                 conn.close()
@@ -361,10 +367,12 @@ class BackendProcess:
             raise RuntimeError("backend %s: %s" % (self.name, doc["error"]))
         return doc
 
-    def set_mode(self, mode="ok", status=None, delay=None, path=None):
-        """Mode for every path (which also drops per-path modes), or for `path` only."""
+    def set_mode(self, mode="ok", status=None, delay=None, path=None, every=None):
+        """Mode for every path (which also drops per-path modes), or for `path` only.
+        status: the answer of mode "status", given to every `every`-th request only when
+        set; delay: seconds of mode "slow"."""
         assert mode in ("ok", "status", "slow", "hang", "close", "reset"), mode
-        self.ctl(op="mode", mode=mode, status=status, delay=delay, path=path)
+        self.ctl(op="mode", mode=mode, status=status, delay=delay, path=path, every=every)
 
     def stats(self):
         """{"counts": {"GET /x": n, ...}, "conns": accepted connections, "requests": n}"""

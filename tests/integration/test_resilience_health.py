@@ -10,8 +10,9 @@ import http.client
 import time
 
 from client import assert_gateway_error
-from resilience_peers import (Load, gateway_error, names, rconfig, restorations, rpeers,
-                              run_load, until, wait_ejected, wait_restored, wait_until_wall)
+from resilience_peers import (Load, ejections, gateway_error, names, rconfig, restorations,
+                              rpeers, run_load, until, wait_ejected, wait_restored,
+                              wait_until_wall)
 
 assert rpeers  # fixture
 
@@ -220,6 +221,55 @@ def test_all_backends_killed_fast_503_then_no_healthy_endpoint(gateway, rpeers):
     assert doc["error"] == "no_healthy_endpoint", doc
     ra = r.header("retry-after")
     assert ra is not None and ra.isdigit() and 1 <= int(ra) <= 30, r
+
+
+def test_failure_ratio_ejects_a_flaky_backend(gateway, rpeers):
+    bs = rpeers.backends(3)
+    victim = bs[0]
+    gw = gateway(rconfig(bs, upstream=["""
+        health:
+          passive: {consecutive_failures: 5, failure_ratio: 0.3, min_requests: 20, window: 1s,
+                    ejection: 30s}
+        """, FAST_RETRIES]))
+    with Load(gw.port, threads=4, rate=300, duration=10) as load:
+        until(all_answer(load, bs), 3, "all three backends answer")
+        t_bad = time.time()
+        # Every other answer a 503: never 5 failures in a row, but half of them fail.
+        victim.set_mode("status", status=503, every=2)
+        ev = wait_ejected(gw, victim, 4)
+        wait_until_wall(ev.time + 0.5)
+    s = load.summary()
+    assert ev.time - t_bad <= 2.0, "ejected %.3fs after it became flaky" % (ev.time - t_bad)
+    assert "consecutive" not in ev.line, ev.line
+    assert not s.failures, s.describe()
+    assert victim.name not in s.since(ev.time + 0.05).backends
+
+
+def test_max_ejection_percent_keeps_half_the_pool(gateway, rpeers):
+    bs = rpeers.backends(4)
+    for b in bs:
+        b.set_mode("status", status=503)
+    gw = gateway(rconfig(bs, upstream="""
+        health:
+          passive: {consecutive_failures: 2, ejection: 30s}
+        retries: {attempts: 0}
+        """))
+    run_load(gw.port, threads=2, count=100)
+    ejected = {e.endpoint for e in ejections(gw)}
+    assert len(ejected) == 2, "default max_ejection_percent 50 of 4: %s" % gw.diag()
+    s = run_load(gw.port, threads=2, count=100)
+    assert set(s.backends) == {b.name for b in bs if b.addr not in ejected}, s.describe()
+    # One endpoint of one may always be ejected.
+    solo = rpeers.backend("solo")
+    solo.set_mode("status", status=503)
+    gw = gateway(rconfig([solo], upstream="""
+        health:
+          passive: {consecutive_failures: 2, ejection: 30s}
+        retries: {attempts: 0}
+        """))
+    s = run_load(gw.port, threads=1, count=10)
+    assert ejections(gw, solo), gw.diag()
+    assert gateway_error(s.results[-1]) == "no_healthy_endpoint", s.describe()
 
 
 # ---- active health ----------------------------------------------------------------------------

@@ -65,19 +65,47 @@ def test_post_not_replayed_after_bytes_reached_backend(gateway, rpeers):
     assert failed >= 1, "no POST reached the resetting backend"
 
 
-def test_post_with_idempotency_key_retried_on_another_endpoint(gateway, rpeers):
+@pytest.mark.parametrize("how", ["idempotency-key", "non_idempotent"])
+def test_post_retried_on_another_endpoint_when_replay_allowed(gateway, rpeers, how):
     b1, b2 = rpeers.backends(2)
     b1.set_mode("reset")
+    flag = ", non_idempotent: true" if how == "non_idempotent" else ""
     gw = gateway(rconfig([b1, b2], workers=1, upstream=[NO_PASSIVE, """
-        retries: {attempts: 2, backoff: {base: 5ms, max: 20ms}}
-        """]))
+        retries: {attempts: 2, backoff: {base: 5ms, max: 20ms}%s}
+        """ % flag]))
     for i in range(6):
         p = "/post/%d" % i
-        r = gw.request("POST", p, [("Idempotency-Key", "key-%d" % i)], body=b"order=%d" % i)
+        hs = [("Idempotency-Key", "key-%d" % i)] if how == "idempotency-key" else []
+        r = gw.request("POST", p, hs, body=b"order=%d" % i)
         assert r.status == 200 and r.header("x-backend") == "b2", r
         t = tries([b1, b2], p)
         assert t["b2"] == 1 and t["b1"] <= 1, (p, t)
     assert b1.count(method="POST") >= 1, "no POST went to the resetting backend first"
+
+
+def test_post_body_over_max_body_not_retried(gateway, rpeers):
+    b1, b2 = rpeers.backends(2)
+    b1.set_mode("reset")
+    gw = gateway(rconfig([b1, b2], workers=1, upstream=[NO_PASSIVE, """
+        retries: {attempts: 2, max_body: 1KiB, backoff: {base: 5ms, max: 20ms}}
+        """]))
+    failed = 0
+    for i in range(6):
+        p = "/big/%d" % i
+        # An Idempotency-Key allows a replay, but 4 KiB were not kept for one.
+        r = gw.request("POST", p, [("Idempotency-Key", "big-%d" % i)], body=b"x" * 4096)
+        t = tries([b1, b2], p)
+        assert sum(t.values()) == 1, "POST %s of 4 KiB tried %r" % (p, t)
+        if t["b1"]:
+            assert assert_gateway_error(r, 502)["error"] == "upstream_reset"
+            failed += 1
+        else:
+            assert r.status == 200 and r.header("x-backend") == "b2", r
+    assert failed >= 1, "no POST reached the resetting backend"
+    for i in range(4):
+        r = gw.request("POST", "/small/%d" % i, [("Idempotency-Key", "small-%d" % i)],
+                       body=b"x" * 512)
+        assert r.status == 200 and r.header("x-backend") == "b2", r
 
 
 def test_post_retried_after_connect_failure(gateway, rpeers):
