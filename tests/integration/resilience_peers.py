@@ -466,7 +466,8 @@ def dns_query(port, name, qtype="A", timeout=0.5):
 
 class Dnsmasq:
     """dnsmasq on 127.0.0.1:<free port>: A records from a hosts file ({name: [ip, ...]}),
-    SRV records from --srv-host ([(service, target, port, priority, weight)]), TTL 1 s."""
+    SRV records from --srv-host ([(service, target, port, priority, weight)]), TTL 1 s.
+    Names must end in .test (the zone it answers for)."""
 
     def __init__(self, tmpdir, hosts=None, srv=()):
         if not (os.path.isfile(DNSMASQ) and os.access(DNSMASQ, os.X_OK)):
@@ -503,7 +504,10 @@ class Dnsmasq:
     def _start(self, timeout=START_TIMEOUT):
         args = [DNSMASQ, "--no-daemon", "--port=%d" % self.port, "--listen-address=127.0.0.1",
                 "--bind-interfaces", "--no-resolv", "--no-hosts",
-                "--addn-hosts=%s" % self.hosts_path, "--local-ttl=1", "--conf-file=/dev/null"]
+                "--addn-hosts=%s" % self.hosts_path, "--local-ttl=1", "--conf-file=/dev/null",
+                # Authoritative for .test, as a real zone's server: an A-only name gets an
+                # empty AAAA answer (NODATA) and an unknown name NXDOMAIN, not REFUSED.
+                "--local=/test/"]
         for service, target, port, prio, weight in self.srv:
             args.append("--srv-host=%s,%s,%d,%d,%d" % (service, target, port, prio, weight))
         log = open(self.log_path, "ab")

@@ -23,6 +23,23 @@ def resolver(dns):
     return 'resolver: {servers: ["127.0.0.1:%d"], timeout: 1s}' % dns.port
 
 
+def diag(gw, load=None, dns=None):
+    out = gw.diag()
+    if load is not None:
+        out += "\n--- load ---\n" + load.snapshot().last(1.0).describe()
+    if dns is not None:
+        out += "\n--- dnsmasq ---\n" + dns.log_text()[-1500:]
+    return out
+
+
+def wait_discovered(gw, backends, timeout, dns=None):
+    """Before any load: polls until every one of `backends` answered (the first lookup or
+    file read is done; until then the pool is empty and requests get 503)."""
+    until(lambda: names(backends) <= set(run_load(gw.port, threads=2, count=20).backends),
+          timeout, "%s discovered" % sorted(names(backends)),
+          diag=lambda: diag(gw, None, dns))
+
+
 def answers_from(load, backend, since):
     return lambda: load.snapshot().since(since).first_from(backend)
 
@@ -51,14 +68,15 @@ def test_dns_discovery_follows_answers_and_keeps_last_good_set(gateway, rpeers):
         discovery: {dns: users.test, port: %d, min_interval: 200ms, max_interval: 5s}
         timeouts: {connect: 300ms, response: 2s}
         """ % d1.port))
+    wait_discovered(gw, [d1, d2], 3, dns)
     with Load(gw.port, threads=3, rate=150, duration=25) as load:
-        until(lambda: {d1.name, d2.name} <= set(load.snapshot().backends), 3,
-              "both resolved backends answer")
+        wait_until_wall(load.started_at + 0.3)
         assert d3.count() == 0, "a backend not in DNS got traffic"
 
         t_add = time.time()
         dns.set_hosts({"users.test": [d1.host, d2.host, d3.host]})
-        until(answers_from(load, d3, t_add), 4, "the added address gets traffic")
+        until(answers_from(load, d3, t_add), 4, "the added address gets traffic",
+              diag=lambda: diag(gw, load, dns))
 
         t_rm = time.time()
         dns.set_hosts({"users.test": [d2.host, d3.host]})
@@ -93,8 +111,7 @@ def test_srv_discovery_ports_weights_and_changes(gateway, rpeers):
         discovery: {srv: %s, min_interval: 200ms, max_interval: 5s}
         timeouts: {connect: 300ms, response: 2s}
         """ % svc))
-    until(lambda: names([s1, s2]) <= set(run_load(gw.port, threads=2, count=20).backends), 3,
-          "both SRV targets answer")
+    wait_discovered(gw, [s1, s2], 3, dns)
     s = run_load(gw.port, threads=4, count=400)
     assert not s.failures and set(s.backends) == names([s1, s2]), s.describe()
     share = s.backends[s2.name] / s.total
@@ -105,7 +122,8 @@ def test_srv_discovery_ports_weights_and_changes(gateway, rpeers):
         t_ch = time.time()
         dns.set_srv([(svc, "srv-target.test", s2.port, 0, 1),
                      (svc, "srv-target.test", s3.port, 0, 1)])
-        until(answers_from(load, s3, t_ch), 4, "the new SRV target gets traffic")
+        until(answers_from(load, s3, t_ch), 4, "the new SRV target gets traffic",
+              diag=lambda: diag(gw, load, dns))
         t_q = wait_quiet(load, s1, t_ch, 4)
         wait_until_wall(t_q + 1.0)
         t_end = time.time()
@@ -142,9 +160,8 @@ def test_file_discovery_changes_under_load_without_failures(gateway, rpeers, tmp
         discovery: {file: %s}
         timeouts: {connect: 300ms, response: 2s}
         """ % path))
+    wait_discovered(gw, [f1, f2], 3)
     with Load(gw.port, threads=4, rate=200, duration=25) as load:
-        until(lambda: names([f1, f2]) <= set(load.snapshot().backends), 3,
-              "both listed backends answer")
 
         t = time.time()
         write_endpoints(path, [f1, f2, f3], "json-list")
@@ -190,6 +207,7 @@ def test_file_discovery_removal_lets_inflight_request_finish(gateway, rpeers, tm
         discovery: {file: %s}
         timeouts: {response: 5s}
         """ % path))
+    wait_discovered(gw, [f1, f2], 3)
     out = []
     t = threading.Thread(target=lambda: out.append(gw.request("GET", "/slow", timeout=8)))
     t.start()
