@@ -12,15 +12,19 @@
 
 /* ---- sliding window ---------------------------------------------------------------------- */
 
-#define W_MAX 0xffffffu
-#define W_EPOCH(v) ((uint16_t)((v) >> 48))
-#define W_A(v) (((v) >> 24) & W_MAX)
-#define W_B(v) ((v)&W_MAX)
+/* Each bucket is two words: its full epoch (1-based bucket number; 0 = never written) and its
+ * two counts packed [a:32 | b:32], each saturating. Keeping the whole epoch means a bucket
+ * untouched for any length of time is never mistaken for a current one. Resetting a bucket
+ * for a new epoch races with adds from other threads, which may then lose a count: fine for
+ * statistics, and no lock on the request path. */
+#define W_MAX 0xffffffffull
 
 void sl_window_init(struct sl_window *w, uint64_t window_ms)
 {
-    for (size_t i = 0; i < SL_WINDOW_BUCKETS; i++)
-        atomic_init(&w->b[i], 0);
+    for (size_t i = 0; i < SL_WINDOW_BUCKETS; i++) {
+        atomic_init(&w->epoch[i], 0);
+        atomic_init(&w->counts[i], 0);
+    }
     w->bucket_ms = window_ms / SL_WINDOW_BUCKETS;
     if (w->bucket_ms == 0)
         w->bucket_ms = 1;
@@ -28,40 +32,42 @@ void sl_window_init(struct sl_window *w, uint64_t window_ms)
 
 void sl_window_reset(struct sl_window *w)
 {
-    for (size_t i = 0; i < SL_WINDOW_BUCKETS; i++)
-        atomic_store_explicit(&w->b[i], 0, RELAXED);
+    for (size_t i = 0; i < SL_WINDOW_BUCKETS; i++) {
+        atomic_store_explicit(&w->epoch[i], 0, RELAXED);
+        atomic_store_explicit(&w->counts[i], 0, RELAXED);
+    }
 }
 
 void sl_window_add(struct sl_window *w, uint64_t now_ms, uint32_t a, uint32_t b)
 {
-    uint64_t epoch = now_ms / w->bucket_ms;
-    uint16_t e16 = (uint16_t)epoch;
-    _Atomic uint64_t *slot = &w->b[epoch % SL_WINDOW_BUCKETS];
-    uint64_t old = atomic_load_explicit(slot, RELAXED);
+    uint64_t e = now_ms / w->bucket_ms + 1;
+    size_t slot = e % SL_WINDOW_BUCKETS;
+    uint64_t cur = atomic_load_explicit(&w->epoch[slot], memory_order_acquire);
+    if (cur < e && atomic_compare_exchange_strong_explicit(
+                       &w->epoch[slot], &cur, e, memory_order_acq_rel, memory_order_acquire))
+        atomic_store_explicit(&w->counts[slot], 0, memory_order_release);
+    _Atomic uint64_t *cnt = &w->counts[slot];
+    uint64_t old = atomic_load_explicit(cnt, RELAXED);
     for (;;) {
-        uint64_t na = a, nb = b;
-        if (W_EPOCH(old) == e16) {
-            na += W_A(old);
-            nb += W_B(old);
-        }
+        uint64_t na = (old >> 32) + a, nb = (old & W_MAX) + b;
         na = na > W_MAX ? W_MAX : na;
         nb = nb > W_MAX ? W_MAX : nb;
-        uint64_t nv = ((uint64_t)e16 << 48) | (na << 24) | nb;
-        if (atomic_compare_exchange_weak_explicit(slot, &old, nv, RELAXED, RELAXED))
+        if (atomic_compare_exchange_weak_explicit(cnt, &old, (na << 32) | nb, RELAXED, RELAXED))
             return;
     }
 }
 
 void sl_window_sum(const struct sl_window *w, uint64_t now_ms, uint64_t *a, uint64_t *b)
 {
-    uint16_t e16 = (uint16_t)(now_ms / w->bucket_ms);
+    uint64_t e = now_ms / w->bucket_ms + 1;
     *a = *b = 0;
     for (size_t i = 0; i < SL_WINDOW_BUCKETS; i++) {
-        uint64_t v = atomic_load_explicit(&w->b[i], RELAXED);
-        if ((uint16_t)(e16 - W_EPOCH(v)) < SL_WINDOW_BUCKETS) {
-            *a += W_A(v);
-            *b += W_B(v);
-        }
+        uint64_t be = atomic_load_explicit(&w->epoch[i], memory_order_acquire);
+        if (be == 0 || be > e || e - be >= SL_WINDOW_BUCKETS)
+            continue;
+        uint64_t v = atomic_load_explicit(&w->counts[i], RELAXED);
+        *a += v >> 32;
+        *b += v & W_MAX;
     }
 }
 

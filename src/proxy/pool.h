@@ -21,8 +21,10 @@ struct sl_retry_conf;
  *   other on its next pick. Refcounted: sets, per-worker states and the health checker hold
  *   references, so an endpoint removed by discovery lives until its last request ended.
  * - struct sl_endpoint_set: an immutable list of endpoints (plus the balancer table built for
- *   it). A discovery update builds a new set, reusing the endpoint objects of addresses that
- *   stay (their health is kept), and publishes it: each worker receives it through its loop's
+ *   it). A discovery update builds a new set, reusing the endpoint objects whose address,
+ *   weight and zone stay (their health is kept; a changed weight or zone makes a new
+ *   endpoint, since workers read those fields without synchronisation), and publishes it:
+ *   each worker receives it through its loop's
  *   post queue and swaps it in between two events. No lock is taken on the request path.
  * - struct sl_pool: per upstream. Holds the current set (under a mutex that only publishers
  *   take), the upstream-wide breaker counters, the retry budget and the counters for metrics.
@@ -35,13 +37,14 @@ enum sl_ep_state {
     SL_EP_HALF_OPEN,  /* ejection over: probe requests decide */
 };
 
-/* Sliding window of two counts (e.g. requests and failures) in time buckets, lock-free: each
- * bucket is one atomic word [epoch:16 | a:24 | b:24]; a bucket from an older epoch is reset by
- * the first writer that sees it. Counts saturate at 2^24 - 1 per bucket. */
+/* Sliding window of two counts (e.g. requests and failures) in time buckets, lock-free: a
+ * bucket from an older epoch is reset by the first writer that sees it. Counts saturate at
+ * 2^32 - 1 per bucket. */
 #define SL_WINDOW_BUCKETS 10
 struct sl_window {
-    _Atomic uint64_t b[SL_WINDOW_BUCKETS];
-    uint64_t bucket_ms; /* window / SL_WINDOW_BUCKETS, at least 1 */
+    _Atomic uint64_t epoch[SL_WINDOW_BUCKETS];  /* bucket number + 1; 0 = empty */
+    _Atomic uint64_t counts[SL_WINDOW_BUCKETS]; /* [a:32 | b:32] */
+    uint64_t bucket_ms;                         /* window / SL_WINDOW_BUCKETS, at least 1 */
 };
 
 void sl_window_init(struct sl_window *w, uint64_t window_ms);
