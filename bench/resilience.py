@@ -18,8 +18,9 @@ the load goes on until 2 s after the ejection is logged (well before the 5 s eje
 
 Detection time is the timestamp of sluice's `endpoint ...: ejected for 5s` log line minus the
 moment of the fault (for all-down: the last of the three ejections). A client-visible error
-is a connection error or a 5xx; for all-down every request after the fault is one, so the
-table gives their latency instead of a failure rate. Medians over the runs, with min-max.
+is a connection error or a 5xx, counted from the fault to the end of the run (all runs
+summed); for all-down every request after the fault is one, so the notes give their kind and
+latency. Detection times are medians over the runs, with min-max.
 """
 
 import argparse
@@ -78,8 +79,8 @@ def run_one(scenario, gwf, peers):
     after = s.since(t_fault)
     row = {
         "detect": t_eject - t_fault,
-        "total": s.total,
-        "errors": len(s.failures),
+        "total": after.total,
+        "errors": len(after.failures),
         "slow": len(after.slow(SLOW)),
         "after_eject": len(s.since(t_eject + 0.01).failures),
     }
@@ -89,6 +90,7 @@ def run_one(scenario, gwf, peers):
         row["lat_med"] = statistics.median(r.latency for r in fast.results) if fast.total else 0
         row["kinds"] = sorted({gateway_error(r) or str(r.status or r.error)
                                for r in fast.results})
+        row["before"] = len(s.between(t_fault, t_eject + 0.01).failures)
     return row
 
 
@@ -137,7 +139,7 @@ def main():
           "consecutive_failures 5, ejection 5s, timeouts.response 1s, default retries\n"
           % (shown_path(helpers.SLUICE_BIN), args.runs, THREADS, RATE))
     print("| scenario | detection time, median (min-max) | client-visible errors / requests "
-          "| requests that waited > %.1fs | notes |" % SLOW)
+          "from the fault on | requests that waited > %.1fs | notes |" % SLOW)
     print("|---|---|---|---|---|")
     label = {"kill": "backend killed (SIGKILL)", "hang": "backend hung (SIGSTOP)",
              "503": "backend answers 503", "all-down": "all 3 backends killed"}
@@ -146,7 +148,9 @@ def main():
         total = sum(r["total"] for r in rows)
         note = ""
         if sc == "all-down":
-            note = "after the last ejection: %s, latency median %.1f ms, max %.1f ms" % (
+            note = ("%d errors before the last ejection; after it: %s, latency median %.1f ms, "
+                    "max %.1f ms") % (
+                sum(r["before"] for r in rows),
                 "/".join(sorted({k for r in rows for k in r["kinds"]})),
                 statistics.median(r["lat_med"] for r in rows) * 1000,
                 max(r["lat_max"] for r in rows) * 1000)
