@@ -73,6 +73,7 @@ struct target {
     uint32_t ttl; /* smallest TTL of the replies that gave addresses */
     bool has_ttl;
     bool nxdomain[2]; /* per family: A, AAAA */
+    int failed[2];    /* per family: the c-ares failure of that lookup, or ARES_SUCCESS */
 };
 
 struct srv_rec {
@@ -703,7 +704,11 @@ static void on_answer(void *arg, int status, int timeouts, unsigned char *abuf, 
     }
     if (family_nx)
         q->targets[ti].nxdomain[type == DNS_TYPE_A ? 0 : 1] = true;
-    if (status != ARES_SUCCESS)
+    /* A failed A or AAAA lookup is judged with the other family (deliver_targets): some
+     * servers refuse or fail AAAA for names they only know as A. */
+    if (status != ARES_SUCCESS && type != DNS_TYPE_SRV)
+        q->targets[ti].failed[type == DNS_TYPE_A ? 0 : 1] = status;
+    else if (status != ARES_SUCCESS)
         note_failure(q, status);
     stage_done_one(q);
     query_unref(q);
@@ -782,6 +787,17 @@ static void deliver_targets(struct sl_dns_query *q)
 {
     int status;
     const char *error;
+    /* A name that got addresses from one family is answered even when the other family's
+     * lookup failed; a name with none fails with the first failure. */
+    for (size_t i = 0; i < q->ntargets && q->failure == ARES_SUCCESS; i++) {
+        const struct target *t = &q->targets[i];
+        if (t->naddrs)
+            continue;
+        if (t->failed[0] != ARES_SUCCESS)
+            note_failure(q, t->failed[0]);
+        else if (t->failed[1] != ARES_SUCCESS)
+            note_failure(q, t->failed[1]);
+    }
     if (q->failure != ARES_SUCCESS) {
         failure_text(q->failure, &status, &error);
         finish(q, status, error, NULL, 0, 0);

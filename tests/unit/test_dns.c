@@ -882,10 +882,11 @@ static void test_bad_servers(void **state)
 /* ---- a scripted DNS server on the test's own loop ------------------------------------------ */
 
 enum script_mode {
-    SCRIPT_MANY,     /* 70 SRV targets with 5 addresses each */
-    SCRIPT_SILENT_A, /* SRV answered, targets' A queries never */
-    SCRIPT_SERVFAIL, /* SRV answered, one target's A answered SERVFAIL */
-    SCRIPT_SHORT,    /* an A answer that announces 2 records and carries 1 */
+    SCRIPT_MANY,         /* 70 SRV targets with 5 addresses each */
+    SCRIPT_SILENT_A,     /* SRV answered, targets' A queries never */
+    SCRIPT_SERVFAIL,     /* SRV answered, one target's A answered SERVFAIL */
+    SCRIPT_SHORT,        /* an A answer that announces 2 records and carries 1 */
+    SCRIPT_AAAA_REFUSED, /* A answered, AAAA refused (dnsmasq without upstreams does this) */
 };
 
 struct script_conn {
@@ -1010,6 +1011,8 @@ static size_t script_answer(struct script *sc, const uint8_t *q, size_t qlen, ui
                 an++;
         }
     }
+    if (type == 28 && sc->mode == SCRIPT_AAAA_REFUSED)
+        r[3] = 0x85; /* REFUSED */
     put16(r + 6, an);
     return n;
 }
@@ -1273,6 +1276,36 @@ static void test_target_failure_and_bad_reply(void **state)
     sl_loop_dispose(&loop);
 }
 
+static void test_one_family_refused(void **state)
+{
+    (void)state;
+    struct sl_loop loop;
+    assert_int_equal(sl_loop_init(&loop), 0);
+    struct script sc;
+    script_start(&sc, &loop, SCRIPT_AAAA_REFUSED);
+    struct sl_dns *d = script_channel(&sc, &loop, 2000);
+
+    /* the A answer stands although the AAAA lookup was refused */
+    struct answer a = {0};
+    loop.now_ms = sl_clock_now_ms();
+    assert_non_null(sl_dns_resolve(d, "t0.x", SL_DNS_ADDR, 80, on_answer, &a));
+    assert_true(run_until(&loop, is_answered, &a, WAIT_MS));
+    assert_int_equal(a.status, 0);
+    assert_int_equal(a.n, 1);
+
+    /* likewise for every SRV target */
+    memset(&a, 0, sizeof a);
+    loop.now_ms = sl_clock_now_ms();
+    assert_non_null(sl_dns_resolve(d, "_s._tcp.x", SL_DNS_SRV, 0, on_answer, &a));
+    assert_true(run_until(&loop, is_answered, &a, WAIT_MS));
+    assert_int_equal(a.status, 0);
+    assert_int_equal(a.n, 2);
+    sl_dns_free(d);
+    sl_loop_run_deferred(&loop);
+    script_stop(&sc, &loop);
+    sl_loop_dispose(&loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1290,6 +1323,7 @@ int main(void)
         cmocka_unit_test(test_srv_bounds),
         cmocka_unit_test(test_srv_cancel_and_timeout_in_targets),
         cmocka_unit_test(test_target_failure_and_bad_reply),
+        cmocka_unit_test(test_one_family_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
