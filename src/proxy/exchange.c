@@ -739,7 +739,7 @@ static void ex_keep_body(struct exchange *ex, const char *p, size_t n)
         ex->body_copy = cap ? sl_arena_alloc(&ex->req->arena, (size_t)cap) : NULL;
         ex->body_copy_cap = ex->body_copy ? (size_t)cap : 0;
     }
-    if (ex->body_copy_len + n > ex->body_copy_cap) {
+    if (!ex->body_copy || ex->body_copy_len + n > ex->body_copy_cap) {
         ex->body_overflow = true;
         return;
     }

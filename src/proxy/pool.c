@@ -198,7 +198,7 @@ static struct sl_endpoint_set *build_set(struct sl_pool *p)
             const struct sl_endpoint_spec *sp = &p->src[s][i];
             bool dup = false;
             for (size_t j = 0; j < set->count && !dup; j++)
-                dup = strcmp(set->eps[j]->address, sp->address) == 0;
+                dup = set->eps[j] && strcmp(set->eps[j]->address, sp->address) == 0;
             if (dup)
                 continue;
             struct sl_endpoint *e = find_same(p->current, sp);
@@ -213,8 +213,9 @@ static struct sl_endpoint_set *build_set(struct sl_pool *p)
     const char **addrs = calloc(set->count ? set->count : 1, sizeof *addrs);
     if (weights && addrs) {
         for (size_t i = 0; i < set->count; i++) {
-            weights[i] = set->eps[i]->weight;
-            addrs[i] = set->eps[i]->address;
+            const struct sl_endpoint *e = set->eps[i];
+            weights[i] = e ? e->weight : 1;
+            addrs[i] = e ? e->address : "";
         }
         set->bal = sl_balancer_shared_new(p->conf->balance, weights, addrs, set->count);
     }
