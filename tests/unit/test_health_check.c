@@ -725,7 +725,9 @@ static bool record_starts(void *arg)
 static void test_jitter_within_bounds(void **state)
 {
     (void)state;
-    const uint64_t interval = 100, slack = 25;
+    /* Lower bounds are exact (a timer never fires early); upper bounds allow for a loaded
+     * machine (CI runs the suite twice, once under ASan, beside other jobs). */
+    const uint64_t interval = 100, slack = 150;
     struct fx f;
     fx_init(&f, NULL, interval, 50, 2, 2);
     struct srv s[MAX_EPS];
