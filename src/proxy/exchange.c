@@ -594,7 +594,7 @@ static void ex_connect_failed(struct exchange *ex, int err)
 {
     SL_DEBUG("upstream %s endpoint %s: connect failed: %s", ex->up->conf->name,
              ex->wep ? ex->wep->ep->address : "-", strerror(-err));
-    if (err == -EMFILE) {
+    if (err == -EUSERS) {
         atomic_fetch_add_explicit(&ex->up->pool->stats.overflow_connections, 1,
                                   memory_order_relaxed);
         ex_release_upstream(ex, SL_OUTCOME_CANCELLED, false);
@@ -1039,6 +1039,7 @@ static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void
             return;
         }
         ex->uc->state = SL_UC_BUSY;
+        ex_unpend(ex); /* connected: no longer waiting for a connection */
         ex_start_send(ex);
         return;
     }

@@ -462,7 +462,7 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct s
         uint32_t cur = atomic_fetch_add_explicit(&up->pool->connections, 1, memory_order_relaxed);
         if (cur >= maxc) {
             atomic_fetch_sub_explicit(&up->pool->connections, 1, memory_order_relaxed);
-            *err = -EMFILE;
+            *err = -EUSERS; /* not EMFILE: that one means the process ran out of fds */
             return NULL;
         }
     }

@@ -123,7 +123,7 @@ uint64_t sl_upstream_retry_after_s(const struct sl_upstream_rt *up);
  * Gets a connection to endpoint `w`: a pooled idle one (state BUSY, reused = true) or a new
  * one being connected (state CONNECTING: the user's on_event sees EPOLLOUT when connected or
  * EPOLLERR on failure). Returns NULL with *err set when the socket cannot even be created
- * (-errno; e.g. -ECONNREFUSED may come back synchronously on loopback), or -EMFILE when the
+ * (-errno; e.g. -ECONNREFUSED may come back synchronously on loopback), or -EUSERS when the
  * upstream's circuit_breaker.max_connections is reached.
  * Events are delivered to `user` until the connection is released.
  */

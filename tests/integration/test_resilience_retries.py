@@ -22,6 +22,17 @@ assert rpeers  # fixture
 NO_PASSIVE = "health: {passive: {consecutive_failures: 0}}"
 
 
+def syn_sent_to(port):
+    """True when some socket is in SYN_SENT towards 127.0.0.1:port (a connect in progress)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            rem, st = cols[2], cols[3]
+            if st == "02" and int(rem.split(":")[1], 16) == port:
+                return True
+    return False
+
+
 def tries(backends, path):
     return {b.name: b.count(path=path) for b in backends}
 
@@ -289,3 +300,107 @@ def test_bad_resilience_value_is_a_located_config_error(tmp_path, up, route, pat
     hits = [m for m in map(rx.match, r.stderr.splitlines()) if m]
     assert hits, "no `%s:LINE:COL: %s: ...` line in:\n%s" % (cfg, path, r.stderr)
     assert int(hits[0].group(1)) == line, (line, r.stderr)
+
+
+def test_breaker_max_connections_counts_busy_and_reuses_idle(gateway, rpeers):
+    b = rpeers.backend()
+    b.set_mode("slow", delay=1.0, path="/slow")
+    gw = gateway(rconfig([b], workers=1, upstream="""
+        timeouts: {response: 5s}
+        circuit_breaker: {max_connections: 2}
+        """))
+    out = [None, None]
+
+    def slow(i):
+        out[i] = gw.request("GET", "/slow", timeout=5)
+
+    ts = [threading.Thread(target=slow, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    try:
+        until(lambda: b.count(path="/slow") == 2, 3, "two slow requests at the backend")
+        # both connections are busy: a request that needs a third is refused at once
+        t0 = time.monotonic()
+        r = gw.request("GET", "/fast", timeout=5)
+        took = time.monotonic() - t0
+    finally:
+        for t in ts:
+            t.join(10)
+    doc = assert_gateway_error(r, 503)
+    assert doc["error"] == "upstream_overloaded", doc
+    assert r.header("retry-after") == "1", r
+    assert took < 0.5, "the overflow answer took %.3fs" % took
+    assert [o.status for o in out] == [200, 200], out
+    # the two connections are idle now and are reused: no new connection is needed
+    for i in range(4):
+        assert gw.request("GET", "/after/%d" % i).status == 200
+
+
+def test_breaker_max_pending_bounds_requests_waiting_for_a_connect(gateway):
+    import socket
+    # A listener whose accept queue is full: further connects hang until the connect timeout.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(srv.getsockname())
+            fillers.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(srv.getsockname())
+            pytest.skip("kernel accepted past the backlog; cannot stage a pending connect")
+        except (socket.timeout, OSError):
+            pass
+        finally:
+            probe.close()
+        gw = gateway(rconfig(["127.0.0.1:%d" % srv.getsockname()[1]], workers=1, upstream="""
+            timeouts: {connect: 2s}
+            retries: {attempts: 0}
+            health: {passive: {consecutive_failures: 0}}
+            circuit_breaker: {max_pending: 1}
+            """))
+        first = []
+        t = threading.Thread(target=lambda: first.append(gw.request("GET", "/a", timeout=5)))
+        t.start()
+        try:
+            port = srv.getsockname()[1]
+            until(lambda: syn_sent_to(port), 3, "the first request's connect is pending")
+            t0 = time.monotonic()
+            r = gw.request("GET", "/b", timeout=5)
+            took = time.monotonic() - t0
+        finally:
+            t.join(10)
+        doc = assert_gateway_error(r, 503)
+        assert doc["error"] == "upstream_overloaded", doc
+        assert took < 0.5, "the overflow answer took %.3fs" % took
+        assert first and first[0].status == 504, first  # its own connect timed out
+    finally:
+        for s in fillers:
+            s.close()
+        srv.close()
+
+
+def test_breaker_max_pending_counts_only_connects_in_progress(gateway, rpeers):
+    # A request whose connection is open is waiting for its answer, not for a connection:
+    # it must not hold a max_pending slot.
+    b = rpeers.backend()
+    b.set_mode("slow", delay=1.0, path="/slow")
+    gw = gateway(rconfig([b], workers=1, upstream="""
+        timeouts: {response: 5s}
+        circuit_breaker: {max_pending: 1}
+        """))
+    out = []
+    t = threading.Thread(target=lambda: out.append(gw.request("GET", "/slow", timeout=5)))
+    t.start()
+    try:
+        until(lambda: b.count(path="/slow") == 1, 3, "the slow request at the backend")
+        r = gw.request("GET", "/fast", timeout=5)
+    finally:
+        t.join(10)
+    assert r.status == 200, r
+    assert out and out[0].status == 200, out
