@@ -935,7 +935,7 @@ static const struct sl__schema_key retry_keys[] = {
     {.name = "per_try_timeout",
      .type = SL__T_DURATION,
      SL__FIELD(struct sl_retry_conf, per_try_timeout_ms),
-     .min = 1,
+     .min = 0,
      .max = 24 * HOUR,
      .def = 0},
     {.name = "backoff", .type = SL__T_SECTION, .offset = 0, .section = &backoff_section},

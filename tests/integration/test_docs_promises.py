@@ -1328,3 +1328,21 @@ def test_upstream_idle_timeout_while_body_goes_out_is_504(gateway):
         for s in held:
             s.close()
         srv.close()
+
+
+# ------------------------------------------------------------------------------------------
+# resilience.md and configuration.md: the resilience examples are valid configurations
+
+
+def _yaml_blocks(doc):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", doc)
+    with open(path) as f:
+        return re.findall(r"```yaml\n(.*?)```", f.read(), re.S)
+
+
+@pytest.mark.parametrize("doc", ["resilience.md", "configuration.md"])
+def test_resilience_examples_are_accepted(tmp_path, doc):
+    blocks = [b for b in _yaml_blocks(doc) if "upstreams:" in b and "health:" in b]
+    assert blocks, "no resilience example in %s" % doc
+    for b in blocks:
+        assert_accepted(tmp_path, listener_text() + b + "routes: [{upstream: users}]\n")
