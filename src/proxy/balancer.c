@@ -303,9 +303,32 @@ static int pick_swrr(struct sl_balancer *b, const struct sl_pick_ctx *ctx)
  * +1 makes an idle heavy endpoint preferred over an idle light one instead of a coin toss,
  * and equals plain in-flight comparison when weights are equal.
  */
+/* A random eligible endpoint other than `not`, by rejection sampling: O(1) expected while
+ * most endpoints are eligible. s->n when a few draws found none (the caller then counts). */
+static size_t draw_eligible(struct sl_balancer *b, const struct sl_pick_ctx *ctx, size_t not )
+{
+    const struct sl_balancer_shared *s = b->s;
+    for (int i = 0; i < 8; i++) {
+        size_t k = rng_below(b, s->n);
+        if (k != not &&!is_excluded(ctx, k))
+            return k;
+    }
+    return s->n;
+}
+
 static int pick_p2c(struct sl_balancer *b, const struct sl_pick_ctx *ctx)
 {
     const struct sl_balancer_shared *s = b->s;
+    if (ctx && (ctx->mask || ctx->exclude_count) && s->n > 16) {
+        /* Large pools with some endpoints out: sample instead of counting all of them. */
+        size_t a = draw_eligible(b, ctx, s->n);
+        size_t c = a < s->n ? draw_eligible(b, ctx, a) : s->n;
+        if (c < s->n) {
+            uint64_t la = ((uint64_t)b->inflight[a] + 1) * s->weights[c];
+            uint64_t lc = ((uint64_t)b->inflight[c] + 1) * s->weights[a];
+            return (int)(la <= lc ? a : c);
+        }
+    }
     size_t m = eligible_count(s->n, ctx);
     if (m == 0)
         return -1;

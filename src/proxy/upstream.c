@@ -381,7 +381,8 @@ struct sl_wep *sl_upstream_pick(struct sl_upstream_rt *up, const struct sl_pick_
         if (mask_any(zm, up->mask_words, excl, nexcl))
             mask = zm;
     }
-    ctx.mask = mask;
+    /* every endpoint eligible: no mask, so the balancer's fast paths apply */
+    ctx.mask = mask == up->healthy && up->healthy_count == up->set->count ? NULL : mask;
     int idx = sl_balancer_pick(up->bal, &ctx);
     if (idx < 0) {
         *why = mask_any(up->all, up->mask_words, excl, nexcl) ? SL_PICK_NONE_HEALTHY

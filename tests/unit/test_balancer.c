@@ -276,6 +276,42 @@ static void test_p2c_exclusion(void **state)
     free(u);
 }
 
+/* A large pool with a mask takes the sampling path: masked endpoints are never picked, every
+ * eligible one is, the least loaded of two draws wins, and a nearly empty mask still finds
+ * the few eligible endpoints (the counting fallback). */
+static void test_p2c_mask_large_pool(void **state)
+{
+    (void)state;
+    struct up *u = up_new(SL_BALANCE_LEAST_REQUEST, 100, NULL);
+    struct lb l = lb_new(u);
+    uint64_t mask[2] = {0, 0};
+    for (int i = 0; i < 100; i += 2)
+        mask[i / 64] |= 1ull << (i % 64); /* even endpoints only */
+    struct sl_pick_ctx ctx = {.mask = mask};
+    unsigned counts[100] = {0};
+    for (int i = 0; i < 20000; i++)
+        counts[pick1(l.b, &ctx)]++;
+    for (int i = 0; i < 100; i++) {
+        if (i % 2)
+            assert_int_equal(counts[i], 0);
+        else
+            assert_in_range(counts[i], 200, 600);
+    }
+    /* held requests: in-flight counts stay balanced across the eligible endpoints */
+    for (int i = 0; i < 5000; i++)
+        assert_true(sl_balancer_pick(l.b, &ctx) % 2 == 0);
+    for (int i = 0; i < 100; i += 2)
+        assert_in_range(sl_balancer_inflight(l.b, i), 90, 110);
+    uint64_t two[2] = {1ull << 7, 1ull << (90 - 64)};
+    struct sl_pick_ctx sparse = {.mask = two};
+    for (int i = 0; i < 50; i++) {
+        int k = pick1(l.b, &sparse);
+        assert_true(k == 7 || k == 90);
+    }
+    lb_free(&l);
+    free(u);
+}
+
 /* ---- hash (Maglev) --------------------------------------------------------------------- */
 
 static void test_maglev_table_size(void **state)
@@ -439,6 +475,7 @@ int main(void)
         cmocka_unit_test(test_p2c_balances_held_requests),
         cmocka_unit_test(test_p2c_weights),
         cmocka_unit_test(test_p2c_exclusion),
+        cmocka_unit_test(test_p2c_mask_large_pool),
         cmocka_unit_test(test_maglev_table_size),
         cmocka_unit_test(test_maglev_consistent_and_even),
         cmocka_unit_test(test_maglev_weights),
