@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <openssl/evp.h>
 
@@ -1050,11 +1051,14 @@ static void discovery_check(struct sl__config_ctx *c, const struct sl_yaml_node 
     struct sl_discovery_conf *d = elem;
     d->line = map->line;
     d->col = map->col;
-    if (d->kind == SL_DISCOVERY_NONE && !c->failed)
+    bool named = sl__config_yaml_get(map, "dns") || sl__config_yaml_get(map, "srv") ||
+                 sl__config_yaml_get(map, "file");
+    if (!named)
         sl__config_error(c, map, "needs one of dns, srv or file");
     if (d->kind == SL_DISCOVERY_DNS && d->port == 0)
         sl__config_error(c, map, "dns needs a port");
-    if (d->kind != SL_DISCOVERY_DNS && sl__config_yaml_get(map, "port"))
+    if ((d->kind == SL_DISCOVERY_SRV || d->kind == SL_DISCOVERY_FILE) &&
+        sl__config_yaml_get(map, "port"))
         error_at_key(c, map, "port", "only applies to dns (srv records carry their ports)");
     if (d->kind == SL_DISCOVERY_FILE &&
         (sl__config_yaml_get(map, "zone") || sl__config_yaml_get(map, "weight")))
@@ -1062,6 +1066,24 @@ static void discovery_check(struct sl__config_ctx *c, const struct sl_yaml_node 
                      "comes from the file for file discovery");
     if (d->max_interval_ms < d->min_interval_ms)
         error_at_key(c, map, "max_interval", "must not be below min_interval");
+    if (d->kind == SL_DISCOVERY_FILE && d->name) {
+        /* The file may appear later, but its directory is watched from the start. */
+        char dir[4096];
+        const char *slash = strrchr(d->name, '/');
+        size_t len = slash ? (size_t)(slash - d->name) : 1;
+        if (len == 0)
+            len = 1; /* "/file" lives in "/" */
+        if (len < sizeof dir) {
+            memcpy(dir, slash ? d->name : ".", len);
+            dir[len] = '\0';
+            struct stat st;
+            if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+                char msg[4200];
+                snprintf(msg, sizeof msg, "directory %s does not exist", dir);
+                error_at_key(c, map, "file", msg);
+            }
+        }
+    }
 }
 
 static void discovery_free(void *elem)

@@ -57,8 +57,6 @@ static uint64_t clamp_u64(uint64_t v, uint64_t lo, uint64_t hi)
     return v < lo ? lo : v > hi ? hi : v;
 }
 
-/* A failure: logged when it differs from the one logged last (so a name that keeps failing
- * for the same reason logs once), then retried with backoff when `retry`. */
 static const char *plural(size_t n)
 {
     return n == 1 ? "" : "s";
@@ -261,8 +259,8 @@ struct sl_discovery *sl_discovery_start(struct sl_loop *loop, const struct sl_co
             s->watch =
                 sl_epfile_watch_new(loop, s->conf->name, on_file_changed, s, werr, sizeof(werr));
             if (!s->watch) {
-                snprintf(err, err_len, "upstream %s: discovery file %s: %s", up->name,
-                         s->conf->name, werr);
+                /* the watcher's message starts with the path already */
+                snprintf(err, err_len, "upstream %s: discovery file: %s", up->name, werr);
                 goto fail;
             }
         } else {

@@ -687,6 +687,32 @@ static void test_err_upstream_errs(void **state)
         "status (503) or a class (\"5xx\"), got \"6xx\"\n");
 }
 
+static void test_err_discovery(void **state)
+{
+    (void)state;
+    expect_errors("listeners:\n"
+                  "  - name: public\n"
+                  "    address: 127.0.0.1:8080\n"
+                  "upstreams:\n"
+                  "  - name: a\n"
+                  "    discovery: {file: /nonexistent-dir/eps.yaml}\n"
+                  "  - name: b\n"
+                  "    discovery: {dns: users.internal}\n"
+                  "  - name: c\n"
+                  "    discovery: {srv: _u._tcp.x, port: 80}\n"
+                  "  - name: d\n"
+                  "    discovery: {dns: 'bad name', port: 80}\n"
+                  "  - name: e\n"
+                  "    discovery: {port: 80}\n",
+                  "t.yaml:6:23: upstreams[0].discovery.file: directory /nonexistent-dir does not "
+                  "exist\n"
+                  "t.yaml:8:16: upstreams[1].discovery: dns needs a port\n"
+                  "t.yaml:10:39: upstreams[2].discovery.port: only applies to dns (srv records "
+                  "carry their ports)\n"
+                  "t.yaml:12:22: upstreams[3].discovery.dns: invalid DNS name \"bad name\"\n"
+                  "t.yaml:14:16: upstreams[4].discovery: needs one of dns, srv or file\n");
+}
+
 static void test_err_addresses(void **state)
 {
     (void)state;
@@ -986,6 +1012,7 @@ int main(void)
         cmocka_unit_test(test_err_dupnames),
         cmocka_unit_test(test_err_route_rules),
         cmocka_unit_test(test_err_upstream_errs),
+        cmocka_unit_test(test_err_discovery),
         cmocka_unit_test(test_err_addresses),
         cmocka_unit_test(test_err_status_methods),
         cmocka_unit_test(test_err_headers),
