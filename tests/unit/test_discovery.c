@@ -450,7 +450,7 @@ static void test_start_errors(void **state)
     f.ups[0].discovery = (struct sl_discovery_conf){.kind = SL_DISCOVERY_FILE,
                                                     .name = "/nonexistent-dir-sl/eps.yaml"};
     assert_null(sl_discovery_start(&f.loop, &f.cfg, f.pools, err, sizeof err));
-    assert_non_null(strstr(err, "upstream users: discovery file /nonexistent-dir-sl/eps.yaml"));
+    assert_non_null(strstr(err, "upstream users: discovery file: /nonexistent-dir-sl/eps.yaml"));
 
     /* a missing file in a directory that exists is not an error: it may come later */
     f.ups[0].discovery.name = f.file;
