@@ -4,6 +4,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Writes a message into a caller's error buffer (`err` may be NULL or `err_len` 0: then
+ * nothing is written). For the "char *err, size_t err_len" convention of set-up functions. */
+void sl_fmt_err(char *err, size_t err_len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /*
  * Number formatting for the hot path (Content-Length, chunk sizes): snprintf costs a locale-
  * aware format parse per call, which showed up in profiles at one call per response.

@@ -21,6 +21,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include "core/fmt.h"
 #include "core/log.h"
 #include "filters/jwks_source_internal.h"
 
@@ -108,19 +109,6 @@ static void init_conds(void)
 }
 
 /* ---- small helpers ------------------------------------------------------------------------- */
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 static bool is_ows(char c)
 {
@@ -241,13 +229,13 @@ static int parse_url(const char *s, struct url *u, char *err, size_t err_len)
     memset(u, 0, sizeof *u);
     size_t len = strlen(s);
     if (len > URL_MAX_LEN) {
-        set_err(err, err_len, "URL longer than %u bytes", URL_MAX_LEN);
+        sl_fmt_err(err, err_len, "URL longer than %u bytes", URL_MAX_LEN);
         return -EINVAL;
     }
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)s[i];
         if (c <= 0x20 || c >= 0x7f) {
-            set_err(err, err_len, "URL contains a space or control character");
+            sl_fmt_err(err, err_len, "URL contains a space or control character");
             return -EINVAL;
         }
     }
@@ -258,17 +246,17 @@ static int parse_url(const char *s, struct url *u, char *err, size_t err_len)
     } else if (len >= 7 && ieq(s, 7, "http://")) {
         p = s + 7;
     } else {
-        set_err(err, err_len, "URL scheme must be http or https");
+        sl_fmt_err(err, err_len, "URL scheme must be http or https");
         return -EINVAL;
     }
     if (strchr(p, '#')) {
-        set_err(err, err_len, "URL must not have a fragment");
+        sl_fmt_err(err, err_len, "URL must not have a fragment");
         return -EINVAL;
     }
     size_t auth_len = strcspn(p, "/?");
     const char *rest = p + auth_len;
     if (memchr(p, '@', auth_len)) {
-        set_err(err, err_len, "URL must not carry user information");
+        sl_fmt_err(err, err_len, "URL must not carry user information");
         return -EINVAL;
     }
     const char *h = p, *hend;
@@ -276,28 +264,28 @@ static int parse_url(const char *s, struct url *u, char *err, size_t err_len)
     if (auth_len > 0 && p[0] == '[') {
         const char *close = memchr(p, ']', auth_len);
         if (!close) {
-            set_err(err, err_len, "URL has an unterminated IPv6 address");
+            sl_fmt_err(err, err_len, "URL has an unterminated IPv6 address");
             return -EINVAL;
         }
         h = p + 1;
         hend = close;
         if (close + 1 < p + auth_len) {
             if (close[1] != ':') {
-                set_err(err, err_len, "URL has junk after the IPv6 address");
+                sl_fmt_err(err, err_len, "URL has junk after the IPv6 address");
                 return -EINVAL;
             }
             port_s = close + 2;
         }
         size_t hl = (size_t)(hend - h);
         if (hl == 0 || hl >= sizeof u->host) {
-            set_err(err, err_len, "URL has a bad IPv6 address");
+            sl_fmt_err(err, err_len, "URL has a bad IPv6 address");
             return -EINVAL;
         }
         memcpy(u->host, h, hl);
         u->host[hl] = '\0';
         struct in6_addr a6;
         if (inet_pton(AF_INET6, u->host, &a6) != 1) {
-            set_err(err, err_len, "URL has a bad IPv6 address");
+            sl_fmt_err(err, err_len, "URL has a bad IPv6 address");
             return -EINVAL;
         }
         u->host_is_ip = true;
@@ -308,12 +296,12 @@ static int parse_url(const char *s, struct url *u, char *err, size_t err_len)
             port_s = colon + 1;
         size_t hl = (size_t)(hend - h);
         if (hl == 0 || hl > 253) {
-            set_err(err, err_len, "URL has no host or one too long");
+            sl_fmt_err(err, err_len, "URL has no host or one too long");
             return -EINVAL;
         }
         for (size_t i = 0; i < hl; i++) {
             if (!is_host_char(h[i])) {
-                set_err(err, err_len, "URL host has an invalid character");
+                sl_fmt_err(err, err_len, "URL host has an invalid character");
                 return -EINVAL;
             }
         }
@@ -327,19 +315,19 @@ static int parse_url(const char *s, struct url *u, char *err, size_t err_len)
     if (port_s) {
         size_t pl = (size_t)(rest - port_s);
         if (pl == 0 || pl > 5) {
-            set_err(err, err_len, "URL has a bad port");
+            sl_fmt_err(err, err_len, "URL has a bad port");
             return -EINVAL;
         }
         port = 0;
         for (size_t i = 0; i < pl; i++) {
             if (port_s[i] < '0' || port_s[i] > '9') {
-                set_err(err, err_len, "URL has a bad port");
+                sl_fmt_err(err, err_len, "URL has a bad port");
                 return -EINVAL;
             }
             port = port * 10 + (unsigned)(port_s[i] - '0');
         }
         if (port == 0 || port > 65535) {
-            set_err(err, err_len, "URL port out of range");
+            sl_fmt_err(err, err_len, "URL port out of range");
             return -EINVAL;
         }
         explicit_port = true;
@@ -357,7 +345,7 @@ static int parse_url(const char *s, struct url *u, char *err, size_t err_len)
     bool need_slash = rl == 0 || rest[0] == '?';
     u->path = malloc(rl + 2);
     if (!u->path) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         return -ENOMEM;
     }
     size_t o = 0;
@@ -418,13 +406,13 @@ static void ssl_err(struct conn *c, const char *what)
     if (c->ssl) {
         long vr = SSL_get_verify_result(c->ssl);
         if (vr != X509_V_OK) {
-            set_err(c->err, c->err_len, "%s: certificate: %s", what,
-                    X509_verify_cert_error_string(vr));
+            sl_fmt_err(c->err, c->err_len, "%s: certificate: %s", what,
+                       X509_verify_cert_error_string(vr));
             ERR_clear_error();
             return;
         }
     }
-    set_err(c->err, c->err_len, "%s: %s", what, buf);
+    sl_fmt_err(c->err, c->err_len, "%s: %s", what, buf);
     ERR_clear_error();
 }
 
@@ -439,13 +427,13 @@ static int ssl_wait(struct conn *c, int ret, const char *what)
         r = wait_fd(c, POLLOUT);
     else {
         if (e == SSL_ERROR_SYSCALL && errno)
-            set_err(c->err, c->err_len, "%s: %s", what, strerror(errno));
+            sl_fmt_err(c->err, c->err_len, "%s: %s", what, strerror(errno));
         else
             ssl_err(c, what);
         return -EPROTO;
     }
     if (r == -ETIMEDOUT)
-        set_err(c->err, c->err_len, "%s: timed out", what);
+        sl_fmt_err(c->err, c->err_len, "%s: timed out", what);
     return r;
 }
 
@@ -460,17 +448,17 @@ static int conn_connect(struct conn *c, const struct url *u)
      * background thread (or once at start-up). */
     int gr = getaddrinfo(u->host, u->port, &hints, &res);
     if (gr != 0) {
-        set_err(c->err, c->err_len, "resolving %s: %s", u->host, gai_strerror(gr));
+        sl_fmt_err(c->err, c->err_len, "resolving %s: %s", u->host, gai_strerror(gr));
         return -EHOSTUNREACH;
     }
     int rc = -ECONNREFUSED;
-    set_err(c->err, c->err_len, "connect: no address");
+    sl_fmt_err(c->err, c->err_len, "connect: no address");
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
         int fd =
             socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
         if (fd < 0) {
             rc = -errno;
-            set_err(c->err, c->err_len, "socket: %s", strerror(errno));
+            sl_fmt_err(c->err, c->err_len, "socket: %s", strerror(errno));
             continue;
         }
         c->fd = fd;
@@ -492,7 +480,7 @@ static int conn_connect(struct conn *c, const struct url *u)
             break;
         }
         rc = r;
-        set_err(c->err, c->err_len, "connect: %s", strerror(-r));
+        sl_fmt_err(c->err, c->err_len, "connect: %s", strerror(-r));
         close(fd);
         c->fd = -1;
         if (r == -ETIMEDOUT)
@@ -567,13 +555,13 @@ static int conn_write_all(struct conn *c, const char *p, size_t n)
                 if (errno == EAGAIN || errno == EWOULDBLOCK) {
                     int e = wait_fd(c, POLLOUT);
                     if (e < 0) {
-                        set_err(c->err, c->err_len, "write: %s",
-                                e == -ETIMEDOUT ? "timed out" : strerror(-e));
+                        sl_fmt_err(c->err, c->err_len, "write: %s",
+                                   e == -ETIMEDOUT ? "timed out" : strerror(-e));
                         return e;
                     }
                     continue;
                 }
-                set_err(c->err, c->err_len, "write: %s", strerror(errno));
+                sl_fmt_err(c->err, c->err_len, "write: %s", strerror(errno));
                 return -errno;
             }
             p += w;
@@ -592,7 +580,7 @@ static int conn_fill(struct conn *c)
         c->pos = 0;
     }
     if (c->len == sizeof c->buf) { /* callers bound lines below this; never spin */
-        set_err(c->err, c->err_len, "response line too long");
+        sl_fmt_err(c->err, c->err_len, "response line too long");
         return -E2BIG;
     }
     for (;;) {
@@ -629,13 +617,13 @@ static int conn_fill(struct conn *c)
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 int e = wait_fd(c, POLLIN);
                 if (e < 0) {
-                    set_err(c->err, c->err_len, "read: %s",
-                            e == -ETIMEDOUT ? "timed out" : strerror(-e));
+                    sl_fmt_err(c->err, c->err_len, "read: %s",
+                               e == -ETIMEDOUT ? "timed out" : strerror(-e));
                     return e;
                 }
                 continue;
             }
-            set_err(c->err, c->err_len, "read: %s", strerror(errno));
+            sl_fmt_err(c->err, c->err_len, "read: %s", strerror(errno));
             return -errno;
         }
     }
@@ -653,13 +641,13 @@ static int conn_line(struct conn *c, char *out, size_t max, size_t *used, size_t
             if (n > 0 && c->buf[c->pos + n - 1] == '\r')
                 n--;
             if (*used + consumed > budget || n > max) {
-                set_err(c->err, c->err_len, "response head too large");
+                sl_fmt_err(c->err, c->err_len, "response head too large");
                 return -E2BIG;
             }
             memcpy(out, c->buf + c->pos, n);
             out[n] = '\0';
             if (memchr(out, '\0', n) || memchr(out, '\r', n)) {
-                set_err(c->err, c->err_len, "bad byte in response head");
+                sl_fmt_err(c->err, c->err_len, "bad byte in response head");
                 return -EPROTO;
             }
             c->pos += consumed;
@@ -668,11 +656,11 @@ static int conn_line(struct conn *c, char *out, size_t max, size_t *used, size_t
         }
         size_t have = c->len - c->pos;
         if (*used + have > budget || have > max + 2) {
-            set_err(c->err, c->err_len, "response head too large");
+            sl_fmt_err(c->err, c->err_len, "response head too large");
             return -E2BIG;
         }
         if (c->eof) {
-            set_err(c->err, c->err_len, "connection closed in the response head");
+            sl_fmt_err(c->err, c->err_len, "connection closed in the response head");
             return -EPROTO;
         }
         int r = conn_fill(c);
@@ -693,7 +681,7 @@ static int body_append(struct conn *c, struct body *b, const char *p, size_t n)
     if (n == 0)
         return 0;
     if (n > b->max - b->len) {
-        set_err(c->err, c->err_len, "body larger than %zu bytes", b->max);
+        sl_fmt_err(c->err, c->err_len, "body larger than %zu bytes", b->max);
         return -EFBIG;
     }
     if (!b->data || b->len + n + 1 > b->cap) {
@@ -704,7 +692,7 @@ static int body_append(struct conn *c, struct body *b, const char *p, size_t n)
             cap = b->max + 1;
         char *d = realloc(b->data, cap);
         if (!d) {
-            set_err(c->err, c->err_len, "out of memory");
+            sl_fmt_err(c->err, c->err_len, "out of memory");
             return -ENOMEM;
         }
         b->data = d;
@@ -724,7 +712,7 @@ static int read_body_bytes(struct conn *c, struct body *b, uint64_t n, bool to_e
             if (c->eof) {
                 if (to_eof)
                     return 0;
-                set_err(c->err, c->err_len, "connection closed in the body");
+                sl_fmt_err(c->err, c->err_len, "connection closed in the body");
                 return -EPROTO;
             }
             int r = conn_fill(c);
@@ -780,13 +768,13 @@ static int read_chunked(struct conn *c, struct body *b)
             k++;
         uint64_t size;
         if (parse_hex(line, digits, &size) < 0 || (k < (size_t)n && line[k] != ';')) {
-            set_err(c->err, c->err_len, "bad chunk size");
+            sl_fmt_err(c->err, c->err_len, "bad chunk size");
             return -EPROTO;
         }
         if (size == 0)
             break;
         if (size > b->max - b->len) {
-            set_err(c->err, c->err_len, "body larger than %zu bytes", b->max);
+            sl_fmt_err(c->err, c->err_len, "body larger than %zu bytes", b->max);
             return -EFBIG;
         }
         int r = read_body_bytes(c, b, size, false);
@@ -796,7 +784,7 @@ static int read_chunked(struct conn *c, struct body *b)
         n = conn_line(c, line, CHUNK_LINE_MAX, &used, CHUNK_LINE_MAX + 2);
         if (n != 0) {
             if (n > 0)
-                set_err(c->err, c->err_len, "chunk not followed by CRLF");
+                sl_fmt_err(c->err, c->err_len, "chunk not followed by CRLF");
             return n > 0 ? -EPROTO : n;
         }
     }
@@ -831,7 +819,7 @@ static int read_head(struct conn *c, int *status, bool *chunked, bool *has_cl, u
         if (n < 12 || memcmp(line, "HTTP/1.", 7) != 0 || (line[7] != '0' && line[7] != '1') ||
             line[8] != ' ' || line[9] < '1' || line[9] > '5' || line[10] < '0' || line[10] > '9' ||
             line[11] < '0' || line[11] > '9' || (n > 12 && line[12] != ' ')) {
-            set_err(c->err, c->err_len, "bad status line");
+            sl_fmt_err(c->err, c->err_len, "bad status line");
             return -EPROTO;
         }
         *status = (line[9] - '0') * 100 + (line[10] - '0') * 10 + (line[11] - '0');
@@ -848,13 +836,13 @@ static int read_head(struct conn *c, int *status, bool *chunked, bool *has_cl, u
                 break;
             char *colon = memchr(line, ':', (size_t)n);
             if (!colon || colon == line || is_ows(line[0])) {
-                set_err(c->err, c->err_len, "bad header line");
+                sl_fmt_err(c->err, c->err_len, "bad header line");
                 return -EPROTO;
             }
             size_t name_len = (size_t)(colon - line);
             for (size_t i = 0; i < name_len; i++) {
                 if (is_ows(line[i])) {
-                    set_err(c->err, c->err_len, "bad header name");
+                    sl_fmt_err(c->err, c->err_len, "bad header name");
                     return -EPROTO;
                 }
             }
@@ -868,25 +856,25 @@ static int read_head(struct conn *c, int *status, bool *chunked, bool *has_cl, u
             if (ieq(line, name_len, "content-length")) {
                 uint64_t val = 0;
                 if (vlen == 0 || vlen > 19) {
-                    set_err(c->err, c->err_len, "bad Content-Length");
+                    sl_fmt_err(c->err, c->err_len, "bad Content-Length");
                     return -EPROTO;
                 }
                 for (size_t i = 0; i < vlen; i++) {
                     if (v[i] < '0' || v[i] > '9') {
-                        set_err(c->err, c->err_len, "bad Content-Length");
+                        sl_fmt_err(c->err, c->err_len, "bad Content-Length");
                         return -EPROTO;
                     }
                     val = val * 10 + (uint64_t)(v[i] - '0');
                 }
                 if (*has_cl && *cl != val) {
-                    set_err(c->err, c->err_len, "conflicting Content-Length");
+                    sl_fmt_err(c->err, c->err_len, "conflicting Content-Length");
                     return -EPROTO;
                 }
                 *has_cl = true;
                 *cl = val;
             } else if (ieq(line, name_len, "transfer-encoding")) {
                 if (has_te || !ieq(v, vlen, "chunked")) {
-                    set_err(c->err, c->err_len, "unsupported Transfer-Encoding");
+                    sl_fmt_err(c->err, c->err_len, "unsupported Transfer-Encoding");
                     return -EPROTO;
                 }
                 has_te = true;
@@ -910,7 +898,7 @@ static int http_fetch(const struct sl_jwks_source *src, struct fetch_result *out
     const struct url *u = &src->url;
     struct conn *c = calloc(1, sizeof *c);
     if (!c) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         return -ENOMEM;
     }
     c->fd = -1;
@@ -930,7 +918,7 @@ static int http_fetch(const struct sl_jwks_source *src, struct fetch_result *out
     size_t req_cap = strlen(u->path) + strlen(u->authority) + 128;
     req = malloc(req_cap);
     if (!req) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         rc = -ENOMEM;
         goto out;
     }
@@ -939,7 +927,7 @@ static int http_fetch(const struct sl_jwks_source *src, struct fetch_result *out
                            "Connection: close\r\nUser-Agent: sluice\r\n\r\n",
                            u->path, u->authority);
     if (req_len < 0 || (size_t)req_len >= req_cap) {
-        set_err(err, err_len, "request too long");
+        sl_fmt_err(err, err_len, "request too long");
         rc = -E2BIG;
         goto out;
     }
@@ -953,7 +941,7 @@ static int http_fetch(const struct sl_jwks_source *src, struct fetch_result *out
     if (rc < 0)
         goto out;
     if (status != 200) {
-        set_err(err, err_len, "HTTP status %d", status);
+        sl_fmt_err(err, err_len, "HTTP status %d", status);
         rc = -EPROTO;
         goto out;
     }
@@ -961,7 +949,8 @@ static int http_fetch(const struct sl_jwks_source *src, struct fetch_result *out
         rc = read_chunked(c, &b);
     } else if (has_cl) {
         if (cl > b.max) {
-            set_err(err, err_len, "body of %llu bytes exceeds %zu", (unsigned long long)cl, b.max);
+            sl_fmt_err(err, err_len, "body of %llu bytes exceeds %zu", (unsigned long long)cl,
+                       b.max);
             rc = -EFBIG;
             goto out;
         }
@@ -1105,25 +1094,25 @@ static struct sl_jwks *load_file(const char *path, size_t max_bytes, bool allow_
     size_t cap = 0, len = 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        set_err(err, err_len, "%s: %s", path, strerror(errno));
+        sl_fmt_err(err, err_len, "%s: %s", path, strerror(errno));
         return NULL;
     }
     if (fstat(fd, st) < 0) {
-        set_err(err, err_len, "%s: %s", path, strerror(errno));
+        sl_fmt_err(err, err_len, "%s: %s", path, strerror(errno));
         goto out;
     }
     if (!S_ISREG(st->st_mode)) {
-        set_err(err, err_len, "%s: not a regular file", path);
+        sl_fmt_err(err, err_len, "%s: not a regular file", path);
         goto out;
     }
     if ((uint64_t)st->st_size > max_bytes) {
-        set_err(err, err_len, "%s: larger than %zu bytes", path, max_bytes);
+        sl_fmt_err(err, err_len, "%s: larger than %zu bytes", path, max_bytes);
         goto out;
     }
     cap = (size_t)st->st_size + 1;
     data = malloc(cap);
     if (!data) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         goto out;
     }
     for (;;) { /* the file may change under us: read at most what fstat saw, plus one byte */
@@ -1131,14 +1120,14 @@ static struct sl_jwks *load_file(const char *path, size_t max_bytes, bool allow_
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            set_err(err, err_len, "%s: %s", path, strerror(errno));
+            sl_fmt_err(err, err_len, "%s: %s", path, strerror(errno));
             goto out;
         }
         if (r == 0)
             break;
         len += (size_t)r;
         if (len == cap) {
-            set_err(err, err_len, "%s: changed while being read", path);
+            sl_fmt_err(err, err_len, "%s: changed while being read", path);
             goto out;
         }
     }
@@ -1155,7 +1144,7 @@ static struct sl_jwks *load_file(const char *path, size_t max_bytes, bool allow_
         /* prefix the path; the parser's reason never holds key material */
         char reason[ERR_LEN];
         snprintf(reason, sizeof reason, "%s", err);
-        set_err(err, err_len, "%s: %s", path, reason);
+        sl_fmt_err(err, err_len, "%s: %s", path, reason);
     }
 out:
     if (data)
@@ -1333,7 +1322,7 @@ static struct sl_jwks_source *alloc_source(enum source_kind kind,
 {
     struct sl_jwks_source *src = calloc(1, sizeof *src);
     if (!src) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         return NULL;
     }
     src->kind = kind;
@@ -1345,7 +1334,7 @@ static struct sl_jwks_source *alloc_source(enum source_kind kind,
     if (opts && opts->ca_file) {
         char *ca = strdup(opts->ca_file);
         if (!ca) {
-            set_err(err, err_len, "out of memory");
+            sl_fmt_err(err, err_len, "out of memory");
             destroy(src);
             return NULL;
         }
@@ -1359,7 +1348,7 @@ static SSL_CTX *make_ssl_ctx(const char *ca_file, char *err, size_t err_len)
     ERR_clear_error();
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx) {
-        set_err(err, err_len, "TLS context: out of memory");
+        sl_fmt_err(err, err_len, "TLS context: out of memory");
         return NULL;
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
@@ -1372,8 +1361,8 @@ static SSL_CTX *make_ssl_ctx(const char *ca_file, char *err, size_t err_len)
         if (e)
             ERR_error_string_n(e, buf, sizeof buf);
         ERR_clear_error();
-        set_err(err, err_len, "loading CA certificates from %s: %s",
-                ca_file ? ca_file : "the system store", buf);
+        sl_fmt_err(err, err_len, "loading CA certificates from %s: %s",
+                   ca_file ? ca_file : "the system store", buf);
         SSL_CTX_free(ctx);
         return NULL;
     }
@@ -1404,7 +1393,7 @@ struct sl_jwks_source *sl_jwks_source_new_url(const char *url,
         src->next_due_ms = sl_clock_now_ms() + next_backoff(src);
     int rc = register_source(src);
     if (rc < 0) {
-        set_err(err, err_len, "starting the key fetch thread: %s", strerror(-rc));
+        sl_fmt_err(err, err_len, "starting the key fetch thread: %s", strerror(-rc));
         goto fail;
     }
     return src;
@@ -1423,7 +1412,7 @@ struct sl_jwks_source *sl_jwks_source_new_file(const char *path,
     src->allow_oct = allow_oct;
     src->file_path = strdup(path);
     if (!src->file_path) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         goto fail;
     }
     struct sl_jwks *ks =
@@ -1437,7 +1426,7 @@ struct sl_jwks_source *sl_jwks_source_new_file(const char *path,
     src->next_due_ms = now + src->opts.refresh_ms;
     int rc = register_source(src);
     if (rc < 0) {
-        set_err(err, err_len, "starting the key fetch thread: %s", strerror(-rc));
+        sl_fmt_err(err, err_len, "starting the key fetch thread: %s", strerror(-rc));
         goto fail;
     }
     return src;

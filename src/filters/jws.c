@@ -42,6 +42,7 @@
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
 
+#include "core/fmt.h"
 #include "filters/json_scratch.h"
 
 /* ---- algorithms ---- */
@@ -232,19 +233,6 @@ size_t sl_b64url_encode(const unsigned char *in, size_t len, char *out, size_t c
 }
 
 /* ---- small helpers ---- */
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 /* A stable 64-bit identity of key material: the first 8 bytes of its SHA-256. */
 static uint64_t fingerprint(const unsigned char *b, size_t n)
@@ -620,13 +608,13 @@ struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char
 {
     json_error_t jerr;
     if (!json) {
-        set_err(err, err_len, "no JSON");
+        sl_fmt_err(err, err_len, "no JSON");
         return NULL;
     }
     json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
         /* jerr.text quotes input, which may be secret key material: position only */
-        set_err(err, err_len, "invalid JSON at line %d column %d", jerr.line, jerr.column);
+        sl_fmt_err(err, err_len, "invalid JSON at line %d column %d", jerr.line, jerr.column);
         return NULL;
     }
     struct sl_jwks *ks = NULL;
@@ -634,23 +622,23 @@ struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char
     size_t n;
     if (keys) {
         if (!json_is_array(keys)) {
-            set_err(err, err_len, "\"keys\" is not an array");
+            sl_fmt_err(err, err_len, "\"keys\" is not an array");
             goto out;
         }
         n = json_array_size(keys);
         if (n > JWKS_MAX_KEYS) {
-            set_err(err, err_len, "more than %d keys in the set", JWKS_MAX_KEYS);
+            sl_fmt_err(err, err_len, "more than %d keys in the set", JWKS_MAX_KEYS);
             goto out;
         }
     } else if (json_is_object(root) && json_object_get(root, "kty")) {
         n = 1;
     } else {
-        set_err(err, err_len, "neither a JWK Set nor a JWK");
+        sl_fmt_err(err, err_len, "neither a JWK Set nor a JWK");
         goto out;
     }
     ks = jwks_alloc(n);
     if (!ks) {
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         goto out;
     }
     const char *why = "empty key set";
@@ -665,7 +653,7 @@ struct sl_jwks *sl_jwks_parse(const char *json, size_t len, bool allow_oct, char
         }
     }
     if (ks->count == 0) {
-        set_err(err, err_len, "no usable key (%zu skipped; last: %s)", ks->skipped, why);
+        sl_fmt_err(err, err_len, "no usable key (%zu skipped; last: %s)", ks->skipped, why);
         jwks_free(ks);
         ks = NULL;
     }
@@ -678,16 +666,17 @@ struct sl_jwks *sl_jwks_from_secret(const unsigned char *secret, size_t len, uns
                                     char *err, size_t err_len)
 {
     if (!secret || len == 0) {
-        set_err(err, err_len, "empty secret");
+        sl_fmt_err(err, err_len, "empty secret");
         return NULL;
     }
     if (algs & ~SL_JWS_HMAC_ALGS) {
-        set_err(err, err_len, "a secret only serves HS256, HS384 and HS512");
+        sl_fmt_err(err, err_len, "a secret only serves HS256, HS384 and HS512");
         return NULL;
     }
     unsigned a = hmac_algs_for_len(len) & (algs ? algs : SL_JWS_HMAC_ALGS);
     if (!a) {
-        set_err(err, err_len, "secret too short: HS256/HS384/HS512 need at least 32/48/64 bytes");
+        sl_fmt_err(err, err_len,
+                   "secret too short: HS256/HS384/HS512 need at least 32/48/64 bytes");
         return NULL;
     }
     struct sl_jwks *ks = jwks_alloc(1);
@@ -696,7 +685,7 @@ struct sl_jwks *sl_jwks_from_secret(const unsigned char *secret, size_t len, uns
         free(copy);
         if (ks)
             jwks_free(ks);
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         return NULL;
     }
     memcpy(copy, secret, len);
@@ -746,13 +735,13 @@ struct sl_jwks *sl_jwks_from_pem(const char *pem, size_t len, unsigned algs, cha
                                  size_t err_len)
 {
     if (!pem || len == 0 || len > INT_MAX) {
-        set_err(err, err_len, "empty or oversized PEM");
+        sl_fmt_err(err, err_len, "empty or oversized PEM");
         return NULL;
     }
     EVP_PKEY *pkey = pem_pubkey(pem, len);
     ERR_clear_error();
     if (!pkey) {
-        set_err(err, err_len, "no PUBLIC KEY, RSA PUBLIC KEY or CERTIFICATE in PEM");
+        sl_fmt_err(err, err_len, "no PUBLIC KEY, RSA PUBLIC KEY or CERTIFICATE in PEM");
         return NULL;
     }
     const char *why = "unsupported key";
@@ -762,14 +751,14 @@ struct sl_jwks *sl_jwks_from_pem(const char *pem, size_t len, unsigned algs, cha
     if (!a) {
         if (algs && pkey_algs(pkey, &why))
             why = "none of the configured algorithms fits this key";
-        set_err(err, err_len, "%s", why);
+        sl_fmt_err(err, err_len, "%s", why);
         EVP_PKEY_free(pkey);
         return NULL;
     }
     struct sl_jwks *ks = jwks_alloc(1);
     if (!ks) {
         EVP_PKEY_free(pkey);
-        set_err(err, err_len, "out of memory");
+        sl_fmt_err(err, err_len, "out of memory");
         return NULL;
     }
     ks->keys[0] = (struct sl_jwk){

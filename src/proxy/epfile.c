@@ -18,6 +18,7 @@
 #include "config/config.h"
 #include "config/errors.h"
 #include "config/yaml_tree.h"
+#include "core/fmt.h"
 #include "core/log.h"
 #include "core/loop.h"
 
@@ -380,19 +381,6 @@ static void walk_root(struct walk *w, const struct sl_yaml_node *root)
     walk_list(w, list);
 }
 
-static void put_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void put_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    if (!err || err_len == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
-
 void sl_epfile_specs_free(struct sl_endpoint_spec *specs, size_t n)
 {
     if (!specs)
@@ -411,7 +399,7 @@ int sl_epfile_parse(const char *text, size_t len, struct sl_endpoint_spec **out,
     *out = NULL;
     *n = 0;
     if (len > SL_EPFILE_MAX_BYTES) {
-        put_err(err, err_len, "1:1: the file is larger than %u MiB", SL_EPFILE_MAX_BYTES >> 20);
+        sl_fmt_err(err, err_len, "1:1: the file is larger than %u MiB", SL_EPFILE_MAX_BYTES >> 20);
         return -1;
     }
     struct sl_config_errors errs = {0};
@@ -430,7 +418,7 @@ int sl_epfile_parse(const char *text, size_t len, struct sl_endpoint_spec **out,
     if (w.oom && !w.fe.set)
         fail_at(&w.fe, 1, 1, "out of memory");
     if (w.fe.set) {
-        put_err(err, err_len, "%d:%d: %s", w.fe.line, w.fe.col, w.fe.msg);
+        sl_fmt_err(err, err_len, "%d:%d: %s", w.fe.line, w.fe.col, w.fe.msg);
         /* Elements after the first error own no strings; the ones before do. */
         sl_epfile_specs_free(w.specs, w.count);
         free(w.at);
@@ -456,20 +444,20 @@ int sl_epfile_read(const char *path, struct sl_endpoint_spec **out, size_t *n, c
     if (fd < 0) {
         rc = -errno;
         if (rc == -ENOENT)
-            put_err(err, err_len, "%s: no such file", path);
+            sl_fmt_err(err, err_len, "%s: no such file", path);
         else
-            put_err(err, err_len, "%s: cannot open: %s", path, strerror(-rc));
+            sl_fmt_err(err, err_len, "%s: cannot open: %s", path, strerror(-rc));
         return rc;
     }
     struct stat st;
     if (fstat(fd, &st) < 0) {
         rc = -errno;
-        put_err(err, err_len, "%s: cannot stat: %s", path, strerror(-rc));
+        sl_fmt_err(err, err_len, "%s: cannot stat: %s", path, strerror(-rc));
         goto out;
     }
     if (!S_ISREG(st.st_mode)) {
         rc = -EINVAL;
-        put_err(err, err_len, "%s: not a regular file", path);
+        sl_fmt_err(err, err_len, "%s: not a regular file", path);
         goto out;
     }
     if (st.st_size > (off_t)SL_EPFILE_MAX_BYTES) {
@@ -482,7 +470,7 @@ int sl_epfile_read(const char *path, struct sl_endpoint_spec **out, size_t *n, c
     buf = malloc(cap);
     if (!buf) {
         rc = -ENOMEM;
-        put_err(err, err_len, "%s: out of memory", path);
+        sl_fmt_err(err, err_len, "%s: out of memory", path);
         goto out;
     }
     for (;;) {
@@ -495,7 +483,7 @@ int sl_epfile_read(const char *path, struct sl_endpoint_spec **out, size_t *n, c
             char *nb = realloc(buf, ncap);
             if (!nb) {
                 rc = -ENOMEM;
-                put_err(err, err_len, "%s: out of memory", path);
+                sl_fmt_err(err, err_len, "%s: out of memory", path);
                 goto out;
             }
             buf = nb;
@@ -506,7 +494,7 @@ int sl_epfile_read(const char *path, struct sl_endpoint_spec **out, size_t *n, c
             if (errno == EINTR)
                 continue;
             rc = -errno;
-            put_err(err, err_len, "%s: cannot read: %s", path, strerror(-rc));
+            sl_fmt_err(err, err_len, "%s: cannot read: %s", path, strerror(-rc));
             goto out;
         }
         if (r == 0)
@@ -516,11 +504,11 @@ int sl_epfile_read(const char *path, struct sl_endpoint_spec **out, size_t *n, c
     char perr[512];
     if (sl_epfile_parse(buf, len, out, n, perr, sizeof(perr)) != 0) {
         rc = -EINVAL;
-        put_err(err, err_len, "%s:%s", path, perr);
+        sl_fmt_err(err, err_len, "%s:%s", path, perr);
     }
     goto out;
 too_big:
-    put_err(err, err_len, "%s: larger than %u MiB", path, SL_EPFILE_MAX_BYTES >> 20);
+    sl_fmt_err(err, err_len, "%s: larger than %u MiB", path, SL_EPFILE_MAX_BYTES >> 20);
 out:
     free(buf);
     close(fd);
@@ -654,16 +642,16 @@ struct sl_epfile_watch *sl_epfile_watch_new(struct sl_loop *loop, const char *pa
     const char *name = slash ? slash + 1 : path;
     size_t name_len = strlen(name);
     if (name_len == 0 || strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
-        put_err(err, err_len, "%s: not a file path", path);
+        sl_fmt_err(err, err_len, "%s: not a file path", path);
         return NULL;
     }
     if (name_len > NAME_MAX) {
-        put_err(err, err_len, "%s: file name too long", path);
+        sl_fmt_err(err, err_len, "%s: file name too long", path);
         return NULL;
     }
     struct sl_epfile_watch *w = calloc(1, sizeof(*w));
     if (!w) {
-        put_err(err, err_len, "%s: out of memory", path);
+        sl_fmt_err(err, err_len, "%s: out of memory", path);
         return NULL;
     }
     w->loop = loop;
@@ -679,29 +667,29 @@ struct sl_epfile_watch *sl_epfile_watch_new(struct sl_loop *loop, const char *pa
     else
         w->dir = strndup(path, (size_t)(slash - path));
     if (!w->name || !w->dir) {
-        put_err(err, err_len, "%s: out of memory", path);
+        sl_fmt_err(err, err_len, "%s: out of memory", path);
         goto fail;
     }
     w->fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
     if (w->fd < 0) {
         int e = errno;
-        put_err(err, err_len, "%s: cannot watch: %s%s", path, strerror(e),
-                e == EMFILE ? " (inotify instances are limited by "
-                              "fs.inotify.max_user_instances)"
-                            : "");
+        sl_fmt_err(err, err_len, "%s: cannot watch: %s%s", path, strerror(e),
+                   e == EMFILE ? " (inotify instances are limited by "
+                                 "fs.inotify.max_user_instances)"
+                               : "");
         goto fail;
     }
     if (inotify_add_watch(w->fd, w->dir, WATCH_MASK) < 0) {
         int e = errno;
-        put_err(err, err_len, "%s: cannot watch directory %s: %s%s", path, w->dir, strerror(e),
-                e == ENOSPC ? " (watches are limited by fs.inotify.max_user_watches)" : "");
+        sl_fmt_err(err, err_len, "%s: cannot watch directory %s: %s%s", path, w->dir, strerror(e),
+                   e == ENOSPC ? " (watches are limited by fs.inotify.max_user_watches)" : "");
         goto fail;
     }
     sl_timer_init(&w->debounce, on_debounce, w);
     sl_defer_init(&w->free_defer, on_free, w);
     int rc = sl_io_start(loop, &w->io, w->fd, EPOLLIN, on_inotify, w);
     if (rc < 0) {
-        put_err(err, err_len, "%s: cannot watch: %s", path, strerror(-rc));
+        sl_fmt_err(err, err_len, "%s: cannot watch: %s", path, strerror(-rc));
         goto fail;
     }
     return w;
