@@ -22,6 +22,7 @@
 
 #include "core/loop.h"
 #include "proxy/dns.h"
+#include "loop_wait.h"
 
 /* Slow enough for ASan, far below anything a test waits for. */
 #define WAIT_MS 5000
@@ -421,46 +422,6 @@ static void dnsmasq_stop(struct dnsmasq *m)
 }
 
 /* ---- loop helpers ------------------------------------------------------------------------ */
-
-struct waiter {
-    struct sl_loop *loop;
-    bool (*pred)(void *);
-    void *arg;
-    struct sl_timer tick, deadline;
-};
-
-static void on_wait_tick(struct sl_timer *t)
-{
-    struct waiter *w = t->data;
-    if (w->pred && w->pred(w->arg))
-        sl_loop_stop(w->loop);
-    else
-        sl_timer_arm(w->loop, &w->tick, 1);
-}
-
-static void on_wait_deadline(struct sl_timer *t)
-{
-    struct waiter *w = t->data;
-    sl_loop_stop(w->loop);
-}
-
-/* Runs the loop until pred(arg) holds (checked every millisecond) or max_ms passed. */
-static bool run_until(struct sl_loop *loop, bool (*pred)(void *), void *arg, uint64_t max_ms)
-{
-    loop->now_ms = sl_clock_now_ms();
-    if (pred && pred(arg))
-        return true;
-    struct waiter w = {.loop = loop, .pred = pred, .arg = arg};
-    sl_timer_init(&w.tick, on_wait_tick, &w);
-    sl_timer_init(&w.deadline, on_wait_deadline, &w);
-    sl_timer_arm(loop, &w.tick, 1);
-    sl_timer_arm(loop, &w.deadline, max_ms);
-    sl_loop_run(loop);
-    sl_timer_cancel(loop, &w.tick);
-    sl_timer_cancel(loop, &w.deadline);
-    loop->now_ms = sl_clock_now_ms();
-    return pred ? pred(arg) : true;
-}
 
 /* ---- answers ------------------------------------------------------------------------------ */
 
