@@ -7,6 +7,7 @@ polled until every one of them accepts), other `$NAME` placeholders come from ke
 arguments (backend addresses and the like).
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -59,6 +60,37 @@ def run_cli(args, timeout=10.0):
     require_binary()
     return subprocess.run([SLUICE_BIN] + list(args), capture_output=True, timeout=timeout,
                           env=sluice_env(), text=True)
+
+
+@contextlib.contextmanager
+def stalled_listener():
+    """A listener on 127.0.0.1 whose accept queue is full, so the kernel drops further SYNs and
+    a connect to it never completes. Yields its port; skips the test when the kernel accepts
+    past the backlog anyway."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(srv.getsockname())
+            fillers.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(srv.getsockname())
+            pytest.skip("kernel accepted past the backlog; cannot stage a hanging connect")
+        except (socket.timeout, OSError):
+            pass
+        finally:
+            probe.close()
+        yield srv.getsockname()[1]
+    finally:
+        for s in fillers:
+            s.close()
+        srv.close()
 
 
 def can_connect(port, timeout=0.2):

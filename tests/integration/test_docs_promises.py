@@ -17,7 +17,7 @@ import pytest
 
 from client import RawClient, assert_gateway_error, build_request
 from helpers import (REPO, SLUICE_BIN, can_connect, poll, proxy_config, require_binary,
-                     run_cli, simple_config, sluice_env)
+                     run_cli, simple_config, sluice_env, stalled_listener)
 from peers import dead_port, free_port
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -832,37 +832,14 @@ def test_upstream_errors_502_503_504(gateway, backend):
 
 
 def test_upstream_connect_timeout_is_504(gateway):
-    # A listener whose accept queue is full drops further SYNs: connect() never completes.
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(srv.getsockname())
-            fillers.append(s)
-        probe = socket.socket()
-        probe.settimeout(0.3)
-        try:
-            probe.connect(srv.getsockname())
-            pytest.skip("kernel accepted past the backlog; cannot stage a connect timeout")
-        except (socket.timeout, OSError):
-            pass
-        finally:
-            probe.close()
+    with stalled_listener() as port:
         g = gateway(proxy_config(upstream_extra="    timeouts: {connect: 200ms}\n"
                                  "    retries: {attempts: 0}"),
-                    B1="127.0.0.1:%d" % srv.getsockname()[1])
+                    B1="127.0.0.1:%d" % port)
         t0 = time.monotonic()
         doc = assert_gateway_error(g.request("GET", "/"), 504)
         assert doc["error"] == "upstream_connect_timeout", doc
         assert time.monotonic() - t0 < 2
-    finally:
-        for s in fillers:
-            s.close()
-        srv.close()
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from client import assert_gateway_error
-from helpers import run_cli
+from helpers import run_cli, stalled_listener
 from peers import dead_port
 from resilience_peers import rconfig, rpeers, run_load, until
 
@@ -337,28 +337,8 @@ def test_breaker_max_connections_counts_busy_and_reuses_idle(gateway, rpeers):
 
 
 def test_breaker_max_pending_bounds_requests_waiting_for_a_connect(gateway):
-    import socket
-    # A listener whose accept queue is full: further connects hang until the connect timeout.
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(srv.getsockname())
-            fillers.append(s)
-        probe = socket.socket()
-        probe.settimeout(0.3)
-        try:
-            probe.connect(srv.getsockname())
-            pytest.skip("kernel accepted past the backlog; cannot stage a pending connect")
-        except (socket.timeout, OSError):
-            pass
-        finally:
-            probe.close()
-        gw = gateway(rconfig(["127.0.0.1:%d" % srv.getsockname()[1]], workers=1, upstream="""
+    with stalled_listener() as port:
+        gw = gateway(rconfig(["127.0.0.1:%d" % port], workers=1, upstream="""
             timeouts: {connect: 2s}
             retries: {attempts: 0}
             health: {passive: {consecutive_failures: 0}}
@@ -368,7 +348,6 @@ def test_breaker_max_pending_bounds_requests_waiting_for_a_connect(gateway):
         t = threading.Thread(target=lambda: first.append(gw.request("GET", "/a", timeout=5)))
         t.start()
         try:
-            port = srv.getsockname()[1]
             until(lambda: syn_sent_to(port), 3, "the first request's connect is pending")
             t0 = time.monotonic()
             r = gw.request("GET", "/b", timeout=5)
@@ -379,10 +358,6 @@ def test_breaker_max_pending_bounds_requests_waiting_for_a_connect(gateway):
         assert doc["error"] == "upstream_overloaded", doc
         assert took < 0.5, "the overflow answer took %.3fs" % took
         assert first and first[0].status == 504, first  # its own connect timed out
-    finally:
-        for s in fillers:
-            s.close()
-        srv.close()
 
 
 def test_breaker_max_pending_counts_only_connects_in_progress(gateway, rpeers):
