@@ -558,11 +558,15 @@ static void ex_retry(struct exchange *ex, enum sl_outcome outcome, enum retry_co
     ex->retries++;
     SL_DEBUG("request %.*s: retry %u after %s", (int)ex->req->request_id.len,
              ex->req->request_id.ptr, ex->retries, ex->last_name);
-    /* A refused connect sent nothing: go elsewhere at once. Anything else backs off with
-     * equal jitter, so retries of many requests do not arrive together. */
+    /* The first retry goes at once: it is sent to another endpoint, and one endpoint failing
+     * is the common case, whose cost is then one round trip rather than a backoff. So does
+     * any retry after a refused connect (nothing was sent). Later retries mean several
+     * endpoints failed: they back off with equal jitter, so the retries of many requests do
+     * not arrive together at what is left; the budget bounds them anyway. */
     uint64_t delay = 0;
-    if (cond != RC_CONNECT && ex->rc->backoff_base_ms) {
-        uint64_t d = ex->rc->backoff_base_ms << (ex->retries - 1 < 16 ? ex->retries - 1 : 16);
+    if (cond != RC_CONNECT && ex->retries >= 2 && ex->rc->backoff_base_ms) {
+        unsigned step = ex->retries - 2;
+        uint64_t d = ex->rc->backoff_base_ms << (step < 16 ? step : 16);
         if (d > ex->rc->backoff_max_ms)
             d = ex->rc->backoff_max_ms;
         uint64_t *rng = &ex->up->rng;

@@ -379,3 +379,27 @@ def test_breaker_max_pending_counts_only_connects_in_progress(gateway, rpeers):
         t.join(10)
     assert r.status == 200, r
     assert out and out[0].status == 200, out
+
+
+def test_first_retry_is_immediate_later_ones_back_off(gateway, rpeers):
+    # backoff base 1s: a first retry that waited would take >= 0.5 s (equal jitter: half of
+    # base at least); the second retry must wait that long. 503s, not resets: a reset on a
+    # reused connection is replayed once without being a retry, which would blur the count.
+    b1, b2, b3 = rpeers.backends(3)
+    gw = gateway(rconfig([b1, b2, b3], workers=1, upstream=[NO_PASSIVE, """
+        retries: {attempts: 2, backoff: {base: 1s, max: 2s}}
+        """]))
+    b1.set_mode("status", status=503)
+    b2.set_mode("status", status=503)
+    one, two = [], []
+    for i in range(9):
+        p = "/r/%d" % i
+        t0 = time.monotonic()
+        r = gw.request("GET", p, timeout=10)
+        took = time.monotonic() - t0
+        assert r.status == 200 and r.header("x-backend") == "b3", r
+        n_tries = sum(b.count(path=p) for b in (b1, b2, b3))
+        (one if n_tries == 2 else two if n_tries == 3 else []).append(took)
+    assert one and two, (one, two)
+    assert max(one) < 0.5, one  # the first retry did not wait
+    assert min(two) >= 0.5, two  # the second did
