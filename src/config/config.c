@@ -24,6 +24,7 @@
 #define HOUR (60 * MIN)
 #define KIB 1024ull
 #define MIB (1024 * KIB)
+#define GIB (1024ull * MIB)
 
 /* Config files larger than this are certainly a mistake (a log, a binary). */
 #define MAX_FILE_BYTES (16 * MIB)
@@ -431,6 +432,18 @@ static const struct sl__schema_key limits_keys[] = {
      .min = 1,
      .max = 24 * HOUR,
      .def = 60 * SEC},
+    {.name = "min_body_rate",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_limits_conf, min_body_rate),
+     .min = 0,
+     .max = GIB,
+     .def = 100},
+    {.name = "min_body_rate_after",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_limits_conf, min_body_rate_after_ms),
+     .min = 0,
+     .max = HOUR,
+     .def = 10 * SEC},
     {.name = "idle_timeout",
      .type = SL__T_DURATION,
      SL__FIELD(struct sl_limits_conf, idle_timeout_ms),

@@ -32,15 +32,17 @@ enum sl_method {
 };
 
 struct sl_limits_conf {
-    uint64_t max_header_bytes;      /* request line + headers; default 16KiB, 431 beyond */
-    uint64_t max_header_count;      /* default 100, 431 beyond */
-    uint64_t max_uri_bytes;         /* default 8KiB, 414 beyond */
-    uint64_t max_body_bytes;        /* default 10MiB, 413 beyond; 0 = unlimited */
-    uint64_t header_timeout_ms;     /* whole request head must arrive within; default 10s, 408 */
-    uint64_t body_timeout_ms;       /* max gap between body reads; default 60s, 408 */
-    uint64_t idle_timeout_ms;       /* keep-alive idle between requests; default 60s, close */
-    uint64_t send_timeout_ms;       /* max gap while a client does not read; default 60s, close */
-    uint64_t max_requests_per_conn; /* default 0 = unlimited */
+    uint64_t max_header_bytes;       /* request line + headers; default 16KiB, 431 beyond */
+    uint64_t max_header_count;       /* default 100, 431 beyond */
+    uint64_t max_uri_bytes;          /* default 8KiB, 414 beyond */
+    uint64_t max_body_bytes;         /* default 10MiB, 413 beyond; 0 = unlimited */
+    uint64_t header_timeout_ms;      /* whole request head must arrive within; default 10s, 408 */
+    uint64_t body_timeout_ms;        /* max gap between body reads; default 60s, 408 */
+    uint64_t min_body_rate;          /* bytes/s a body must average; default 100; 0 = off, 408 */
+    uint64_t min_body_rate_after_ms; /* ... from this long after the body began; default 10s */
+    uint64_t idle_timeout_ms;        /* keep-alive idle between requests; default 60s, close */
+    uint64_t send_timeout_ms;        /* max gap while a client does not read; default 60s, close */
+    uint64_t max_requests_per_conn;  /* default 0 = unlimited */
 };
 
 struct sl_listener_conf {

@@ -64,7 +64,9 @@ struct h1_req {
     struct sl_h1_body_reader body;
     struct sl_h1_body_writer bw;
     uint64_t max_body;
-    bool finished;    /* the handler called finish */
+    uint64_t body_waited_ms; /* time spent waiting for body bytes, for min_body_rate */
+    uint64_t wait_since_ms;  /* start of the current wait for body bytes; 0 = not waiting */
+    bool finished;           /* the handler called finish */
     const char *rest; /* what sl_request_respond could not write yet (outlives the request) */
     size_t rest_len;
     bool reusable;
@@ -772,6 +774,40 @@ static struct sl_server_conn *req_conn(struct sl_request *req)
     return req->conn;
 }
 
+/*
+ * How long to wait for more body bytes: the gap allowed by body_timeout, shortened so that a
+ * client dripping its body (slowloris) is cut once the bytes it sent fall below min_body_rate
+ * per second of waiting for it, after a grace of min_body_rate_after. Only time spent waiting
+ * on the client counts: while the gateway itself holds the body back (a slow upstream), the
+ * client is not charged. A client below the rate meets a timer that fires at once and gets
+ * the body_timeout answer (408).
+ */
+static uint64_t body_wait_ms(struct sl_server_conn *c, struct h1_req *r)
+{
+    const struct sl_limits_conf *lim = c->srv->limits;
+    uint64_t wait = lim->body_timeout_ms;
+    if (!lim->min_body_rate)
+        return wait;
+    uint64_t now = sl_loop_now_ms(c->srv->loop);
+    if (!r->wait_since_ms)
+        r->wait_since_ms = now ? now : 1;
+    uint64_t waited = r->body_waited_ms + (now - r->wait_since_ms);
+    uint64_t earned =
+        r->body.total > UINT64_MAX / 1000 ? UINT64_MAX : r->body.total * 1000 / lim->min_body_rate;
+    uint64_t allowed = earned > lim->min_body_rate_after_ms ? earned : lim->min_body_rate_after_ms;
+    uint64_t left = allowed > waited ? allowed - waited : 0;
+    return left < wait ? left : wait;
+}
+
+/* Body bytes are here: the current wait for them (if any) ends. */
+static void body_wait_end(struct sl_server_conn *c, struct h1_req *r)
+{
+    if (!r->wait_since_ms)
+        return;
+    r->body_waited_ms += sl_loop_now_ms(c->srv->loop) - r->wait_since_ms;
+    r->wait_since_ms = 0;
+}
+
 enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *data, int *status)
 {
     struct h1_req *r = (struct h1_req *)req;
@@ -800,6 +836,8 @@ enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *dat
     enum sl_h1_err err = SL_H1_ERR_NONE;
     enum sl_status st =
         sl_h1_body_reader_peek(&r->body, &c->in, (c->flags & CF_EOF) != 0, data, &err);
+    if (st != SL_AGAIN)
+        body_wait_end(c, r);
     if (st == SL_OK) {
         if (r->max_body && r->body.total + data->len > r->max_body) {
             *status = 413;
@@ -827,7 +865,7 @@ enum sl_status sl_request_body_peek(struct sl_request *req, struct sl_slice *dat
         return SL_AGAIN;
     }
     c->flags |= CF_WANT_BODY;
-    sl_timer_arm(c->srv->loop, &c->timer, c->srv->limits->body_timeout_ms);
+    sl_timer_arm(c->srv->loop, &c->timer, body_wait_ms(c, r));
     conn_update_events(c);
     return SL_AGAIN;
 }

@@ -168,3 +168,63 @@ def test_keepalive_within_idle_timeout_stays_open(gw):
             assert r.status == 200
             time.sleep(0.2)  # well under idle_timeout: 500ms
         assert c.request("GET", "/alive/end").status == 200
+
+
+# ---- slowloris: a minimum body rate --------------------------------------------------------
+
+
+def _drip(gw, chunk, every, total, out, key):
+    """POSTs `total` body bytes in `chunk`-byte pieces every `every` s; stores the status (or
+    the way the connection ended) in out[key] and when it ended."""
+    with gw.connect(timeout=15) as c:
+        c.send(build_request("POST", "/drip-%s" % key, [("Content-Length", str(total))]))
+        t0 = time.monotonic()
+        sent = 0
+        try:
+            while sent < total:
+                n = min(chunk, total - sent)
+                c.send(b"d" * n)
+                sent += n
+                r, _, _ = select.select([c.sock], [], [], every)
+                if r:  # the gateway answered (or closed) before the body was complete
+                    break
+        except OSError:
+            pass
+        resp, err = c.try_read_response(timeout=10)
+        out[key] = (resp.status if resp is not None else err, time.monotonic() - t0, sent)
+
+
+def test_min_body_rate_cuts_a_dripping_client_and_serves_others(module_gateway_factory,
+                                                                module_backend):
+    import threading
+    b = module_backend()
+    g = module_gateway_factory.start(proxy_config(
+        limits="{body_timeout: 30s, min_body_rate: 100, min_body_rate_after: 1s}"), B1=b.addr)
+    out = {}
+    # 5 bytes/s: below 100 B/s, cut about 1 s (the grace) into the body, long before
+    # body_timeout; 500 bytes/s for 2.5 s: above the rate, never cut.
+    slow = threading.Thread(target=_drip, args=(g, 1, 0.2, 1000, out, "slow"))
+    fine = threading.Thread(target=_drip, args=(g, 100, 0.2, 1200, out, "fine"))
+    slow.start()
+    fine.start()
+    try:
+        # meanwhile ordinary requests are served
+        for i in range(5):
+            assert g.request("POST", "/normal/%d" % i, body=b"n" * 500).status == 200
+    finally:
+        slow.join(20)
+        fine.join(20)
+    status, took, sent = out["slow"]
+    assert status in (408, "closed"), out
+    assert took < 5, out  # well before body_timeout (30 s)
+    assert sent < 1000, out
+    assert out["fine"][0] == 200, out
+
+
+def test_min_body_rate_zero_turns_it_off(module_gateway_factory, module_backend):
+    b = module_backend()
+    g = module_gateway_factory.start(proxy_config(
+        limits="{body_timeout: 30s, min_body_rate: 0, min_body_rate_after: 100ms}"), B1=b.addr)
+    out = {}
+    _drip(g, 1, 0.1, 15, out, "slowbutallowed")
+    assert out["slowbutallowed"][0] == 200, out
