@@ -1743,6 +1743,12 @@ static const char *const log_level_names[] = {"error", "warn", "info", "debug", 
  * run after both. */
 static const struct sl__schema_key top_keys[] = {
     {.name = "workers", .type = SL__T_CUSTOM, .set = set_workers},
+    {.name = "max_connections",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_config, max_connections),
+     .min = 0,
+     .max = 100000000,
+     .def = 0},
     {.name = "drain_timeout",
      .type = SL__T_DURATION,
      SL__FIELD(struct sl_config, drain_timeout_ms),

@@ -197,6 +197,26 @@ static void on_listen_ready(struct sl_io *io, uint32_t events)
     (void)events;
     struct sl_acceptor *a = io->data;
     for (int i = 0; i < 64 && !a->paused && a->io.fd >= 0; i++) {
+        if (a->gate && a->gate->max &&
+            atomic_load_explicit(&a->gate->open, memory_order_relaxed) >= a->gate->max) {
+            /* At the connection cap: leave new connections in the backlog and look again
+             * shortly (a level-triggered listener would spin otherwise). */
+            if (!a->at_cap) {
+                SL_WARN("accept: %u connections open, the cap (max_connections); new ones wait "
+                        "in the backlog",
+                        a->gate->max);
+                atomic_fetch_add_explicit(&a->gate->pauses, 1, memory_order_relaxed);
+            }
+            a->at_cap = true;
+            a->paused = true;
+            sl_io_modify(a->loop, &a->io, 0);
+            sl_timer_arm(a->loop, &a->resume, 10);
+            return;
+        }
+        if (a->at_cap) {
+            a->at_cap = false;
+            SL_INFO("accept: below the connection cap again");
+        }
         struct sockaddr_storage peer;
         socklen_t plen = sizeof peer;
         int fd = accept4(a->io.fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);

@@ -80,13 +80,27 @@ struct sl_acceptor;
 typedef void (*sl_accept_cb)(struct sl_acceptor *a, int fd, const struct sockaddr *peer,
                              socklen_t peer_len);
 
+/*
+ * A process-wide cap on client connections, shared by every acceptor of every worker: at the
+ * cap, acceptors stop accepting and new connections wait in the kernel's backlog until some
+ * close, instead of failing (or the process running out of descriptors mid-request). The
+ * front-ends count connections in `open`.
+ */
+struct sl_conn_gate {
+    _Atomic uint32_t open;
+    uint32_t max;            /* 0 = no cap */
+    _Atomic uint64_t pauses; /* times an acceptor stopped at the cap */
+};
+
 struct sl_acceptor {
     struct sl_io io;
     struct sl_loop *loop;
     sl_accept_cb on_accept;
     void *data;
     bool paused;
-    struct sl_timer resume; /* re-enables accepting after running out of descriptors */
+    bool at_cap;               /* paused by the gate (logged once per stretch) */
+    struct sl_conn_gate *gate; /* or NULL; set after start */
+    struct sl_timer resume;    /* re-enables accepting after running out of descriptors */
 };
 
 /* Registers listening socket `fd` (the acceptor owns it from now on). Returns 0 or -errno. */

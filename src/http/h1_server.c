@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -135,6 +136,8 @@ static void link_conn(struct sl_h1_server *srv, struct sl_server_conn *c)
         srv->conns->prev = c;
     srv->conns = c;
     srv->conn_count++;
+    if (srv->gate)
+        atomic_fetch_add_explicit(&srv->gate->open, 1, memory_order_relaxed);
 }
 
 static void unlink_conn(struct sl_h1_server *srv, struct sl_server_conn *c)
@@ -147,6 +150,8 @@ static void unlink_conn(struct sl_h1_server *srv, struct sl_server_conn *c)
         c->next->prev = c->prev;
     c->prev = c->next = NULL;
     srv->conn_count--;
+    if (srv->gate)
+        atomic_fetch_sub_explicit(&srv->gate->open, 1, memory_order_relaxed);
 }
 
 void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr *peer,

@@ -21,6 +21,8 @@ struct sl_server_conn;
  * struct sl_request, frame responses, and enforce the listener's limits and timeouts.
  * Everything runs on the owning worker's loop.
  */
+struct sl_conn_gate;
+
 struct sl_h1_server {
     struct sl_worker *worker;
     struct sl_loop *loop;
@@ -35,7 +37,8 @@ struct sl_h1_server {
     uint64_t next_conn_id;
     uint64_t rng; /* request-id generator state */
     bool draining;
-    const char *name; /* listener name, for logs */
+    const char *name;          /* listener name, for logs */
+    struct sl_conn_gate *gate; /* process-wide connection count, or NULL */
     /* Called when the last connection closes while draining. */
     void (*on_drained)(struct sl_h1_server *srv, void *data);
     void *on_drained_data;

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "config/config.h"
@@ -122,11 +123,13 @@ static int worker_init(struct sl_worker *w, void *data)
         gw->listener_count++;
         gl->server.on_drained = on_server_drained;
         gl->server.on_drained_data = gw;
+        gl->server.gate = &g->gate;
         int fd = g->listen_fds[w->id * cfg->listener_count + i];
         g->listen_fds[w->id * cfg->listener_count + i] = -1;
         rc = sl_acceptor_start(&gl->acceptor, &w->loop, fd, on_accept, gl);
         if (rc < 0)
             return rc;
+        gl->acceptor.gate = &g->gate;
     }
     return 0;
 }
@@ -179,9 +182,40 @@ static const struct sl_worker_hooks hooks = {
     .fini = worker_fini,
 };
 
+/*
+ * The connection cap: `max_connections`, or half of the descriptors the process may open
+ * (each client connection may need an upstream one), after raising the soft limit to the hard
+ * one. Past the cap, acceptors pause rather than fail.
+ */
+static uint32_t connection_cap(const struct sl_config *cfg)
+{
+    struct rlimit rl;
+    rlim_t fds = 1024;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        if (rl.rlim_cur < rl.rlim_max) {
+            struct rlimit raised = {rl.rlim_max, rl.rlim_max};
+            if (setrlimit(RLIMIT_NOFILE, &raised) == 0)
+                rl.rlim_cur = rl.rlim_max;
+        }
+        fds = rl.rlim_cur;
+    }
+    uint64_t auto_cap = fds > 256 ? (fds - 128) / 2 : fds / 2;
+    if (auto_cap > UINT32_MAX)
+        auto_cap = UINT32_MAX;
+    if (cfg->max_connections) {
+        if (cfg->max_connections > auto_cap)
+            SL_WARN("max_connections %u is above what %llu file descriptors can serve (about "
+                    "%llu client connections with their upstream ones)",
+                    cfg->max_connections, (unsigned long long)fds, (unsigned long long)auto_cap);
+        return cfg->max_connections;
+    }
+    return (uint32_t)auto_cap;
+}
+
 int sl_gateway_start(struct sl_gateway *gw)
 {
     const struct sl_config *cfg = gw->rt.cfg;
+    gw->gate.max = connection_cap(cfg);
     unsigned n = gw->rt.worker_count;
     size_t nfds = (size_t)n * cfg->listener_count;
     gw->listen_fds = malloc((nfds ? nfds : 1) * sizeof(int));
@@ -217,7 +251,8 @@ int sl_gateway_start(struct sl_gateway *gw)
     }
     for (size_t i = 0; i < cfg->listener_count; i++)
         SL_INFO("listener %s on %s", cfg->listeners[i].name, cfg->listeners[i].address);
-    SL_INFO("%u worker%s running", n, n == 1 ? "" : "s");
+    SL_INFO("%u worker%s running, at most %u client connections", n, n == 1 ? "" : "s",
+            gw->gate.max);
     return 0;
 }
 

@@ -61,6 +61,7 @@ struct sl_gateway {
     unsigned worker_count;
     int *listen_fds;            /* [worker][listener], handed to workers at start */
     struct sl_control *control; /* health checks and discovery thread, or NULL */
+    struct sl_conn_gate gate;   /* max_connections across every worker and listener */
 };
 
 /* Builds the runtime from `cfg` (taking ownership, also on failure). NULL with a message in

@@ -228,3 +228,39 @@ def test_min_body_rate_zero_turns_it_off(module_gateway_factory, module_backend)
     out = {}
     _drip(g, 1, 0.1, 15, out, "slowbutallowed")
     assert out["slowbutallowed"][0] == 200, out
+
+
+# ---- the process-wide connection cap -------------------------------------------------------
+
+
+def test_max_connections_pauses_accepting_instead_of_failing(module_gateway_factory,
+                                                             module_backend):
+    import socket
+    b = module_backend()
+    g = module_gateway_factory.start(
+        proxy_config(workers=1, limits="{idle_timeout: 30s}").replace(
+            "listeners:", "max_connections: 3\nlisteners:", 1), B1=b.addr)
+    held = [g.connect(timeout=10) for _ in range(3)]
+    try:
+        for i, c in enumerate(held):  # all three are open and served
+            assert c.request("GET", "/held/%d" % i).status == 200
+        # a fourth connection completes in the kernel's backlog but is not served yet
+        extra = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+        extra.sendall(b"GET /waiting HTTP/1.1\r\nHost: x\r\n\r\n")
+        extra.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            extra.recv(1)
+        # one closes: the waiting connection is accepted and answered, nothing failed
+        held.pop().close()
+        extra.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = extra.recv(4096)
+            assert chunk, "closed without an answer: %r" % data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data
+        extra.close()
+    finally:
+        for c in held:
+            c.close()
+    assert "the cap (max_connections)" in g.stderr_text()
