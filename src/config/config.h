@@ -272,6 +272,7 @@ struct sl_config {
     char *path;                  /* file it was loaded from */
     unsigned workers;            /* 0 = auto (one per online CPU) */
     uint32_t max_connections;    /* client connections per process; 0 = auto (from RLIMIT_NOFILE) */
+    uint64_t max_buffer_memory;  /* I/O buffers and arenas, bytes; 0 = auto (half the RAM) */
     uint64_t drain_timeout_ms;   /* default 10s */
     enum sl_log_level log_level; /* `log_level: error|warn|info|debug`, default info */
     struct sl_listener_conf *listeners;

@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 
+#include "core/log.h"
+
 /*
  * Under AddressSanitizer a block on the free list is poisoned (all but the link word), so a
  * use after free of pooled memory (a request arena, a buffer) is reported like one of malloc'ed
@@ -17,6 +19,7 @@
 #endif
 #ifdef SL_POOL_ASAN
 #include <sanitizer/asan_interface.h>
+
 #define POISON(b, n) ASAN_POISON_MEMORY_REGION((char *)(b) + sizeof(void *), (n) - sizeof(void *))
 #define UNPOISON(b, n) ASAN_UNPOISON_MEMORY_REGION((b), (n))
 #else
@@ -57,6 +60,9 @@ void sl_bpool_init(struct sl_bpool *p, size_t block_bytes, size_t max_free)
     p->max_free = max_free;
     p->outstanding = 0;
     p->low_water = 0;
+    p->max_outstanding = 0;
+    p->refused = 0;
+    p->over_budget = false;
 }
 
 void sl_bpool_dispose(struct sl_bpool *p)
@@ -90,6 +96,15 @@ size_t sl_bpool_trim_idle(struct sl_bpool *p, size_t keep)
 
 void *sl_bpool_get(struct sl_bpool *p)
 {
+    if (p->max_outstanding && p->outstanding >= p->max_outstanding) {
+        if (!p->over_budget)
+            SL_WARN("buffer memory budget reached (%zu blocks of %zu bytes in use): refusing "
+                    "new work until some completes",
+                    p->outstanding, p->block_bytes);
+        p->over_budget = true;
+        p->refused++;
+        return NULL;
+    }
     void *b = p->free_list;
     if (b) {
         p->free_list = *(void **)b;
@@ -111,6 +126,10 @@ void sl_bpool_put(struct sl_bpool *p, void *block)
     if (!block)
         return;
     p->outstanding--;
+    if (p->over_budget && p->outstanding * 10 < p->max_outstanding * 9) {
+        p->over_budget = false;
+        SL_INFO("buffer memory back under budget (%zu blocks refused so far)", (size_t)p->refused);
+    }
     if (p->free_count >= p->max_free) {
         block_free(p, block);
         return;

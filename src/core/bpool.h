@@ -1,6 +1,7 @@
 #ifndef SL_CORE_BPOOL_H
 #define SL_CORE_BPOOL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +20,12 @@ struct sl_bpool {
     size_t max_free;
     size_t outstanding; /* blocks handed out and not yet returned */
     size_t low_water;   /* fewest free blocks since the last sl_bpool_trim_idle() */
+    /* Memory budget: at most this many blocks out at once (0 = no limit). Past it, get
+     * returns NULL, so new work is refused early (a closed connection, a 503) instead of the
+     * process growing. */
+    size_t max_outstanding;
+    uint64_t refused; /* gets refused by the budget */
+    bool over_budget; /* refusing since the last time usage fell back below 90% */
 };
 
 void sl_bpool_init(struct sl_bpool *p, size_t block_bytes, size_t max_free);

@@ -94,6 +94,11 @@ static int worker_init(struct sl_worker *w, void *data)
     w->app = gw;
     gw->worker = w;
     gw->rt = &g->rt;
+    /* The buffer budget is split evenly: each worker refuses work past its share, with no
+     * shared counter on the request path. */
+    w->buf_pool.max_outstanding = g->buffer_budget / g->rt.worker_count / w->buf_pool.block_bytes;
+    if (w->buf_pool.max_outstanding < 8)
+        w->buf_pool.max_outstanding = 8;
     gw->listeners = calloc(cfg->listener_count, sizeof *gw->listeners);
     gw->upstreams = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof *gw->upstreams);
     gw->resp_scratch_cap = RESP_MAX_HEADERS;
@@ -216,6 +221,12 @@ int sl_gateway_start(struct sl_gateway *gw)
 {
     const struct sl_config *cfg = gw->rt.cfg;
     gw->gate.max = connection_cap(cfg);
+    gw->buffer_budget = cfg->max_buffer_memory;
+    if (!gw->buffer_budget) {
+        long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+        gw->buffer_budget =
+            pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2 : (uint64_t)1 << 30;
+    }
     unsigned n = gw->rt.worker_count;
     size_t nfds = (size_t)n * cfg->listener_count;
     gw->listen_fds = malloc((nfds ? nfds : 1) * sizeof(int));

@@ -62,6 +62,7 @@ struct sl_gateway {
     int *listen_fds;            /* [worker][listener], handed to workers at start */
     struct sl_control *control; /* health checks and discovery thread, or NULL */
     struct sl_conn_gate gate;   /* max_connections across every worker and listener */
+    uint64_t buffer_budget;     /* max_buffer_memory, resolved */
 };
 
 /* Builds the runtime from `cfg` (taking ownership, also on failure). NULL with a message in

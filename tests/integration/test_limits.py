@@ -7,7 +7,7 @@ import time
 import pytest
 
 from client import build_request, chunk_encode
-from helpers import proxy_config
+from helpers import poll, proxy_config
 
 LIMITS = ("{max_header_bytes: 4KiB, max_header_count: 20, max_uri_bytes: 1KiB, "
           "max_body_bytes: 1KiB, header_timeout: 500ms, body_timeout: 500ms, "
@@ -264,3 +264,52 @@ def test_max_connections_pauses_accepting_instead_of_failing(module_gateway_fact
         for c in held:
             c.close()
     assert "the cap (max_connections)" in g.stderr_text()
+
+
+# ---- the buffer memory budget --------------------------------------------------------------
+
+
+def test_buffer_budget_refuses_new_work_and_recovers(module_gateway_factory, module_backend):
+    import socket
+    b = module_backend()
+    # One worker, 8 pooled blocks (the floor): partial heads pin one block each.
+    g = module_gateway_factory.start(
+        proxy_config(workers=1, limits="{header_timeout: 30s}").replace(
+            "listeners:", "max_buffer_memory: 64KiB\nlisteners:", 1), B1=b.addr)
+    holders = []
+    try:
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+            s.sendall(b"GET /partial HTTP/1.1\r\nHost: x\r\n")  # no end of head
+            holders.append(s)
+        # new work is refused early: the connection is closed (or reset, its request unread)
+        # without an answer, and the process keeps running
+        assert _refused(g)
+        assert poll(lambda: "buffer memory budget reached" in g.stderr_text(), 5), g.diag()
+        assert g.alive()
+    finally:
+        for s in holders:
+            s.close()
+    # the holders' blocks come back: the gateway serves again and is still alive
+    assert poll(lambda: _served(g), 5), g.diag()
+    assert "back under budget" in g.stderr_text()
+
+
+def _refused(g):
+    import socket
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    try:
+        s.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        return s.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        s.close()
+
+
+def _served(g):
+    try:
+        return g.request("GET", "/after", timeout=2).status == 200
+    except Exception:  # noqa: BLE001 - refused while blocks come back
+        return False

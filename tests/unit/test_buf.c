@@ -134,6 +134,31 @@ static void fill_pattern(char *p, size_t n, unsigned seed)
         p[i] = (char)(seed * 31u + i * 7u);
 }
 
+/* The memory budget: past max_outstanding blocks, get refuses (and counts) instead of
+ * allocating; a block given back makes room again. Cached free blocks do not count. */
+static void test_pool_budget(void **state)
+{
+    (void)state;
+    struct sl_bpool p;
+    sl_bpool_init(&p, 4096, 16);
+    p.max_outstanding = 2;
+    void *a = sl_bpool_get(&p), *b = sl_bpool_get(&p);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_null(sl_bpool_get(&p));
+    assert_null(sl_bpool_get(&p));
+    assert_int_equal(p.refused, 2);
+    assert_true(p.over_budget);
+    sl_bpool_put(&p, a);
+    assert_false(p.over_budget); /* 1 of 2 in use: below 90% */
+    void *c = sl_bpool_get(&p);
+    assert_non_null(c); /* the cached block, within budget */
+    assert_int_equal(p.outstanding, 2);
+    sl_bpool_put(&p, b);
+    sl_bpool_put(&p, c);
+    sl_bpool_dispose(&p);
+}
+
 static void test_buf_acquire_append_consume(void **state)
 {
     (void)state;
@@ -518,6 +543,7 @@ int main(void)
         cmocka_unit_test(test_pool_reuse),
         cmocka_unit_test(test_pool_max_free),
         cmocka_unit_test(test_pool_trim_idle),
+        cmocka_unit_test(test_pool_budget),
         cmocka_unit_test(test_buf_acquire_append_consume),
         cmocka_unit_test(test_buf_append_no_fit),
         cmocka_unit_test(test_buf_compact),
