@@ -16,6 +16,7 @@
 #include "config/schema.h"
 #include "config/units.h"
 #include "config/yaml_tree.h"
+#include "core/cidr.h"
 #include "core/fmt.h"
 #include "core/slice.h"
 
@@ -492,6 +493,65 @@ static void listener_free(void *elem)
     l->address = NULL;
 }
 
+/* A list of CIDR prefixes into a struct sl_cidr array at k->offset (count at count_offset). */
+static void set_cidr_list(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                          const struct sl_yaml_node *n, void *base)
+{
+    struct sl_cidr **arr = (void *)((char *)base + k->offset);
+    size_t *count = (void *)((char *)base + k->count_offset);
+    if (n->kind != SL_YAML_SEQ) {
+        sl__config_error(c, n, "expected a list of addresses or prefixes (10.0.0.0/8), got %s",
+                         sl__config_yaml_kind_name(n));
+        return;
+    }
+    free(*arr);
+    *count = 0;
+    *arr = n->count ? calloc(n->count, sizeof(**arr)) : NULL;
+    if (n->count && !*arr) {
+        sl__config_error(c, n, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n->count; i++) {
+        const struct sl_yaml_node *item = n->items[i];
+        size_t saved = sl__config_path_push_index(c, i);
+        const char *v = sl__config_scalar(c, item, "an address or prefix (10.0.0.0/8)");
+        char msg[160];
+        if (v && sl_cidr_parse(v, &(*arr)[*count], msg, sizeof msg) != 0)
+            sl__config_error(c, item, "%s", msg);
+        else if (v)
+            (*count)++;
+        sl__config_path_pop(c, saved);
+    }
+}
+
+static void protection_free(void *elem)
+{
+    struct sl_protection_conf *p = elem;
+    free(p->allow);
+    free(p->deny);
+    p->allow = p->deny = NULL;
+    p->allow_count = p->deny_count = 0;
+}
+
+static const struct sl__schema_key protection_keys[] = {
+    {.name = "allow",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_protection_conf, allow),
+     .count_offset = offsetof(struct sl_protection_conf, allow_count),
+     .set = set_cidr_list},
+    {.name = "deny",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_protection_conf, deny),
+     .count_offset = offsetof(struct sl_protection_conf, deny_count),
+     .set = set_cidr_list},
+};
+
+static const struct sl__schema_section protection_section = {
+    .keys = protection_keys,
+    .key_count = sizeof(protection_keys) / sizeof(protection_keys[0]),
+    .free = protection_free,
+};
+
 static const struct sl__schema_key listener_keys[] = {
     {.name = "name",
      .type = SL__T_STRING,
@@ -512,6 +572,10 @@ static const struct sl__schema_key listener_keys[] = {
      .type = SL__T_SECTION,
      SL__FIELD(struct sl_listener_conf, limits),
      .section = &limits_section},
+    {.name = "protection",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_listener_conf, protection),
+     .section = &protection_section},
 };
 
 static const struct sl__schema_section listener_section = {

@@ -45,6 +45,16 @@ struct sl_limits_conf {
     uint64_t max_requests_per_conn;  /* default 0 = unlimited */
 };
 
+struct sl_cidr;
+
+/* `protection:` on a listener: who may connect, and how much. */
+struct sl_protection_conf {
+    struct sl_cidr *allow; /* when non-empty, only these addresses */
+    size_t allow_count;
+    struct sl_cidr *deny; /* never these, even when allowed */
+    size_t deny_count;
+};
+
 struct sl_listener_conf {
     char *name;
     char *address; /* as written, e.g. "127.0.0.1:8080" or "[::1]:8080" */
@@ -52,6 +62,7 @@ struct sl_listener_conf {
     socklen_t addr_len;
     int backlog; /* default 4096 */
     struct sl_limits_conf limits;
+    struct sl_protection_conf protection;
     int line, col; /* position in the file, for run-time messages */
 };
 

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "config/config.h"
+#include "core/cidr.h"
 #include "core/log.h"
 #include "filters/filter_set.h"
 #include "proxy/balancer.h"
@@ -41,6 +42,18 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_l
     gw->rt.cfg = cfg;
     gw->rt.routers = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof(void *));
     gw->rt.pools = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
+    gw->rt.listeners =
+        calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gw->rt.listeners);
+    if (!gw->rt.listeners)
+        goto fail;
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        const struct sl_protection_conf *pc = &cfg->listeners[i].protection;
+        struct sl_listener_rt *lr = &gw->rt.listeners[i];
+        if (pc->allow_count && !(lr->allow = sl_cidr_set_new(pc->allow, pc->allow_count)))
+            goto fail;
+        if (pc->deny_count && !(lr->deny = sl_cidr_set_new(pc->deny, pc->deny_count)))
+            goto fail;
+    }
     gw->rt.worker_count = cfg->workers ? cfg->workers : sl_cpu_count();
     if (!gw->rt.routers || !gw->rt.pools)
         goto fail;
@@ -63,6 +76,19 @@ static void on_accept(struct sl_acceptor *a, int fd, const struct sockaddr *peer
                       socklen_t peer_len)
 {
     struct sl_gw_listener *gl = a->data;
+    struct sl_listener_rt *lr = &gl->gw->rt->listeners[gl->index];
+    /* Turned away before any byte is read: no buffer, no timer, no log line per connection
+     * (a flood would make those the attack); only counted. */
+    if (lr->deny && sl_cidr_set_contains(lr->deny, peer)) {
+        atomic_fetch_add_explicit(&lr->refused_denied, 1, memory_order_relaxed);
+        close(fd);
+        return;
+    }
+    if (lr->allow && !sl_cidr_set_contains(lr->allow, peer)) {
+        atomic_fetch_add_explicit(&lr->refused_not_allowed, 1, memory_order_relaxed);
+        close(fd);
+        return;
+    }
     sl_h1_server_accept(&gl->server, fd, peer, peer_len);
 }
 
@@ -303,6 +329,11 @@ void sl_gateway_free(struct sl_gateway *gw)
         for (size_t i = 0; gw->rt.pools && i < cfg->upstream_count; i++)
             sl_pool_free(gw->rt.pools[i]);
     }
+    for (size_t i = 0; cfg && gw->rt.listeners && i < cfg->listener_count; i++) {
+        sl_cidr_set_free(gw->rt.listeners[i].allow);
+        sl_cidr_set_free(gw->rt.listeners[i].deny);
+    }
+    free(gw->rt.listeners);
     free(gw->rt.routers);
     free(gw->rt.pools);
     sl_filter_set_free(gw->rt.filters);

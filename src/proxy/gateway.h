@@ -1,6 +1,7 @@
 #ifndef SL_PROXY_GATEWAY_H
 #define SL_PROXY_GATEWAY_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -14,6 +15,7 @@ struct sl_config;
 struct sl_router;
 struct sl_pool;
 struct sl_control;
+struct sl_cidr_set;
 struct sl_filter_set;
 
 /*
@@ -21,10 +23,19 @@ struct sl_filter_set;
  * listener, balancer tables per upstream), and per-worker state (listening sockets, HTTP
  * front-ends, upstream pools). Workers read the snapshot without locks.
  */
+/* Per listener, process-wide: who may connect, and the counts of who was turned away. */
+struct sl_listener_rt {
+    struct sl_cidr_set *allow;            /* NULL = everyone */
+    struct sl_cidr_set *deny;             /* NULL = no one */
+    _Atomic uint64_t refused_denied;      /* address in `deny` */
+    _Atomic uint64_t refused_not_allowed; /* `allow` set and the address not in it */
+};
+
 struct sl_runtime {
-    struct sl_config *cfg;      /* owned */
-    struct sl_router **routers; /* per listener */
-    struct sl_pool **pools;     /* per upstream: endpoints and their health */
+    struct sl_config *cfg;            /* owned */
+    struct sl_router **routers;       /* per listener */
+    struct sl_listener_rt *listeners; /* per listener */
+    struct sl_pool **pools;           /* per upstream: endpoints and their health */
     unsigned worker_count;
     struct sl_filter_set *filters; /* instances and per-route chains */
 };
