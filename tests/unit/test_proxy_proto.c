@@ -263,6 +263,10 @@ static void test_v1_malformed(void **state)
     bad("double space 4", IN("PROXY TCP4 1.2.3.4 5.6.7.8  1 2\r\n"), SL_PP_ERR_BAD_SYNTAX);
     bad("double space 5", IN("PROXY TCP4 1.2.3.4 5.6.7.8 1  2\r\n"), SL_PP_ERR_BAD_SYNTAX);
     bad("trailing space", IN("PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n"), SL_PP_ERR_BAD_SYNTAX);
+    /* an empty field where the count is right */
+    bad("empty dport", IN("PROXY TCP4 1.2.3.4 5.6.7.8 1 \r\n"), SL_PP_ERR_BAD_SYNTAX);
+    bad("empty src", IN("PROXY TCP4  5.6.7.8 1 2\r\n"), SL_PP_ERR_BAD_SYNTAX);
+    bad("double space short", IN("PROXY TCP4 1.2.3.4  5.6.7.8 1\r\n"), SL_PP_ERR_BAD_SYNTAX);
     bad("missing port", IN("PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n"), SL_PP_ERR_BAD_SYNTAX);
     bad("missing ports", IN("PROXY TCP4 1.2.3.4 5.6.7.8\r\n"), SL_PP_ERR_BAD_SYNTAX);
     bad("extra field", IN("PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n"), SL_PP_ERR_BAD_SYNTAX);
