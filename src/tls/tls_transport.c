@@ -436,8 +436,8 @@ const char *sl_tls_last_error_str(const struct sl_tls_transport *t, char *buf, s
 
 bool sl_tls_peer_is_verified(const struct sl_tls_transport *t)
 {
-    return t->ssl && (t->flags & F_DONE) && !(t->flags & F_FATAL) &&
-           (SSL_get_verify_mode(t->ssl) & SSL_VERIFY_PEER) &&
+    /* Not gated on later I/O errors: the access log of a failed exchange still wants it. */
+    return t->ssl && (t->flags & F_DONE) && (SSL_get_verify_mode(t->ssl) & SSL_VERIFY_PEER) &&
            SSL_get0_peer_certificate(t->ssl) != NULL && SSL_get_verify_result(t->ssl) == X509_V_OK;
 }
 

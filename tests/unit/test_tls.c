@@ -840,6 +840,28 @@ static void test_ticket_rotation(void **state)
     sl_tls_ctx_free(s);
 }
 
+/* Rotation needs no timer: the first ticket operation after the interval rotates. */
+static void test_ticket_auto_rotation(void **state)
+{
+    (void)state;
+    char err[256];
+    struct sl_tls_ticket_keys *keys = sl_tls_ticket_keys_new(1, 2, err, sizeof err);
+    struct sl_tls_server_desc d = std_server();
+    d.ticket_keys = keys;
+    struct sl_tls_ctx *s = server_new(&d);
+    struct sl_tls_client_ctx *cc = client_std(NULL, NULL, 0, NULL);
+    uint64_t deadline = sl_clock_now_ms() + DEADLINE_MS;
+    while (sl_tls_ticket_keys_rotations(keys) == 0 && sl_clock_now_ms() < deadline) {
+        bool resumed;
+        SSL_SESSION *sess = connect_once(s, cc, NULL, &resumed);
+        SSL_SESSION_free(sess);
+    }
+    assert_true(sl_tls_ticket_keys_rotations(keys) > 0);
+    sl_tls_client_ctx_free(cc);
+    sl_tls_ctx_free(s);
+    sl_tls_ticket_keys_free(keys);
+}
+
 static void test_tickets_off(void **state)
 {
     (void)state;
@@ -1564,6 +1586,7 @@ int main(void)
         cmocka_unit_test(test_alpn),
         cmocka_unit_test(test_resumption_across_workers),
         cmocka_unit_test(test_ticket_rotation),
+        cmocka_unit_test(test_ticket_auto_rotation),
         cmocka_unit_test(test_tickets_off),
         cmocka_unit_test(test_mtls_required),
         cmocka_unit_test(test_mtls_optional),
