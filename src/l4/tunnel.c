@@ -70,6 +70,7 @@ void sl_tunnel_pipes_dispose(struct sl_tunnel_pipes *p)
         p->live--;
     }
     p->free_count = 0;
+    p->max_free = 0; /* a tunnel still ending later closes its pipes instead of caching them */
     free(p->free);
     p->free = NULL;
 }

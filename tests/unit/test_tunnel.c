@@ -648,6 +648,43 @@ static void test_no_pipes_copies(void **state)
     free(a);
 }
 
+/* Bytes that arrived before the tunnel started (the client spoke first, the upstream greeted
+ * while the connect completed) are forwarded without waiting for more. */
+static void test_bytes_before_start(void **state)
+{
+    const size_t n = 30000;
+    struct fx *f = fx_new(*(const int *)*state, 4, 16);
+    unsigned char *a = random_bytes(n, 16), *b = random_bytes(n, 17);
+    int cli, tcli, tup, up;
+    tcp_pair(&cli, &tcli);
+    tcp_pair(&tup, &up);
+    peer_start(&f->client, &f->loop, cli, n);
+    peer_start(&f->upstream, &f->loop, up, n);
+    peer_send(&f->client, a, n, false);
+    peer_send(&f->upstream, b, n, false);
+    assert_true(f->client.out_off > 0); /* in the kernel before the tunnel starts */
+    assert_true(f->upstream.out_off > 0);
+    if (f->mode == MODE_COPY) {
+        sl_tcp_transport_init(&f->tr[0], tcli);
+        sl_tcp_transport_init(&f->tr[1], tup);
+        assert_int_equal(sl_tunnel_start_transports(&f->t, &f->loop, &f->pipes, &f->tr[0],
+                                                    &f->tr[1], SL_TUNNEL_NO_SPLICE, 0,
+                                                    on_tunnel_done, f),
+                         0);
+    } else {
+        assert_int_equal(
+            sl_tunnel_start(&f->t, &f->loop, &f->pipes, tcli, tup, 0, on_tunnel_done, f), 0);
+    }
+    f->started = true;
+    struct want w = {.f = f, .client_len = n, .upstream_len = n};
+    assert_true(run_until(&f->loop, wanted, &w, WAIT_MS));
+    assert_memory_equal(f->upstream.in, a, n);
+    assert_memory_equal(f->client.in, b, n);
+    fx_free(f);
+    free(a);
+    free(b);
+}
+
 /* A failed start leaves the descriptors to the caller and calls nothing back. */
 static void test_start_failure(void **state)
 {
@@ -697,6 +734,7 @@ int main(void)
         BOTH(test_idle_timeout_stalled),
         BOTH(test_backpressure),
         BOTH(test_abort_in_flight),
+        BOTH(test_bytes_before_start),
         cmocka_unit_test(test_pipe_reuse),
         cmocka_unit_test(test_pipe_bound),
         cmocka_unit_test(test_no_pipes_copies),
