@@ -29,7 +29,6 @@ struct sl_balancer {
     const struct sl_balancer_shared *s;
     int64_t *current; /* smooth WRR current weights */
     uint32_t *inflight;
-    uint32_t *consecutive_failures;
     uint64_t rng;
 };
 
@@ -191,8 +190,7 @@ struct sl_balancer *sl_balancer_new(const struct sl_balancer_shared *s)
     if (s->n) {
         b->current = calloc(s->n, sizeof *b->current);
         b->inflight = calloc(s->n, sizeof *b->inflight);
-        b->consecutive_failures = calloc(s->n, sizeof *b->consecutive_failures);
-        if (!b->current || !b->inflight || !b->consecutive_failures) {
+        if (!b->current || !b->inflight) {
             sl_balancer_free(b);
             return NULL;
         }
@@ -208,7 +206,6 @@ void sl_balancer_free(struct sl_balancer *b)
         return;
     free(b->current);
     free(b->inflight);
-    free(b->consecutive_failures);
     free(b);
 }
 
@@ -298,24 +295,24 @@ static int pick_swrr(struct sl_balancer *b, const struct sl_pick_ctx *ctx)
     return (int)best;
 }
 
-/*
- * Power of two choices. Load is (in-flight + 1) / weight, compared by cross-multiplying: the
- * +1 makes an idle heavy endpoint preferred over an idle light one instead of a coin toss,
- * and equals plain in-flight comparison when weights are equal.
- */
-/* A random eligible endpoint other than `not`, by rejection sampling: O(1) expected while
+/* A random eligible endpoint other than `skip`, by rejection sampling: O(1) expected while
  * most endpoints are eligible. s->n when a few draws found none (the caller then counts). */
-static size_t draw_eligible(struct sl_balancer *b, const struct sl_pick_ctx *ctx, size_t not )
+static size_t draw_eligible(struct sl_balancer *b, const struct sl_pick_ctx *ctx, size_t skip)
 {
     const struct sl_balancer_shared *s = b->s;
     for (int i = 0; i < 8; i++) {
         size_t k = rng_below(b, s->n);
-        if (k != not &&!is_excluded(ctx, k))
+        if (k != skip && !is_excluded(ctx, k))
             return k;
     }
     return s->n;
 }
 
+/*
+ * Power of two choices. Load is (in-flight + 1) / weight, compared by cross-multiplying: the
+ * +1 makes an idle heavy endpoint preferred over an idle light one instead of a coin toss,
+ * and equals plain in-flight comparison when weights are equal.
+ */
 static int pick_p2c(struct sl_balancer *b, const struct sl_pick_ctx *ctx)
 {
     const struct sl_balancer_shared *s = b->s;
@@ -391,27 +388,12 @@ int sl_balancer_pick(struct sl_balancer *b, const struct sl_pick_ctx *ctx)
     return idx;
 }
 
-void sl_balancer_release(struct sl_balancer *b, int idx, enum sl_outcome outcome)
+void sl_balancer_release(struct sl_balancer *b, int idx)
 {
     if (idx < 0 || (size_t)idx >= b->s->n)
         return;
     if (b->inflight[idx] > 0)
         b->inflight[idx]--;
-    switch (outcome) {
-    case SL_OUTCOME_SUCCESS:
-        b->consecutive_failures[idx] = 0;
-        break;
-    case SL_OUTCOME_CANCELLED:
-        break;
-    case SL_OUTCOME_CONNECT_FAILURE:
-    case SL_OUTCOME_RESET:
-    case SL_OUTCOME_TIMEOUT:
-    case SL_OUTCOME_HTTP_5XX:
-    default:
-        if (b->consecutive_failures[idx] < UINT32_MAX)
-            b->consecutive_failures[idx]++;
-        break;
-    }
 }
 
 void sl_balancer_set_inflight(struct sl_balancer *b, int idx, uint32_t n)
@@ -425,11 +407,4 @@ uint32_t sl_balancer_inflight(const struct sl_balancer *b, int idx)
     if (idx < 0 || (size_t)idx >= b->s->n)
         return 0;
     return b->inflight[idx];
-}
-
-uint32_t sl_balancer_consecutive_failures(const struct sl_balancer *b, int idx)
-{
-    if (idx < 0 || (size_t)idx >= b->s->n)
-        return 0;
-    return b->consecutive_failures[idx];
 }

@@ -13,8 +13,9 @@
  *    shared read-only by all workers (e.g. the Maglev lookup table).
  *  - struct sl_balancer: per-worker mutable state (round-robin position, in-flight counts).
  *    Never touched by another thread, so no locks or atomics.
- * Every pick is followed by exactly one release with the attempt's outcome, so that later
- * health and breaker logic sees every attempt.
+ * Every pick is followed by exactly one release. The attempt's outcome does not come here:
+ * it goes to the endpoint's shared health state (proxy/pool.h, through sl_upstream_done), the
+ * one place that counts failures.
  */
 
 enum sl_outcome {
@@ -63,20 +64,14 @@ void sl_balancer_free(struct sl_balancer *b);
  */
 int sl_balancer_pick(struct sl_balancer *b, const struct sl_pick_ctx *ctx);
 
-/* Ends an attempt started by pick on endpoint `idx`: decrements in-flight, records outcome. */
-void sl_balancer_release(struct sl_balancer *b, int idx, enum sl_outcome outcome);
+/* Ends an attempt started by pick on endpoint `idx`: decrements its in-flight count. */
+void sl_balancer_release(struct sl_balancer *b, int idx);
 
 /* Sets endpoint `idx`'s in-flight count (carrying counts over to a new endpoint set). */
 void sl_balancer_set_inflight(struct sl_balancer *b, int idx, uint32_t n);
 
 /* In-flight attempts on endpoint `idx` from this worker (for tests and metrics). */
 uint32_t sl_balancer_inflight(const struct sl_balancer *b, int idx);
-
-/*
- * Failed attempts on endpoint `idx` since its last success, as seen by this worker
- * (SL_OUTCOME_CANCELLED neither counts nor resets). 0 for an out-of-range index.
- */
-uint32_t sl_balancer_consecutive_failures(const struct sl_balancer *b, int idx);
 
 /*
  * Reseeds the per-worker PRNG used by least_request. sl_balancer_new() seeds from the
