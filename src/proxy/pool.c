@@ -315,15 +315,8 @@ struct sl_pool *sl_pool_new(const struct sl_upstream_conf *conf, const char *loc
     }
     int rc = sl_pool_set_source(p, SL_POOL_SRC_CONFIG, specs, conf->endpoint_count);
     free(specs);
-    if (rc < 0)
+    if (rc < 0) /* rc is 1: the first set, empty when discovery fills the pool */
         goto fail;
-    if (!p->current) {
-        /* no endpoints yet (discovery fills them): publish an empty set */
-        struct sl_endpoint_set *set = build_set(p);
-        if (!set)
-            goto fail;
-        publish(p, set);
-    }
     return p;
 fail:
     sl_pool_free(p);

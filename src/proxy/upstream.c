@@ -32,8 +32,7 @@ static void masks_free(struct sl_upstream_rt *up)
     free(up->healthy);
     free(up->local_healthy);
     free(up->remote_healthy);
-    free(up->all);
-    up->healthy = up->local_healthy = up->remote_healthy = up->all = NULL;
+    up->healthy = up->local_healthy = up->remote_healthy = NULL;
     up->mask_words = 0;
 }
 
@@ -47,10 +46,10 @@ static int install_set(struct sl_upstream_rt *up, struct sl_endpoint_set *set)
     size_t n = set->count, words = (n + 63) / 64;
     struct sl_wep **weps = calloc(n ? n : 1, sizeof *weps);
     struct sl_balancer *bal = sl_balancer_new(set->bal);
-    uint64_t *m[4];
-    for (int i = 0; i < 4; i++)
+    uint64_t *m[3];
+    for (int i = 0; i < 3; i++)
         m[i] = calloc(words ? words : 1, sizeof(uint64_t));
-    bool ok = weps && bal && m[0] && m[1] && m[2] && m[3];
+    bool ok = weps && bal && m[0] && m[1] && m[2];
     for (size_t i = 0; ok && i < n; i++) {
         struct sl_endpoint *ep = set->eps[i];
         struct sl_wep *w = ep->wslot[wid(up)];
@@ -74,7 +73,7 @@ static int install_set(struct sl_upstream_rt *up, struct sl_endpoint_set *set)
                 wep_put(weps[i]);
         free(weps);
         sl_balancer_free(bal);
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 3; i++)
             free(m[i]);
         sl_endpoint_set_unref(set);
         return -ENOMEM;
@@ -100,10 +99,7 @@ static int install_set(struct sl_upstream_rt *up, struct sl_endpoint_set *set)
     up->healthy = m[0];
     up->local_healthy = m[1];
     up->remote_healthy = m[2];
-    up->all = m[3];
     up->mask_words = words;
-    for (size_t i = 0; i < n; i++)
-        up->all[i / 64] |= 1ull << (i % 64);
     up->health_gen = UINT64_MAX; /* force a rebuild on the next pick */
     for (size_t i = 0; i < old_n; i++) {
         if (old[i]->index >= 0)
@@ -243,7 +239,7 @@ static inline void bit_set(uint64_t *m, size_t i)
 }
 
 /* Rebuilds the eligibility cache from the endpoints' shared health. */
-static void refresh(struct sl_upstream_rt *up, uint64_t gen, uint64_t now_ms)
+static void refresh(struct sl_upstream_rt *up, uint64_t gen)
 {
     const struct sl_endpoint_set *set = up->set;
     size_t words = up->mask_words;
@@ -286,7 +282,6 @@ static void refresh(struct sl_upstream_rt *up, uint64_t gen, uint64_t now_ms)
     up->panic =
         za->enabled && total_w > 0 && healthy_w * 100 < (uint64_t)za->panic_percent * total_w;
     up->health_gen = gen;
-    (void)now_ms;
 }
 
 static int index_of(const struct sl_upstream_rt *up, const struct sl_endpoint *ep)
@@ -345,7 +340,7 @@ struct sl_wep *sl_upstream_pick(struct sl_upstream_rt *up, const struct sl_pick_
     uint64_t now = sl_loop_now_ms(&up->worker->loop);
     uint64_t gen = atomic_load_explicit(&up->pool->health_gen, memory_order_acquire);
     if (gen != up->health_gen)
-        refresh(up, gen, now);
+        refresh(up, gen);
     if (now >= up->next_probe_ms || up->has_half_open) {
         struct sl_wep *w = pick_probe(up, tried, tried_count, now);
         if (w) {
@@ -368,7 +363,7 @@ struct sl_wep *sl_upstream_pick(struct sl_upstream_rt *up, const struct sl_pick_
         ctx = *hash_ctx;
     ctx.exclude = excl;
     ctx.exclude_count = nexcl;
-    const uint64_t *mask = up->panic ? up->all : up->healthy;
+    const uint64_t *mask = up->panic ? NULL : up->healthy; /* panic: every endpoint */
     if (!up->panic && up->conf->zone_aware.enabled && up->local_healthy_w > 0) {
         /* The local zone keeps the share of traffic its healthy capacity can take (all of
          * it when whole); the rest spills to the other zones by their healthy weight. */
@@ -385,8 +380,9 @@ struct sl_wep *sl_upstream_pick(struct sl_upstream_rt *up, const struct sl_pick_
     ctx.mask = mask == up->healthy && up->healthy_count == up->set->count ? NULL : mask;
     int idx = sl_balancer_pick(up->bal, &ctx);
     if (idx < 0) {
-        *why = mask_any(up->all, up->mask_words, excl, nexcl) ? SL_PICK_NONE_HEALTHY
-                                                              : SL_PICK_ALL_TRIED;
+        /* `excl` holds distinct endpoints of this set: fewer than all means some untried one
+         * is out of rotation */
+        *why = nexcl < up->set->count ? SL_PICK_NONE_HEALTHY : SL_PICK_ALL_TRIED;
         return NULL;
     }
     struct sl_wep *w = up->weps[idx];
@@ -398,7 +394,7 @@ void sl_upstream_done(struct sl_upstream_rt *up, struct sl_wep *w, enum sl_outco
                       bool probe)
 {
     if (w->index >= 0)
-        sl_balancer_release(up->bal, w->index, outcome);
+        sl_balancer_release(up->bal, w->index);
     sl_endpoint_report(w->ep, up->set, outcome, probe, sl_loop_now_ms(&up->worker->loop));
     wep_unuse(w);
 }

@@ -44,7 +44,7 @@ struct sl_upstream_rt {
     struct sl_wep **weps;        /* [set->count] */
     struct sl_balancer *bal;     /* over set->bal */
     /* eligibility cache, bit i = set index i */
-    uint64_t *healthy, *local_healthy, *remote_healthy, *all;
+    uint64_t *healthy, *local_healthy, *remote_healthy;
     size_t mask_words;
     uint64_t health_gen;    /* pool generation the cache was built at */
     uint64_t next_probe_ms; /* earliest end of an ejection; UINT64_MAX when none */
