@@ -474,7 +474,7 @@ static void ex_start_send(struct exchange *ex)
     /* A Host-less HTTP/1.0 request is sent with the chosen endpoint's address as Host, which
      * is only known now: rebuild its head for this attempt (a rare path). */
     if (!ex->req->host.len && !build_upstream_head(ex)) {
-        ex_fail(ex, 500, "out_of_memory", SL_OUTCOME_CANCELLED);
+        ex_fail(ex, 503, "out_of_memory", SL_OUTCOME_CANCELLED);
         return;
     }
     ex->state = EX_SENDING;
@@ -506,7 +506,13 @@ static uint64_t ex_response_timeout(const struct exchange *ex)
     return t;
 }
 
-enum retry_cond { RC_CONNECT, RC_RESET, RC_TIMEOUT, RC_STATUS };
+/* What failed, as the retries.on bit that lists it (a status is looked up in the set). */
+enum retry_cond {
+    RC_STATUS = 0,
+    RC_CONNECT = SL_RETRY_CONNECT_FAILURE,
+    RC_RESET = SL_RETRY_RESET,
+    RC_TIMEOUT = SL_RETRY_TIMEOUT,
+};
 
 /* Whether the failed attempt may be tried again elsewhere (and the budget allows it). */
 static bool ex_may_retry(struct exchange *ex, enum retry_cond cond, int status)
@@ -514,24 +520,10 @@ static bool ex_may_retry(struct exchange *ex, enum retry_cond cond, int status)
     const struct sl_retry_conf *rc = ex->rc;
     if (!rc || ex->retries >= rc->attempts || ex->resp_head_done || ex->req->response_started)
         return false;
-    switch (cond) {
-    case RC_CONNECT:
-        if (!(rc->on & SL_RETRY_CONNECT_FAILURE))
-            return false;
-        break;
-    case RC_RESET:
-        if (!(rc->on & SL_RETRY_RESET))
-            return false;
-        break;
-    case RC_TIMEOUT:
-        if (!(rc->on & SL_RETRY_TIMEOUT))
-            return false;
-        break;
-    case RC_STATUS:
-        if (!sl_status_set_has(&rc->statuses, status))
-            return false;
-        break;
-    }
+    bool listed =
+        cond == RC_STATUS ? sl_status_set_has(&rc->statuses, status) : (rc->on & cond) != 0;
+    if (!listed)
+        return false;
     /* Nothing reached the backend on a connect failure, so any method may go elsewhere;
      * otherwise the request may have had its effect and only a safe one is sent twice. */
     if (cond != RC_CONNECT && ex->wrote_upstream && !ex->retryable_method)
@@ -874,8 +866,7 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
     struct sl_upstream_conn *uc = ex->uc;
     ex->status = resp->status;
     ex->last_outcome_5xx = sl_status_set_has(&ex->up->conf->passive.statuses, resp->status);
-    if (ex->rc && sl_status_set_has(&ex->rc->statuses, resp->status) &&
-        ex_may_retry(ex, RC_STATUS, resp->status)) {
+    if (ex_may_retry(ex, RC_STATUS, resp->status)) {
         /* The client never sees this answer: another endpoint gets the request. */
         ex->last_status = resp->status;
         ex->last_name = "upstream_error";
