@@ -25,158 +25,11 @@
 #include "core/loop.h"
 #include "proxy/discovery.h"
 #include "proxy/pool.h"
+#include "dnsmasq.h"
 #include "loop_wait.h"
 
 /* Slow enough for ASan, far below anything a test waits for. */
 #define WAIT_MS 5000
-#define DNSMASQ "/usr/sbin/dnsmasq"
-
-/* ---- dnsmasq ------------------------------------------------------------------------------- */
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-/* A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both). */
-static int free_port(void)
-{
-    for (;;) {
-        int fd = socket(AF_INET, SOCK_DGRAM, 0);
-        assert_true(fd >= 0);
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-        socklen_t len = sizeof a;
-        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-        int tfd = socket(AF_INET, SOCK_STREAM, 0);
-        assert_true(tfd >= 0);
-        int ok = bind(tfd, (struct sockaddr *)&a, sizeof a) == 0;
-        close(tfd);
-        close(fd);
-        if (ok)
-            return ntohs(a.sin_port);
-    }
-}
-
-/* True when something answers a DNS query on 127.0.0.1:port within 100 ms. */
-static bool dns_answers(int port)
-{
-    static const uint8_t q[] = {0xab, 0xcd, 1, 0,   0,   1,   0,   0, 0, 0, 0, 0, 2,
-                                'u',  'p',  4, 't', 'e', 's', 't', 0, 0, 1, 0, 1};
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
-    assert_true(fd >= 0);
-    struct timeval tv = {0, 100000};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    uint8_t buf[512];
-    bool ok = sendto(fd, q, sizeof q, 0, (struct sockaddr *)&a, sizeof a) == (ssize_t)sizeof q &&
-              recv(fd, buf, sizeof buf, 0) >= 12;
-    close(fd);
-    return ok;
-}
-
-static void write_file(const char *path, const char *text)
-{
-    /* replaced by a rename, as tools that rewrite such files do */
-    char tmp[160];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    assert_non_null(f);
-    assert_true(fputs(text, f) >= 0);
-    assert_int_equal(fclose(f), 0);
-    assert_int_equal(rename(tmp, path), 0);
-}
-
-struct dnsmasq {
-    pid_t pid;
-    int port;
-    char hosts[96];
-    char server[32];
-};
-
-static bool dnsmasq_try(struct dnsmasq *m, const char *const *args)
-{
-    m->port = free_port();
-    snprintf(m->server, sizeof m->server, "127.0.0.1:%d", m->port);
-    char port_arg[32], hosts_arg[128];
-    snprintf(port_arg, sizeof port_arg, "--port=%d", m->port);
-    snprintf(hosts_arg, sizeof hosts_arg, "--addn-hosts=%s", m->hosts);
-    const char *argv[32] = {"dnsmasq",
-                            "--no-daemon",
-                            port_arg,
-                            "--listen-address=127.0.0.1",
-                            "--bind-interfaces",
-                            "--no-resolv",
-                            "--no-hosts",
-                            "--local=/test/",
-                            hosts_arg,
-                            "--local-ttl=1",
-                            "--conf-file=/dev/null",
-                            "--pid-file=",
-                            "--log-facility=/dev/null"};
-    size_t n = 13;
-    if (geteuid() == 0)
-        argv[n++] = "--user=root"; /* no switch to nobody: the hosts file stays readable */
-    for (size_t i = 0; args && args[i]; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    m->pid = fork();
-    assert_true(m->pid >= 0);
-    if (m->pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        int devnull = open("/dev/null", O_RDWR);
-        if (devnull >= 0) {
-            dup2(devnull, 0);
-            dup2(devnull, 1);
-            dup2(devnull, 2);
-        }
-        execv(DNSMASQ, (char *const *)argv);
-        _exit(127);
-    }
-    uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
-    while (!dns_answers(m->port)) {
-        int status;
-        if (waitpid(m->pid, &status, WNOHANG) == m->pid) {
-            m->pid = 0;
-            return false; /* its port was taken meanwhile */
-        }
-        assert_true(sl_clock_now_ms() < deadline);
-        sleep_ms(10);
-    }
-    return true;
-}
-
-static void dnsmasq_start(struct dnsmasq *m, const char *dir, const char *hosts,
-                          const char *const *args)
-{
-    memset(m, 0, sizeof *m);
-    snprintf(m->hosts, sizeof m->hosts, "%s/hosts", dir);
-    write_file(m->hosts, hosts);
-    for (int i = 0; i < 20; i++)
-        if (dnsmasq_try(m, args))
-            return;
-    fail_msg("dnsmasq did not start");
-}
-
-/* New addn-hosts contents, read again on SIGHUP. */
-static void dnsmasq_set_hosts(struct dnsmasq *m, const char *hosts)
-{
-    write_file(m->hosts, hosts);
-    assert_int_equal(kill(m->pid, SIGHUP), 0);
-}
-
-static void dnsmasq_stop(struct dnsmasq *m)
-{
-    if (m->pid > 0) {
-        kill(m->pid, SIGTERM);
-        int status;
-        waitpid(m->pid, &status, 0);
-        m->pid = 0;
-    }
-}
 
 /* ---- loop helpers ------------------------------------------------------------------------ */
 
@@ -296,12 +149,14 @@ static const char *const srv_args[] = {
 static void test_dns_srv_and_file(void **state)
 {
     (void)state;
-    if (access(DNSMASQ, X_OK) != 0)
+    if (!have_dnsmasq())
         skip();
     struct fixture f;
     fixture_init(&f);
-    dnsmasq_start(&f.m, f.dir,
-                  "127.0.0.2 users.test\n127.0.0.3 users.test\n127.0.0.1 srv-target.test\n",
+    char hosts_path[160];
+    snprintf(hosts_path, sizeof hosts_path, "%s/hosts", f.dir);
+    dnsmasq_start(&f.m, hosts_path,
+                  "127.0.0.2 users.test\n127.0.0.3 users.test\n127.0.0.1 srv-target.test\n", 1,
                   srv_args);
     f.servers[0] = f.m.server;
     f.cfg.dns_servers = f.servers;

@@ -22,11 +22,11 @@
 
 #include "core/loop.h"
 #include "proxy/dns.h"
+#include "dnsmasq.h"
 #include "loop_wait.h"
 
 /* Slow enough for ASan, far below anything a test waits for. */
 #define WAIT_MS 5000
-#define DNSMASQ "/usr/sbin/dnsmasq"
 
 /* ---- the TTL walker ------------------------------------------------------------------------ */
 
@@ -274,153 +274,6 @@ static void test_walker_bad_counts_and_names(void **state)
     assert_int_equal(ttl, 0x7fffffff);
 }
 
-/* ---- dnsmasq ------------------------------------------------------------------------------- */
-
-/* A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both). Other tests may
- * run beside this one, so the caller still retries when the server cannot bind it. */
-static int free_udp_port(void)
-{
-    for (;;) {
-        int fd = socket(AF_INET, SOCK_DGRAM, 0);
-        assert_true(fd >= 0);
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-        socklen_t len = sizeof a;
-        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-        int tfd = socket(AF_INET, SOCK_STREAM, 0);
-        assert_true(tfd >= 0);
-        int ok = bind(tfd, (struct sockaddr *)&a, sizeof a) == 0;
-        close(tfd);
-        close(fd);
-        if (ok)
-            return ntohs(a.sin_port);
-    }
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-/* True when something answers a DNS query for "up.test" on 127.0.0.1:port within 100 ms. */
-static bool dns_answers(int port)
-{
-    static const uint8_t q[] = {0xab, 0xcd, 1, 0,   0,   1,   0,   0, 0, 0, 0, 0, 2,
-                                'u',  'p',  4, 't', 'e', 's', 't', 0, 0, 1, 0, 1};
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
-    assert_true(fd >= 0);
-    struct timeval tv = {0, 100000};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    uint8_t buf[512];
-    bool ok = sendto(fd, q, sizeof q, 0, (struct sockaddr *)&a, sizeof a) == (ssize_t)sizeof q &&
-              recv(fd, buf, sizeof buf, 0) >= 12;
-    close(fd);
-    return ok;
-}
-
-struct dnsmasq {
-    pid_t pid;
-    int port;
-    char hosts[64]; /* addn-hosts file */
-    char server[32];
-};
-
-static bool have_dnsmasq(void)
-{
-    return access(DNSMASQ, X_OK) == 0;
-}
-
-static void write_file(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    assert_int_equal(fputs(text, f) >= 0, 1);
-    assert_int_equal(fclose(f), 0);
-}
-
-/* Starts dnsmasq answering for the zone "test" from `hosts` and the extra `args` (NULL
- * terminated), with TTL 7 for local answers. */
-/* One try: false when dnsmasq exited before answering (its port was taken meanwhile). */
-static bool dnsmasq_try(struct dnsmasq *m, const char *const *args)
-{
-    m->port = free_udp_port();
-    snprintf(m->server, sizeof m->server, "127.0.0.1:%d", m->port);
-    char port_arg[32], hosts_arg[96];
-    snprintf(port_arg, sizeof port_arg, "--port=%d", m->port);
-    snprintf(hosts_arg, sizeof hosts_arg, "--addn-hosts=%s", m->hosts);
-    const char *argv[64] = {"dnsmasq",
-                            "--no-daemon",
-                            port_arg,
-                            "--listen-address=127.0.0.1",
-                            "--bind-interfaces",
-                            "--no-resolv",
-                            "--no-hosts",
-                            "--local=/test/",
-                            hosts_arg,
-                            "--local-ttl=7",
-                            "--conf-file=/dev/null",
-                            "--pid-file=",
-                            "--log-facility=/dev/null"};
-    size_t n = 13;
-    if (geteuid() == 0)
-        argv[n++] = "--user=root"; /* no switch to nobody: the hosts file stays readable */
-    for (size_t i = 0; args && args[i]; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    m->pid = fork();
-    assert_true(m->pid >= 0);
-    if (m->pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        int devnull = open("/dev/null", O_RDWR);
-        if (devnull >= 0) {
-            dup2(devnull, 0);
-            dup2(devnull, 1);
-            dup2(devnull, 2);
-        }
-        execv(DNSMASQ, (char *const *)argv);
-        _exit(127);
-    }
-    uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
-    while (!dns_answers(m->port)) {
-        int status;
-        if (waitpid(m->pid, &status, WNOHANG) == m->pid) {
-            m->pid = 0;
-            return false;
-        }
-        assert_true(sl_clock_now_ms() < deadline);
-        sleep_ms(10);
-    }
-    return true;
-}
-
-/* Starts dnsmasq answering for the zone "test" from `hosts` and the extra `args` (NULL
- * terminated), with TTL 7 for local answers. */
-static void dnsmasq_start(struct dnsmasq *m, const char *hosts, const char *const *args)
-{
-    memset(m, 0, sizeof *m);
-    snprintf(m->hosts, sizeof m->hosts, "/tmp/sl_test_dns_%d.hosts", (int)getpid());
-    write_file(m->hosts, hosts);
-    for (int i = 0; i < 20; i++)
-        if (dnsmasq_try(m, args))
-            return;
-    fail_msg("dnsmasq did not start");
-}
-
-static void dnsmasq_stop(struct dnsmasq *m)
-{
-    if (m->pid > 0) {
-        kill(m->pid, SIGTERM);
-        int status;
-        waitpid(m->pid, &status, 0);
-        m->pid = 0;
-    }
-    unlink(m->hosts);
-}
-
 /* ---- loop helpers ------------------------------------------------------------------------ */
 
 /* ---- answers ------------------------------------------------------------------------------ */
@@ -478,7 +331,9 @@ static void fixture_start(struct fixture *f, const char *hosts, const char *cons
 {
     memset(f, 0, sizeof *f);
     assert_int_equal(sl_loop_init(&f->loop), 0);
-    dnsmasq_start(&f->m, hosts, args);
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/sl_test_dns_%d.hosts", (int)getpid());
+    dnsmasq_start(&f->m, path, hosts, 7, args);
     char *servers[] = {f->m.server};
     char err[128];
     f->dns = sl_dns_new(&f->loop, servers, 1, timeout_ms, err, sizeof err);
