@@ -225,3 +225,23 @@ def test_file_discovery_removal_lets_inflight_request_finish(gateway, rpeers, tm
     assert len(out) == 1, "the slow request did not complete"
     r = out[0]
     assert r.status == 200 and r.header("x-backend") == busy.name, r
+
+
+def test_empty_pool_answers_no_endpoint_until_discovery_fills_it(gateway, rpeers, tmp_path):
+    # An upstream fed only by discovery starts empty: a fast 503 `no_endpoint` with
+    # Retry-After, not a hang; once the file lists an endpoint, it is served.
+    b = rpeers.backend()
+    path = str(tmp_path / "endpoints.yaml")
+    with open(path, "w") as f:
+        f.write("endpoints: []\n")
+    gw = gateway(rconfig(upstream="discovery: {file: %s}" % path))
+    t0 = time.monotonic()
+    r = gw.request("GET", "/empty")
+    assert time.monotonic() - t0 < 1
+    assert r.status == 503 and json.loads(r.body)["error"] == "no_endpoint", r
+    assert r.header("retry-after") == "1", r
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("endpoints: [%s]\n" % b.addr)
+    os.rename(tmp, path)
+    until(lambda: gw.request("GET", "/filled").status == 200, 3, "the discovered endpoint")
