@@ -23,6 +23,7 @@ enum {
     F_PEER_CLOSED = 1u << 3, /* EOF seen (close_notify, or truncation on a server) */
     F_SENT_CLOSE = 1u << 4,  /* our close_notify is out */
     F_WR_SHUT = 1u << 5,     /* TCP write side shut down */
+    F_HELD = 1u << 6,        /* a read returned bytes with an EOF or error behind them */
 };
 
 enum { OP_NONE = 0, OP_HANDSHAKE, OP_READ, OP_WRITE, OP_SHUTDOWN };
@@ -113,29 +114,46 @@ static int fail(struct sl_tls_transport *t, int r, int saved_errno, int op)
     return rc;
 }
 
+/*
+ * SSL_read_ex returns at most one record; reading on until the buffer is full or OpenSSL
+ * wants the socket gives the owner the plain-socket meaning of a short read ("would block
+ * now"), which edge-triggered owners rely on. An EOF or error met after some bytes is kept
+ * for the next call (fail() made it sticky) and announced through pending().
+ */
 static int tls_read(struct sl_transport *bt, void *buf, size_t cap, size_t *n)
 {
     struct sl_tls_transport *t = tls_of(bt);
     *n = 0;
+    t->flags &= ~F_HELD;
     if (t->flags & F_FATAL)
         return bt->err;
     if (t->flags & F_PEER_CLOSED)
         return 0;
     if (cap == 0)
         return -EINVAL; /* 0 with *n = 0 would read as EOF */
-    ERR_clear_error();
-    errno = 0;
-    size_t got = 0;
-    int r = SSL_read_ex(t->ssl, buf, cap, &got);
-    int saved = errno;
-    if (r == 1) {
-        note_progress(t);
-        *n = got;
-        return 0;
+    size_t total = 0;
+    while (total < cap) {
+        ERR_clear_error();
+        errno = 0;
+        size_t got = 0;
+        int r = SSL_read_ex(t->ssl, (unsigned char *)buf + total, cap - total, &got);
+        int saved = errno;
+        if (r == 1) {
+            note_progress(t);
+            total += got;
+            continue;
+        }
+        if (!(t->flags & F_DONE) && SSL_is_init_finished(t->ssl))
+            t->flags |= F_DONE;
+        int rc = fail(t, r, saved, t->flags & F_DONE ? OP_READ : OP_HANDSHAKE);
+        if (total == 0)
+            return rc;
+        if (rc != -EAGAIN)
+            t->flags |= F_HELD;
+        break;
     }
-    if (!(t->flags & F_DONE) && SSL_is_init_finished(t->ssl))
-        t->flags |= F_DONE;
-    return fail(t, r, saved, t->flags & F_DONE ? OP_READ : OP_HANDSHAKE);
+    *n = total;
+    return 0;
 }
 
 /* Copies from (i, off) onwards into gather_buf, up to one record. Returns the bytes copied. */
@@ -274,10 +292,34 @@ static void tls_close(struct sl_transport *bt)
 static size_t tls_pending(const struct sl_transport *bt)
 {
     const struct sl_tls_transport *t = ctls_of(bt);
+    if (t->flags & F_HELD)
+        return 1; /* an EOF or error waits for the next read */
     if (!t->ssl || (t->flags & F_FATAL))
         return 0;
     int p = SSL_pending(t->ssl);
     return p > 0 ? (size_t)p : 0;
+}
+
+static int tls_handshake_op(struct sl_transport *bt)
+{
+    struct sl_tls_transport *t = tls_of(bt);
+    enum sl_status st = sl_tls_handshake(t);
+    if (st == SL_OK)
+        return 0;
+    return st == SL_AGAIN ? -EAGAIN : (bt->err ? bt->err : -EPROTO);
+}
+
+static unsigned tls_want_op(const struct sl_transport *bt)
+{
+    return ctls_of(bt)->want;
+}
+
+static size_t tls_peer_subject_op(const struct sl_transport *bt, char *buf, size_t cap)
+{
+    const struct sl_tls_transport *t = ctls_of(bt);
+    if (!sl_tls_peer_is_verified(t))
+        return 0;
+    return sl_tls_peer_subject(t, buf, cap);
 }
 
 static int tls_last_error(const struct sl_transport *bt)
@@ -293,6 +335,9 @@ const struct sl_transport_ops sl_tls_transport_ops = {
     .close = tls_close,
     .pending = tls_pending,
     .last_error = tls_last_error,
+    .handshake = tls_handshake_op,
+    .want = tls_want_op,
+    .peer_subject = tls_peer_subject_op,
 };
 
 static void init_common(struct sl_tls_transport *t, int fd, SSL *ssl)
