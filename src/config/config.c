@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/evp.h>
 
@@ -478,12 +479,19 @@ static void listener_init(struct sl__config_ctx *c, void *elem, size_t index)
     l->limits = c->global_limits;
 }
 
+static void error_at_key(struct sl__config_ctx *c, const struct sl_yaml_node *map, const char *key,
+                         const char *msg);
+
 static void listener_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
 {
-    (void)c;
     struct sl_listener_conf *l = elem;
     l->line = map->line;
     l->col = map->col;
+    if (l->protocol == SL_LISTENER_TCP && !l->upstream)
+        sl__config_error(c, map, "protocol: tcp needs upstream: <name>");
+    if (l->protocol == SL_LISTENER_HTTP && l->upstream)
+        error_at_key(c, map, "upstream",
+                     "only applies to protocol: tcp (HTTP listeners pick upstreams by route)");
 }
 
 static void listener_free(void *elem)
@@ -533,6 +541,38 @@ static void protection_free(void *elem)
     p->allow_count = p->deny_count = 0;
 }
 
+static const char *check_rate(const char *s, size_t len, char *buf, size_t cap)
+{
+    uint64_t period = 0;
+    int rc = sl_config_parse_rate(s, len, &period);
+    if (rc == -ERANGE)
+        return "rate too high: at most 1000000/s";
+    if (rc < 0) {
+        snprintf(buf, cap, "invalid rate \"%.*s\": use N/s, N/m or N/h with N >= 1, e.g. 50/s",
+                 (int)(len > 40 ? 40 : len), s);
+        return buf;
+    }
+    return NULL;
+}
+
+static void protection_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    (void)c;
+    struct sl_protection_conf *p = elem;
+    if (!p->new_connections_per_ip)
+        return;
+    uint64_t period = 0;
+    if (sl_config_parse_rate(p->new_connections_per_ip, strlen(p->new_connections_per_ip),
+                             &period) != 0)
+        return; /* check_rate reported it */
+    p->new_connection_period_us = period;
+    if (!sl__config_yaml_get(map, "new_connections_burst")) {
+        /* One period's worth at once: a browser opening its 6 connections, a pool warming up. */
+        uint64_t per_s = 1000000 / period;
+        p->new_connections_burst = per_s < 1 ? 1 : per_s > 100000 ? 100000 : (uint32_t)per_s;
+    }
+}
+
 static const struct sl__schema_key protection_keys[] = {
     {.name = "allow",
      .type = SL__T_CUSTOM,
@@ -544,13 +584,213 @@ static const struct sl__schema_key protection_keys[] = {
      SL__FIELD(struct sl_protection_conf, deny),
      .count_offset = offsetof(struct sl_protection_conf, deny_count),
      .set = set_cidr_list},
+    {.name = "max_connections_per_ip",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_protection_conf, max_connections_per_ip),
+     .min = 0,
+     .max = 16382,
+     .def = 0},
+    {.name = "new_connections_per_ip",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_protection_conf, new_connections_per_ip),
+     .check = check_rate},
+    {.name = "new_connections_burst",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_protection_conf, new_connections_burst),
+     .min = 1,
+     .max = 100000,
+     .def = 1},
+    {.name = "tracked_addresses",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_protection_conf, tracked_addresses),
+     .min = 16,
+     .max = 1u << 23,
+     .def = 65536},
 };
 
 static const struct sl__schema_section protection_section = {
     .keys = protection_keys,
     .key_count = sizeof(protection_keys) / sizeof(protection_keys[0]),
+    .check = protection_check,
     .free = protection_free,
 };
+
+/* ---- TLS and PROXY protocol ---- */
+
+/*
+ * A file path: relative ones are taken from the config file's directory (so a config and its
+ * certificates move together), and the file must be readable now, so that a typo is a located
+ * error rather than a failed start.
+ */
+static void resolve_file(struct sl__config_ctx *c, const struct sl_yaml_node *map, const char *key,
+                         char **path)
+{
+    if (!*path)
+        return;
+    if ((*path)[0] != '/' && c->file_dir) {
+        size_t dl = strlen(c->file_dir), pl = strlen(*path);
+        char *full = malloc(dl + pl + 2);
+        if (!full) {
+            sl__config_error(c, map, "out of memory");
+            return;
+        }
+        memcpy(full, c->file_dir, dl);
+        full[dl] = '/';
+        memcpy(full + dl + 1, *path, pl + 1);
+        free(*path);
+        *path = full;
+    }
+    if (access(*path, R_OK) != 0) {
+        char msg[4200];
+        snprintf(msg, sizeof msg, "cannot read %s: %s", *path, strerror(errno));
+        error_at_key(c, map, key, msg);
+    }
+}
+
+static void tls_cert_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_tls_cert_conf *t = elem;
+    resolve_file(c, map, "cert", &t->cert);
+    resolve_file(c, map, "key", &t->key);
+}
+
+static const struct sl__schema_key tls_cert_keys[] = {
+    {.name = "cert",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_tls_cert_conf, cert),
+     .flags = SL__KEY_REQUIRED | SL__KEY_NONEMPTY},
+    {.name = "key",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_tls_cert_conf, key),
+     .flags = SL__KEY_REQUIRED | SL__KEY_NONEMPTY},
+};
+
+static const struct sl__schema_section tls_cert_section = {
+    .keys = tls_cert_keys,
+    .key_count = sizeof(tls_cert_keys) / sizeof(tls_cert_keys[0]),
+    .elem_size = sizeof(struct sl_tls_cert_conf),
+    .check = tls_cert_check,
+};
+
+static const char *const tls_version_names[] = {"1.2", "1.3", NULL};
+static const char *const client_auth_names[] = {"required", "optional", NULL};
+
+static const char *check_alpn(const char *s, size_t len, char *buf, size_t cap)
+{
+    (void)s;
+    (void)buf;
+    (void)cap;
+    if (len == 0 || len > 255)
+        return "an ALPN protocol name is 1 to 255 bytes";
+    return NULL;
+}
+
+static void listener_tls_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_listener_tls_conf *t = elem;
+    t->enabled = true;
+    if (t->certificate_count == 0 && !sl__config_yaml_get(map, "certificates"))
+        sl__config_error(c, map, "needs certificates: [{cert: ..., key: ...}]");
+    resolve_file(c, map, "client_ca", &t->client_ca);
+    if (sl__config_yaml_get(map, "client_auth") && !t->client_ca)
+        error_at_key(c, map, "client_auth", "needs client_ca");
+}
+
+static const struct sl__schema_key listener_tls_keys[] = {
+    {.name = "certificates",
+     .type = SL__T_LIST,
+     SL__FIELD(struct sl_listener_tls_conf, certificates),
+     .count_offset = offsetof(struct sl_listener_tls_conf, certificate_count),
+     .min = 1,
+     .section = &tls_cert_section},
+    {.name = "min_version",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_listener_tls_conf, min_version),
+     .enum_names = tls_version_names,
+     .def = SL_TLS_V1_2},
+    {.name = "ciphers", .type = SL__T_STRING, SL__FIELD(struct sl_listener_tls_conf, ciphers)},
+    {.name = "ciphersuites",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_listener_tls_conf, ciphersuites)},
+    {.name = "alpn",
+     .type = SL__T_STRLIST,
+     SL__FIELD(struct sl_listener_tls_conf, alpn),
+     .count_offset = offsetof(struct sl_listener_tls_conf, alpn_count),
+     .check = check_alpn},
+    {.name = "client_ca", .type = SL__T_STRING, SL__FIELD(struct sl_listener_tls_conf, client_ca)},
+    {.name = "client_auth",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_listener_tls_conf, client_auth),
+     .enum_names = client_auth_names,
+     .def = SL_TLS_CLIENT_AUTH_CONF_REQUIRED},
+    {.name = "session_tickets",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_listener_tls_conf, session_tickets),
+     .def = true},
+    {.name = "ticket_rotation",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_listener_tls_conf, ticket_rotation_ms),
+     .min = SEC,
+     .max = 7 * 24 * HOUR,
+     .def = HOUR},
+    {.name = "handshake_timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_listener_tls_conf, handshake_timeout_ms),
+     .min = 1,
+     .max = HOUR,
+     .def = 10 * SEC},
+    {.name = "watch",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_listener_tls_conf, watch),
+     .def = true},
+};
+
+static const struct sl__schema_section listener_tls_section = {
+    .keys = listener_tls_keys,
+    .key_count = sizeof(listener_tls_keys) / sizeof(listener_tls_keys[0]),
+    .check = listener_tls_check,
+};
+
+static void pp_accept_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_pp_accept_conf *p = elem;
+    if (p->accept && p->trusted_count == 0 && !sl__config_yaml_get(map, "trusted"))
+        sl__config_error(c, map,
+                         "accept: true needs trusted: [addresses or prefixes] (a PROXY header "
+                         "from anyone would let any client choose its own address)");
+}
+
+static void pp_accept_free(void *elem)
+{
+    struct sl_pp_accept_conf *p = elem;
+    free(p->trusted);
+    p->trusted = NULL;
+    p->trusted_count = 0;
+}
+
+static const struct sl__schema_key pp_accept_keys[] = {
+    {.name = "accept", .type = SL__T_BOOL, SL__FIELD(struct sl_pp_accept_conf, accept), .def = 0},
+    {.name = "trusted",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_pp_accept_conf, trusted),
+     .count_offset = offsetof(struct sl_pp_accept_conf, trusted_count),
+     .set = set_cidr_list},
+    {.name = "timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_pp_accept_conf, timeout_ms),
+     .min = 1,
+     .max = 10 * 60 * SEC,
+     .def = 5 * SEC},
+};
+
+static const struct sl__schema_section pp_accept_section = {
+    .keys = pp_accept_keys,
+    .key_count = sizeof(pp_accept_keys) / sizeof(pp_accept_keys[0]),
+    .check = pp_accept_check,
+    .free = pp_accept_free,
+};
+
+static const char *const listener_protocol_names[] = {"http", "tcp", NULL};
 
 static const struct sl__schema_key listener_keys[] = {
     {.name = "name",
@@ -576,6 +816,24 @@ static const struct sl__schema_key listener_keys[] = {
      .type = SL__T_SECTION,
      SL__FIELD(struct sl_listener_conf, protection),
      .section = &protection_section},
+    {.name = "protocol",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_listener_conf, protocol),
+     .enum_names = listener_protocol_names,
+     .def = SL_LISTENER_HTTP},
+    {.name = "upstream",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_listener_conf, upstream),
+     .check = check_name},
+    {.name = "tls",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_listener_conf, tls),
+     .section = &listener_tls_section,
+     .flags = SL__KEY_LAZY},
+    {.name = "proxy_protocol",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_listener_conf, proxy_protocol),
+     .section = &pp_accept_section},
 };
 
 static const struct sl__schema_section listener_section = {
@@ -1249,6 +1507,53 @@ static void upstream_free(void *elem)
     u->hash_key = NULL;
 }
 
+static void upstream_tls_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_upstream_tls_conf *t = elem;
+    t->enabled = true;
+    resolve_file(c, map, "ca_file", &t->ca_file);
+    resolve_file(c, map, "client_cert", &t->client_cert);
+    resolve_file(c, map, "client_key", &t->client_key);
+    if (!t->client_cert != !t->client_key)
+        sl__config_error(c, map, "client_cert and client_key go together");
+}
+
+static const struct sl__schema_key upstream_tls_keys[] = {
+    {.name = "verify",
+     .type = SL__T_BOOL,
+     SL__FIELD(struct sl_upstream_tls_conf, verify),
+     .def = 1},
+    {.name = "ca_file", .type = SL__T_STRING, SL__FIELD(struct sl_upstream_tls_conf, ca_file)},
+    {.name = "sni",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_upstream_tls_conf, sni),
+     .check = check_host},
+    {.name = "client_cert",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_upstream_tls_conf, client_cert)},
+    {.name = "client_key",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_upstream_tls_conf, client_key)},
+    {.name = "min_version",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_upstream_tls_conf, min_version),
+     .enum_names = tls_version_names,
+     .def = SL_TLS_V1_2},
+    {.name = "alpn",
+     .type = SL__T_STRLIST,
+     SL__FIELD(struct sl_upstream_tls_conf, alpn),
+     .count_offset = offsetof(struct sl_upstream_tls_conf, alpn_count),
+     .check = check_alpn},
+};
+
+static const struct sl__schema_section upstream_tls_section = {
+    .keys = upstream_tls_keys,
+    .key_count = sizeof(upstream_tls_keys) / sizeof(upstream_tls_keys[0]),
+    .check = upstream_tls_check,
+};
+
+static const char *const pp_send_names[] = {"off", "v1", "v2", NULL};
+
 static const struct sl__schema_key upstream_keys[] = {
     {.name = "name",
      .type = SL__T_STRING,
@@ -1287,6 +1592,16 @@ static const struct sl__schema_key upstream_keys[] = {
      SL__FIELD(struct sl_upstream_conf, discovery),
      .section = &discovery_section,
      .flags = SL__KEY_LAZY},
+    {.name = "tls",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_upstream_conf, tls),
+     .section = &upstream_tls_section,
+     .flags = SL__KEY_LAZY},
+    {.name = "proxy_protocol",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_upstream_conf, proxy_protocol),
+     .enum_names = pp_send_names,
+     .def = SL_PP_SEND_OFF},
 };
 
 static const struct sl__schema_section upstream_section = {
@@ -2034,6 +2349,20 @@ static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *
         names_complete(root, "listeners", cfg->listener_count,
                        cfg->listeners ? (const char *const *)&cfg->listeners[0].name : NULL,
                        sizeof(struct sl_listener_conf));
+    for (size_t i = 0; upstreams_ok && i < cfg->listener_count; i++) {
+        struct sl_listener_conf *l = &cfg->listeners[i];
+        if (!l->upstream)
+            continue;
+        size_t u = 0;
+        while (u < cfg->upstream_count && strcmp(cfg->upstreams[u].name, l->upstream) != 0)
+            u++;
+        if (u == cfg->upstream_count)
+            error_in_item(c, root, "listeners", cfg->listener_count, i, "upstream",
+                          "unknown upstream %s",
+                          sl__config_quote(q, sizeof(q), l->upstream, strlen(l->upstream)));
+        else
+            l->upstream_index = u;
+    }
     for (size_t i = 0; i < cfg->route_count; i++) {
         struct sl_route_conf *r = &cfg->routes[i];
         for (size_t j = 0; j < i && r->name; j++) {
@@ -2058,6 +2387,15 @@ static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *
         }
         const struct sl_yaml_node *item = list_item(root, "routes", cfg->route_count, i);
         const struct sl_yaml_node *lseq = sl__config_yaml_get(item, "listeners");
+        for (size_t k = 0; listeners_ok && k < r->listener_count; k++)
+            for (size_t l = 0; l < cfg->listener_count; l++)
+                if (strcmp(cfg->listeners[l].name, r->listeners[k]) == 0 &&
+                    cfg->listeners[l].protocol == SL_LISTENER_TCP)
+                    error_in_item(
+                        c, root, "routes", cfg->route_count, i, "listeners",
+                        "listener %s is protocol: tcp (it forwards to its upstream "
+                        "without routes)",
+                        sl__config_quote(q, sizeof(q), r->listeners[k], strlen(r->listeners[k])));
         for (size_t k = 0; listeners_ok && k < r->listener_count; k++) {
             size_t l = 0;
             while (l < cfg->listener_count && strcmp(cfg->listeners[l].name, r->listeners[k]) != 0)
@@ -2103,6 +2441,13 @@ int sl_config_load_string(const char *name, const char *yaml, size_t len, struct
     errs->file = strdup(name);
     if (!errs->file)
         c.failed = true;
+    const char *slash = strrchr(name, '/');
+    if (slash && name[0] != '<') {
+        size_t dl = slash == name ? 1 : (size_t)(slash - name);
+        c.file_dir = strndup(name, dl);
+        if (!c.file_dir)
+            c.failed = true;
+    }
 
     if (sl__config_yaml_parse(yaml, len, errs, &root) != 0) {
         c.failed = true;
@@ -2152,6 +2497,7 @@ int sl_config_load_string(const char *name, const char *yaml, size_t len, struct
 out:
     sl__config_yaml_free(root);
     free(c.path);
+    free(c.file_dir);
     if (c.failed || errs->count) {
         sl_config_free(cfg);
         sl__config_errors_sort(errs);

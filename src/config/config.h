@@ -53,7 +53,51 @@ struct sl_protection_conf {
     size_t allow_count;
     struct sl_cidr *deny; /* never these, even when allowed */
     size_t deny_count;
+    uint32_t max_connections_per_ip;   /* open at once per client address; 0 = no cap */
+    char *new_connections_per_ip;      /* "50/s" as written, NULL = no rate */
+    uint64_t new_connection_period_us; /* 1 s / rate, 0 = no rate */
+    uint32_t new_connections_burst;    /* above the rate; default = one second's worth */
+    uint32_t tracked_addresses;        /* addresses tracked at once; default 65536 */
 };
+
+struct sl_tls_cert_conf {
+    char *cert; /* PEM chain, leaf first; relative paths are relative to the config file */
+    char *key;
+};
+
+enum sl_tls_version { SL_TLS_V1_2 = 0, SL_TLS_V1_3 };
+enum sl_tls_client_auth_conf {
+    SL_TLS_CLIENT_AUTH_CONF_REQUIRED = 0,
+    SL_TLS_CLIENT_AUTH_CONF_OPTIONAL
+};
+
+/* `tls:` on a listener. Present = the listener speaks TLS. */
+struct sl_listener_tls_conf {
+    bool enabled;
+    struct sl_tls_cert_conf *certificates; /* [0] is the default (no SNI, no match) */
+    size_t certificate_count;
+    int min_version;    /* enum sl_tls_version, default 1.2 */
+    char *ciphers;      /* TLS 1.2 list, NULL = the modern default */
+    char *ciphersuites; /* TLS 1.3 suites, NULL = OpenSSL's */
+    char **alpn;        /* NULL = [http/1.1] on http listeners, none on tcp ones */
+    size_t alpn_count;
+    char *client_ca;               /* mTLS: CAs for client certificates, NULL = no mTLS */
+    int client_auth;               /* enum sl_tls_client_auth_conf, default required */
+    bool session_tickets;          /* default true */
+    uint64_t ticket_rotation_ms;   /* default 1h */
+    uint64_t handshake_timeout_ms; /* default 10s */
+    bool watch;                    /* reload certificates when their files change; default true */
+};
+
+/* `proxy_protocol:` on a listener. */
+struct sl_pp_accept_conf {
+    bool accept;
+    struct sl_cidr *trusted; /* only these peers may send a header (required with accept) */
+    size_t trusted_count;
+    uint64_t timeout_ms; /* for the header to arrive; default 5s */
+};
+
+enum sl_listener_protocol { SL_LISTENER_HTTP = 0, SL_LISTENER_TCP };
 
 struct sl_listener_conf {
     char *name;
@@ -63,6 +107,11 @@ struct sl_listener_conf {
     int backlog; /* default 4096 */
     struct sl_limits_conf limits;
     struct sl_protection_conf protection;
+    int protocol;          /* enum sl_listener_protocol */
+    char *upstream;        /* with protocol: tcp */
+    size_t upstream_index; /* resolved */
+    struct sl_listener_tls_conf tls;
+    struct sl_pp_accept_conf proxy_protocol;
     int line, col; /* position in the file, for run-time messages */
 };
 
@@ -170,6 +219,21 @@ struct sl_discovery_conf {
     int line, col;
 };
 
+/* `tls:` on an upstream: connect to the endpoints with TLS. */
+struct sl_upstream_tls_conf {
+    bool enabled;
+    bool verify;       /* default true: certificate chain and name */
+    char *ca_file;     /* NULL = the system's trust store */
+    char *sni;         /* server name to send and verify; NULL = the endpoint's host name */
+    char *client_cert; /* optional client certificate chain, with client_key */
+    char *client_key;
+    int min_version; /* enum sl_tls_version, default 1.2 */
+    char **alpn;     /* offered; default [http/1.1] */
+    size_t alpn_count;
+};
+
+enum sl_pp_send { SL_PP_SEND_OFF = 0, SL_PP_SEND_V1, SL_PP_SEND_V2 };
+
 struct sl_upstream_conf {
     char *name;
     enum sl_balance balance; /* default round_robin */
@@ -188,6 +252,8 @@ struct sl_upstream_conf {
     struct sl_retry_conf retries;
     struct sl_zone_aware_conf zone_aware;
     struct sl_discovery_conf discovery;
+    struct sl_upstream_tls_conf tls;
+    int proxy_protocol; /* enum sl_pp_send: header sent first on each connection */
     int line, col;
 };
 

@@ -25,6 +25,7 @@ struct sl__config_ctx {
     bool failed;                         /* an error was reported (or memory ran out) */
     bool resolve;                        /* look hostnames up */
     struct sl_limits_conf global_limits; /* top-level `limits:`, copied into each listener */
+    char *file_dir; /* directory of the config file, for relative paths; NULL = cwd */
 };
 
 enum sl__schema_type {

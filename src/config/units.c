@@ -264,3 +264,36 @@ int sl_config_parse_address(const char *s, struct sockaddr_storage *out, socklen
     char msg[128];
     return sl__config_address_parse(s, resolve_hostnames, out, out_len, msg, sizeof(msg));
 }
+
+int sl_config_parse_rate(const char *s, size_t len, uint64_t *period_us)
+{
+    size_t i = 0;
+    uint64_t n = 0;
+    while (i < len && s[i] >= '0' && s[i] <= '9') {
+        if (n > 1000000000000ull) /* far above any usable rate; avoids overflow */
+            return -ERANGE;
+        n = n * 10 + (uint64_t)(s[i] - '0');
+        i++;
+    }
+    if (i == 0 || i + 2 != len || s[i] != '/' || n == 0)
+        return -EINVAL;
+    uint64_t unit_us;
+    switch (s[i + 1]) {
+    case 's':
+        unit_us = 1000000ull;
+        break;
+    case 'm':
+        unit_us = 60ull * 1000000ull;
+        break;
+    case 'h':
+        unit_us = 3600ull * 1000000ull;
+        break;
+    default:
+        return -EINVAL;
+    }
+    if (n > unit_us)
+        return -ERANGE;
+    /* Rounded up: the spec promises at most rate x T (+ burst + 1) over T. */
+    *period_us = (unit_us + n - 1) / n;
+    return 0;
+}

@@ -26,4 +26,10 @@ bool sl__config_is_token(const char *s, size_t len);
 void sl__config_format_duration(uint64_t ms, char *buf, size_t cap);
 void sl__config_format_size(uint64_t bytes, char *buf, size_t cap);
 
+/*
+ * A rate "N/s", "N/m" or "N/h" (N >= 1) as the period between events in microseconds, rounded
+ * up. Returns 0, -EINVAL (not a rate) or -ERANGE (N above one per microsecond).
+ */
+int sl_config_parse_rate(const char *s, size_t len, uint64_t *period_us);
+
 #endif
