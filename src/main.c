@@ -10,7 +10,7 @@
 #include "core/log.h"
 #include "core/loop.h"
 #include "filters/filter_set.h"
-#include "proxy/gateway.h"
+#include "l4/gateway.h"
 
 #define SLUICE_VERSION "0.1.0"
 

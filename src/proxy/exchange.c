@@ -21,7 +21,8 @@
 #include "http/h1_parse.h"
 #include "http/request.h"
 #include "proxy/balancer.h"
-#include "proxy/gateway.h"
+#include "core/worker.h"
+#include "proxy/proxy_worker.h"
 #include "proxy/pool.h"
 #include "proxy/router.h"
 #include "proxy/upstream.h"
@@ -37,7 +38,7 @@ enum ex_state {
 
 struct exchange {
     struct sl_request *req;
-    struct sl_gw_listener *gl;
+    struct sl_proxy_listener *gl;
     const struct sl_route_conf *route;
     struct sl_upstream_rt *up;
     struct sl_filter_run frun;
@@ -239,16 +240,17 @@ static void ex_release_upstream(struct exchange *ex, enum sl_outcome outcome, bo
 
 static void ex_end(struct exchange *ex)
 {
-    struct sl_gw_worker *gw = ex->gl->gw;
-    sl_timer_cancel(&gw->worker->loop, &ex->retry_timer);
+    struct sl_proxy_worker *pw = ex->gl->pw;
+    sl_timer_cancel(&pw->worker->loop, &ex->retry_timer);
     if (ex->counted_request) {
         atomic_fetch_sub_explicit(&ex->up->pool->requests, 1, memory_order_relaxed);
         ex->counted_request = false;
     }
     ex->state = EX_DONE;
     ex->req->handler_state = NULL;
-    gw->inflight--;
-    sl_gw_worker_check_drained(gw);
+    pw->inflight--;
+    if (pw->on_idle)
+        pw->on_idle(pw);
 }
 
 /* Fails the exchange with a gateway error (or a cut connection once the response began). */
@@ -532,7 +534,7 @@ static bool ex_may_retry(struct exchange *ex, enum retry_cond cond, int status)
         return false; /* part of the body is gone and cannot be sent again */
     if (ex->tried_count >= SL_PICK_MAX_EXCLUDE)
         return false;
-    return sl_pool_budget_retry(ex->up->pool, rc, sl_loop_now_ms(&ex->gl->gw->worker->loop));
+    return sl_pool_budget_retry(ex->up->pool, rc, sl_loop_now_ms(&ex->gl->pw->worker->loop));
 }
 
 static void on_retry_timer(struct sl_timer *t)
@@ -569,7 +571,7 @@ static void ex_retry(struct exchange *ex, enum sl_outcome outcome, enum retry_co
         return;
     }
     ex->state = EX_BACKOFF;
-    sl_timer_arm(&ex->gl->gw->worker->loop, &ex->retry_timer, delay);
+    sl_timer_arm(&ex->gl->pw->worker->loop, &ex->retry_timer, delay);
 }
 
 /* Ends the current attempt as failed; retries when allowed, else answers the client with this
@@ -903,7 +905,7 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
 /* Parses what the upstream sent so far. Returns false when the exchange ended. */
 static bool ex_parse_response_head(struct exchange *ex, bool eof)
 {
-    struct sl_gw_worker *gw = ex->gl->gw;
+    struct sl_proxy_worker *pw = ex->gl->pw;
     struct sl_upstream_conn *uc = ex->uc;
     for (;;) {
         if (!uc->in.data || sl_buf_len(&uc->in) == 0) {
@@ -913,13 +915,13 @@ static bool ex_parse_response_head(struct exchange *ex, bool eof)
             }
             return true;
         }
-        struct sl_h1_limits lim = {uc->in.cap, gw->resp_scratch_cap, 0};
+        struct sl_h1_limits lim = {uc->in.cap, pw->resp_scratch_cap, 0};
         struct sl_h1_response resp;
         enum sl_h1_err err = SL_H1_ERR_NONE;
         enum sl_status st =
             sl_h1_parse_response(&ex->rhs, sl_buf_head(&uc->in), sl_buf_len(&uc->in), &lim,
-                                 ex->req->method_bit == SL_METHOD_HEAD, &resp, gw->resp_scratch,
-                                 gw->resp_scratch_cap, &err);
+                                 ex->req->method_bit == SL_METHOD_HEAD, &resp, pw->resp_scratch,
+                                 pw->resp_scratch_cap, &err);
         if (st == SL_AGAIN) {
             if (eof) {
                 ex_attempt_failed(ex, SL_OUTCOME_RESET, RC_RESET, 502, "upstream_truncated_head");
@@ -1103,7 +1105,7 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
         ex_direct(ex);
         return;
     }
-    ex->up = &ex->gl->gw->upstreams[ex->route->upstream_index];
+    ex->up = &ex->gl->pw->upstreams[ex->route->upstream_index];
     struct sl_request *req = ex->req;
     const struct sl_upstream_conf *uconf = ex->up->conf;
     uint32_t maxr = uconf->breaker.max_requests;
@@ -1121,7 +1123,7 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
     if (ex->rc->attempts == 0)
         ex->rc = NULL;
     else
-        sl_pool_budget_request(ex->up->pool, sl_loop_now_ms(&ex->gl->gw->worker->loop));
+        sl_pool_budget_request(ex->up->pool, sl_loop_now_ms(&ex->gl->pw->worker->loop));
     struct sl_slice idem;
     ex->retryable_method = is_idempotent(req) || (ex->rc && ex->rc->non_idempotent) ||
                            sl_request_header(req, "Idempotency-Key", &idem);
@@ -1175,7 +1177,7 @@ static const struct sl_request_handler handler_template = {
     .on_abort = h_on_abort,
 };
 
-void sl_exchange_handler_init(struct sl_request_handler *h, struct sl_gw_listener *gl)
+void sl_exchange_handler_init(struct sl_request_handler *h, struct sl_proxy_listener *gl)
 {
     *h = handler_template;
     h->data = gl;
@@ -1183,7 +1185,7 @@ void sl_exchange_handler_init(struct sl_request_handler *h, struct sl_gw_listene
 
 static void h_on_request(struct sl_request *req)
 {
-    struct sl_gw_listener *gl = req->handler_ctx;
+    struct sl_proxy_listener *gl = req->handler_ctx;
     struct exchange *ex = sl_arena_alloc(&req->arena, sizeof *ex);
     if (!ex) {
         sl_request_respond_error(req, 503, "out_of_memory");
@@ -1194,7 +1196,7 @@ static void h_on_request(struct sl_request *req)
     ex->gl = gl;
     sl_timer_init(&ex->retry_timer, on_retry_timer, ex);
     req->handler_state = ex;
-    gl->gw->inflight++;
+    gl->pw->inflight++;
     struct sl_route_input in = {
         .host = req->host_name,
         .path = req->path,
@@ -1211,7 +1213,7 @@ static void h_on_request(struct sl_request *req)
         return;
     }
     ex->state = EX_FILTERS;
-    const struct sl_filter_set *fs = gl->gw->rt->filters;
+    const struct sl_filter_set *fs = gl->pw->filters;
     sl_filter_run_start(&ex->frun, fs ? &fs->route_chains[ex->route->index] : NULL,
-                        gl->gw->filter_wstates, req, on_filters_done, ex);
+                        gl->pw->filter_wstates, req, on_filters_done, ex);
 }

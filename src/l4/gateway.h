@@ -1,5 +1,5 @@
-#ifndef SL_PROXY_GATEWAY_H
-#define SL_PROXY_GATEWAY_H
+#ifndef SL_L4_GATEWAY_H
+#define SL_L4_GATEWAY_H
 
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -9,6 +9,7 @@
 #include "core/worker.h"
 #include "http/h1_server.h"
 #include "http/request.h"
+#include "proxy/proxy_worker.h"
 #include "proxy/upstream.h"
 
 struct sl_config;
@@ -44,9 +45,7 @@ struct sl_gw_worker;
 
 struct sl_gw_listener {
     struct sl_acceptor acceptor;
-    struct sl_h1_server server;
-    struct sl_request_handler handler;
-    const struct sl_router *router;
+    struct sl_proxy_listener http; /* HTTP listeners: the request path */
     struct sl_gw_worker *gw;
     size_t index;
     bool drained;
@@ -55,14 +54,9 @@ struct sl_gw_listener {
 struct sl_gw_worker {
     struct sl_worker *worker;
     const struct sl_runtime *rt;
+    struct sl_proxy_worker pw; /* upstreams, filters, scratch */
     struct sl_gw_listener *listeners;
     size_t listener_count;
-    struct sl_upstream_rt *upstreams;
-    size_t upstream_count;
-    struct sl_h1_header *resp_scratch; /* upstream response header storage */
-    size_t resp_scratch_cap;
-    void **filter_wstates; /* per-worker filter states, by slot */
-    size_t inflight;       /* exchanges alive on this worker */
     bool draining;
 };
 
@@ -93,10 +87,7 @@ bool sl_gateway_wait(struct sl_gateway *gw, uint64_t deadline_ms);
 /* Forces every worker to exit now (after a drain timed out), joins them, frees everything. */
 void sl_gateway_free(struct sl_gateway *gw);
 
-/* The request handler for a listener (exchange.c). */
-void sl_exchange_handler_init(struct sl_request_handler *h, struct sl_gw_listener *gl);
-
-/* Called by exchanges when one ends, so a draining worker can notice it is empty. */
+/* Stops a draining worker's loop once it has nothing left (no connection, no exchange). */
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw);
 
 #endif

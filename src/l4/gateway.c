@@ -1,4 +1,4 @@
-#include "proxy/gateway.h"
+#include "l4/gateway.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -89,18 +89,18 @@ static void on_accept(struct sl_acceptor *a, int fd, const struct sockaddr *peer
         close(fd);
         return;
     }
-    sl_h1_server_accept(&gl->server, fd, peer, peer_len);
+    sl_h1_server_accept(&gl->http.server, fd, peer, peer_len);
 }
 
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
 {
-    if (!gw->draining || gw->inflight)
+    if (!gw->draining || gw->pw.inflight)
         return;
     for (size_t i = 0; i < gw->listener_count; i++)
-        if (gw->listeners[i].server.conn_count)
+        if (gw->listeners[i].http.server.conn_count)
             return;
-    for (size_t i = 0; i < gw->upstream_count; i++)
-        sl_upstream_rt_close_idle(&gw->upstreams[i]);
+    for (size_t i = 0; i < gw->pw.upstream_count; i++)
+        sl_upstream_rt_close_idle(&gw->pw.upstreams[i]);
     sl_loop_stop(&gw->worker->loop);
 }
 
@@ -108,6 +108,11 @@ static void on_server_drained(struct sl_h1_server *srv, void *data)
 {
     (void)srv;
     sl_gw_worker_check_drained(data);
+}
+
+static void on_exchange_idle(struct sl_proxy_worker *pw)
+{
+    sl_gw_worker_check_drained(pw->owner);
 }
 
 static int worker_init(struct sl_worker *w, void *data)
@@ -125,36 +130,42 @@ static int worker_init(struct sl_worker *w, void *data)
     w->buf_pool.max_outstanding = g->buffer_budget / g->rt.worker_count / w->buf_pool.block_bytes;
     if (w->buf_pool.max_outstanding < 8)
         w->buf_pool.max_outstanding = 8;
+    struct sl_proxy_worker *pw = &gw->pw;
+    pw->worker = w;
+    pw->filters = g->rt.filters;
+    pw->owner = gw;
+    pw->on_idle = on_exchange_idle;
     gw->listeners = calloc(cfg->listener_count, sizeof *gw->listeners);
-    gw->upstreams = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof *gw->upstreams);
-    gw->resp_scratch_cap = RESP_MAX_HEADERS;
-    gw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *gw->resp_scratch);
-    if (!gw->listeners || !gw->upstreams || !gw->resp_scratch)
+    pw->upstreams = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof *pw->upstreams);
+    pw->resp_scratch_cap = RESP_MAX_HEADERS;
+    pw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *pw->resp_scratch);
+    if (!gw->listeners || !pw->upstreams || !pw->resp_scratch)
         return -ENOMEM;
-    int frc = sl_filter_set_worker_init(g->rt.filters, w, &gw->filter_wstates);
+    int frc = sl_filter_set_worker_init(g->rt.filters, w, &pw->filter_wstates);
     if (frc < 0)
         return frc;
     for (size_t i = 0; i < cfg->upstream_count; i++) {
-        int rc = sl_upstream_rt_init(&gw->upstreams[i], g->rt.pools[i], w);
+        int rc = sl_upstream_rt_init(&pw->upstreams[i], g->rt.pools[i], w);
         if (rc < 0)
             return rc;
-        gw->upstream_count++;
+        pw->upstream_count++;
     }
     for (size_t i = 0; i < cfg->listener_count; i++) {
         struct sl_gw_listener *gl = &gw->listeners[i];
         gl->gw = gw;
         gl->index = i;
-        gl->router = g->rt.routers[i];
+        gl->http.router = g->rt.routers[i];
+        gl->http.pw = pw;
         gl->acceptor.io.fd = -1;
-        sl_exchange_handler_init(&gl->handler, gl);
-        int rc = sl_h1_server_init(&gl->server, w, cfg->listeners[i].name,
-                                   &cfg->listeners[i].limits, &gl->handler);
+        sl_exchange_handler_init(&gl->http.handler, &gl->http);
+        int rc = sl_h1_server_init(&gl->http.server, w, cfg->listeners[i].name,
+                                   &cfg->listeners[i].limits, &gl->http.handler);
         if (rc < 0)
             return rc;
         gw->listener_count++;
-        gl->server.on_drained = on_server_drained;
-        gl->server.on_drained_data = gw;
-        gl->server.gate = &g->gate;
+        gl->http.server.on_drained = on_server_drained;
+        gl->http.server.on_drained_data = gw;
+        gl->http.server.gate = &g->gate;
         int fd = g->listen_fds[w->id * cfg->listener_count + i];
         g->listen_fds[w->id * cfg->listener_count + i] = -1;
         rc = sl_acceptor_start(&gl->acceptor, &w->loop, fd, on_accept, gl);
@@ -178,7 +189,7 @@ static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
         for (size_t i = 0; i < gw->listener_count; i++)
             sl_acceptor_stop(&gw->listeners[i].acceptor);
         for (size_t i = 0; i < gw->listener_count; i++)
-            sl_h1_server_drain(&gw->listeners[i].server);
+            sl_h1_server_drain(&gw->listeners[i].http.server);
         sl_gw_worker_check_drained(gw);
     }
 }
@@ -191,18 +202,18 @@ static void worker_fini(struct sl_worker *w, void *data)
         return;
     for (size_t i = 0; i < gw->listener_count; i++) {
         sl_acceptor_stop(&gw->listeners[i].acceptor);
-        sl_h1_server_dispose(&gw->listeners[i].server);
+        sl_h1_server_dispose(&gw->listeners[i].http.server);
     }
     sl_loop_run_deferred(&w->loop);
-    for (size_t i = 0; i < gw->upstream_count; i++)
-        sl_upstream_rt_dispose(&gw->upstreams[i]);
+    for (size_t i = 0; i < gw->pw.upstream_count; i++)
+        sl_upstream_rt_dispose(&gw->pw.upstreams[i]);
     sl_loop_run_deferred(&w->loop);
-    if (gw->filter_wstates)
-        sl_filter_set_worker_fini(gw->rt->filters, gw->filter_wstates);
+    if (gw->pw.filter_wstates)
+        sl_filter_set_worker_fini(gw->rt->filters, gw->pw.filter_wstates);
     sl_loop_run_deferred(&w->loop);
     free(gw->listeners);
-    free(gw->upstreams);
-    free(gw->resp_scratch);
+    free(gw->pw.upstreams);
+    free(gw->pw.resp_scratch);
     free(gw);
     w->app = NULL;
 }
