@@ -6,7 +6,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-#include "l4/proxy_proto.h"
+#include "proxy/proxy_proto.h"
 
 /*
  * PROXY protocol headers, v1 and v2. The input is parsed from an exact-size copy (overreads

@@ -18,7 +18,7 @@
 
 #include <cmocka.h>
 
-#include "l4/proxy_proto.h"
+#include "proxy/proxy_proto.h"
 
 #define IN(s) (s), sizeof(s) - 1
 

@@ -1,4 +1,4 @@
-#include "l4/proxy_proto.h"
+#include "proxy/proxy_proto.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -1,5 +1,5 @@
-#ifndef SL_L4_PROXY_PROTO_H
-#define SL_L4_PROXY_PROTO_H
+#ifndef SL_PROXY_PROXY_PROTO_H
+#define SL_PROXY_PROXY_PROTO_H
 
 #include <stdbool.h>
 #include <stddef.h>
