@@ -1,6 +1,7 @@
 #ifndef SL_CORE_TRANSPORT_H
 #define SL_CORE_TRANSPORT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/uio.h>
 
@@ -23,6 +24,7 @@ struct sl_transport;
 
 struct sl_transport_ops {
     const char *name;
+    bool secure; /* bytes are encrypted on the wire (https, not http) */
     int (*read)(struct sl_transport *t, void *buf, size_t cap, size_t *n);
     int (*writev)(struct sl_transport *t, const struct iovec *iov, int iovcnt, size_t *n);
     int (*shutdown)(struct sl_transport *t); /* half-close our sending side */

@@ -17,6 +17,7 @@
 #include "core/log.h"
 #include "core/rand.h"
 #include "core/transport.h"
+#include "tls/tls_types.h"
 #include "core/worker.h"
 #include "http/h1_body.h"
 
@@ -42,7 +43,10 @@ enum conn_flag {
 
 struct sl_server_conn {
     struct sl_io io;
-    struct sl_transport tr;
+    union {
+        struct sl_transport tr;
+        struct sl_tls_transport tls_storage; /* room for any transport, moved in at adopt */
+    };
     struct sl_timer timer;
     struct sl_defer defer;
     struct sl_buf in; /* the response buffer belongs to the request (h1_req.out) */
@@ -55,7 +59,9 @@ struct sl_server_conn {
     uint16_t flags;
     uint32_t nreq;
     uint8_t peer_addr[16];
+    uint16_t peer_port;
     uint64_t id;
+    uint64_t cookie; /* for on_conn_closed; 0 = none */
 };
 
 /* The front-end's private part of a request; the public part comes first. */
@@ -154,6 +160,42 @@ static void unlink_conn(struct sl_h1_server *srv, struct sl_server_conn *c)
         atomic_fetch_sub_explicit(&srv->gate->open, 1, memory_order_relaxed);
 }
 
+static void conn_start(struct sl_h1_server *srv, struct sl_server_conn *c,
+                       const struct sockaddr *peer)
+{
+    int fd = c->tr.fd;
+    c->srv = srv;
+    c->id = ++srv->next_conn_id;
+    sl_timer_init(&c->timer, on_conn_timer, c);
+    sl_defer_init(&c->defer, on_conn_defer, c);
+    /* The peer is kept as raw bytes (text is made per request) to keep idle connections
+     * small. */
+    c->family = 0;
+    if (peer->sa_family == AF_INET) {
+        c->family = AF_INET;
+        memcpy(c->peer_addr, &((const struct sockaddr_in *)peer)->sin_addr, 4);
+        c->peer_port = ntohs(((const struct sockaddr_in *)peer)->sin_port);
+    } else if (peer->sa_family == AF_INET6) {
+        c->family = AF_INET6;
+        memcpy(c->peer_addr, &((const struct sockaddr_in6 *)peer)->sin6_addr, 16);
+        c->peer_port = ntohs(((const struct sockaddr_in6 *)peer)->sin6_port);
+    }
+    if (sl_io_start(srv->loop, &c->io, fd, EPOLLIN | EPOLLRDHUP | SL_IO_EDGE, on_conn_io, c) < 0) {
+        sl_transport_close(&c->tr);
+        sl_slab_put(&srv->conn_slab, c);
+        return;
+    }
+    link_conn(srv, c);
+    c->state = CS_HEAD;
+    sl_timer_arm(srv->loop, &c->timer, srv->limits->header_timeout_ms);
+    /* A transport that did a handshake may hold request bytes already (sent with the
+     * client's Finished) and the socket's edge is spent: look now. */
+    if (sl_transport_pending(&c->tr) || c->tr.ops->handshake) {
+        c->io.ready |= EPOLLIN;
+        sl_defer_queue(srv->loop, &c->defer);
+    }
+}
+
 void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr *peer,
                          socklen_t peer_len)
 {
@@ -163,28 +205,27 @@ void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr
         close(fd);
         return;
     }
-    c->srv = srv;
-    c->id = ++srv->next_conn_id;
     sl_tcp_transport_init(&c->tr, fd);
-    sl_timer_init(&c->timer, on_conn_timer, c);
-    sl_defer_init(&c->defer, on_conn_defer, c);
-    /* The peer is kept as raw bytes (text is made per request) to keep idle connections
-     * small. */
-    if (peer->sa_family == AF_INET) {
-        c->family = AF_INET;
-        memcpy(c->peer_addr, &((const struct sockaddr_in *)peer)->sin_addr, 4);
-    } else if (peer->sa_family == AF_INET6) {
-        c->family = AF_INET6;
-        memcpy(c->peer_addr, &((const struct sockaddr_in6 *)peer)->sin6_addr, 16);
-    }
-    if (sl_io_start(srv->loop, &c->io, fd, EPOLLIN | EPOLLRDHUP | SL_IO_EDGE, on_conn_io, c) < 0) {
-        close(fd);
-        sl_slab_put(&srv->conn_slab, c);
+    c->cookie = 0;
+    conn_start(srv, c, peer);
+}
+
+void sl_h1_server_adopt(struct sl_h1_server *srv, const struct sl_transport *tr, size_t size,
+                        const struct sockaddr *client, uint64_t cookie)
+{
+    struct sl_server_conn *c = sl_slab_get(&srv->conn_slab);
+    if (!c || size > sizeof c->tls_storage) {
+        if (c)
+            sl_slab_put(&srv->conn_slab, c);
+        struct sl_transport *dead = (struct sl_transport *)tr;
+        sl_transport_close(dead);
+        if (cookie && srv->on_conn_closed)
+            srv->on_conn_closed(srv->on_conn_closed_data, client, cookie);
         return;
     }
-    link_conn(srv, c);
-    c->state = CS_HEAD;
-    sl_timer_arm(srv->loop, &c->timer, srv->limits->header_timeout_ms);
+    memcpy(&c->tls_storage, tr, size);
+    c->cookie = cookie;
+    conn_start(srv, c, client);
 }
 
 /* ---- request objects ---- */
@@ -231,6 +272,21 @@ static void conn_close(struct sl_server_conn *c)
         release_request(c);
     sl_buf_release(&c->in, conn_pool(c));
     unlink_conn(srv, c);
+    if (c->cookie && srv->on_conn_closed) {
+        struct sockaddr_storage ss;
+        memset(&ss, 0, sizeof ss);
+        if (c->family == AF_INET) {
+            struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+            in->sin_family = AF_INET;
+            memcpy(&in->sin_addr, c->peer_addr, 4);
+        } else if (c->family == AF_INET6) {
+            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+            in6->sin6_family = AF_INET6;
+            memcpy(&in6->sin6_addr, c->peer_addr, 16);
+        }
+        srv->on_conn_closed(srv->on_conn_closed_data, (struct sockaddr *)&ss, c->cookie);
+        c->cookie = 0;
+    }
     sl_defer_queue(srv->loop, &c->defer); /* freed after this turn's callbacks */
     if (srv->draining && srv->conn_count == 0 && srv->on_drained)
         srv->on_drained(srv, srv->on_drained_data);
@@ -404,6 +460,7 @@ static int start_request(struct sl_server_conn *c, const struct sl_h1_request *h
     else
         make_request_id(c, q);
     set_client_ip(c, q);
+    q->secure = c->tr.ops->secure;
     bool ka = h->version_minor >= 1 ? !(h->flags & SL_H1_F_CONN_CLOSE)
                                     : (h->flags & SL_H1_F_CONN_KEEPALIVE) != 0;
     if (srv->draining ||
@@ -483,8 +540,9 @@ static int conn_read(struct sl_server_conn *c)
         c->flags |= CF_EOF;
         return 0;
     }
-    /* A short read drained the socket: the next bytes will come with a new edge. */
-    if (n < space)
+    /* A short read drained the socket: the next bytes will come with a new edge (unless the
+     * transport holds more, which raises no edge). */
+    if (n < space && !sl_transport_pending(&c->tr))
         sl_io_clear_ready(&c->io, EPOLLIN);
     c->in.end += (uint32_t)n;
     return 0;
@@ -515,6 +573,9 @@ static void conn_update_events(struct sl_server_conn *c)
         ev |= EPOLLIN | EPOLLRDHUP;
         break;
     }
+    /* What the transport waits for (TLS reading may need to write, and the reverse). */
+    if (c->tr.ops->want)
+        ev |= c->tr.ops->want(&c->tr);
     sl_io_modify(c->srv->loop, &c->io, ev);
 }
 
@@ -663,6 +724,13 @@ static void on_conn_io(struct sl_io *io, uint32_t events)
     struct sl_server_conn *c = io->data;
     if (c->state == CS_CLOSING || (c->flags & CF_ABORT))
         return;
+    /* The readiness a transport waited for in the opposite direction serves the operation
+     * that waited: a read that wanted EPOLLOUT is retried as a read, and the reverse. */
+    unsigned want = c->tr.ops->want ? c->tr.ops->want(&c->tr) : 0;
+    if (want && (events & want) && want != (events & (EPOLLIN | EPOLLOUT))) {
+        events |= EPOLLIN | EPOLLOUT;
+        c->io.ready |= EPOLLIN;
+    }
     if (events & EPOLLOUT) {
         if (c->state == CS_FLUSH) {
             flush_finished(c);
@@ -1164,4 +1232,14 @@ const char *sl_http_reason(int status)
     default:
         return "";
     }
+}
+
+size_t sl_request_client_subject(const struct sl_request *req, char *buf, size_t cap)
+{
+    const struct sl_server_conn *c = req->conn;
+    if (cap)
+        buf[0] = 0;
+    if (!c || !c->tr.ops->peer_subject)
+        return 0;
+    return c->tr.ops->peer_subject(&c->tr, buf, cap);
 }

@@ -12,6 +12,7 @@
 #include "http/request.h"
 
 struct sl_limits_conf;
+struct sl_transport;
 struct sl_worker;
 struct sl_server_conn;
 
@@ -42,6 +43,10 @@ struct sl_h1_server {
     /* Called when the last connection closes while draining. */
     void (*on_drained)(struct sl_h1_server *srv, void *data);
     void *on_drained_data;
+    /* Called when a connection adopted with a nonzero cookie closes, with its client address
+     * (the per-IP count it held is released there). */
+    void (*on_conn_closed)(void *data, const struct sockaddr *client, uint64_t cookie);
+    void *on_conn_closed_data;
 };
 
 /* Prepares a front-end. `limits` and `handler` must outlive it. Returns 0 or -ENOMEM. */
@@ -55,6 +60,16 @@ void sl_h1_server_dispose(struct sl_h1_server *srv);
 /* Takes ownership of accepted socket `fd` and starts reading requests on it. */
 void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr *peer,
                          socklen_t peer_len);
+
+/*
+ * Takes a client connection whose transport is ready for data (plain TCP, or TLS after its
+ * handshake). The transport's storage (`size` bytes, at most SL_H1_TRANSPORT_MAX) is moved
+ * into the connection: the caller's copy is dead afterwards and must not be closed. `client`
+ * is the client's address (a trusted PROXY header's source, or the TCP peer); `cookie` is
+ * handed to on_conn_closed when nonzero.
+ */
+void sl_h1_server_adopt(struct sl_h1_server *srv, const struct sl_transport *tr, size_t size,
+                        const struct sockaddr *client, uint64_t cookie);
 
 /* Starts draining: idle connections close now, busy ones after their current response
  * (with `Connection: close`). on_drained fires once none is left. */

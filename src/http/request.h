@@ -69,6 +69,7 @@ struct sl_request {
     const void *route;
     bool response_started;
     bool keepalive; /* the front-end may reuse the connection after this response */
+    bool secure;    /* the client connection is encrypted (TLS): https */
     /* set by filters */
     struct sl_slice consumer; /* who is calling (api_key consumer name), for limits and logs */
     const void *jwt_claims;   /* verified token claims (filters/jwt.h reads them) */
@@ -132,6 +133,13 @@ void sl_request_respond_error(struct sl_request *req, int status, const char *na
 /* ---- helpers for filters (request_util.c); all allocation is in the request arena ---- */
 
 /* First header named `name` (case-insensitive). Returns true and sets *value when found. */
+/*
+ * The client's verified identity (the subject of a client certificate checked against the
+ * listener's client_ca, as "CN=client,O=Example") into `buf`, NUL-terminated and truncated to
+ * `cap`. Returns its full length, or 0 when the client presented no verified certificate.
+ */
+size_t sl_request_client_subject(const struct sl_request *req, char *buf, size_t cap);
+
 bool sl_request_header(const struct sl_request *req, const char *name, struct sl_slice *value);
 
 /* Removes every header named `name`, so it never reaches the upstream. */

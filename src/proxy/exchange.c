@@ -396,7 +396,8 @@ static bool build_upstream_head(struct exchange *ex)
         }
     }
     sb_slice(&b, req->client_ip);
-    sb_str(&b, "\r\nX-Forwarded-Proto: http\r\n");
+    sb_str(&b,
+           req->secure ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
     if (req->host.len)
         sb_header(&b, SL_SLICE_LIT("X-Forwarded-Host"), req->host);
     sb_header(&b, SL_SLICE_LIT("X-Request-Id"), req->request_id);

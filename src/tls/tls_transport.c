@@ -329,6 +329,7 @@ static int tls_last_error(const struct sl_transport *bt)
 
 const struct sl_transport_ops sl_tls_transport_ops = {
     .name = "tls",
+    .secure = true,
     .read = tls_read,
     .writev = tls_writev,
     .shutdown = tls_shutdown,
