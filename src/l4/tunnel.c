@@ -149,10 +149,40 @@ static bool side_is_tcp(const struct sl_tunnel_side *s)
     return s->tr->ops == &sl_tcp_transport_ops;
 }
 
-static bool side_readable(const struct sl_tunnel_side *s)
+/* The readiness bits that satisfy a transport's wish (EPOLLIN and/or EPOLLOUT). */
+static uint32_t ready_bits(uint32_t want)
+{
+    uint32_t b = 0;
+    if (want & EPOLLIN)
+        b |= EV_READABLE;
+    if (want & EPOLLOUT)
+        b |= EV_WRITABLE;
+    return b;
+}
+
+/* Whether the flow's source may give bytes now. A read waits for what the transport said it
+ * wants: TLS may need the socket writable to read (a record of its own to send first). */
+static bool flow_src_ready(const struct sl_tunnel_flow *f)
 {
     /* A TLS transport may hold decrypted bytes that no edge will announce. */
-    return (s->io.ready & EV_READABLE) || s->tr->ops->pending(s->tr) > 0;
+    return (f->src->io.ready & ready_bits(f->rd_want)) || sl_transport_pending(f->src->tr) > 0;
+}
+
+/* Whether the flow's destination may take bytes (or the EOF) now; TLS may need it readable. */
+static bool flow_dst_ready(const struct sl_tunnel_flow *f)
+{
+    return (f->dst->io.ready & ready_bits(f->wr_want)) != 0;
+}
+
+/* The transport would block: remember what it waits for and forget that readiness, so the
+ * next edge of it is awaited. `dflt` is the call's own direction. */
+static uint32_t side_would_block(struct sl_tunnel_side *s, uint32_t dflt)
+{
+    uint32_t want = sl_transport_want(s->tr, dflt) & (EPOLLIN | EPOLLOUT);
+    if (!want)
+        want = dflt;
+    sl_io_clear_ready(&s->io, want);
+    return want;
 }
 
 /* Returns what an idle flow holds to the pools (an idle tunnel holds no pipe, no block). */
@@ -201,17 +231,20 @@ static ssize_t copy_in(struct sl_tunnel *t, struct sl_tunnel_flow *f)
     size_t space = sl_buf_space(&f->buf), n = 0;
     int rc = sl_transport_read(f->src->tr, f->buf.data + f->buf.end, space, &n);
     if (rc == -EAGAIN) {
-        sl_io_clear_ready(&f->src->io, EPOLLIN);
+        f->rd_want = side_would_block(f->src, EPOLLIN);
         if (sl_buf_len(&f->buf) == 0)
             flow_release(t, f);
         return -EAGAIN;
     }
     if (rc < 0)
         return rc;
-    /* A short TCP read emptied the socket; the next bytes raise a new edge. (Not so for TLS,
-     * whose reads stop at record boundaries: there EAGAIN is the only signal.) */
-    if (n < space && side_is_tcp(f->src))
-        sl_io_clear_ready(&f->src->io, EPOLLIN);
+    /* A short read means the transport would block now (core/transport.h), unless it still
+     * holds bytes or an EOF (pending): then the next bytes raise a new edge, of the readiness
+     * the transport asked for. */
+    if (n > 0 && n < space && sl_transport_pending(f->src->tr) == 0)
+        f->rd_want = side_would_block(f->src, EPOLLIN);
+    else
+        f->rd_want = EPOLLIN;
     f->buf.end += (uint32_t)n;
     return (ssize_t)n;
 }
@@ -256,12 +289,15 @@ static ssize_t write_out(struct sl_tunnel_flow *f)
     }
     struct iovec iov = {.iov_base = sl_buf_head(&f->buf), .iov_len = sl_buf_len(&f->buf)};
     size_t n = 0;
+    /* After -EAGAIN the same bytes are offered again first (the block keeps them), which a
+     * TLS transport requires: it has encrypted a record of them already. */
     int rc = sl_transport_writev(f->dst->tr, &iov, 1, &n);
     if (rc < 0) {
         if (rc == -EAGAIN)
-            sl_io_clear_ready(&f->dst->io, EPOLLOUT);
+            f->wr_want = side_would_block(f->dst, EPOLLOUT);
         return rc;
     }
+    f->wr_want = EPOLLOUT;
     sl_buf_consume(&f->buf, n);
     return (ssize_t)n;
 }
@@ -312,7 +348,7 @@ static bool flow_pump(struct sl_tunnel *t, struct sl_tunnel_flow *f)
     bool active = false, more = false;
     while (!f->shut) {
         bool progress = false;
-        if (flow_held(f) && (f->dst->io.ready & EV_WRITABLE)) {
+        if (flow_held(f) && flow_dst_ready(f)) {
             ssize_t n = write_out(f);
             if (n > 0) {
                 f->bytes += (uint64_t)n;
@@ -323,7 +359,7 @@ static bool flow_pump(struct sl_tunnel *t, struct sl_tunnel_flow *f)
                 return false;
             }
         }
-        if (!f->eof && flow_has_room(f) && side_readable(f->src)) {
+        if (!f->eof && flow_has_room(f) && flow_src_ready(f)) {
             ssize_t n = read_in(t, f);
             if (n >= 0) {
                 f->eof = n == 0;
@@ -337,14 +373,22 @@ static bool flow_pump(struct sl_tunnel *t, struct sl_tunnel_flow *f)
                 return false;
             }
         }
-        if (f->eof && flow_held(f) == 0) {
-            /* Every byte before the EOF went out: pass the EOF on. */
+        if (f->eof && flow_held(f) == 0 && (!f->shutting || flow_dst_ready(f))) {
+            /* Every byte before the EOF went out: pass the EOF on, through the transport (a
+             * TLS destination sends close_notify before its FIN, and may have to wait for the
+             * socket to take it). */
             flow_release(t, f);
             int rc = f->dst->tr->ops->shutdown(f->dst->tr);
+            if (rc == -EAGAIN) {
+                f->shutting = true;
+                f->wr_want = side_would_block(f->dst, EPOLLOUT);
+                break;
+            }
             if (rc < 0) {
                 tunnel_fail(t, f->dst, rc);
                 return false;
             }
+            f->shutting = false;
             f->shut = true;
             active = true;
             break;
@@ -370,9 +414,9 @@ static void tunnel_update_interest(struct sl_tunnel *t)
     for (int d = 0; d < 2; d++) {
         const struct sl_tunnel_flow *f = &t->flow[d];
         if (!f->eof && flow_has_room(f))
-            ev[d] |= EPOLLIN | EPOLLRDHUP;
-        if (flow_held(f))
-            ev[1 - d] |= EPOLLOUT;
+            ev[d] |= f->rd_want & EPOLLIN ? f->rd_want | EPOLLRDHUP : f->rd_want;
+        if (flow_held(f) || (f->shutting && !f->shut))
+            ev[1 - d] |= f->wr_want;
     }
     for (int i = 0; i < 2; i++)
         (void)sl_io_modify(t->loop, &t->side[i].io, ev[i]);
@@ -473,6 +517,8 @@ static int tunnel_begin(struct sl_tunnel *t, struct sl_loop *loop, struct sl_tun
         f->dst = &t->side[1 - d];
         f->pipe.rd = f->pipe.wr = -1;
         f->can_splice = splice_ok;
+        f->rd_want = EPOLLIN;
+        f->wr_want = EPOLLOUT;
     }
     sl_timer_init(&t->idle, on_idle_timer, t);
     sl_timer_init(&t->resume, on_resume, t);

@@ -17,17 +17,19 @@
  * - spliced (both ends plain TCP): splice(2) socket -> pipe -> socket, so the bytes never
  *   enter user space. The pipe comes from the worker's pool (struct sl_tunnel_pipes) when
  *   bytes arrive and goes back when the direction is idle, so an idle tunnel holds no pipe;
- * - copied (one end is another transport, e.g. TLS later, or splice is refused with EINVAL,
- *   or the pool is at its bound): transport read -> one pool block -> transport writev,
- *   the block held only while it has bytes. (A transport that may wait for the opposite
- *   readiness, as TLS does during a handshake, needs that wish followed here when it plugs in:
- *   today a read's -EAGAIN waits for the next read edge.)
+ * - copied (one end is another transport, e.g. TLS, or splice is refused with EINVAL, or the
+ *   pool is at its bound): transport read -> one pool block -> transport writev, the block
+ *   held only while it has bytes. A transport's `want` is followed: a TLS read that must
+ *   send first waits for the socket to be writable, a TLS write that must receive first for
+ *   it to be readable. A source whose transport holds bytes inside (TLS pending()) is read
+ *   again without waiting for an edge.
  * Either way a direction holds at most one pipe or one block of bytes: when the destination
  * does not take them, reading from the source stops (its read interest goes off) until it
  * does. Nothing is allocated per chunk.
  *
- * Half-close: EOF from one side is passed on as shutdown(SHUT_WR) of the other once every
- * byte before it went out; the other direction keeps flowing. The tunnel ends when both
+ * Half-close: EOF from one side is passed on as the other side's transport shutdown once every
+ * byte before it went out (TCP: shutdown(SHUT_WR); TLS: close_notify then SHUT_WR, retried
+ * when the socket cannot take it yet); the other direction keeps flowing. The tunnel ends when both
  * directions ended (SL_TUNNEL_CLOSED), on an error or reset of either side (the other side is
  * then reset too, so that a cut stream never looks complete to it), on the idle timeout (no
  * byte either way for idle_timeout_ms), or on sl_tunnel_abort().
@@ -125,7 +127,11 @@ struct sl_tunnel_flow {
     uint64_t bytes;             /* delivered to dst */
     bool can_splice;            /* both ends plain TCP, no EINVAL seen */
     bool pipe_full;             /* splice-in got EAGAIN with bytes held: wait for a drain */
+    uint32_t rd_want;           /* readiness the next read of src waits for (EPOLLIN, or
+                                   EPOLLOUT when TLS must send first) */
+    uint32_t wr_want;           /* readiness the next write to dst waits for */
     bool eof;                   /* src said EOF */
+    bool shutting;              /* dst's shutdown said -EAGAIN (TLS close_notify): retry */
     bool shut;                  /* EOF passed on to dst: this direction ended */
 };
 
