@@ -1,6 +1,7 @@
 /* sluice: process start-up, signals, and worker lifetime. Nothing else lives here. */
 #include <errno.h>
 #include <signal.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,17 +74,16 @@ int main(int argc, char **argv)
     }
     sl_config_errors_dispose(&errs);
     if (test_only) {
-        /* Filters load keys and files when built: a config that only parses is not OK yet. */
-        struct sl_filter_set *fs = NULL;
+        /* Filters load keys, TLS contexts certificates and CA files when built: a config that
+         * only parses is not OK yet. Building the runtime does all of it and starts nothing. */
         char ferr[512];
-        if (sl_filter_set_build(cfg, &fs, ferr, sizeof ferr) != 0) {
+        struct sl_gateway *tgw = sl_gateway_new(cfg, ferr, sizeof ferr);
+        if (!tgw) {
             fprintf(stderr, "%s\nsluice: %s: configuration rejected\n", ferr, path);
-            sl_config_free(cfg);
             return EXIT_CONFIG;
         }
-        sl_filter_set_free(fs);
+        sl_gateway_free(tgw);
         printf("sluice: %s: configuration OK\n", path);
-        sl_config_free(cfg);
         return EXIT_OK;
     }
     sl_log_set_level((int)cfg->log_level);
@@ -111,11 +111,17 @@ int main(int argc, char **argv)
     SL_INFO("sluice %s started (pid %ld, config %s)", SLUICE_VERSION, (long)getpid(), path);
 
     for (;;) {
-        int sig = 0;
-        if (sigwait(&set, &sig) != 0)
+        /* Woken at least once a second to notice certificate files that changed. */
+        struct timespec tick = {1, 0};
+        int sig = sigtimedwait(&set, NULL, &tick);
+        if (sig < 0) {
+            sl_gateway_reload_tls(gw, false);
             continue;
+        }
         if (sig == SIGHUP) {
-            SL_WARN("SIGHUP: configuration reload is not available yet; keeping the current one");
+            SL_INFO("SIGHUP: reloading certificates (configuration reload is not available "
+                    "yet; the rest of the configuration stays)");
+            sl_gateway_reload_tls(gw, true);
             continue;
         }
         break;

@@ -5,11 +5,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "config/config.h"
 #include "core/cidr.h"
 #include "core/log.h"
+#include "l4/edge.h"
+#include "l4/ip_limit.h"
+#include "tls/tls_ctx.h"
+#include "tls/tls_tickets.h"
 #include "filters/filter_set.h"
 #include "proxy/balancer.h"
 #include "proxy/control.h"
@@ -31,6 +36,159 @@ static size_t buffer_bytes(const struct sl_config *cfg)
     return (need + 4095) & ~(size_t)4095;
 }
 
+/* Sum of the files' identities and times: any replacement or rewrite changes it. */
+static uint64_t files_signature(const char *const *files, size_t n)
+{
+    uint64_t sig = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct stat st;
+        if (!files[i] || stat(files[i], &st) != 0)
+            continue;
+        sig = sig * 1000003u + (uint64_t)st.st_ino;
+        sig = sig * 1000003u + (uint64_t)st.st_size;
+        sig = sig * 1000003u + (uint64_t)st.st_mtim.tv_sec * 1000000000u +
+              (uint64_t)st.st_mtim.tv_nsec;
+        sig = sig * 1000003u + (uint64_t)st.st_ctim.tv_nsec;
+    }
+    return sig;
+}
+
+static uint64_t tls_files_signature(const struct sl_listener_tls_conf *t)
+{
+    const char *files[2 * 64 + 1];
+    size_t n = 0;
+    for (size_t i = 0; i < t->certificate_count && n + 2 < sizeof files / sizeof files[0]; i++) {
+        files[n++] = t->certificates[i].cert;
+        files[n++] = t->certificates[i].key;
+    }
+    files[n++] = t->client_ca;
+    return files_signature(files, n);
+}
+
+static struct sl_tls_ctx *build_tls(const struct sl_listener_conf *l, char *err, size_t err_len)
+{
+    const struct sl_listener_tls_conf *t = &l->tls;
+    struct sl_tls_cert_desc *certs = calloc(t->certificate_count, sizeof *certs);
+    if (!certs) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < t->certificate_count; i++) {
+        certs[i].cert_file = t->certificates[i].cert;
+        certs[i].key_file = t->certificates[i].key;
+    }
+    static const char *const http_alpn[] = {"http/1.1"};
+    struct sl_tls_server_desc d = {
+        .certs = certs,
+        .cert_count = t->certificate_count,
+        .min_version = t->min_version == SL_TLS_V1_3 ? "1.3" : "1.2",
+        .ciphers = t->ciphers,
+        .ciphersuites = t->ciphersuites,
+        .client_ca_file = t->client_ca,
+        .client_auth = !t->client_ca ? SL_TLS_CLIENT_AUTH_NONE
+                       : t->client_auth == SL_TLS_CLIENT_AUTH_CONF_OPTIONAL
+                           ? SL_TLS_CLIENT_AUTH_OPTIONAL
+                           : SL_TLS_CLIENT_AUTH_REQUIRED,
+        .session_tickets = t->session_tickets,
+    };
+    if (t->alpn_count) {
+        d.alpn = (const char *const *)t->alpn;
+        d.alpn_count = t->alpn_count;
+    } else if (l->protocol == SL_LISTENER_HTTP) {
+        d.alpn = http_alpn;
+        d.alpn_count = 1;
+    }
+    char terr[512] = "";
+    struct sl_tls_ticket_keys *keys = NULL;
+    struct sl_tls_ctx *ctx = NULL;
+    /* One ticket key ring per listener, shared by its workers: a ticket resumes on any worker
+     * of this listener but never on another listener (which may verify clients differently). */
+    if (t->session_tickets &&
+        !(keys = sl_tls_ticket_keys_new(t->ticket_rotation_ms, 0, terr, sizeof terr))) {
+        snprintf(err, err_len, "listener %s: tls: %s", l->name, terr);
+        goto out;
+    }
+    d.ticket_keys = keys;
+    if (!(ctx = sl_tls_ctx_new(&d, terr, sizeof terr)))
+        snprintf(err, err_len, "listener %s: tls: %s", l->name, terr);
+out:
+    sl_tls_ticket_keys_free(keys); /* the context keeps its own reference */
+    free(certs);
+    return ctx;
+}
+
+static int listener_rt_init(struct sl_listener_rt *lr, const struct sl_listener_conf *l, char *err,
+                            size_t err_len)
+{
+    const struct sl_protection_conf *pc = &l->protection;
+    lr->conf = l;
+    snprintf(err, err_len, "out of memory building the runtime");
+    if (pc->allow_count && !(lr->allow = sl_cidr_set_new(pc->allow, pc->allow_count)))
+        return -1;
+    if (pc->deny_count && !(lr->deny = sl_cidr_set_new(pc->deny, pc->deny_count)))
+        return -1;
+    if (l->proxy_protocol.accept &&
+        !(lr->pp_trusted =
+              sl_cidr_set_new(l->proxy_protocol.trusted, l->proxy_protocol.trusted_count)))
+        return -1;
+    if (pc->max_connections_per_ip || pc->new_connection_period_us) {
+        struct sl_ip_limit_conf ic = {
+            .max_conns = pc->max_connections_per_ip,
+            .period_us = pc->new_connection_period_us,
+            .burst = pc->new_connection_period_us ? pc->new_connections_burst : 0,
+            .max_keys = pc->tracked_addresses,
+        };
+        int ierr = 0;
+        if (!(lr->ip_limit = sl_ip_limit_new(&ic, &ierr))) {
+            snprintf(err, err_len, "listener %s: protection: %s", l->name,
+                     ierr == -ENOMEM ? "out of memory" : "invalid per-IP limits");
+            return -1;
+        }
+    }
+    if (l->tls.enabled) {
+        lr->tls_files_sig = tls_files_signature(&l->tls);
+        if (!(lr->tls = build_tls(l, err, err_len)))
+            return -1;
+    }
+    return 0;
+}
+
+static void listener_rt_dispose(struct sl_listener_rt *lr)
+{
+    sl_cidr_set_free(lr->allow);
+    sl_cidr_set_free(lr->deny);
+    sl_cidr_set_free(lr->pp_trusted);
+    sl_ip_limit_free(lr->ip_limit);
+    sl_tls_ctx_free(lr->tls);
+}
+
+void sl_gateway_reload_tls(struct sl_gateway *gw, bool force)
+{
+    const struct sl_config *cfg = gw->rt.cfg;
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        struct sl_listener_rt *lr = &gw->rt.listeners[i];
+        const struct sl_listener_conf *l = &cfg->listeners[i];
+        if (!lr->tls || (!force && !l->tls.watch))
+            continue;
+        uint64_t sig = tls_files_signature(&l->tls);
+        if (!force && sig == lr->tls_files_sig)
+            continue;
+        /* Remembered before the attempt: a half-written pair (new certificate, old key) fails
+         * once and is retried when the next file lands, not every second. */
+        lr->tls_files_sig = sig;
+        char terr[512];
+        if (sl_tls_ctx_reload(lr->tls, terr, sizeof terr) == 0) {
+            atomic_fetch_add_explicit(&lr->tls_reloads, 1, memory_order_relaxed);
+            SL_INFO("listener %s: certificates reloaded (generation %llu)", l->name,
+                    (unsigned long long)sl_tls_ctx_generation(lr->tls));
+        } else {
+            atomic_fetch_add_explicit(&lr->tls_reload_failures, 1, memory_order_relaxed);
+            SL_ERR("listener %s: certificate reload failed, keeping the current ones: %s", l->name,
+                   terr);
+        }
+    }
+}
+
 struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_len)
 {
     struct sl_gateway *gw = calloc(1, sizeof *gw);
@@ -46,14 +204,9 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_l
         calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gw->rt.listeners);
     if (!gw->rt.listeners)
         goto fail;
-    for (size_t i = 0; i < cfg->listener_count; i++) {
-        const struct sl_protection_conf *pc = &cfg->listeners[i].protection;
-        struct sl_listener_rt *lr = &gw->rt.listeners[i];
-        if (pc->allow_count && !(lr->allow = sl_cidr_set_new(pc->allow, pc->allow_count)))
+    for (size_t i = 0; i < cfg->listener_count; i++)
+        if (listener_rt_init(&gw->rt.listeners[i], &cfg->listeners[i], err, err_len) != 0)
             goto fail;
-        if (pc->deny_count && !(lr->deny = sl_cidr_set_new(pc->deny, pc->deny_count)))
-            goto fail;
-    }
     gw->rt.worker_count = cfg->workers ? cfg->workers : sl_cpu_count();
     if (!gw->rt.routers || !gw->rt.pools)
         goto fail;
@@ -75,26 +228,26 @@ fail:
 static void on_accept(struct sl_acceptor *a, int fd, const struct sockaddr *peer,
                       socklen_t peer_len)
 {
-    struct sl_gw_listener *gl = a->data;
-    struct sl_listener_rt *lr = &gl->gw->rt->listeners[gl->index];
-    /* Turned away before any byte is read: no buffer, no timer, no log line per connection
-     * (a flood would make those the attack); only counted. */
-    if (lr->deny && sl_cidr_set_contains(lr->deny, peer)) {
-        atomic_fetch_add_explicit(&lr->refused_denied, 1, memory_order_relaxed);
-        close(fd);
-        return;
-    }
-    if (lr->allow && !sl_cidr_set_contains(lr->allow, peer)) {
-        atomic_fetch_add_explicit(&lr->refused_not_allowed, 1, memory_order_relaxed);
-        close(fd);
-        return;
-    }
-    sl_h1_server_accept(&gl->http.server, fd, peer, peer_len);
+    (void)peer_len;
+    sl_edge_accept(a->data, fd, peer);
+}
+
+void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *tr, size_t size,
+                          const struct sockaddr *client, const struct sockaddr *dest,
+                          uint64_t cookie)
+{
+    (void)dest;
+    sl_h1_server_adopt(&gl->http.server, tr, size, client, cookie);
+}
+
+static void on_http_conn_closed(void *data, const struct sockaddr *client, uint64_t cookie)
+{
+    sl_edge_release(data, client, cookie);
 }
 
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
 {
-    if (!gw->draining || gw->pw.inflight)
+    if (!gw->draining || gw->pw.inflight || gw->edge_count)
         return;
     for (size_t i = 0; i < gw->listener_count; i++)
         if (gw->listeners[i].http.server.conn_count)
@@ -125,6 +278,8 @@ static int worker_init(struct sl_worker *w, void *data)
     w->app = gw;
     gw->worker = w;
     gw->rt = &g->rt;
+    gw->gate = &g->gate;
+    sl_edge_worker_init(gw);
     /* The buffer budget is split evenly: each worker refuses work past its share, with no
      * shared counter on the request path. */
     w->buf_pool.max_outstanding = g->buffer_budget / g->rt.worker_count / w->buf_pool.block_bytes;
@@ -166,6 +321,8 @@ static int worker_init(struct sl_worker *w, void *data)
         gl->http.server.on_drained = on_server_drained;
         gl->http.server.on_drained_data = gw;
         gl->http.server.gate = &g->gate;
+        gl->http.server.on_conn_closed = on_http_conn_closed;
+        gl->http.server.on_conn_closed_data = gl;
         int fd = g->listen_fds[w->id * cfg->listener_count + i];
         g->listen_fds[w->id * cfg->listener_count + i] = -1;
         rc = sl_acceptor_start(&gl->acceptor, &w->loop, fd, on_accept, gl);
@@ -188,6 +345,7 @@ static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
         gw->draining = true;
         for (size_t i = 0; i < gw->listener_count; i++)
             sl_acceptor_stop(&gw->listeners[i].acceptor);
+        sl_edge_drain(gw);
         for (size_t i = 0; i < gw->listener_count; i++)
             sl_h1_server_drain(&gw->listeners[i].http.server);
         sl_gw_worker_check_drained(gw);
@@ -200,8 +358,10 @@ static void worker_fini(struct sl_worker *w, void *data)
     struct sl_gw_worker *gw = w->app;
     if (!gw)
         return;
-    for (size_t i = 0; i < gw->listener_count; i++) {
+    for (size_t i = 0; i < gw->listener_count; i++)
         sl_acceptor_stop(&gw->listeners[i].acceptor);
+    sl_edge_worker_dispose(gw);
+    for (size_t i = 0; i < gw->listener_count; i++) {
         sl_h1_server_dispose(&gw->listeners[i].http.server);
     }
     sl_loop_run_deferred(&w->loop);
@@ -340,10 +500,8 @@ void sl_gateway_free(struct sl_gateway *gw)
         for (size_t i = 0; gw->rt.pools && i < cfg->upstream_count; i++)
             sl_pool_free(gw->rt.pools[i]);
     }
-    for (size_t i = 0; cfg && gw->rt.listeners && i < cfg->listener_count; i++) {
-        sl_cidr_set_free(gw->rt.listeners[i].allow);
-        sl_cidr_set_free(gw->rt.listeners[i].deny);
-    }
+    for (size_t i = 0; cfg && gw->rt.listeners && i < cfg->listener_count; i++)
+        listener_rt_dispose(&gw->rt.listeners[i]);
     free(gw->rt.listeners);
     free(gw->rt.routers);
     free(gw->rt.pools);

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/slab.h"
 #include "core/worker.h"
 #include "http/h1_server.h"
 #include "http/request.h"
@@ -18,6 +19,9 @@ struct sl_pool;
 struct sl_control;
 struct sl_cidr_set;
 struct sl_filter_set;
+struct sl_ip_limit;
+struct sl_tls_ctx;
+struct sl_listener_conf;
 
 /*
  * The running gateway: the immutable runtime built from one config snapshot (routers per
@@ -26,10 +30,27 @@ struct sl_filter_set;
  */
 /* Per listener, process-wide: who may connect, and the counts of who was turned away. */
 struct sl_listener_rt {
+    const struct sl_listener_conf *conf;
     struct sl_cidr_set *allow;            /* NULL = everyone */
     struct sl_cidr_set *deny;             /* NULL = no one */
+    struct sl_cidr_set *pp_trusted;       /* PROXY headers accepted from these; NULL = off */
+    struct sl_ip_limit *ip_limit;         /* per-IP cap and rate; NULL = none */
+    struct sl_tls_ctx *tls;               /* NULL = plain */
+    uint64_t tls_files_sig;               /* stat() signature of the certificate files, for watch */
     _Atomic uint64_t refused_denied;      /* address in `deny` */
     _Atomic uint64_t refused_not_allowed; /* `allow` set and the address not in it */
+    _Atomic uint64_t refused_ip_conns;    /* max_connections_per_ip reached */
+    _Atomic uint64_t refused_ip_rate;     /* new_connections_per_ip exceeded */
+    _Atomic uint64_t pp_accepted;         /* PROXY headers taken from trusted senders */
+    _Atomic uint64_t pp_refused_untrusted; /* a PROXY header from an untrusted address */
+    _Atomic uint64_t pp_refused_malformed; /* invalid header, or none from a trusted sender */
+    _Atomic uint64_t pp_timeouts;          /* no complete header within the timeout */
+    _Atomic uint64_t tls_handshakes;       /* completed */
+    _Atomic uint64_t tls_resumed;          /* completed by resuming a session (ticket) */
+    _Atomic uint64_t tls_failed;           /* protocol or verification failures */
+    _Atomic uint64_t tls_timeouts;         /* no handshake within the timeout */
+    _Atomic uint64_t tls_reloads;          /* certificate reloads that took */
+    _Atomic uint64_t tls_reload_failures;  /* reloads refused (old certificates kept) */
 };
 
 struct sl_runtime {
@@ -51,12 +72,18 @@ struct sl_gw_listener {
     bool drained;
 };
 
+struct sl_edge_conn;
+
 struct sl_gw_worker {
     struct sl_worker *worker;
     const struct sl_runtime *rt;
+    struct sl_conn_gate *gate;
     struct sl_proxy_worker pw; /* upstreams, filters, scratch */
     struct sl_gw_listener *listeners;
     size_t listener_count;
+    struct sl_slab edge_slab;        /* pending connections (l4/edge.c) */
+    struct sl_edge_conn *edge_conns; /* every pending connection */
+    size_t edge_count;
     bool draining;
 };
 
@@ -86,6 +113,20 @@ bool sl_gateway_wait(struct sl_gateway *gw, uint64_t deadline_ms);
 
 /* Forces every worker to exit now (after a drain timed out), joins them, frees everything. */
 void sl_gateway_free(struct sl_gateway *gw);
+
+/*
+ * Hands a connection that passed the accept path to its listener's protocol: HTTP or the TCP
+ * proxy. The transport's storage (`size` bytes) moves; the caller's copy is dead afterwards.
+ * `client` is the client's address, `dest` the address it connected to (NULL: unknown);
+ * `cookie` (SL_EDGE_COOKIE_*) goes back to sl_edge_release when the connection closes.
+ */
+void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *tr, size_t size,
+                          const struct sockaddr *client, const struct sockaddr *dest,
+                          uint64_t cookie);
+
+/* Re-reads the certificates of TLS listeners whose files changed (`force`: all of them) and
+ * swaps them in for new connections. Called from the main thread (SIGHUP, periodic check). */
+void sl_gateway_reload_tls(struct sl_gateway *gw, bool force);
 
 /* Stops a draining worker's loop once it has nothing left (no connection, no exchange). */
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw);
