@@ -13,6 +13,7 @@
 #include "core/log.h"
 #include "l4/edge.h"
 #include "l4/ip_limit.h"
+#include "l4/tcp_proxy.h"
 #include "tls/tls_ctx.h"
 #include "tls/tls_tickets.h"
 #include "filters/filter_set.h"
@@ -162,6 +163,32 @@ static void listener_rt_dispose(struct sl_listener_rt *lr)
     sl_tls_ctx_free(lr->tls);
 }
 
+void sl_gateway_log_counters(const struct sl_gateway *gw)
+{
+    const struct sl_config *cfg = gw->rt.cfg;
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        struct sl_listener_rt *lr = &gw->rt.listeners[i];
+#define C(f) ((unsigned long long)atomic_load_explicit(&lr->f, memory_order_relaxed))
+        unsigned long long all = C(refused_denied) + C(refused_not_allowed) + C(refused_ip_conns) +
+                                 C(refused_ip_rate) + C(pp_accepted) + C(pp_refused_untrusted) +
+                                 C(pp_refused_malformed) + C(pp_timeouts) + C(tls_handshakes) +
+                                 C(tls_failed) + C(tls_timeouts) + C(tls_reloads) +
+                                 C(tls_reload_failures);
+        if (!all)
+            continue;
+        SL_INFO("listener %s: refused denied=%llu not_allowed=%llu ip_conns=%llu ip_rate=%llu "
+                "proxy_untrusted=%llu proxy_malformed=%llu proxy_timeout=%llu tls_failed=%llu "
+                "tls_timeout=%llu; accepted proxy=%llu tls=%llu tls_resumed=%llu; "
+                "certificate reloads=%llu failed=%llu",
+                cfg->listeners[i].name, C(refused_denied), C(refused_not_allowed),
+                C(refused_ip_conns), C(refused_ip_rate), C(pp_refused_untrusted),
+                C(pp_refused_malformed), C(pp_timeouts), C(tls_failed), C(tls_timeouts),
+                C(pp_accepted), C(tls_handshakes), C(tls_resumed), C(tls_reloads),
+                C(tls_reload_failures));
+#undef C
+    }
+}
+
 void sl_gateway_reload_tls(struct sl_gateway *gw, bool force)
 {
     const struct sl_config *cfg = gw->rt.cfg;
@@ -236,7 +263,10 @@ void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *
                           const struct sockaddr *client, const struct sockaddr *dest,
                           uint64_t cookie)
 {
-    (void)dest;
+    if (gl->tcp) { /* protocol: tcp */
+        sl_tcp_proxy_accept(gl->tcp, tr, size, client, dest, cookie);
+        return;
+    }
     sl_h1_server_adopt(&gl->http.server, tr, size, client, cookie);
 }
 
@@ -250,11 +280,24 @@ void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
     if (!gw->draining || gw->pw.inflight || gw->edge_count)
         return;
     for (size_t i = 0; i < gw->listener_count; i++)
-        if (gw->listeners[i].http.server.conn_count)
+        if (gw->listeners[i].http.server.conn_count ||
+            (gw->listeners[i].tcp && sl_tcp_proxy_conn_count(gw->listeners[i].tcp)))
             return;
     for (size_t i = 0; i < gw->pw.upstream_count; i++)
         sl_upstream_rt_close_idle(&gw->pw.upstreams[i]);
     sl_loop_stop(&gw->worker->loop);
+}
+
+/* tcp listeners: a connection's end releases what the accept path counted for it. */
+static void on_tcp_conn_closed(void *data, const struct sockaddr *client, uint64_t cookie)
+{
+    sl_edge_release(data, client, cookie);
+}
+
+static void on_tcp_drained(void *data)
+{
+    struct sl_gw_listener *gl = data;
+    sl_gw_worker_check_drained(gl->gw);
 }
 
 static void on_server_drained(struct sl_h1_server *srv, void *data)
@@ -323,6 +366,16 @@ static int worker_init(struct sl_worker *w, void *data)
         gl->http.server.gate = &g->gate;
         gl->http.server.on_conn_closed = on_http_conn_closed;
         gl->http.server.on_conn_closed_data = gl;
+        const struct sl_listener_conf *lc = &cfg->listeners[i];
+        if (lc->protocol == SL_LISTENER_TCP) {
+            gl->tcp = sl_tcp_proxy_new(w, lc, &cfg->upstreams[lc->upstream_index],
+                                       &pw->upstreams[lc->upstream_index]);
+            if (!gl->tcp)
+                return -ENOMEM;
+            struct sl_tcp_proxy_hooks th = {
+                .on_close = on_tcp_conn_closed, .on_drained = on_tcp_drained, .data = gl};
+            sl_tcp_proxy_set_hooks(gl->tcp, &th);
+        }
         int fd = g->listen_fds[w->id * cfg->listener_count + i];
         g->listen_fds[w->id * cfg->listener_count + i] = -1;
         rc = sl_acceptor_start(&gl->acceptor, &w->loop, fd, on_accept, gl);
@@ -348,6 +401,9 @@ static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
         sl_edge_drain(gw);
         for (size_t i = 0; i < gw->listener_count; i++)
             sl_h1_server_drain(&gw->listeners[i].http.server);
+        for (size_t i = 0; i < gw->listener_count; i++)
+            if (gw->listeners[i].tcp)
+                sl_tcp_proxy_drain(gw->listeners[i].tcp);
         sl_gw_worker_check_drained(gw);
     }
 }
@@ -363,6 +419,8 @@ static void worker_fini(struct sl_worker *w, void *data)
     sl_edge_worker_dispose(gw);
     for (size_t i = 0; i < gw->listener_count; i++) {
         sl_h1_server_dispose(&gw->listeners[i].http.server);
+        sl_tcp_proxy_free(gw->listeners[i].tcp); /* before the upstreams it reports to */
+        gw->listeners[i].tcp = NULL;
     }
     sl_loop_run_deferred(&w->loop);
     for (size_t i = 0; i < gw->pw.upstream_count; i++)

@@ -19,6 +19,7 @@ struct sl_pool;
 struct sl_control;
 struct sl_cidr_set;
 struct sl_filter_set;
+struct sl_tcp_proxy;
 struct sl_ip_limit;
 struct sl_tls_ctx;
 struct sl_listener_conf;
@@ -67,6 +68,7 @@ struct sl_gw_worker;
 struct sl_gw_listener {
     struct sl_acceptor acceptor;
     struct sl_proxy_listener http; /* HTTP listeners: the request path */
+    struct sl_tcp_proxy *tcp;      /* protocol: tcp listeners: the forwarding, else NULL */
     struct sl_gw_worker *gw;
     size_t index;
     bool drained;
@@ -127,6 +129,10 @@ void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *
 /* Re-reads the certificates of TLS listeners whose files changed (`force`: all of them) and
  * swaps them in for new connections. Called from the main thread (SIGHUP, periodic check). */
 void sl_gateway_reload_tls(struct sl_gateway *gw, bool force);
+
+/* Logs each listener's accept-path counters (refusals by reason, TLS and PROXY totals), one
+ * line per listener that saw any; at exit, until metrics expose them. */
+void sl_gateway_log_counters(const struct sl_gateway *gw);
 
 /* Stops a draining worker's loop once it has nothing left (no connection, no exchange). */
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw);
