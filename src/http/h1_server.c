@@ -1243,3 +1243,34 @@ size_t sl_request_client_subject(const struct sl_request *req, char *buf, size_t
         return 0;
     return c->tr.ops->peer_subject(&c->tr, buf, cap);
 }
+
+int sl_request_conn_addrs(const struct sl_request *req, struct sockaddr_storage *client,
+                          struct sockaddr_storage *local)
+{
+    const struct sl_server_conn *c = req->conn;
+    if (!c)
+        return -ENOTCONN;
+    if (client) {
+        memset(client, 0, sizeof *client);
+        if (c->family == AF_INET) {
+            struct sockaddr_in *in = (struct sockaddr_in *)client;
+            in->sin_family = AF_INET;
+            in->sin_port = htons(c->peer_port);
+            memcpy(&in->sin_addr, c->peer_addr, 4);
+        } else if (c->family == AF_INET6) {
+            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)client;
+            in6->sin6_family = AF_INET6;
+            in6->sin6_port = htons(c->peer_port);
+            memcpy(&in6->sin6_addr, c->peer_addr, 16);
+        } else {
+            return -EAFNOSUPPORT;
+        }
+    }
+    if (local) {
+        socklen_t len = sizeof *local;
+        memset(local, 0, sizeof *local);
+        if (getsockname(c->tr.fd, (struct sockaddr *)local, &len) < 0)
+            return -errno;
+    }
+    return 0;
+}

@@ -140,6 +140,19 @@ void sl_request_respond_error(struct sl_request *req, int status, const char *na
  */
 size_t sl_request_client_subject(const struct sl_request *req, char *buf, size_t cap);
 
+struct sockaddr_storage;
+
+/*
+ * The client connection's two ends, for a PROXY header towards an upstream: `client` (may be
+ * NULL) gets the client's address and port (a trusted PROXY header's source, or the TCP
+ * peer), from memory; `local` (may be NULL) the address the client connected to, which costs
+ * a getsockname(), so callers ask for it once per upstream connection, not per request.
+ * Returns 0, or -errno (-ENOTCONN without a connection, -EAFNOSUPPORT for a peer that is not
+ * IPv4 or IPv6; `client` then has family AF_UNSPEC).
+ */
+int sl_request_conn_addrs(const struct sl_request *req, struct sockaddr_storage *client,
+                          struct sockaddr_storage *local);
+
 bool sl_request_header(const struct sl_request *req, const char *name, struct sl_slice *value);
 
 /* Removes every header named `name`, so it never reaches the upstream. */

@@ -241,7 +241,8 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_l
         if (!(gw->rt.routers[i] = sl_router_new(cfg, cfg->listeners[i].name)))
             goto fail;
     for (size_t i = 0; i < cfg->upstream_count; i++)
-        if (!(gw->rt.pools[i] = sl_pool_new(&cfg->upstreams[i], cfg->zone, gw->rt.worker_count)))
+        if (!(gw->rt.pools[i] =
+                  sl_pool_new(&cfg->upstreams[i], cfg->zone, gw->rt.worker_count, err, err_len)))
             goto fail;
     if (sl_filter_set_build(cfg, &gw->rt.filters, err, err_len) != 0)
         goto fail;

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 
 #include "config/config.h"
 #include "core/fmt.h"
@@ -589,6 +590,29 @@ static void ex_attempt_failed(struct exchange *ex, enum sl_outcome outcome, enum
     ex_retry(ex, outcome, cond);
 }
 
+/* The client's addresses for a PROXY header: the local one costs a syscall, so it is asked
+ * only when a new upstream connection is opened. */
+static int ex_local_addr(const void *data, struct sockaddr_storage *out)
+{
+    return sl_request_conn_addrs(data, NULL, out);
+}
+
+/* A pooled or new connection to `w`; with `proxy_protocol:`, one opened for this client. */
+static struct sl_upstream_conn *ex_acquire(struct exchange *ex, struct sl_wep *w, bool fresh,
+                                           int *err)
+{
+    if (ex->up->conf->proxy_protocol == SL_PP_SEND_OFF)
+        return sl_upstream_acquire(ex->up, w, ex_user(ex), fresh, err);
+    struct sockaddr_storage client;
+    struct sl_upstream_origin o = {0};
+    if (sl_request_conn_addrs(ex->req, &client, NULL) == 0) {
+        o.client = (const struct sockaddr *)&client;
+        o.get_local = ex_local_addr;
+        o.data = ex->req;
+    }
+    return sl_upstream_acquire_for(ex->up, w, ex_user(ex), fresh, &o, err);
+}
+
 static void ex_connect_failed(struct exchange *ex, int err)
 {
     SL_DEBUG("upstream %s endpoint %s: connect failed: %s", ex->up->conf->name,
@@ -602,6 +626,8 @@ static void ex_connect_failed(struct exchange *ex, int err)
     }
     if (err == -ETIMEDOUT)
         ex_attempt_failed(ex, SL_OUTCOME_TIMEOUT, RC_CONNECT, 504, "upstream_connect_timeout");
+    else if (err == -EPROTO) /* TLS handshake or verification (reason logged by upstream.c) */
+        ex_attempt_failed(ex, SL_OUTCOME_CONNECT_FAILURE, RC_CONNECT, 502, "upstream_tls_failed");
     else
         ex_attempt_failed(ex, SL_OUTCOME_CONNECT_FAILURE, RC_CONNECT, 503,
                           "upstream_connect_failed");
@@ -633,7 +659,7 @@ static void ex_try_endpoint(struct exchange *ex)
     ex->probe = probe;
     ex->tried[ex->tried_count++] = w->ep;
     int err = 0;
-    ex->uc = sl_upstream_acquire(ex->up, w, ex_user(ex), false, &err);
+    ex->uc = ex_acquire(ex, w, false, &err);
     if (!ex->uc) {
         ex_connect_failed(ex, err);
         return;
@@ -672,7 +698,7 @@ static bool ex_maybe_replay(struct exchange *ex)
     ex->uc = NULL;
     ex->replayed = true;
     int err = 0;
-    ex->uc = sl_upstream_acquire(ex->up, ex->wep, ex_user(ex), true, &err);
+    ex->uc = ex_acquire(ex, ex->wep, true, &err);
     if (!ex->uc) {
         ex_connect_failed(ex, err);
         return true;
@@ -699,13 +725,23 @@ static void ex_upstream_broken(struct exchange *ex, int err)
 {
     if (ex_maybe_replay(ex))
         return;
-    SL_DEBUG("upstream %s endpoint %s: connection failed: %s", ex->up->conf->name,
-             ex->wep ? ex->wep->ep->address : "-", strerror(err < 0 ? -err : err));
+    /* TLS failures after the handshake are alerts, e.g. a TLS 1.3 backend rejecting our client
+     * certificate once it has read it: say so, with OpenSSL's reason. */
+    bool tls = err == -EPROTO && ex->uc && ex->uc->is_tls;
+    if (sl_log_enabled(SL_LOG_LVL_DEBUG)) {
+        char why[256] = "";
+        if (tls)
+            sl_upstream_conn_tls_error(ex->uc, why, sizeof why);
+        SL_DEBUG("upstream %s endpoint %s: connection failed: %s", ex->up->conf->name,
+                 ex->wep ? ex->wep->ep->address : "-",
+                 why[0] ? why : strerror(err < 0 ? -err : err));
+    }
+    const char *name = tls ? "upstream_tls_failed" : "upstream_reset";
     if (ex->resp_head_done) {
-        ex_fail(ex, 502, "upstream_reset", SL_OUTCOME_RESET);
+        ex_fail(ex, 502, name, SL_OUTCOME_RESET);
         return;
     }
-    ex_attempt_failed(ex, SL_OUTCOME_RESET, RC_RESET, 502, "upstream_reset");
+    ex_attempt_failed(ex, SL_OUTCOME_RESET, RC_RESET, 502, name);
 }
 
 static bool ex_parse_response_head(struct exchange *ex, bool eof);

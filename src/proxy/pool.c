@@ -1,12 +1,15 @@
 #include "proxy/pool.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "config/config.h"
+#include "core/fmt.h"
 #include "core/log.h"
+#include "tls/tls_ctx.h"
 
 #define RELAXED memory_order_relaxed
 
@@ -286,10 +289,72 @@ int sl_pool_set_source(struct sl_pool *p, enum sl_pool_source src,
     return rc;
 }
 
+struct sl_tls_client_ctx *sl_pool_tls_ctx_new(const struct sl_upstream_conf *conf, char *err,
+                                              size_t err_len)
+{
+    const struct sl_upstream_tls_conf *t = &conf->tls;
+    static const char *const http11[] = {"http/1.1"};
+    struct sl_tls_client_desc d = {
+        .skip_verify = !t->verify,
+        .ca_file = t->ca_file,
+        .cert_file = t->client_cert,
+        .key_file = t->client_key,
+        .min_version = t->min_version == SL_TLS_V1_3 ? "1.3" : "1.2",
+        /* The exchange speaks HTTP/1.1 only: that is what is offered unless the config
+         * lists the protocols itself. */
+        .alpn = t->alpn_count ? (const char *const *)t->alpn : http11,
+        .alpn_count = t->alpn_count ? t->alpn_count : 1,
+    };
+    char why[256] = "";
+    struct sl_tls_client_ctx *c = sl_tls_client_ctx_new(&d, why, sizeof why);
+    if (!c && err)
+        sl_fmt_err(err, err_len, "upstream %s: tls: %s", conf->name, why);
+    return c;
+}
+
+const char *sl_pool_tls_name(const struct sl_pool *p, const struct sl_endpoint *ep, char *buf,
+                             size_t cap)
+{
+    const struct sl_upstream_conf *u = p->conf;
+    const char *name = u->tls.sni;
+    size_t len = name ? strlen(name) : 0;
+    if (!name) {
+        /* "host:port", "[v6]:port" or "v4:port" */
+        const char *a = ep->address ? ep->address : "";
+        if (a[0] == '[') {
+            const char *end = strchr(a, ']');
+            name = a + 1;
+            len = end ? (size_t)(end - name) : strlen(name);
+        } else {
+            const char *colon = strrchr(a, ':');
+            name = a;
+            len = colon ? (size_t)(colon - a) : strlen(a);
+        }
+    }
+    if (len + 1 > cap)
+        return NULL;
+    memcpy(buf, name, len);
+    buf[len] = 0;
+    if (!u->tls.sni && u->discovery.kind == SL_DISCOVERY_DNS && u->discovery.name) {
+        /* DNS discovery publishes addresses; the name it resolved is what the certificate
+         * is for. */
+        unsigned char tmp[16];
+        if (inet_pton(AF_INET, buf, tmp) == 1 || inet_pton(AF_INET6, buf, tmp) == 1) {
+            len = strlen(u->discovery.name);
+            if (len + 1 > cap)
+                return NULL;
+            memcpy(buf, u->discovery.name, len + 1);
+        }
+    }
+    return buf;
+}
+
 struct sl_pool *sl_pool_new(const struct sl_upstream_conf *conf, const char *local_zone,
-                            unsigned worker_count)
+                            unsigned worker_count, char *err, size_t err_len)
 {
     struct sl_pool *p = calloc(1, sizeof *p);
+    if (err)
+        sl_fmt_err(err, err_len, "upstream %s: out of memory", conf->name);
     if (!p)
         return NULL;
     p->conf = conf;
@@ -300,6 +365,8 @@ struct sl_pool *sl_pool_new(const struct sl_upstream_conf *conf, const char *loc
     p->worker_cb = calloc(worker_count ? worker_count : 1, sizeof *p->worker_cb);
     p->worker_ctx = calloc(worker_count ? worker_count : 1, sizeof *p->worker_ctx);
     if (!p->worker_cb || !p->worker_ctx)
+        goto fail;
+    if (conf->tls.enabled && !(p->tls = sl_pool_tls_ctx_new(conf, err, err_len)))
         goto fail;
     struct sl_endpoint_spec *specs =
         calloc(conf->endpoint_count ? conf->endpoint_count : 1, sizeof *specs);
@@ -332,6 +399,7 @@ void sl_pool_free(struct sl_pool *p)
         specs_free(p->src[s], p->src_count[s]);
     free(p->worker_cb);
     free(p->worker_ctx);
+    sl_tls_client_ctx_free(p->tls);
     pthread_mutex_destroy(&p->lock);
     free(p);
 }

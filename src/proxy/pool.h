@@ -12,6 +12,7 @@
 
 struct sl_upstream_conf;
 struct sl_retry_conf;
+struct sl_tls_client_ctx;
 
 /*
  * The endpoints of one upstream as the whole process sees them, and their health.
@@ -158,15 +159,38 @@ struct sl_pool {
     /* retry budget: [requests, retries] over 10 s */
     struct sl_window budget;
     struct sl_pool_stats stats;
+    struct sl_tls_client_ctx *tls; /* owned; NULL unless the upstream has `tls:` */
 };
 
 /*
- * Creates the pool of `conf` for `worker_count` workers and publishes the config's endpoints
- * (already resolved by the loader). `local_zone` (may be NULL) must outlive the pool.
- * Returns NULL on allocation failure.
+ * Creates the pool of `conf` for `worker_count` workers, builds its TLS client context when
+ * the upstream has `tls:` (reading the CA and client certificate files: start-up only), and
+ * publishes the config's endpoints (already resolved by the loader). `local_zone` (may be
+ * NULL) must outlive the pool. Returns NULL with the reason in `err` (may be NULL) when a TLS
+ * file or setting is bad ("upstream NAME: tls: ...") or memory ran out.
  */
 struct sl_pool *sl_pool_new(const struct sl_upstream_conf *conf, const char *local_zone,
-                            unsigned worker_count);
+                            unsigned worker_count, char *err, size_t err_len);
+
+/*
+ * Builds the TLS client context `conf`'s `tls:` describes (verification, CA file or the
+ * system store, client certificate, minimum version, ALPN offer). Returns it (caller owns;
+ * sl_tls_client_ctx_free), or NULL with "upstream NAME: tls: reason" in `err`. sl_pool_new
+ * calls it (and `sluice -t` builds the pools, so it checks the files as a start would).
+ */
+struct sl_tls_client_ctx *sl_pool_tls_ctx_new(const struct sl_upstream_conf *conf, char *err,
+                                              size_t err_len);
+
+/*
+ * The name a TLS connection to `ep` sends as SNI and verifies the certificate against: `tls.sni`
+ * when set, else the host of the endpoint's address as written ("api.internal" of
+ * "api.internal:443"); for an address given as an IP, the name DNS discovery resolves when
+ * the upstream has one, else the IP itself (no SNI is sent for an IP, and the certificate
+ * must then carry that IP). Written NUL-terminated into `buf`; returns it, or NULL when it
+ * does not fit.
+ */
+const char *sl_pool_tls_name(const struct sl_pool *p, const struct sl_endpoint *ep, char *buf,
+                             size_t cap);
 void sl_pool_free(struct sl_pool *p);
 
 /*

@@ -9,10 +9,14 @@
 #include <netinet/tcp.h>
 #include <unistd.h>
 
+#include <openssl/ssl.h>
+
 #include "config/config.h"
 #include "core/log.h"
 #include "core/rand.h"
 #include "core/worker.h"
+#include "proxy/proxy_proto.h"
+#include "tls/tls_transport.h"
 
 static void on_uc_io(struct sl_io *io, uint32_t events);
 static void on_uc_timer(struct sl_timer *t);
@@ -119,6 +123,8 @@ static void wep_put(struct sl_wep *w)
     struct sl_upstream_rt *up = w->up;
     w->ep->wslot[wid(up)] = NULL;
     sl_endpoint_unref(w->ep);
+    /* OpenSSL's own free: tls/ has no wrapper for a bare session */
+    SSL_SESSION_free(w->tls_session);
     free(w);
 }
 
@@ -167,10 +173,29 @@ int sl_upstream_rt_init(struct sl_upstream_rt *up, struct sl_pool *pool, struct 
     return 0;
 }
 
+/* Keeps the connection's current TLS session as the endpoint's one to resume with (TLS 1.3
+ * tickets arrive after the handshake, so the newest is taken when a connection is let go). */
+static void save_session(struct sl_upstream_conn *uc)
+{
+    if (!uc->is_tls || !uc->wep || !sl_tls_is_handshake_done(&uc->tls))
+        return;
+    struct ssl_session_st *s = sl_tls_get1_session(&uc->tls);
+    if (!s)
+        return;
+    struct sl_wep *w = uc->wep;
+    if (s == w->tls_session) {
+        SSL_SESSION_free(s); /* the extra reference get1 took */
+        return;
+    }
+    SSL_SESSION_free(w->tls_session);
+    w->tls_session = s;
+}
+
 static void uc_close(struct sl_upstream_conn *uc)
 {
     if (uc->state == SL_UC_CLOSED)
         return;
+    save_session(uc);
     struct sl_upstream_rt *up = uc->up;
     struct sl_wep *w = uc->wep;
     if (uc->state == SL_UC_IDLE) {
@@ -427,17 +452,66 @@ static uint64_t idle_budget_ms(const struct sl_upstream_conn *uc)
     return cfg;
 }
 
+/* The PROXY reuse tag of a client address: family and address bytes, port ignored. */
+static void origin_tag(const struct sockaddr *sa, uint8_t *family, uint8_t addr[16])
+{
+    memset(addr, 0, 16);
+    *family = 0;
+    if (sa && sa->sa_family == AF_INET) {
+        *family = AF_INET;
+        memcpy(addr, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+    } else if (sa && sa->sa_family == AF_INET6) {
+        *family = AF_INET6;
+        memcpy(addr, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
+    }
+}
+
+/* Writes the PROXY header a new connection for `origin` starts with into uc->pp. */
+static void build_proxy_header(struct sl_upstream_conn *uc, const struct sl_upstream_origin *o)
+{
+    struct sockaddr_storage local;
+    const struct sockaddr *src = o ? o->client : NULL, *dst = o ? o->local : NULL;
+    if (src && !dst && o->get_local && o->get_local(o->data, &local) == 0)
+        dst = (const struct sockaddr *)&local;
+    if (!dst)
+        src = NULL; /* half an address pair is no pair: UNKNOWN / AF_UNSPEC */
+    size_t n = uc->up->conf->proxy_protocol == SL_PP_SEND_V2
+                   ? sl_proxy_proto_write_v2(uc->pp, sizeof uc->pp, src, dst)
+                   : sl_proxy_proto_write_v1(uc->pp, sizeof uc->pp, src, dst);
+    uc->pp_len = (uint8_t)n;
+    uc->pp_off = 0;
+}
+
 struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct sl_wep *w,
                                              const struct sl_upstream_user *user, bool fresh,
                                              int *err)
 {
+    return sl_upstream_acquire_for(up, w, user, fresh, NULL, err);
+}
+
+struct sl_upstream_conn *sl_upstream_acquire_for(struct sl_upstream_rt *up, struct sl_wep *w,
+                                                 const struct sl_upstream_user *user, bool fresh,
+                                                 const struct sl_upstream_origin *origin, int *err)
+{
     struct sl_loop *loop = &up->worker->loop;
+    bool pp = up->conf->proxy_protocol != SL_PP_SEND_OFF;
+    uint8_t fam = 0, addr[16];
+    if (pp)
+        origin_tag(origin ? origin->client : NULL, &fam, addr);
     *err = 0;
-    while (!fresh && w->idle) {
-        struct sl_upstream_conn *uc = w->idle;
-        w->idle = uc->next;
+    struct sl_upstream_conn *next = fresh ? NULL : w->idle;
+    while (next) {
+        struct sl_upstream_conn *uc = next;
+        next = uc->next;
+        /* A PROXY header speaks for one client: another client's connection is not ours. */
+        if (pp && (uc->origin_family != fam || memcmp(uc->origin_addr, addr, 16) != 0))
+            continue;
+        if (uc->prev)
+            uc->prev->next = uc->next;
+        else
+            w->idle = uc->next;
         if (uc->next)
-            uc->next->prev = NULL;
+            uc->next->prev = uc->prev;
         up->idle_count--;
         uc->next = uc->prev = NULL;
         uc->state = SL_UC_BUSY;
@@ -464,6 +538,7 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct s
         }
     }
     const struct sl_endpoint *e = w->ep;
+    struct sl_upstream_conn *uc = NULL;
     int fd = socket(e->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         *err = -errno;
@@ -476,7 +551,7 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct s
         close(fd);
         goto fail;
     }
-    struct sl_upstream_conn *uc = calloc(1, sizeof *uc);
+    uc = calloc(1, sizeof *uc);
     if (!uc) {
         close(fd);
         *err = -ENOMEM;
@@ -485,13 +560,34 @@ struct sl_upstream_conn *sl_upstream_acquire(struct sl_upstream_rt *up, struct s
     uc->up = up;
     uc->wep = w;
     uc->state = SL_UC_CONNECTING;
+    uc->setup = SL_UC_SETUP_TCP;
     uc->user = *user;
-    sl_tcp_transport_init(&uc->tr, fd);
+    if (pp) {
+        uc->origin_family = fam;
+        memcpy(uc->origin_addr, addr, 16);
+        build_proxy_header(uc, origin);
+    }
+    if (up->pool->tls) {
+        char name[256];
+        const char *sni = sl_pool_tls_name(up->pool, e, name, sizeof name);
+        int rc = sl_tls_transport_init_client(&uc->tls, fd, up->pool->tls, sni, w->tls_session);
+        if (rc < 0) {
+            SL_DEBUG("upstream %s endpoint %s: cannot set up TLS (server name %s): %s",
+                     up->conf->name, e->address, sni ? sni : "-", strerror(-rc));
+            close(fd);
+            free(uc);
+            *err = rc == -ENOMEM ? rc : -EPROTO;
+            goto fail;
+        }
+        uc->is_tls = true;
+    } else {
+        sl_tcp_transport_init(&uc->tr, fd);
+    }
     sl_timer_init(&uc->timer, on_uc_timer, uc);
     sl_defer_init(&uc->free_defer, on_uc_free, uc);
     if (sl_io_start(loop, &uc->io, fd, EPOLLOUT | SL_IO_EDGE, on_uc_io, uc) < 0) {
         *err = -errno;
-        close(fd);
+        sl_transport_close(&uc->tr);
         free(uc);
         goto fail;
     }
@@ -506,6 +602,10 @@ fail:
 
 int sl_upstream_conn_connect_result(struct sl_upstream_conn *uc)
 {
+    if (uc->setup_err)
+        return uc->setup_err;
+    if (uc->setup == SL_UC_SETUP_DONE)
+        return 0;
     int soerr = 0;
     socklen_t len = sizeof soerr;
     if (getsockopt(uc->tr.fd, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0)
@@ -515,7 +615,19 @@ int sl_upstream_conn_connect_result(struct sl_upstream_conn *uc)
 
 void sl_upstream_conn_want(struct sl_upstream_conn *uc, uint32_t events)
 {
+    if (uc->tr.ops->want)
+        events |= uc->tr.ops->want(&uc->tr);
     sl_io_modify(&uc->up->worker->loop, &uc->io, events);
+}
+
+const char *sl_upstream_conn_tls_error(const struct sl_upstream_conn *uc, char *buf, size_t cap)
+{
+    if (!uc->is_tls) {
+        if (cap)
+            buf[0] = 0;
+        return buf;
+    }
+    return sl_tls_last_error_str(&uc->tls, buf, cap);
 }
 
 void sl_upstream_conn_arm(struct sl_upstream_conn *uc, uint64_t ms)
@@ -528,14 +640,17 @@ void sl_upstream_release(struct sl_upstream_conn *uc, bool reusable)
     struct sl_upstream_rt *up = uc->up;
     struct sl_loop *loop = &up->worker->loop;
     memset(&uc->user, 0, sizeof uc->user);
-    /* Unread bytes (in our buffer or, by the edge we saw, in the socket) or a FIN mean the
-     * backend sent more than the response: such a connection must never carry another. */
+    /* Unread bytes (in our buffer, inside TLS or, by the edge we saw, in the socket) or a FIN
+     * mean the backend sent more than the response: such a connection must never carry
+     * another. */
     if (!reusable || uc->state != SL_UC_BUSY || up->idle_count >= up->conf->keepalive_max_idle ||
         uc->wep->index < 0 || (uc->in.data && sl_buf_len(&uc->in)) ||
+        sl_transport_pending(&uc->tr) ||
         (uc->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || idle_budget_ms(uc) == 0) {
         uc_close(uc);
         return;
     }
+    save_session(uc);
     sl_buf_release(&uc->in, &up->worker->buf_pool);
     uc->state = SL_UC_IDLE;
     uc->reused = false;
@@ -569,10 +684,83 @@ int sl_upstream_conn_read(struct sl_upstream_conn *uc, bool *eof)
     }
     if (n == 0)
         *eof = true;
-    else if (n < space)
+    else if (n < space && !sl_transport_pending(&uc->tr))
         sl_io_clear_ready(&uc->io, EPOLLIN); /* drained: the next bytes raise a new edge */
     uc->in.end += (uint32_t)n;
     return 0;
+}
+
+/* Moves a new connection through its setup (connect, PROXY header, TLS handshake) as events
+ * allow; tells the user EPOLLOUT once done, EPOLLERR (with setup_err) when it failed. */
+static void uc_setup(struct sl_upstream_conn *uc, uint32_t events)
+{
+    struct sl_loop *loop = &uc->up->worker->loop;
+    int err = 0;
+    if (uc->setup == SL_UC_SETUP_TCP) {
+        if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+            return;
+        int soerr = 0;
+        socklen_t len = sizeof soerr;
+        if (getsockopt(uc->tr.fd, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0)
+            soerr = errno;
+        err = -soerr;
+        if (!err && (events & (EPOLLERR | EPOLLHUP)))
+            err = -ECONNREFUSED; /* hung up without an error */
+        if (err)
+            goto fail;
+        uc->setup = uc->pp_len   ? SL_UC_SETUP_PROXY
+                    : uc->is_tls ? SL_UC_SETUP_TLS
+                                 : SL_UC_SETUP_DONE;
+    }
+    if (uc->setup == SL_UC_SETUP_PROXY) {
+        /* In the clear, before any TLS byte (the header is for the backend's TCP layer). */
+        while (uc->pp_off < uc->pp_len) {
+            ssize_t n = send(uc->tr.fd, uc->pp + uc->pp_off, (size_t)(uc->pp_len - uc->pp_off),
+                             MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                sl_io_clear_ready(&uc->io, EPOLLOUT);
+                sl_io_modify(loop, &uc->io, EPOLLOUT);
+                return;
+            }
+            if (n < 0) {
+                err = -errno;
+                goto fail;
+            }
+            uc->pp_off = (uint8_t)(uc->pp_off + n);
+        }
+        uc->setup = uc->is_tls ? SL_UC_SETUP_TLS : SL_UC_SETUP_DONE;
+    }
+    if (uc->setup == SL_UC_SETUP_TLS) {
+        int rc = sl_transport_handshake(&uc->tr);
+        if (rc == -EAGAIN) {
+            unsigned want = sl_transport_want(&uc->tr, EPOLLIN);
+            sl_io_clear_ready(&uc->io, want);
+            sl_io_modify(loop, &uc->io, want);
+            return;
+        }
+        if (rc < 0) {
+            if (sl_log_enabled(SL_LOG_LVL_DEBUG)) {
+                char why[256];
+                SL_DEBUG("upstream %s endpoint %s: TLS handshake failed: %s", uc->up->conf->name,
+                         uc->wep->ep->address, sl_tls_last_error_str(&uc->tls, why, sizeof why));
+            }
+            /* A protocol or verification failure is -EPROTO; a reset stays a reset. */
+            err = rc;
+            goto fail;
+        }
+        uc->setup = SL_UC_SETUP_DONE;
+    }
+    sl_io_modify(loop, &uc->io, 0);
+    if (uc->user.on_event)
+        uc->user.on_event(uc, EPOLLOUT, uc->user.data);
+    return;
+fail:
+    uc->setup_err = err;
+    sl_io_modify(loop, &uc->io, 0);
+    if (uc->user.on_event)
+        uc->user.on_event(uc, EPOLLERR, uc->user.data);
 }
 
 static void on_uc_io(struct sl_io *io, uint32_t events)
@@ -583,6 +771,17 @@ static void on_uc_io(struct sl_io *io, uint32_t events)
     if (uc->state == SL_UC_IDLE) {
         uc_close(uc);
         return;
+    }
+    if (uc->state == SL_UC_CONNECTING && uc->setup != SL_UC_SETUP_DONE) {
+        uc_setup(uc, events);
+        return;
+    }
+    /* The readiness a transport waited for in the opposite direction serves the operation
+     * that waited: a TLS read that wanted EPOLLOUT is retried as a read, and the reverse. */
+    unsigned want = uc->tr.ops->want ? uc->tr.ops->want(&uc->tr) : 0;
+    if (want && (events & want) && want != (events & (EPOLLIN | EPOLLOUT))) {
+        events |= EPOLLIN | EPOLLOUT;
+        uc->io.ready |= EPOLLIN;
     }
     if (uc->user.on_event)
         uc->user.on_event(uc, events, uc->user.data);

@@ -120,7 +120,7 @@ static void fixture_pools(struct fixture *f, size_t n)
 {
     f->cfg.upstream_count = n;
     for (size_t i = 0; i < n; i++) {
-        f->pools[i] = sl_pool_new(&f->ups[i], NULL, 1);
+        f->pools[i] = sl_pool_new(&f->ups[i], NULL, 1, NULL, 0);
         assert_non_null(f->pools[i]);
     }
 }

@@ -362,7 +362,7 @@ static void fx_add(struct fx *f, uint16_t port)
 
 static void fx_start(struct fx *f)
 {
-    f->pool = sl_pool_new(&f->up, NULL, 1);
+    f->pool = sl_pool_new(&f->up, NULL, 1, NULL, 0);
     assert_non_null(f->pool);
     f->hc = sl_health_checker_start(&f->loop, &f->pool, 1);
     assert_non_null(f->hc);
@@ -805,7 +805,7 @@ static void test_config_from_yaml(void **state)
     assert_int_equal(cfg->upstream_count, 2);
     struct sl_pool *pools[2];
     for (size_t i = 0; i < 2; i++) {
-        pools[i] = sl_pool_new(&cfg->upstreams[i], NULL, 1);
+        pools[i] = sl_pool_new(&cfg->upstreams[i], NULL, 1, NULL, 0);
         assert_non_null(pools[i]);
     }
     struct fx f = {.pool = pools[0]};

@@ -233,7 +233,7 @@ static void test_consecutive_failures_eject(void **state)
     struct up *u = up_new(2);
     u->conf.passive.consecutive_failures = 3;
     u->conf.passive.ejection_ms = 1000;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
     struct sl_endpoint *ep = s->eps[0];
@@ -262,7 +262,7 @@ static void test_consecutive_failures_reset_by_success(void **state)
     (void)state;
     struct up *u = up_new(1);
     u->conf.passive.consecutive_failures = 3;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
     struct sl_endpoint *ep = s->eps[0];
@@ -284,7 +284,7 @@ static void test_consecutive_failures_ignore_cancelled(void **state)
     (void)state;
     struct up *u = up_new(2);
     u->conf.passive.consecutive_failures = 3;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
 
@@ -318,7 +318,7 @@ static void test_failure_ratio(void **state)
     u->conf.passive.failure_ratio_permille = 400;
     u->conf.passive.min_requests = 10;
     u->conf.passive.max_ejection_percent = 100;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
 
@@ -353,7 +353,7 @@ static void test_failure_ratio_old_requests_age_out(void **state)
     u->conf.passive.failure_ratio_permille = 500;
     u->conf.passive.min_requests = 10;
     u->conf.passive.window_ms = 1000;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
     struct sl_endpoint *ep = s->eps[0];
@@ -378,7 +378,7 @@ static void test_passive_disabled_never_ejects(void **state)
     u->conf.passive.consecutive_failures = 2;
     u->conf.passive.failure_ratio_permille = 100;
     u->conf.passive.min_requests = 1;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
     struct sl_endpoint *ep = s->eps[0];
@@ -404,7 +404,7 @@ static void test_max_ejection_percent(void **state)
     u->conf.passive.consecutive_failures = 2;
     u->conf.passive.ejection_ms = 1000;
     u->conf.passive.max_ejection_percent = 50;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
 
@@ -441,7 +441,7 @@ static void test_max_ejection_percent_single_endpoint(void **state)
     struct up *u = up_new(1);
     u->conf.passive.consecutive_failures = 1;
     u->conf.passive.max_ejection_percent = 50;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
 
@@ -465,7 +465,7 @@ static void test_probe_cycle(void **state)
     u->conf.passive.ejection_ms = 1000;
     u->conf.passive.max_ejection_ms = 2500;
     u->conf.passive.half_open_requests = 1;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
     struct sl_endpoint *ep = s->eps[0];
@@ -533,7 +533,7 @@ static void test_probe_needs_half_open_requests(void **state)
     u->conf.passive.consecutive_failures = 1;
     u->conf.passive.ejection_ms = 1000;
     u->conf.passive.half_open_requests = 2;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
     struct sl_endpoint *ep = s->eps[0];
@@ -583,7 +583,7 @@ static void test_ejection_count_forgiven(void **state)
     u->conf.passive.window_ms = 2000; /* the forgiveness step: max(window, ejection) */
     u->conf.passive.max_ejection_ms = 60000;
     u->conf.passive.max_ejection_percent = 100;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s = sl_pool_acquire_set(p);
 
@@ -616,7 +616,7 @@ static void test_retry_budget(void **state)
     struct sl_retry_conf rc = u->conf.retries;
     rc.budget_percent = 20;
     rc.min_retries = 10;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
 
     for (int i = 0; i < 100; i++)
@@ -686,7 +686,7 @@ static void test_set_source_publishes_on_change(void **state)
     struct up *u = up_new(0);
     u->conf.passive.consecutive_failures = 1;
     u->conf.passive.max_ejection_percent = 100;
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     /* no endpoints in the config: an empty set is current from the start */
     assert_non_null(p->current);
@@ -739,7 +739,7 @@ static void test_set_source_union(void **state)
 {
     (void)state;
     struct up *u = up_new(2); /* config: 10.0.0.1:80, 10.0.0.2:80 */
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
     assert_non_null(p);
     struct sl_endpoint_set *s0 = sl_pool_acquire_set(p);
     assert_int_equal(s0->count, 2);
@@ -799,7 +799,7 @@ static void test_set_source_to_workers(void **state)
 {
     (void)state;
     struct up *u = up_new(1);
-    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 3);
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 3, NULL, 0);
     assert_non_null(p);
 
     struct recorder r0 = {0}, r2 = {0};

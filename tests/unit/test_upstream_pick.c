@@ -94,7 +94,7 @@ static struct fx *fx_new(struct up *u, const char *local_zone)
     struct fx *f = calloc(1, sizeof *f);
     assert_non_null(f);
     f->u = u;
-    f->pool = sl_pool_new(&u->conf, local_zone, 2);
+    f->pool = sl_pool_new(&u->conf, local_zone, 2, NULL, 0);
     assert_non_null(f->pool);
     f->w.id = WORKER_ID;
     assert_int_equal(sl_loop_init(&f->w.loop), 0);
