@@ -981,6 +981,98 @@ static void test_err_consumers_redis(void **state)
                   "random key of 32 or more)\n");
 }
 
+static void test_edge_keys(void **state)
+{
+    (void)state;
+    struct sl_config *cfg = load_ok("listeners:\n"
+                                    "  - name: web\n"
+                                    "    address: 127.0.0.1:8080\n"
+                                    "  - name: edge\n"
+                                    "    address: 127.0.0.1:8443\n"
+                                    "    protocol: tcp\n"
+                                    "    upstream: gw\n"
+                                    "    tls:\n"
+                                    "      certificates: [{cert: /etc/passwd, key: /etc/passwd}]\n"
+                                    "      min_version: \"1.3\"\n"
+                                    "      client_ca: /etc/passwd\n"
+                                    "      client_auth: optional\n"
+                                    "    protection: {max_connections_per_ip: 256, "
+                                    "new_connections_per_ip: 50/s}\n"
+                                    "    proxy_protocol: {accept: true, trusted: [10.0.0.0/8]}\n"
+                                    "upstreams:\n"
+                                    "  - name: other\n"
+                                    "    endpoints: [127.0.0.1:9000]\n"
+                                    "  - name: gw\n"
+                                    "    proxy_protocol: v2\n"
+                                    "    tls: {sni: gw.internal}\n"
+                                    "    endpoints: [127.0.0.1:9001]\n");
+    const struct sl_listener_conf *web = &cfg->listeners[0], *edge = &cfg->listeners[1];
+    assert_int_equal(web->protocol, SL_LISTENER_HTTP);
+    assert_false(web->tls.enabled);
+    assert_false(web->proxy_protocol.accept);
+    assert_int_equal(web->protection.max_connections_per_ip, 0);
+    assert_int_equal(edge->protocol, SL_LISTENER_TCP);
+    assert_int_equal(edge->upstream_index, 1);
+    assert_true(edge->tls.enabled);
+    assert_int_equal(edge->tls.certificate_count, 1);
+    assert_int_equal(edge->tls.min_version, SL_TLS_V1_3);
+    assert_int_equal(edge->tls.client_auth, SL_TLS_CLIENT_AUTH_CONF_OPTIONAL);
+    assert_true(edge->tls.session_tickets);
+    assert_int_equal(edge->tls.handshake_timeout_ms, 10000);
+    assert_int_equal(edge->protection.max_connections_per_ip, 256);
+    assert_int_equal(edge->protection.new_connection_period_us, 20000);
+    assert_int_equal(edge->protection.new_connections_burst, 50);
+    assert_true(edge->proxy_protocol.accept);
+    assert_int_equal(edge->proxy_protocol.trusted_count, 1);
+    assert_int_equal(edge->proxy_protocol.timeout_ms, 5000);
+    assert_int_equal(cfg->upstreams[1].proxy_protocol, SL_PP_SEND_V2);
+    assert_true(cfg->upstreams[1].tls.enabled);
+    assert_true(cfg->upstreams[1].tls.verify);
+    assert_string_equal(cfg->upstreams[1].tls.sni, "gw.internal");
+    assert_false(cfg->upstreams[0].tls.enabled);
+    sl_config_free(cfg);
+}
+
+static void test_err_edge(void **state)
+{
+    (void)state;
+    expect_errors(
+        "listeners:\n"
+        "  - name: edge\n"
+        "    address: 127.0.0.1:8443\n"
+        "    protocol: tcp\n"
+        "    tls: {min_version: \"1.1\"}\n"
+        "    protection: {new_connections_per_ip: 5/d}\n"
+        "    proxy_protocol: {accept: true}\n"
+        "  - name: web\n"
+        "    address: 127.0.0.1:8080\n"
+        "    upstream: nope\n"
+        "    tls: {certificates: [{cert: /nonexistent.pem, key: /etc/passwd}]}\n"
+        "routes:\n"
+        "  - {listeners: [edge], match: {path: /}, direct_response: {status: 200}}\n"
+        "upstreams:\n"
+        "  - name: u\n"
+        "    proxy_protocol: v3\n"
+        "    tls: {client_key: /etc/passwd}\n"
+        "    endpoints: [127.0.0.1:9000]\n",
+        "t.yaml:2:5: listeners[0]: protocol: tcp needs upstream: <name>\n"
+        "t.yaml:5:10: listeners[0].tls: needs certificates: [{cert: ..., key: ...}]\n"
+        "t.yaml:5:24: listeners[0].tls.min_version: expected one of 1.2, 1.3, got \"1.1\"\n"
+        "t.yaml:6:42: listeners[0].protection.new_connections_per_ip: invalid rate \"5/d\": use "
+        "N/s, N/m or N/h with N >= 1, e.g. 50/s\n"
+        "t.yaml:7:21: listeners[0].proxy_protocol: accept: true needs trusted: [addresses or "
+        "prefixes] (a PROXY header from anyone would let any client choose its own address)\n"
+        "t.yaml:10:15: listeners[1].upstream: only applies to protocol: tcp (HTTP listeners pick "
+        "upstreams by route)\n"
+        "t.yaml:10:15: listeners[1].upstream: unknown upstream \"nope\"\n"
+        "t.yaml:11:33: listeners[1].tls.certificates[0].cert: cannot read /nonexistent.pem: No "
+        "such file or directory\n"
+        "t.yaml:13:17: routes[0].listeners: listener \"edge\" is protocol: tcp (it forwards to "
+        "its upstream without routes)\n"
+        "t.yaml:16:21: upstreams[0].proxy_protocol: expected one of off, v1, v2, got \"v3\"\n"
+        "t.yaml:17:10: upstreams[0].tls: client_cert and client_key go together\n");
+}
+
 int main(void)
 {
     sl_filters_register_config();
@@ -1024,6 +1116,8 @@ int main(void)
         cmocka_unit_test(test_err_toplist),
         cmocka_unit_test(test_err_nul),
         cmocka_unit_test(test_err_nolisteners),
+        cmocka_unit_test(test_edge_keys),
+        cmocka_unit_test(test_err_edge),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
