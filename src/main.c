@@ -145,7 +145,7 @@ int main(int argc, char **argv)
     }
     if (!done)
         SL_WARN("drain timeout reached; closing remaining connections");
-    sl_gateway_log_counters(gw);
+    sl_gateway_log_counters(gw, done);
     sl_gateway_free(gw);
     SL_INFO("stopped");
     return EXIT_OK;

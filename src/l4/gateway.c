@@ -163,9 +163,18 @@ static void listener_rt_dispose(struct sl_listener_rt *lr)
     sl_tls_ctx_free(lr->tls);
 }
 
-void sl_gateway_log_counters(const struct sl_gateway *gw)
+void sl_gateway_log_counters(const struct sl_gateway *gw, bool workers_exited)
 {
     const struct sl_config *cfg = gw->rt.cfg;
+    /* A worker's pool counters are its own, plain integers: read only once it has exited. */
+    unsigned long long mem_refused = 0;
+    for (unsigned i = 0; workers_exited && gw->workers && i < gw->worker_count; i++)
+        mem_refused += gw->workers[i].buf_pool.refused;
+    unsigned long long pauses = atomic_load_explicit(&gw->gate.pauses, memory_order_relaxed);
+    if (mem_refused || pauses)
+        SL_INFO("refused for memory (max_buffer_memory): %llu buffer requests; accepting paused "
+                "at max_connections: %llu times",
+                mem_refused, pauses);
     for (size_t i = 0; i < cfg->listener_count; i++) {
         struct sl_listener_rt *lr = &gw->rt.listeners[i];
 #define C(f) ((unsigned long long)atomic_load_explicit(&lr->f, memory_order_relaxed))

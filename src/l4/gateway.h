@@ -131,8 +131,10 @@ void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *
 void sl_gateway_reload_tls(struct sl_gateway *gw, bool force);
 
 /* Logs each listener's accept-path counters (refusals by reason, TLS and PROXY totals), one
- * line per listener that saw any; at exit, until metrics expose them. */
-void sl_gateway_log_counters(const struct sl_gateway *gw);
+ * line per listener that saw any, and the process-wide refusals (memory budget, connection
+ * cap); at exit, until metrics expose them. Memory refusals are read only when
+ * `workers_exited`. */
+void sl_gateway_log_counters(const struct sl_gateway *gw, bool workers_exited);
 
 /* Stops a draining worker's loop once it has nothing left (no connection, no exchange). */
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw);
