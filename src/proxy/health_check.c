@@ -18,13 +18,17 @@
 #include "core/rand.h"
 #include "http/h1_parse.h"
 #include "proxy/pool.h"
+#include "proxy/proxy_proto.h"
+#include "tls/tls_transport.h"
 
 /* Only the status matters, so the head buffer is small; a longer head is judged by its status
  * line alone (see judge_status_line). */
 #define HEAD_MAX_BYTES 4096
 #define HEAD_MAX_HEADERS 64
 
-enum phase { PH_IDLE = 0, PH_CONNECTING, PH_WRITING, PH_READING };
+/* PH_PROXY and PH_HANDSHAKE only for upstreams with proxy_protocol: / tls:, which checks
+ * speak too (a backend expecting them would refuse a check without). */
+enum phase { PH_IDLE = 0, PH_CONNECTING, PH_PROXY, PH_HANDSHAKE, PH_WRITING, PH_READING };
 
 /* Why the last check failed, for the transition log line. */
 enum why {
@@ -40,6 +44,7 @@ enum why {
     WHY_CLOSED,    /* the peer closed before the head was complete */
     WHY_MALFORMED, /* detail: enum sl_h1_err */
     WHY_STATUS,    /* detail: the status */
+    WHY_TLS,       /* text: OpenSSL's reason */
 };
 
 struct hc_pool;
@@ -51,7 +56,15 @@ struct hc_check {
     struct sl_endpoint *ep; /* holds a reference while checked */
     struct sl_io io;
     struct sl_timer timer; /* PH_IDLE: the next start; otherwise the attempt's timeout */
-    int fd;                /* -1 between attempts */
+    int fd;                /* -1 between attempts; owned by `tr` when set */
+    union {
+        struct sl_transport tr; /* TCP, or the base of `tls` */
+        struct sl_tls_transport tls;
+    };
+    bool has_tr;
+    uint8_t pp_len, pp_off; /* PROXY header of the attempt, and what was sent */
+    char pp[SL_PP_V1_MAX_BYTES + 1];
+    char why_text[128]; /* WHY_TLS */
     enum phase phase;
     bool down;                    /* our verdict, mirrored into ep->active_down */
     bool visited;                 /* scratch for sync */
@@ -169,6 +182,9 @@ static const char *describe(const struct hc_check *c, char *buf, size_t cap)
     case WHY_STATUS:
         snprintf(buf, cap, "status %d", c->why_detail);
         return buf;
+    case WHY_TLS:
+        snprintf(buf, cap, "TLS failed: %.100s", c->why_text);
+        return buf;
     case WHY_NONE:
         break;
     }
@@ -218,7 +234,11 @@ static void close_socket(struct hc_check *c)
     struct sl_loop *loop = c->hp->hc->loop;
     if (c->fd >= 0) {
         sl_io_stop(loop, &c->io);
-        close(c->fd);
+        if (c->has_tr)
+            sl_transport_close(&c->tr);
+        else
+            close(c->fd);
+        c->has_tr = false;
         c->fd = -1;
     }
     free(c->head);
@@ -259,9 +279,17 @@ static void skip_local(struct hc_check *c, const char *what, int err)
     end_attempt(c, false, false);
 }
 
+static void fail_tls(struct hc_check *c)
+{
+    sl_tls_last_error_str(&c->tls, c->why_text, sizeof c->why_text);
+    fail(c, WHY_TLS, 0);
+}
+
 static void fail_errno(struct hc_check *c, enum why otherwise, int err)
 {
-    if (err == ECONNREFUSED)
+    if (err == EPROTO && c->hp->pool->tls)
+        fail_tls(c);
+    else if (err == ECONNREFUSED)
         fail(c, WHY_REFUSED, err);
     else if (err == ECONNRESET || err == EPIPE)
         fail(c, WHY_RESET, err);
@@ -306,20 +334,22 @@ static void judge_status_line(struct hc_check *c)
 static void read_step(struct hc_check *c)
 {
     for (;;) {
-        ssize_t n = recv(c->fd, c->head + c->head_len, HEAD_MAX_BYTES - c->head_len, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return;
-            fail_errno(c, WHY_RECV, errno);
+        size_t n = 0;
+        int rc = sl_transport_read(&c->tr, c->head + c->head_len, HEAD_MAX_BYTES - c->head_len, &n);
+        if (rc == -EAGAIN) {
+            /* level-triggered: wait for what the transport needs (TLS may need to write) */
+            sl_io_modify(c->hp->hc->loop, &c->io, sl_transport_want(&c->tr, EPOLLIN));
+            return;
+        }
+        if (rc < 0) {
+            fail_errno(c, WHY_RECV, -rc);
             return;
         }
         if (n == 0) {
             fail(c, WHY_CLOSED, 0);
             return;
         }
-        c->head_len += (size_t)n;
+        c->head_len += n;
         struct sl_h1_response resp;
         struct sl_h1_header hdrs[HEAD_MAX_HEADERS];
         enum sl_h1_err err = SL_H1_ERR_NONE;
@@ -349,18 +379,18 @@ static void write_step(struct hc_check *c)
 {
     struct sl_loop *loop = c->hp->hc->loop;
     while (c->sent < c->req_len) {
-        ssize_t n = send(c->fd, c->req + c->sent, c->req_len - c->sent, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                sl_io_modify(loop, &c->io, EPOLLOUT);
-                return;
-            }
-            fail_errno(c, WHY_SEND, errno);
+        struct iovec iov = {c->req + c->sent, c->req_len - c->sent};
+        size_t n = 0;
+        int rc = sl_transport_writev(&c->tr, &iov, 1, &n);
+        c->sent += n;
+        if (rc == -EAGAIN) {
+            sl_io_modify(loop, &c->io, sl_transport_want(&c->tr, EPOLLOUT));
             return;
         }
-        c->sent += (size_t)n;
+        if (rc < 0) {
+            fail_errno(c, WHY_SEND, -rc);
+            return;
+        }
     }
     c->phase = PH_READING;
     sl_io_modify(loop, &c->io, EPOLLIN);
@@ -368,7 +398,8 @@ static void write_step(struct hc_check *c)
     read_step(c);
 }
 
-static void connected(struct hc_check *c)
+/* The connection is ready for the check itself: a TCP check is done, an HTTP one sends. */
+static void ready(struct hc_check *c)
 {
     if (!c->req) {
         c->why = WHY_NONE;
@@ -378,6 +409,60 @@ static void connected(struct hc_check *c)
     c->phase = PH_WRITING;
     c->sent = 0;
     write_step(c);
+}
+
+static void handshake_step(struct hc_check *c)
+{
+    int rc = sl_transport_handshake(&c->tr);
+    if (rc == -EAGAIN) {
+        sl_io_modify(c->hp->hc->loop, &c->io, sl_transport_want(&c->tr, EPOLLIN));
+        return;
+    }
+    if (rc < 0) {
+        fail_errno(c, WHY_CONNECT, -rc);
+        return;
+    }
+    ready(c);
+}
+
+static void after_proxy(struct hc_check *c)
+{
+    if (c->hp->pool->tls) {
+        c->phase = PH_HANDSHAKE;
+        handshake_step(c);
+        return;
+    }
+    ready(c);
+}
+
+/* The PROXY header goes first, in the clear (before any TLS byte). */
+static void proxy_step(struct hc_check *c)
+{
+    while (c->pp_off < c->pp_len) {
+        ssize_t n = send(c->fd, c->pp + c->pp_off, (size_t)(c->pp_len - c->pp_off), MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            sl_io_modify(c->hp->hc->loop, &c->io, EPOLLOUT);
+            return;
+        }
+        if (n < 0) {
+            fail_errno(c, WHY_SEND, errno);
+            return;
+        }
+        c->pp_off = (uint8_t)(c->pp_off + n);
+    }
+    after_proxy(c);
+}
+
+static void connected(struct hc_check *c)
+{
+    if (c->pp_len) {
+        c->phase = PH_PROXY;
+        proxy_step(c);
+        return;
+    }
+    after_proxy(c);
 }
 
 static void begin_attempt(struct hc_check *c)
@@ -407,6 +492,33 @@ static void begin_attempt(struct hc_check *c)
         return;
     }
     c->fd = fd;
+    struct sl_pool *pool = c->hp->pool;
+    if (pool->tls) {
+        /* No session resumption for checks: one full handshake per interval and endpoint. */
+        char name[256];
+        const char *sni = sl_pool_tls_name(pool, c->ep, name, sizeof name);
+        int trc = sl_tls_transport_init_client(&c->tls, fd, pool->tls, sni, NULL);
+        if (trc == -ENOMEM) {
+            skip_local(c, "TLS", ENOMEM);
+            return;
+        }
+        if (trc < 0) {
+            snprintf(c->why_text, sizeof c->why_text, "no usable server name");
+            fail(c, WHY_TLS, 0);
+            return;
+        }
+    } else {
+        sl_tcp_transport_init(&c->tr, fd);
+    }
+    c->has_tr = true;
+    c->pp_len = c->pp_off = 0;
+    if (pool->conf->proxy_protocol != SL_PP_SEND_OFF) {
+        /* A check speaks for no client: UNKNOWN (v1) / AF_UNSPEC (v2), "use the connection's
+         * addresses". */
+        c->pp_len = (uint8_t)(pool->conf->proxy_protocol == SL_PP_SEND_V2
+                                  ? sl_proxy_proto_write_v2(c->pp, sizeof c->pp, NULL, NULL)
+                                  : sl_proxy_proto_write_v1(c->pp, sizeof c->pp, NULL, NULL));
+    }
     /* Any outcome below, immediate or not, ends through end_attempt, which re-arms the timer
      * for the next start; until then it is the attempt's deadline. */
     c->phase = PH_CONNECTING;
@@ -445,6 +557,12 @@ static void on_check_io(struct sl_io *io, uint32_t events)
             fail(c, WHY_RESET, ECONNRESET); /* hung up without an error: treat as a reset */
         break;
     }
+    case PH_PROXY:
+        proxy_step(c);
+        break;
+    case PH_HANDSHAKE:
+        handshake_step(c);
+        break;
     case PH_WRITING:
         write_step(c);
         break;
@@ -464,6 +582,8 @@ static void on_check_timer(struct sl_timer *t)
         begin_attempt(c);
         break;
     case PH_CONNECTING:
+    case PH_PROXY:
+    case PH_HANDSHAKE:
         fail(c, WHY_CONNECT_TIMEOUT, 0);
         break;
     case PH_WRITING:

@@ -116,3 +116,22 @@ def test_without_proxy_protocol_connections_are_shared(gateway, peers):
     two.close()
     assert len(conns) == 1
     assert b.conns[0]["proxy"] is None
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_active_checks_send_a_header_for_no_client(gateway, peers, version):
+    import time
+
+    b = peers("pp", proxy=True)
+    gateway(pp_config(b.port, version, extra="    health: {active: {path: /healthz, "
+                                             "interval: 100ms, timeout: 80ms}}\n"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(c["requests"] for c in b.conns):
+        time.sleep(0.05)
+    checks = [c for c in b.conns if c["requests"]]
+    assert checks, b.conns
+    pp = checks[0]["proxy"]
+    if version == "v1":
+        assert pp["proto"] == "UNKNOWN"
+    else:
+        assert pp["family"] == 0 and "src" not in pp

@@ -226,7 +226,7 @@ def test_active_http_checks_use_tls(gateway, peers, certs):
         "{ca_file: %s}" % certs.ca[1],
         extra="    retries: {attempts: 0}\n"
               "    health: {passive: {enabled: false}, active: {path: /healthz, interval: 100ms,"
-              " timeout: 1s, healthy: 1, unhealthy: 1}}\n"))
+              " timeout: 80ms, healthy: 1, unhealthy: 1}}\n"))
     # The checks reach the good backend over TLS, and fail the bad one's handshake.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not (
