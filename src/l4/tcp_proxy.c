@@ -491,10 +491,16 @@ void sl_tcp_proxy_accept(struct sl_tcp_proxy *p, const struct sl_transport *tr, 
     size_t alen =
         client->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
     memcpy(&c->client_addr, client, alen);
-    if (dest && (dest->sa_family == AF_INET || dest->sa_family == AF_INET6))
+    if (dest && (dest->sa_family == AF_INET || dest->sa_family == AF_INET6)) {
         memcpy(&c->dest_addr, dest,
                dest->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
                                            : sizeof(struct sockaddr_in));
+    } else if (p->uc->proxy_protocol != SL_PP_SEND_OFF) {
+        /* The header names the address the client connected to: the socket knows it. */
+        socklen_t dlen = sizeof c->dest_addr;
+        if (getsockname(c->client.plain.fd, (struct sockaddr *)&c->dest_addr, &dlen) < 0)
+            memset(&c->dest_addr, 0, sizeof c->dest_addr);
+    }
     c->uio.fd = -1;
     sl_timer_init(&c->timer, on_timer, c);
     sl_defer_init(&c->end, on_end, c);

@@ -65,8 +65,8 @@ void sl_tcp_proxy_free(struct sl_tcp_proxy *p);
  * sl_l4_transport)) is moved (memcpy) into the proxy's connection object: the caller's copy
  * is dead afterwards and must not be closed. `client` is the client's address (the PROXY
  * source when a trusted header was accepted), `dest` the address the client connected to
- * (for an outgoing PROXY header; may be NULL: the header then says UNKNOWN / UNSPEC); both
- * are copied. `cookie` is handed back to on_close. A connection that is refused (no endpoint,
+ * (for an outgoing PROXY header; NULL: read from the socket with getsockname); both are
+ * copied. `cookie` is handed back to on_close. A connection that is refused (no endpoint,
  * breaker overflow) is closed with a reset and on_close follows from the deferred pass, like
  * any other end; only when there is no memory for the connection object at all is it closed
  * at once and on_close called before this returns.
