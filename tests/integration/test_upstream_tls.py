@@ -145,12 +145,23 @@ def test_client_certificate_to_a_backend_that_requires_one(gateway, peers, certs
     assert body["client"] == "client"
 
 
-def test_no_client_certificate_is_refused_by_an_mtls_backend(gateway, peers, certs):
-    b = peers("b1", tls=server_ctx(certs.server, client_ca=certs.client_ca[1]))
+def test_no_client_certificate_is_refused_by_an_mtls_backend_tls12(gateway, peers, certs):
+    b = peers("b1", tls=server_ctx(certs.server, client_ca=certs.client_ca[1], max_tls12=True))
     gw = gateway(tls_config(["localhost:%d" % b.port], "{ca_file: %s}" % certs.ca[1]))
     status, body = get(gw)
     assert status == 502
     assert body["error"] == "upstream_tls_failed"
+
+
+def test_no_client_certificate_is_refused_by_an_mtls_backend_tls13(gateway, peers, certs):
+    # TLS 1.3: the client's handshake is complete before the backend has read its (missing)
+    # certificate, so the refusal is an alert after the request went out, or a reset when the
+    # backend's close overtakes it.
+    b = peers("b1", tls=server_ctx(certs.server, client_ca=certs.client_ca[1]))
+    gw = gateway(tls_config(["localhost:%d" % b.port], "{ca_file: %s}" % certs.ca[1]))
+    status, body = get(gw)
+    assert status == 502
+    assert body["error"] in ("upstream_tls_failed", "upstream_reset")
 
 
 def test_keepalive_reuses_the_tls_connection(gateway, peers, certs):

@@ -196,9 +196,11 @@ class Backend:
             pass
 
 
-def server_ctx(cert, client_ca=None):
+def server_ctx(cert, client_ca=None, max_tls12=False):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert[1], cert[0])
+    if max_tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if client_ca:
         ctx.load_verify_locations(client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
