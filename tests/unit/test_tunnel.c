@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -23,12 +24,16 @@
 #include "core/transport.h"
 #include "l4/tunnel.h"
 #include "loop_wait.h"
+#include "tls/tls_ctx.h"
+#include "tls/tls_transport.h"
 
 /*
  * The L4 tunnel over real loopback sockets and a real loop. Each test runs twice where it
  * makes sense: spliced (sl_tunnel_start) and copied (sl_tunnel_start_transports over TCP
  * transports with SL_TUNNEL_NO_SPLICE). The peers are the test's own sockets, driven on the
  * same loop: "client" talks to the tunnel's client fd, "upstream" to its upstream fd.
+ * The TLS tests put a TLS server transport on the tunnel's client side (the copy path), with a
+ * TLS client peer on the loop; certificates come from the openssl CLI into a temp directory.
  */
 
 #define WAIT_MS 20000
@@ -151,7 +156,8 @@ struct fx {
     struct sl_bpool bufs;
     struct sl_tunnel_pipes pipes;
     struct sl_tunnel t;
-    struct sl_transport tr[2]; /* copy mode: the transports handed to the tunnel */
+    struct sl_transport tr[2];    /* copy mode: the transports handed to the tunnel */
+    struct sl_tls_transport tsrv; /* TLS tests: the tunnel's client side */
     struct peer client, upstream;
     int done_count;
     enum sl_tunnel_reason reason;
@@ -717,6 +723,334 @@ static void test_pool_bounds(void **state)
     assert_string_equal(sl_tunnel_reason_name(SL_TUNNEL_ABORTED), "aborted");
 }
 
+/* ---- TLS on the client side ----------------------------------------------------------------- */
+
+static char tls_dir[64];
+static struct sl_tls_ctx *tls_server_ctx;
+static struct sl_tls_client_ctx *tls_client_ctx;
+
+static int sh(const char *cmd)
+{
+    int rc = system(cmd);
+    if (rc != 0)
+        fprintf(stderr, "fixture command failed (%d): %s\n", rc, cmd);
+    return rc;
+}
+
+/* A CA and a leaf for tunnel.test (ECDSA P-256), made with the openssl CLI as test_tls.c does. */
+static int tls_setup(void **state)
+{
+    (void)state;
+    snprintf(tls_dir, sizeof tls_dir, "/tmp/sluice_tunnel_XXXXXX");
+    if (!mkdtemp(tls_dir))
+        return -1;
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd,
+             "cd '%s' && printf '[req]\\ndistinguished_name = dn\\n[dn]\\n' > req.cnf && "
+             "openssl req -config req.cnf -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+             "-noenc -keyout ca.key -out ca.pem -days 3650 -subj '/CN=Tunnel Test CA' "
+             "-addext basicConstraints=critical,CA:TRUE "
+             "-addext keyUsage=critical,keyCertSign,cRLSign >/dev/null 2>&1 && "
+             "openssl req -config req.cnf -x509 -CA ca.pem -CAkey ca.key -newkey ec "
+             "-pkeyopt ec_paramgen_curve:P-256 -noenc -keyout leaf.key -out leaf.pem -days 3650 "
+             "-subj '/CN=tunnel.test' -addext subjectAltName=DNS:tunnel.test "
+             "-addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth "
+             ">/dev/null 2>&1",
+             tls_dir);
+    if (sh(cmd) != 0)
+        return -1;
+    char cert[160], key[160], ca[160], err[512] = "";
+    snprintf(cert, sizeof cert, "%s/leaf.pem", tls_dir);
+    snprintf(key, sizeof key, "%s/leaf.key", tls_dir);
+    snprintf(ca, sizeof ca, "%s/ca.pem", tls_dir);
+    struct sl_tls_cert_desc cd = {.cert_file = cert, .key_file = key};
+    struct sl_tls_server_desc sd = {.certs = &cd, .cert_count = 1};
+    tls_server_ctx = sl_tls_ctx_new(&sd, err, sizeof err);
+    struct sl_tls_client_desc cdesc = {.ca_file = ca};
+    tls_client_ctx = sl_tls_client_ctx_new(&cdesc, err, sizeof err);
+    if (!tls_server_ctx || !tls_client_ctx) {
+        fprintf(stderr, "TLS contexts: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static int tls_teardown(void **state)
+{
+    (void)state;
+    sl_tls_ctx_free(tls_server_ctx);
+    sl_tls_client_ctx_free(tls_client_ctx);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tls_dir);
+    return sh(cmd) == 0 ? 0 : -1;
+}
+
+/* The test's TLS client: like struct peer, through the TLS transport. */
+struct tpeer {
+    struct sl_loop *loop;
+    struct sl_io io;
+    struct sl_tls_transport tls;
+    const unsigned char *out;
+    size_t out_len, out_off;
+    bool shut_after, shut_done;
+    unsigned char *in;
+    size_t in_cap, in_len;
+    bool eof;
+    int err;
+};
+
+static void tpeer_pump(struct tpeer *p)
+{
+    if (p->err)
+        return;
+    while (!p->eof) {
+        unsigned char scratch[4096];
+        unsigned char *dst = p->in_len < p->in_cap ? p->in + p->in_len : scratch;
+        size_t room = p->in_len < p->in_cap ? p->in_cap - p->in_len : sizeof scratch;
+        size_t n = 0;
+        int rc = sl_transport_read(&p->tls.base, dst, room, &n);
+        if (rc == -EAGAIN)
+            break;
+        if (rc < 0) {
+            p->err = -rc;
+            return;
+        }
+        if (n == 0) {
+            p->eof = true;
+            break;
+        }
+        assert_true(p->in_len + n <= p->in_cap);
+        p->in_len += n;
+    }
+    while (p->out_off < p->out_len) {
+        /* From the first unsent byte, never fewer than last time (the TLS retry rule). */
+        size_t len = p->out_len - p->out_off;
+        struct iovec iov = {.iov_base = (void *)(p->out + p->out_off), .iov_len = len};
+        size_t n = 0;
+        int rc = sl_transport_writev(&p->tls.base, &iov, 1, &n);
+        p->out_off += n;
+        if (rc == -EAGAIN || (rc == 0 && n < len))
+            break;
+        if (rc < 0) {
+            p->err = -rc;
+            return;
+        }
+    }
+    if (p->out_off == p->out_len && p->shut_after && !p->shut_done) {
+        int rc = p->tls.base.ops->shutdown(&p->tls.base);
+        if (rc == 0)
+            p->shut_done = true;
+        else if (rc != -EAGAIN)
+            p->err = -rc;
+    }
+}
+
+static void on_tpeer_io(struct sl_io *io, uint32_t events)
+{
+    (void)events;
+    tpeer_pump(io->data);
+}
+
+static void tpeer_send(struct tpeer *p, const unsigned char *data, size_t len, bool shut)
+{
+    p->out = data;
+    p->out_len = len;
+    p->out_off = 0;
+    p->shut_after = shut;
+    tpeer_pump(p);
+}
+
+static void tpeer_dispose(struct tpeer *p)
+{
+    sl_io_stop(p->loop, &p->io);
+    sl_transport_close(&p->tls.base);
+    free(p->in);
+    p->in = NULL;
+}
+
+/* Steps both handshakes until done (bounded), waiting with poll for what each wants. */
+static void tls_handshake_both(struct sl_tls_transport *a, struct sl_tls_transport *b)
+{
+    uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
+    enum sl_status sa = SL_AGAIN, sb = SL_AGAIN;
+    while ((sa == SL_AGAIN || sb == SL_AGAIN) && sl_clock_now_ms() < deadline) {
+        if (sa == SL_AGAIN)
+            sa = sl_tls_handshake(a);
+        if (sb == SL_AGAIN)
+            sb = sl_tls_handshake(b);
+        struct pollfd pf[2] = {{.fd = a->base.fd, .events = (short)sl_tls_want(a)},
+                               {.fd = b->base.fd, .events = (short)sl_tls_want(b)}};
+        if (sa == SL_AGAIN || sb == SL_AGAIN)
+            (void)poll(pf, 2, 10);
+    }
+    assert_int_equal(sa, SL_OK);
+    assert_int_equal(sb, SL_OK);
+}
+
+struct tfx {
+    struct fx *f;
+    struct tpeer client;
+};
+
+/* A TLS client peer, a TLS server transport as the tunnel's client side (handshake done, as
+ * the accept path hands it over), a plain upstream; small socket buffers on the TLS socket so
+ * that both directions meet -EAGAIN often. */
+static void tfx_connect(struct tfx *x, size_t in_cap, uint64_t idle_ms)
+{
+    struct fx *f = x->f;
+    int cli, tcli, tup, up;
+    tcp_pair(&cli, &tcli);
+    tcp_pair(&tup, &up);
+    int small = 16384;
+    assert_int_equal(setsockopt(tcli, SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+    assert_int_equal(setsockopt(tcli, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    memset(&x->client, 0, sizeof x->client);
+    x->client.loop = &f->loop;
+    x->client.in_cap = in_cap;
+    x->client.in = malloc(in_cap ? in_cap : 1);
+    assert_non_null(x->client.in);
+    assert_int_equal(sl_tls_transport_init_server(&f->tsrv, tcli, tls_server_ctx), 0);
+    assert_int_equal(
+        sl_tls_transport_init_client(&x->client.tls, cli, tls_client_ctx, "tunnel.test", NULL), 0);
+    tls_handshake_both(&f->tsrv, &x->client.tls);
+    assert_int_equal(sl_io_start(&f->loop, &x->client.io, cli,
+                                 EPOLLIN | EPOLLOUT | EPOLLRDHUP | SL_IO_EDGE, on_tpeer_io,
+                                 &x->client),
+                     0);
+    memset(&f->client, 0, sizeof f->client);
+    f->client.fd = -1;
+    f->client.loop = &f->loop;
+    peer_start(&f->upstream, &f->loop, up, in_cap);
+    sl_tcp_transport_init(&f->tr[1], tup);
+    f->done_count = 0;
+    assert_int_equal(sl_tunnel_start_transports(&f->t, &f->loop, &f->pipes, &f->tsrv.base,
+                                                &f->tr[1], 0, idle_ms, on_tunnel_done, f),
+                     0);
+    assert_false(sl_tunnel_can_splice(&f->t, SL_TUNNEL_UP)); /* TLS is copied */
+    f->started = true;
+}
+
+static void tfx_free(struct tfx *x)
+{
+    tpeer_dispose(&x->client);
+    fx_free(x->f);
+}
+
+struct twant {
+    struct tfx *x;
+    size_t client_len, upstream_len;
+    bool client_eof, upstream_eof, done;
+};
+
+static bool twanted(void *arg)
+{
+    struct twant *w = arg;
+    struct fx *f = w->x->f;
+    struct tpeer *c = &w->x->client;
+    tpeer_pump(c); /* decrypted bytes may wait inside OpenSSL with no new edge */
+    return c->in_len >= w->client_len && f->upstream.in_len >= w->upstream_len &&
+           (!w->client_eof || c->eof) && (!w->upstream_eof || f->upstream.eof) &&
+           (!w->done || f->done_count > 0);
+}
+
+/* Bytes both ways through TLS at once, exact; the client's close_notify reaches the upstream
+ * as a FIN, the upstream's FIN reaches the client as close_notify (a clean TLS EOF). */
+static void test_tls_both_ways(void **state)
+{
+    (void)state;
+    const size_t n = 4u << 20;
+    struct tfx x = {.f = fx_new(MODE_COPY, 4, 16)};
+    unsigned char *a = random_bytes(n, 21), *b = random_bytes(n, 22);
+    tfx_connect(&x, n, 0);
+    tpeer_send(&x.client, a, n, true);
+    peer_send(&x.f->upstream, b, n, true);
+    struct twant w = {&x, n, n, true, true, true};
+    assert_true(run_until(&x.f->loop, twanted, &w, WAIT_MS));
+    assert_int_equal(x.f->reason, SL_TUNNEL_CLOSED);
+    assert_int_equal(x.client.err, 0);
+    assert_int_equal(x.f->upstream.err, 0);
+    assert_memory_equal(x.f->upstream.in, a, n);
+    assert_memory_equal(x.client.in, b, n);
+    assert_int_equal(sl_tunnel_bytes(&x.f->t, SL_TUNNEL_UP), n);
+    assert_int_equal(sl_tunnel_bytes(&x.f->t, SL_TUNNEL_DOWN), n);
+    tfx_free(&x);
+    free(a);
+    free(b);
+}
+
+/* The TLS client half-closes (close_notify) first: the upstream gets every byte and a FIN, and
+ * its answer still reaches the client. */
+static void test_tls_half_close_client_first(void **state)
+{
+    (void)state;
+    const size_t n = 300000, m = 700000;
+    struct tfx x = {.f = fx_new(MODE_COPY, 4, 16)};
+    unsigned char *a = random_bytes(n, 23), *b = random_bytes(m, 24);
+    tfx_connect(&x, m, 0);
+    tpeer_send(&x.client, a, n, true);
+    struct twant w1 = {.x = &x, .upstream_len = n, .upstream_eof = true};
+    assert_true(run_until(&x.f->loop, twanted, &w1, WAIT_MS));
+    assert_memory_equal(x.f->upstream.in, a, n);
+    assert_int_equal(x.f->done_count, 0);
+    peer_send(&x.f->upstream, b, m, true);
+    struct twant w2 = {.x = &x, .client_len = m, .client_eof = true, .done = true};
+    assert_true(run_until(&x.f->loop, twanted, &w2, WAIT_MS));
+    assert_memory_equal(x.client.in, b, m);
+    assert_int_equal(x.f->reason, SL_TUNNEL_CLOSED);
+    tfx_free(&x);
+    free(a);
+    free(b);
+}
+
+/* The upstream finishes first: the client gets its bytes and a close_notify, then still sends
+ * (TLS allows writing after the peer's close_notify) and the upstream gets it all. */
+static void test_tls_half_close_upstream_first(void **state)
+{
+    (void)state;
+    const size_t n = 700000, m = 300000;
+    struct tfx x = {.f = fx_new(MODE_COPY, 4, 16)};
+    unsigned char *a = random_bytes(n, 25), *b = random_bytes(m, 26);
+    tfx_connect(&x, n, 0);
+    peer_send(&x.f->upstream, a, n, true);
+    struct twant w1 = {.x = &x, .client_len = n, .client_eof = true};
+    assert_true(run_until(&x.f->loop, twanted, &w1, WAIT_MS));
+    assert_memory_equal(x.client.in, a, n);
+    assert_int_equal(x.f->done_count, 0);
+    tpeer_send(&x.client, b, m, true);
+    struct twant w2 = {.x = &x, .upstream_len = m, .upstream_eof = true, .done = true};
+    assert_true(run_until(&x.f->loop, twanted, &w2, WAIT_MS));
+    assert_memory_equal(x.f->upstream.in, b, m);
+    assert_int_equal(x.f->reason, SL_TUNNEL_CLOSED);
+    tfx_free(&x);
+    free(a);
+    free(b);
+}
+
+/* A TLS client that stops reading: the tunnel holds at most one block for it and stops
+ * reading from the upstream; when the client reads again everything arrives exactly. */
+static void test_tls_backpressure(void **state)
+{
+    (void)state;
+    const size_t n = 8u << 20;
+    struct tfx x = {.f = fx_new(MODE_COPY, 4, 16)};
+    unsigned char *b = random_bytes(n, 27);
+    tfx_connect(&x, n, 0);
+    sl_io_modify(&x.f->loop, &x.client.io, 0); /* the client does not read for now */
+    peer_send(&x.f->upstream, b, n, true);
+    run_until(&x.f->loop, NULL, NULL, 200);
+    assert_true(sl_tunnel_held_bytes(&x.f->t, SL_TUNNEL_DOWN) <= BLOCK_BYTES);
+    assert_true(x.f->upstream.out_off < n); /* held back in the upstream, not buffered */
+    assert_int_equal(x.client.in_len, 0);
+    sl_io_modify(&x.f->loop, &x.client.io, EPOLLIN | EPOLLOUT | EPOLLRDHUP);
+    tpeer_send(&x.client, NULL, 0, true);
+    struct twant w = {&x, n, 0, true, true, true};
+    assert_true(run_until(&x.f->loop, twanted, &w, WAIT_MS));
+    assert_memory_equal(x.client.in, b, n);
+    assert_int_equal(x.f->reason, SL_TUNNEL_CLOSED);
+    tfx_free(&x);
+    free(b);
+}
+
 #define BOTH(fn)                                                                                   \
     cmocka_unit_test_prestate(fn, (void *)&MODE_SPLICE),                                           \
         cmocka_unit_test_prestate(fn, (void *)&MODE_COPY)
@@ -741,5 +1075,12 @@ int main(void)
         cmocka_unit_test(test_start_failure),
         cmocka_unit_test(test_pool_bounds),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    const struct CMUnitTest tls_tests[] = {
+        cmocka_unit_test(test_tls_both_ways),
+        cmocka_unit_test(test_tls_half_close_client_first),
+        cmocka_unit_test(test_tls_half_close_upstream_first),
+        cmocka_unit_test(test_tls_backpressure),
+    };
+    int failed = cmocka_run_group_tests(tests, NULL, NULL);
+    return failed + cmocka_run_group_tests_name("tls", tls_tests, tls_setup, tls_teardown);
 }
