@@ -288,6 +288,17 @@ static void on_edge_timer(struct sl_timer *t)
 {
     struct sl_edge_conn *ec = t->data;
     struct sl_listener_rt *lr = listener_rt(ec->gl);
+    if (ec->state == ES_PROXY && !ec->trusted) {
+        /* An untrusted peer silent so far is an ordinary client that has not spoken yet (a
+         * browser's preconnect, a protocol where the server speaks first): its protocol's own
+         * timeouts take over. Only a stalled start of a PROXY signature is closed here. */
+        unsigned char b;
+        ssize_t n = recv(ec->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            edge_next(ec);
+            return;
+        }
+    }
     count(ec->state == ES_PROXY ? &lr->pp_timeouts : &lr->tls_timeouts);
     edge_close(ec, true);
 }

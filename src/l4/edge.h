@@ -14,8 +14,10 @@
  *
  * A connection that needs a step lives here as a small pending connection (its own timer:
  * proxy_protocol.timeout, then tls.handshake_timeout) until it is handed over with
- * sl_gw_listener_adopt, or refused and closed. Refusals are counted per listener (struct
- * sl_listener_rt), never logged per connection: under a flood the log would be the attack.
+ * sl_gw_listener_adopt, or refused and closed. An untrusted peer still silent when
+ * proxy_protocol.timeout expires goes on to its protocol (whose own timeouts then apply).
+ * Refusals are counted per listener (struct sl_listener_rt), never logged per connection:
+ * under a flood the log would be the attack.
  *
  * The per-IP count a connection holds is released through sl_edge_release with the cookie
  * the protocol got at hand-over, when the protocol closes the connection.

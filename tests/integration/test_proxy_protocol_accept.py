@@ -411,9 +411,10 @@ def test_stalled_header_closes_at_the_timeout_and_counters_add_up(gateway, backe
     assert refused(g.port, UNTRUSTED, v1() + REQ)
     assert refused(g.port, UNTRUSTED, v2() + REQ)
     assert exchange(g.port, UNTRUSTED, REQ).startswith(b"HTTP/1.1 200")
-    # timeouts: 2 (a truncated header, nothing at all)
-    for p in (b"PROXY TCP4 192.0.2.1 ", b""):
-        s = connect_from(g.port, TRUSTED)
+    # timeouts: 3 (a trusted peer's truncated header or silence; an untrusted peer's start
+    # of a signature that stalls)
+    for src, p in ((TRUSTED, b"PROXY TCP4 192.0.2.1 "), (TRUSTED, b""), (UNTRUSTED, b"PROX")):
+        s = connect_from(g.port, src)
         try:
             if p:
                 s.sendall(p)
@@ -425,7 +426,7 @@ def test_stalled_header_closes_at_the_timeout_and_counters_add_up(gateway, backe
         assert 0.2 <= took < 1.5, took
     c = counters(g)
     assert (c["proxy_untrusted"], c["proxy_malformed"], c["proxy_timeout"], c["proxy"]) == \
-        (2, 3, 2, 5), c
+        (2, 3, 3, 5), c
     assert c["ip_conns"] == c["ip_rate"] == c["denied"] == c["tls"] == 0, c
 
 
