@@ -844,6 +844,31 @@ static void test_set_source_to_workers(void **state)
     free(u);
 }
 
+/* The TLS server name: tls.sni, else the host as written, bracketed IPv6 unwrapped, the DNS
+ * discovery name for a discovered IP, and NULL when it does not fit. */
+static void test_tls_name(void **state)
+{
+    (void)state;
+    struct up *u = up_new(1);
+    struct sl_pool p = {.conf = &u->conf};
+    struct sl_endpoint ep = {.address = "api.internal:8443"};
+    char buf[64];
+    assert_string_equal(sl_pool_tls_name(&p, &ep, buf, sizeof buf), "api.internal");
+    ep.address = "[2001:db8::1]:443";
+    assert_string_equal(sl_pool_tls_name(&p, &ep, buf, sizeof buf), "2001:db8::1");
+    ep.address = "10.0.0.1:443";
+    assert_string_equal(sl_pool_tls_name(&p, &ep, buf, sizeof buf), "10.0.0.1");
+    assert_null(sl_pool_tls_name(&p, &ep, buf, 8));
+    u->conf.discovery.kind = SL_DISCOVERY_DNS;
+    u->conf.discovery.name = "svc.example";
+    assert_string_equal(sl_pool_tls_name(&p, &ep, buf, sizeof buf), "svc.example");
+    ep.address = "static.example:443"; /* a host name stays itself */
+    assert_string_equal(sl_pool_tls_name(&p, &ep, buf, sizeof buf), "static.example");
+    u->conf.tls.sni = "named.example";
+    assert_string_equal(sl_pool_tls_name(&p, &ep, buf, sizeof buf), "named.example");
+    free(u);
+}
+
 int main(void)
 {
     sl_log_set_level(SL_LOG_LVL_WARN);
@@ -867,6 +892,7 @@ int main(void)
         cmocka_unit_test(test_set_source_publishes_on_change),
         cmocka_unit_test(test_set_source_union),
         cmocka_unit_test(test_set_source_to_workers),
+        cmocka_unit_test(test_tls_name),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
