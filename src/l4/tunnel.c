@@ -12,7 +12,7 @@
 
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 
-/* Bytes one direction moves per wake-up before the rest of the loop gets its turn: a fast
+/* Bytes one direction moves per wake-up before the rest of the loop has its turn: a fast
  * pair of peers could otherwise keep one callback busy for as long as they keep sending. */
 #define TURN_BUDGET_BYTES (512u * 1024u)
 

@@ -100,7 +100,7 @@ struct sl_tunnel_pipes {
  * Sizing: each splice pair moves at most one pipe, so larger pipes cost less CPU per byte
  * (bench/l4_tunnel_bench.c: about 0.3 CPU-s/GB with 64 KiB, 0.2 with 1 MiB) but pin up to
  * pipe_bytes of kernel memory per busy direction. The kernel charges pipe capacity to the
- * user: past fs.pipe-user-pages-soft (64 MiB by default) an unprivileged process gets 8 KiB
+ * user: past fs.pipe-user-pages-soft (64 MiB by default) an unprivileged process is given 8 KiB
  * pipes, which still work but slowly; keep max_live x pipe_bytes under it or raise it.
  */
 int sl_tunnel_pipes_init(struct sl_tunnel_pipes *p, struct sl_bpool *bufs, uint32_t pipe_bytes,

@@ -597,7 +597,7 @@ static void test_pipe_reuse(void **state)
 }
 
 /* At the pool's bound a direction copies instead: one direction holds the only pipe (its
- * reader is slow), the other still gets its bytes through exactly. */
+ * reader is slow), the other still delivers its bytes exactly. */
 static void test_pipe_bound(void **state)
 {
     (void)state;
@@ -978,7 +978,7 @@ static void test_tls_both_ways(void **state)
     free(b);
 }
 
-/* The TLS client half-closes (close_notify) first: the upstream gets every byte and a FIN, and
+/* The TLS client half-closes (close_notify) first: the upstream receives every byte and a FIN, and
  * its answer still reaches the client. */
 static void test_tls_half_close_client_first(void **state)
 {
@@ -1002,8 +1002,8 @@ static void test_tls_half_close_client_first(void **state)
     free(b);
 }
 
-/* The upstream finishes first: the client gets its bytes and a close_notify, then still sends
- * (TLS allows writing after the peer's close_notify) and the upstream gets it all. */
+/* The upstream finishes first: the client receives its bytes and a close_notify, then still sends
+ * (TLS allows writing after the peer's close_notify) and the upstream receives it all. */
 static void test_tls_half_close_upstream_first(void **state)
 {
     (void)state;
