@@ -2360,6 +2360,12 @@ static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *
             error_in_item(c, root, "listeners", cfg->listener_count, i, "upstream",
                           "unknown upstream %s",
                           sl__config_quote(q, sizeof(q), l->upstream, strlen(l->upstream)));
+        else if (cfg->upstreams[u].tls.enabled)
+            error_in_item(c, root, "listeners", cfg->listener_count, i, "upstream",
+                          "upstream %s has tls:, which protocol: tcp listeners do not support "
+                          "yet (they forward to plain TCP endpoints; TLS in front is the "
+                          "listener's tls:)",
+                          sl__config_quote(q, sizeof(q), l->upstream, strlen(l->upstream)));
         else
             l->upstream_index = u;
     }

@@ -1001,10 +1001,10 @@ static void test_edge_keys(void **state)
                                     "    proxy_protocol: {accept: true, trusted: [10.0.0.0/8]}\n"
                                     "upstreams:\n"
                                     "  - name: other\n"
+                                    "    tls: {sni: gw.internal}\n"
                                     "    endpoints: [127.0.0.1:9000]\n"
                                     "  - name: gw\n"
                                     "    proxy_protocol: v2\n"
-                                    "    tls: {sni: gw.internal}\n"
                                     "    endpoints: [127.0.0.1:9001]\n");
     const struct sl_listener_conf *web = &cfg->listeners[0], *edge = &cfg->listeners[1];
     assert_int_equal(web->protocol, SL_LISTENER_HTTP);
@@ -1026,10 +1026,10 @@ static void test_edge_keys(void **state)
     assert_int_equal(edge->proxy_protocol.trusted_count, 1);
     assert_int_equal(edge->proxy_protocol.timeout_ms, 5000);
     assert_int_equal(cfg->upstreams[1].proxy_protocol, SL_PP_SEND_V2);
-    assert_true(cfg->upstreams[1].tls.enabled);
-    assert_true(cfg->upstreams[1].tls.verify);
-    assert_string_equal(cfg->upstreams[1].tls.sni, "gw.internal");
-    assert_false(cfg->upstreams[0].tls.enabled);
+    assert_true(cfg->upstreams[0].tls.enabled);
+    assert_true(cfg->upstreams[0].tls.verify);
+    assert_string_equal(cfg->upstreams[0].tls.sni, "gw.internal");
+    assert_false(cfg->upstreams[1].tls.enabled);
     sl_config_free(cfg);
 }
 
@@ -1071,6 +1071,18 @@ static void test_err_edge(void **state)
         "its upstream without routes)\n"
         "t.yaml:16:21: upstreams[0].proxy_protocol: expected one of off, v1, v2, got \"v3\"\n"
         "t.yaml:17:10: upstreams[0].tls: client_cert and client_key go together\n");
+}
+
+static void test_err_tcp_listener_tls_upstream(void **state)
+{
+    (void)state;
+    expect_errors("listeners:\n"
+                  "  - {name: edge, address: 127.0.0.1:8443, protocol: tcp, upstream: u}\n"
+                  "upstreams:\n"
+                  "  - {name: u, tls: {verify: false}, endpoints: [127.0.0.1:9000]}\n",
+                  "t.yaml:2:68: listeners[0].upstream: upstream \"u\" has tls:, which protocol: "
+                  "tcp listeners do not support yet (they forward to plain TCP endpoints; TLS in "
+                  "front is the listener's tls:)\n");
 }
 
 int main(void)
@@ -1118,6 +1130,7 @@ int main(void)
         cmocka_unit_test(test_err_nolisteners),
         cmocka_unit_test(test_edge_keys),
         cmocka_unit_test(test_err_edge),
+        cmocka_unit_test(test_err_tcp_listener_tls_upstream),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
