@@ -352,9 +352,14 @@ def measure_l4(px, args, bins, outdir, tag, sink_port):
     port = px.ports["PORT_TCP"]
     cmd = ["taskset", "-c", str(args.load_core), bins["l4_stream"], "client", "127.0.0.1",
            str(port), str(args.l4_conns)]
-    r = quiet(args)
+    # Warm-up, and the check that bytes really flow both ways through this listener.
     warm = 64 << 20
-    run_cmd(cmd + [str(warm), str(warm), "60"], 90)
+    res = parse_result(run_cmd(cmd + [str(warm), str(warm), "20"], 40),
+                       ("up", "down", "errors"))
+    if not res or res["errors"] or res["up"] != warm or res["down"] != warm:
+        raise RuntimeError("no TCP forwarding through %s (64 MiB each way: %s)%s"
+                           % (px.variant, res, plain_http_note(port)))
+    r = quiet(args)
     idle_pipes = pipes_of(px.pids())
     seen = []
     halt = threading.Event()
@@ -403,7 +408,7 @@ def measure_idle(px, args, bins, settle=2.0):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, bufsize=1)
     children[p.pid] = "tls-idle"
-    deadline = time.time() + 150
+    deadline = time.time() + 120
 
     def expect(prefix):
         while time.time() < deadline:
@@ -454,7 +459,7 @@ def tls_check(port):
     def sc(extra):
         try:
             p = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % port,
-                                "-servername", "localhost", "-brief"] + extra,
+                                "-servername", "localhost", "-alpn", "http/1.1", "-brief"] + extra,
                                input="", capture_output=True, text=True, timeout=10)
             return p.stdout + p.stderr
         except subprocess.TimeoutExpired:
@@ -494,8 +499,7 @@ def run_proxy(kind, run, args, bins, subs, out, res):
                    args.proxy_core)
         try:
             px.start()
-            if http_get_tls(px.ports["PORT_EC"]) != 200:
-                raise RuntimeError("GET over TLS through %s did not answer 200" % kind)
+            require_tls(px)
             if kind not in res["tls"]:
                 res["tls"][kind] = {c: tls_check(px.ports["PORT_" + c.upper()])
                                     for c in ("ec", "rsa")}
@@ -522,6 +526,7 @@ def run_proxy(kind, run, args, bins, subs, out, res):
                    args.proxy_core)
         try:
             px.start()
+            require_tls(px)
             record("idle", (kind, "idle"), measure_idle(px, args, bins))
         except (Deadline, KeyboardInterrupt, SystemExit):
             raise
@@ -546,6 +551,21 @@ def run_proxy(kind, run, args, bins, subs, out, res):
                 skip("l4", variant, str(e))
             finally:
                 px.stop()
+
+
+def plain_http_note(port):
+    st = http_get(port, timeout=2)
+    return ("; the listener answers plain HTTP (%s): its TLS / tcp settings are not in effect"
+            % st) if st else ""
+
+
+def require_tls(px):
+    """Raises unless both TLS listeners answer a GET over TLS with 200."""
+    for name in ("PORT_EC", "PORT_RSA"):
+        port = px.ports[name]
+        if http_get_tls(port) != 200:
+            raise RuntimeError("no 200 to a GET over TLS through %s on :%d%s"
+                               % (px.variant, port, plain_http_note(port)))
 
 
 def http_get_tls(port):
@@ -629,6 +649,22 @@ def summarize(res, args):
         return "; ".join(n)
 
     order = [p for p in PROXIES if p in args.only]
+
+    def ratio(what, part, case, key, variants=None):
+        """'sluice / better peer' for one metric (lower is better), from the medians."""
+        meds = {}
+        for v in variants or order:
+            m = med([s.get(key) for s in valid(rows(part, v, case))])
+            if m is not None:
+                meds[v] = m
+        peers = {v: m for v, m in meds.items() if v != "sluice"}
+        if "sluice" not in meds or not peers:
+            return []
+        best = min(peers, key=peers.get)
+        return ["%s: sluice %.3g / %s %.3g = **%.2f×**" % (what, meds["sluice"], best,
+                                                            peers[best],
+                                                            meds["sluice"] / peers[best])]
+
     if "https" in args.parts:
         lines += ["### HTTPS termination, keep-alive (TLS 1.3, ECDSA P-256; `wrk -t1 -c%d -d%ds`)"
                   % (args.conns, args.duration), "",
@@ -644,6 +680,8 @@ def summarize(res, args):
                 cell([s.get("cpu_pct") for s in ok], ".0f"),
                 cell([s.get("foreign_pct") for s in ok], ".0f"), len(ok), len(rs),
                 notes("https", p, rs)))
+        lines += [""] + ["- " + x for x in ratio("CPU-µs/req, sluice ÷ better peer", "https",
+                                                 "keep-alive", "cpu_us_per_req")]
         lines.append("")
     if "handshake" in args.parts:
         lines += ["### New TLS 1.3 connections (handshake + one GET + close; %d at a time, %d s)"
@@ -665,6 +703,13 @@ def summarize(res, args):
                     cell([s.get("cpu_pct") for s in ok], ".0f"),
                     cell([s.get("foreign_pct") for s in ok], ".0f"), len(ok), len(rs),
                     notes("handshake", p, rs)))
+        rs = []
+        for cert, mode in HS_CASES:
+            if cert in args.certs:
+                rs += ratio("CPU-µs/handshake %s %s, sluice ÷ better peer" % (CERT_LABEL[cert],
+                                                                               mode),
+                            "handshake", "%s-%s" % (cert, mode), "cpu_us_per_hs")
+        lines += [""] + ["- " + x for x in rs]
         lines.append("")
     if "l4" in args.parts:
         lines += ["### L4 forwarding (%d connections, %.2f GiB each direction at once)"
@@ -685,6 +730,12 @@ def summarize(res, args):
                                      cell([s.get("pipes_max") for s in ok], ".0f")),
                     cell([s.get("foreign_pct") for s in ok], ".0f"), len(ok), len(rs),
                     notes("l4", v, rs)))
+        defaults = [v for p in order for v in L4_VARIANTS[p] if v != "haproxy-splice"]
+        lines += [""] + ["- " + x for x in
+                         ratio("CPU-s/GB, sluice ÷ better peer with its defaults", "l4", "tcp",
+                               "cpu_s_per_gb", defaults) +
+                         ratio("CPU-s/GB, sluice ÷ HAProxy with splicing forced", "l4", "tcp",
+                               "cpu_s_per_gb", ["sluice", "haproxy-splice"])]
         lines.append("")
     if "idle" in args.parts:
         lines += ["### Memory per idle TLS connection (%d connections, handshake + one request "
@@ -702,10 +753,12 @@ def summarize(res, args):
                 cell([s.get("kib_per_conn") for s in ok], ".2f"),
                 cell([s.get("alive") for s in ok], ".0f"), len(ok), len(rs),
                 notes("idle", p, rs)))
+        lines += [""] + ["- " + x for x in ratio("KiB per idle TLS connection, sluice ÷ better "
+                                                 "peer", "idle", "idle", "kib_per_conn")]
         lines.append("")
     if res["tls"]:
-        lines += ["What `openssl s_client` negotiates by default (and whether `-tls1_2` is "
-                  "accepted):", ""]
+        lines += ["What `openssl s_client -alpn http/1.1` negotiates by default (and whether "
+                  "`-tls1_2` is accepted):", ""]
         for p in order:
             for c, d in sorted(res["tls"].get(p, {}).items()):
                 lines.append("- %s, %s: %s, %s, group %s, ALPN %s; TLS 1.2: %s" % (
