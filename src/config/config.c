@@ -482,6 +482,23 @@ static void listener_init(struct sl__config_ctx *c, void *elem, size_t index)
 static void error_at_key(struct sl__config_ctx *c, const struct sl_yaml_node *map, const char *key,
                          const char *msg);
 
+/* HTTP is spoken as HTTP/1.1 only: offering another protocol in ALPN would make a peer that
+ * picks it speak a language we do not. */
+static void check_http_alpn(struct sl__config_ctx *c, const struct sl_yaml_node *tls_map,
+                            char **alpn, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(alpn[i], "http/1.1") != 0) {
+            char msg[400];
+            snprintf(msg, sizeof msg,
+                     "\"%.200s\" is not spoken here: HTTP goes as http/1.1 only (h2 comes with "
+                     "HTTP/2)",
+                     alpn[i]);
+            error_at_key(c, tls_map, "alpn", msg);
+            return;
+        }
+}
+
 static void listener_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
 {
     struct sl_listener_conf *l = elem;
@@ -492,6 +509,11 @@ static void listener_check(struct sl__config_ctx *c, const struct sl_yaml_node *
     if (l->protocol == SL_LISTENER_HTTP && l->upstream)
         error_at_key(c, map, "upstream",
                      "only applies to protocol: tcp (HTTP listeners pick upstreams by route)");
+    if (l->protocol == SL_LISTENER_HTTP && l->tls.alpn_count) {
+        size_t saved = sl__config_path_push_key(c, "tls", 3);
+        check_http_alpn(c, sl__config_yaml_get(map, "tls"), l->tls.alpn, l->tls.alpn_count);
+        sl__config_path_pop(c, saved);
+    }
 }
 
 static void listener_free(void *elem)
@@ -1516,6 +1538,7 @@ static void upstream_tls_check(struct sl__config_ctx *c, const struct sl_yaml_no
     resolve_file(c, map, "client_key", &t->client_key);
     if (!t->client_cert != !t->client_key)
         sl__config_error(c, map, "client_cert and client_key go together");
+    check_http_alpn(c, map, t->alpn, t->alpn_count);
 }
 
 static const struct sl__schema_key upstream_tls_keys[] = {

@@ -1085,6 +1085,20 @@ static void test_err_tcp_listener_tls_upstream(void **state)
                   "front is the listener's tls:)\n");
 }
 
+static void test_err_alpn_not_spoken(void **state)
+{
+    (void)state;
+    expect_errors("listeners:\n"
+                  "  - {name: a, address: 127.0.0.1:8443, tls: {certificates: [{cert: /etc/passwd, "
+                  "key: /etc/passwd}], alpn: [h2]}}\n"
+                  "upstreams:\n"
+                  "  - {name: v, tls: {alpn: [http/1.1, h2]}, endpoints: [127.0.0.1:9000]}\n",
+                  "t.yaml:2:107: listeners[0].tls.alpn: \"h2\" is not spoken here: HTTP goes as "
+                  "http/1.1 only (h2 comes with HTTP/2)\n"
+                  "t.yaml:4:27: upstreams[0].tls.alpn: \"h2\" is not spoken here: HTTP goes as "
+                  "http/1.1 only (h2 comes with HTTP/2)\n");
+}
+
 int main(void)
 {
     sl_filters_register_config();
@@ -1131,6 +1145,7 @@ int main(void)
         cmocka_unit_test(test_edge_keys),
         cmocka_unit_test(test_err_edge),
         cmocka_unit_test(test_err_tcp_listener_tls_upstream),
+        cmocka_unit_test(test_err_alpn_not_spoken),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
