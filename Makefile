@@ -32,7 +32,7 @@ FUZZ_LIB_OBJS := $(LIB_SRCS:%.c=build/fuzz/obj/%.o)
 # Keep fuzz objects: make would otherwise delete them as intermediates after each link.
 .SECONDARY:
 
-.PHONY: all deps run test unit integration fuzz-build fuzz analyze clean format lint
+.PHONY: all deps run test unit integration fuzz-build fuzz analyze clean format lint bench
 
 all: $(BUILD)/sluice
 
@@ -50,6 +50,15 @@ $(BUILD)/sluice: $(BUILD)/src/main.o $(BUILD)/libsluice.a
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libsluice.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -Itests/unit -o $@ $< $(BUILD)/libsluice.a $(LIBS) -lcmocka $(LDSAN)
+
+# Measurement tools (bench/*.c with a `make bench` line in their header); never run by `make test`.
+BENCH_BINS := $(BUILD)/bench/tls_idle_mem
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libsluice.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libsluice.a $(LIBS) $(LDSAN)
+
+bench: $(BENCH_BINS)
 
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
