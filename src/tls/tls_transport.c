@@ -115,6 +115,22 @@ static int fail(struct sl_tls_transport *t, int r, int saved_errno, int op)
 }
 
 /*
+ * Called when a read of an established connection found nothing more to read: the owner now
+ * waits for the peer, maybe for a long keep-alive. SSL_MODE_RELEASE_BUFFERS frees a buffer
+ * after the I/O that emptied it, but OpenSSL sets both record buffers up again whenever its
+ * handshake state machine runs, which it does after the handshake too (TLS 1.3 session tickets
+ * on a client, a peer's KeyUpdate), and nothing frees the write buffer until the next write:
+ * 16 KiB per idle connection. SSL_free_buffers frees both only when neither holds anything (no
+ * partial or undelivered record, no unread decrypted bytes) and costs nothing when they are
+ * already gone; OpenSSL sets them up again on the next call that needs them.
+ */
+static void release_idle(struct sl_tls_transport *t)
+{
+    if (SSL_pending(t->ssl) == 0)
+        SSL_free_buffers(t->ssl);
+}
+
+/*
  * SSL_read_ex returns at most one record; reading on until the buffer is full or OpenSSL
  * wants the socket gives the owner the plain-socket meaning of a short read ("would block
  * now"), which edge-triggered owners rely on. An EOF or error met after some bytes is kept
@@ -146,6 +162,8 @@ static int tls_read(struct sl_transport *bt, void *buf, size_t cap, size_t *n)
         if (!(t->flags & F_DONE) && SSL_is_init_finished(t->ssl))
             t->flags |= F_DONE;
         int rc = fail(t, r, saved, t->flags & F_DONE ? OP_READ : OP_HANDSHAKE);
+        if (rc == -EAGAIN && t->want == EPOLLIN && (t->flags & F_DONE))
+            release_idle(t);
         if (total == 0)
             return rc;
         if (rc != -EAGAIN)

@@ -1570,6 +1570,101 @@ static void test_idle_memory(void **state)
     sl_tls_ctx_free(s);
 }
 
+/* One read at `t` that must find nothing (the owner's would-block), run under t's tag. */
+static void read_idle(struct conn *c, struct sl_tls_transport *t)
+{
+    char buf[256];
+    size_t n;
+    cur_tag = tag_of(c, t);
+    int rc = sl_transport_read(&t->base, buf, sizeof buf, &n);
+    cur_tag = TAG_OTHER;
+    assert_int_equal(rc, -EAGAIN);
+    assert_int_equal(sl_tls_want(t), EPOLLIN);
+    assert_int_equal(t->base.ops->pending(&t->base), 0);
+}
+
+/* Record buffers (16 KiB and up) each end holds beyond what it held at `base_*`. */
+static void assert_no_buffers(long base_srv, long base_cli)
+{
+    assert_int_equal(atomic_load(&live_big[TAG_SERVER]) - base_srv, 0);
+    assert_int_equal(atomic_load(&live_big[TAG_CLIENT]) - base_cli, 0);
+}
+
+/* The client sends a KeyUpdate (and asks for ours when `requested`) and the server reads it
+ * while idle. */
+static void key_update(struct conn *c, bool requested)
+{
+    cur_tag = TAG_CLIENT;
+    SSL *ssl = sl_tls_ssl(&c->cli);
+    assert_int_equal(
+        SSL_key_update(ssl, requested ? SSL_KEY_UPDATE_REQUESTED : SSL_KEY_UPDATE_NOT_REQUESTED),
+        1);
+    assert_int_equal(SSL_do_handshake(ssl), 1); /* sends it */
+    cur_tag = TAG_OTHER;
+    read_idle(c, &c->srv);
+    /* The client's own next read: it takes the server's KeyUpdate when one was asked for, and
+     * finds nothing otherwise (SSL_do_handshake set its read buffer up). */
+    read_idle(c, &c->cli);
+}
+
+/*
+ * Once a read finds nothing more to do, an established connection holds no record buffer on
+ * either end, also after what makes OpenSSL set its buffers up again without writing: TLS 1.3
+ * session tickets on the client, a KeyUpdate on the server. The connection then works as
+ * before (small and multi-record messages both ways) and its session still resumes.
+ */
+static void test_idle_release(void **state)
+{
+    (void)state;
+    struct sl_tls_server_desc d = std_server();
+    struct sl_tls_ctx *s = server_new(&d);
+    const char *versions[2] = {"1.2", NULL};
+    static char big[100000];
+    memset(big, 'b', sizeof big);
+    for (int v = 0; v < 2; v++) {
+        struct sl_tls_client_ctx *cc = client_std(versions[v], NULL, 0, NULL);
+        long base_srv = atomic_load(&live_big[TAG_SERVER]);
+        long base_cli = atomic_load(&live_big[TAG_CLIENT]);
+        struct conn c;
+        conn_open(&c, s, cc, "api.example.com", NULL);
+        handshake_ok(&c);
+        send_str(&c, &c.cli, &c.srv, "GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n");
+        send_str(&c, &c.srv, &c.cli, "HTTP/1.1 204 No Content\r\n\r\n");
+        read_idle(&c, &c.srv);
+        read_idle(&c, &c.cli); /* TLS 1.3: the tickets came before the response */
+        assert_no_buffers(base_srv, base_cli);
+
+        if (!versions[v]) {
+            key_update(&c, false);
+            assert_no_buffers(base_srv, base_cli);
+            key_update(&c, true);
+            assert_no_buffers(base_srv, base_cli);
+        }
+
+        /* Still a working connection, buffers set up again as needed. */
+        send_str(&c, &c.cli, &c.srv, "GET /again HTTP/1.1\r\nHost: api.example.com\r\n\r\n");
+        struct iovec v1 = {big, sizeof big};
+        send_iov(&c, &c.srv, &c.cli, &v1, 1, 7000);
+        send_iov(&c, &c.cli, &c.srv, &v1, 1, 5000);
+        read_idle(&c, &c.srv);
+        read_idle(&c, &c.cli);
+        assert_no_buffers(base_srv, base_cli);
+
+        cur_tag = TAG_CLIENT;
+        SSL_SESSION *sess = sl_tls_get1_session(&c.cli);
+        cur_tag = TAG_OTHER;
+        assert_non_null(sess);
+        conn_close(&c);
+        bool resumed;
+        SSL_SESSION *next = connect_once(s, cc, sess, &resumed);
+        assert_true(resumed);
+        SSL_SESSION_free(next);
+        SSL_SESSION_free(sess);
+        sl_tls_client_ctx_free(cc);
+    }
+    sl_tls_ctx_free(s);
+}
+
 int main(void)
 {
     /* Before any OpenSSL allocation, or OpenSSL refuses the hooks. */
@@ -1601,6 +1696,7 @@ int main(void)
         cmocka_unit_test(test_eof),
         cmocka_unit_test(test_not_tls),
         cmocka_unit_test(test_idle_memory),
+        cmocka_unit_test(test_idle_release),
     };
     return cmocka_run_group_tests(tests, setup_fixtures, teardown_fixtures);
 }
