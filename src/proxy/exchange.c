@@ -309,6 +309,15 @@ static void ex_direct(struct exchange *ex)
 
 /* ---- the upstream request head ---- */
 
+/* Visible ASCII and spaces only: what a header value may carry unescaped. */
+static bool is_header_value(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] >= 0x7f)
+            return false;
+    return true;
+}
+
 static bool build_upstream_head(struct exchange *ex)
 {
     struct sl_request *req = ex->req;
@@ -324,6 +333,16 @@ static bool build_upstream_head(struct exchange *ex)
         cap += strlen(r->rewrite_prefix);
     for (size_t i = 0; i < req->header_count; i++)
         cap += req->headers[i].name.len + req->headers[i].value.len + 4;
+    /* A verified client certificate's subject goes to the upstream; only TLS connections can
+     * have one. */
+    char subject[512];
+    size_t subject_len = 0;
+    if (req->secure) {
+        subject_len = sl_request_client_subject(req, subject, sizeof subject);
+        if (subject_len >= sizeof subject || !is_header_value(subject, subject_len))
+            subject_len = 0;
+        cap += subject_len + 24;
+    }
     char *p = sl_arena_alloc(&req->arena, cap);
     if (!p)
         return false;
@@ -374,8 +393,8 @@ static bool build_upstream_head(struct exchange *ex)
         struct sl_slice n = req->headers[i].name;
         if (is_hop_by_hop(n) || sl_slice_ieq_cstr(n, "Host") || sl_slice_ieq_cstr(n, "Expect") ||
             sl_slice_ieq_cstr(n, "X-Request-Id") || sl_slice_ieq_cstr(n, "X-Forwarded-Proto") ||
-            sl_slice_ieq_cstr(n, "X-Forwarded-Host"))
-            continue;
+            sl_slice_ieq_cstr(n, "X-Forwarded-Host") || sl_slice_ieq_cstr(n, "X-Client-Subject"))
+            continue; /* ours to set: a client must not claim an identity */
         if (sl_slice_ieq_cstr(n, "X-Forwarded-For")) {
             has_xff = true; /* merged into one line below, in order */
             continue;
@@ -402,6 +421,8 @@ static bool build_upstream_head(struct exchange *ex)
     if (req->host.len)
         sb_header(&b, SL_SLICE_LIT("X-Forwarded-Host"), req->host);
     sb_header(&b, SL_SLICE_LIT("X-Request-Id"), req->request_id);
+    if (subject_len)
+        sb_header(&b, SL_SLICE_LIT("X-Client-Subject"), sl_slice_make(subject, subject_len));
     sb_header_ops(&b, &r->request_headers);
     if (req->body_kind == SL_H1_BODY_LENGTH) {
         sb_str(&b, "Content-Length: ");
