@@ -181,7 +181,11 @@ def gw(module_gateway_factory, module_backend):
      "203.0.113.10"),
     (v2(fam=0x21, src="2001:db8:2::1", dst="2001:db8::1", tlvs=tlv(0x01, b"h2")),
      "2001:db8:2::1"),
-], ids=["v1-tcp4", "v1-tcp6", "v2-tcp4", "v2-tcp6", "v2-tcp4-tlvs", "v2-tcp6-tlv"])
+    (v1("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        65535, 65535), "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"),
+    (v1("::ffff:192.0.2.33", "::ffff:192.0.2.1"), "::ffff:192.0.2.33"),
+], ids=["v1-tcp4", "v1-tcp6", "v2-tcp4", "v2-tcp6", "v2-tcp4-tlvs", "v2-tcp6-tlv",
+        "v1-longest-line", "v1-tcp6-mapped"])
 def test_trusted_header_source_becomes_the_client(gw, header, client):
     # header and request in one write
     xff, _ = xff_of(exchange(gw.port, TRUSTED, header + REQ))
