@@ -21,7 +21,7 @@ import time
 import pytest
 
 from client import build_request
-from helpers import poll, proxy_config
+from helpers import poll, proxy_config, run_cli
 
 FLOODER = "127.0.0.2"
 OTHER = "127.0.0.3"
@@ -505,7 +505,6 @@ def test_max_connections_queues_across_workers_and_all_waiting_are_served(gatewa
                    "'listener p: protection: invalid per-IP limits' with no file:line:col or "
                    "key path (config.c protection_check does not check it)")
 def test_rate_and_burst_beyond_the_horizon_is_a_located_error(tmp_path):
-    from helpers import run_cli
     p = tmp_path / "s.yaml"
     p.write_text("listeners:\n  - name: p\n    address: 127.0.0.1:1\n"
                  "    protection: {new_connections_per_ip: 1/h, new_connections_burst: 100000}\n")

@@ -25,7 +25,7 @@ import time
 import pytest
 
 from client import build_request
-from helpers import poll, proxy_config, run_cli
+from helpers import proxy_config, run_cli
 
 TRUSTED = "127.0.0.2"
 UNTRUSTED = "127.0.0.3"
