@@ -525,6 +525,21 @@ def test_tls_listener_header_then_handshake(gateway, backend, cert):
     assert (c["proxy"], c["proxy_malformed"], c["tls"]) == (2, 1, 3), c
 
 
+def test_tls_listener_untrusted_client_silent_past_the_proxy_timeout_is_served(gateway,
+                                                                               backend, cert):
+    b = backend()
+    g = gateway(pp_config(pp="{accept: true, trusted: [127.0.0.2/32], timeout: 300ms}",
+                          tls=cert), B1=b.addr)
+    s = connect_from(g.port, UNTRUSTED)
+    r, _, _ = select.select([s], [], [], 0.6)  # twice the PROXY timeout, then the ClientHello
+    assert not r, "closed while silent"
+    with client_ctx().wrap_socket(s, server_hostname="localhost") as t:
+        t.sendall(REQ)
+        assert xff_of(read_response(t))[0] == UNTRUSTED
+    c = counters(g)
+    assert (c["proxy_timeout"], c["tls"]) == (0, 1), c
+
+
 # ---- configuration errors ---------------------------------------------------------------------
 
 
