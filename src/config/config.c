@@ -579,7 +579,6 @@ static const char *check_rate(const char *s, size_t len, char *buf, size_t cap)
 
 static void protection_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
 {
-    (void)c;
     struct sl_protection_conf *p = elem;
     if (!p->new_connections_per_ip)
         return;
@@ -592,6 +591,18 @@ static void protection_check(struct sl__config_ctx *c, const struct sl_yaml_node
         /* One period's worth at once: a browser opening its 6 connections, a pool warming up. */
         uint64_t per_s = 1000000 / period;
         p->new_connections_burst = per_s < 1 ? 1 : per_s > 100000 ? 100000 : (uint32_t)per_s;
+    }
+    /* The limiter keeps burst x period in 42 bits of microseconds. */
+    if ((uint64_t)p->new_connections_burst * period >= (1ull << 42)) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "%u connections at %s is a burst of over 50 days of the rate; use a smaller "
+                 "burst or a faster rate",
+                 p->new_connections_burst, p->new_connections_per_ip);
+        error_at_key(c, map,
+                     sl__config_yaml_get(map, "new_connections_burst") ? "new_connections_burst"
+                                                                       : "new_connections_per_ip",
+                     msg);
     }
 }
 

@@ -191,6 +191,21 @@ fail:;
     return e;
 }
 
+int sl_listen_probe(const struct sockaddr *addr, socklen_t len)
+{
+    int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1, rc = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (addr->sa_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (bind(fd, addr, len) < 0)
+        rc = -errno;
+    close(fd);
+    return rc;
+}
+
 /* Accepts a bounded batch per wake-up so one busy listener cannot starve a turn. */
 static void on_listen_ready(struct sl_io *io, uint32_t events)
 {

@@ -73,6 +73,13 @@ unsigned sl_cpu_count(void);
 
 /* Creates a non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT.
  * Returns the fd or -errno. */
+/*
+ * Binds and closes a socket on `addr` without SO_REUSEPORT: -EADDRINUSE when anything listens
+ * there, including another process's SO_REUSEPORT sockets, which the per-worker sockets
+ * would otherwise join silently and split the traffic with. 0 when the address is free.
+ */
+int sl_listen_probe(const struct sockaddr *addr, socklen_t len);
+
 int sl_listen_socket(const struct sockaddr *addr, socklen_t len, int backlog);
 
 /* An accepting socket registered on a worker's loop. */

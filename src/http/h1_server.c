@@ -182,6 +182,8 @@ static void conn_start(struct sl_h1_server *srv, struct sl_server_conn *c,
     }
     if (sl_io_start(srv->loop, &c->io, fd, EPOLLIN | EPOLLRDHUP | SL_IO_EDGE, on_conn_io, c) < 0) {
         sl_transport_close(&c->tr);
+        if (c->cookie && srv->on_conn_closed)
+            srv->on_conn_closed(srv->on_conn_closed_data, peer, c->cookie);
         sl_slab_put(&srv->conn_slab, c);
         return;
     }

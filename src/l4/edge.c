@@ -94,6 +94,9 @@ static void edge_close(struct sl_edge_conn *ec, bool release_ip)
     ec->state = ES_CLOSING;
     sl_timer_cancel(loop, &ec->timer);
     sl_io_stop(loop, &ec->io);
+    /* The slot first: a client that sees the close may reconnect at once. */
+    if (release_ip)
+        sl_edge_release(ec->gl, (const struct sockaddr *)&ec->client, ec->cookie);
     if (ec->fd >= 0) {
         if (ec->has_transport)
             sl_transport_close(&ec->t.plain);
@@ -101,8 +104,6 @@ static void edge_close(struct sl_edge_conn *ec, bool release_ip)
             close(ec->fd);
         ec->fd = -1;
     }
-    if (release_ip)
-        sl_edge_release(ec->gl, (const struct sockaddr *)&ec->client, ec->cookie);
     if (ec->prev)
         ec->prev->next = ec->next;
     else

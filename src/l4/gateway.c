@@ -1,6 +1,7 @@
 #include "l4/gateway.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -501,6 +502,17 @@ int sl_gateway_start(struct sl_gateway *gw)
         gw->listen_fds[i] = -1;
     /* Sockets are opened here, before any thread starts, so that a bad address fails start-up
      * with a clear message and nothing half-running. */
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        const struct sl_listener_conf *l = &cfg->listeners[i];
+        const struct sockaddr *sa = (const struct sockaddr *)&l->addr;
+        in_port_t port = sa->sa_family == AF_INET6 ? ((const struct sockaddr_in6 *)sa)->sin6_port
+                                                   : ((const struct sockaddr_in *)sa)->sin_port;
+        int rc = port ? sl_listen_probe(sa, l->addr_len) : 0;
+        if (rc < 0) {
+            SL_ERR("listener %s: cannot listen on %s: %s", l->name, l->address, strerror(-rc));
+            return rc;
+        }
+    }
     for (unsigned w = 0; w < n; w++) {
         for (size_t i = 0; i < cfg->listener_count; i++) {
             const struct sl_listener_conf *l = &cfg->listeners[i];

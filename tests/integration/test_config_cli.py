@@ -165,6 +165,17 @@ def test_check_mode_does_not_bind(tmp_path):
         s.close()
 
 
+def test_second_instance_on_the_same_port_exits_1(tmp_path, gateway):
+    """Per-worker sockets use SO_REUSEPORT; without the start-up probe a second process on
+    the same address would join the first one's port and split its traffic."""
+    first = gateway(VALID.format(port="$PORT_public"))
+    path = write(tmp_path, first.config_text)
+    r = run_cli(["-c", path], timeout=10)
+    assert r.returncode == 1, r.stderr
+    assert "cannot listen on" in r.stderr and "Address already in use" in r.stderr, r.stderr
+    assert first.alive()
+
+
 def test_version_and_help():
     v = run_cli(["--version"])
     assert v.returncode == 0, v

@@ -500,10 +500,6 @@ def test_max_connections_queues_across_workers_and_all_waiting_are_served(gatewa
 # ---- configuration ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a burst x period beyond the per-IP table's ~50-day "
-                   "horizon passes the schema and fails when the runtime is built, as "
-                   "'listener p: protection: invalid per-IP limits' with no file:line:col or "
-                   "key path (config.c protection_check does not check it)")
 def test_rate_and_burst_beyond_the_horizon_is_a_located_error(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("listeners:\n  - name: p\n    address: 127.0.0.1:1\n"
