@@ -38,33 +38,29 @@ static size_t buffer_bytes(const struct sl_config *cfg)
     return (need + 4095) & ~(size_t)4095;
 }
 
-/* Sum of the files' identities and times: any replacement or rewrite changes it. */
-static uint64_t files_signature(const char *const *files, size_t n)
+/* Mixes one file's identity and times into `sig`: any replacement or rewrite changes it. A
+ * missing file (NULL, or not there right now) adds nothing. */
+static uint64_t file_signature(uint64_t sig, const char *path)
 {
-    uint64_t sig = 0;
-    for (size_t i = 0; i < n; i++) {
-        struct stat st;
-        if (!files[i] || stat(files[i], &st) != 0)
-            continue;
-        sig = sig * 1000003u + (uint64_t)st.st_ino;
-        sig = sig * 1000003u + (uint64_t)st.st_size;
-        sig = sig * 1000003u + (uint64_t)st.st_mtim.tv_sec * 1000000000u +
-              (uint64_t)st.st_mtim.tv_nsec;
-        sig = sig * 1000003u + (uint64_t)st.st_ctim.tv_nsec;
-    }
-    return sig;
+    struct stat st;
+    if (!path || stat(path, &st) != 0)
+        return sig;
+    sig = sig * 1000003u + (uint64_t)st.st_ino;
+    sig = sig * 1000003u + (uint64_t)st.st_size;
+    sig = sig * 1000003u + (uint64_t)st.st_mtim.tv_sec * 1000000000u + (uint64_t)st.st_mtim.tv_nsec;
+    return sig * 1000003u + (uint64_t)st.st_ctim.tv_nsec;
 }
 
+/* Every certificate, key and the client CA file: a listener may list thousands of pairs, and a
+ * change to any of them must be seen. */
 static uint64_t tls_files_signature(const struct sl_listener_tls_conf *t)
 {
-    const char *files[2 * 64 + 1];
-    size_t n = 0;
-    for (size_t i = 0; i < t->certificate_count && n + 2 < sizeof files / sizeof files[0]; i++) {
-        files[n++] = t->certificates[i].cert;
-        files[n++] = t->certificates[i].key;
+    uint64_t sig = 0;
+    for (size_t i = 0; i < t->certificate_count; i++) {
+        sig = file_signature(sig, t->certificates[i].cert);
+        sig = file_signature(sig, t->certificates[i].key);
     }
-    files[n++] = t->client_ca;
-    return files_signature(files, n);
+    return file_signature(sig, t->client_ca);
 }
 
 static struct sl_tls_ctx *build_tls(const struct sl_listener_conf *l, char *err, size_t err_len)

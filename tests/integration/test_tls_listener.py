@@ -791,3 +791,25 @@ def test_testssl_finds_nothing_high_or_critical(gateway, pki, tmp_path):
         assert vid in by_id, sorted(by_id)
     assert gw.alive()
     print("testssl.sh took %.1fs; %d findings, none HIGH or CRITICAL" % (took, len(findings)))
+
+
+def test_a_change_to_any_of_many_certificates_is_picked_up(gateway, pki, tmp_path):
+    # The file watch must cover every certificate of the list, not only the first ones: 65
+    # entries of one pair, then the pair being replaced, in live/.
+    live = tmp_path / "live"
+    live.mkdir()
+    install(pki.api, str(live))
+    certs = cert_list(pki.default) * 65 + [{"cert": "live/cert.pem", "key": "live/key.pem"}]
+    gw, counted = start_tls(gateway, tls_config({"many": {"certificates": certs}}))
+    ctx = client_ctx(pki)
+
+    def served_cn():
+        with counted.connect("many", ctx, "api.example.com") as c:
+            assert c.get().status == 200
+            return c.subject_cn()
+
+    assert served_cn() == "api.example.com"
+    install(pki.api_rotated, str(live), parts=("cert",))
+    assert poll(lambda: served_cn() == "api-rotated.example.com", 5.0, interval=0.1), gw.diag()
+    c = exit_counters(gw, "many")
+    assert (c["reloads"], c["failed"]) == (1, 0), c
