@@ -67,6 +67,9 @@ class Pki:
                                           client=True)
         self.client_bad = self.make_leaf("client-bad", self.other_ca, "client-bad", None,
                                          client=True)
+        # Signed by the client CA, but for servers only (extendedKeyUsage serverAuth).
+        self.client_wrong_use = self.make_leaf("client-wrong-use", self.client_ca,
+                                               "client-wrong-use", None)
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -528,9 +531,12 @@ def test_client_certificate_required(gw, pki, listener):
         "handshake", "SSLV3_ALERT_HANDSHAKE_FAILURE")
     assert refusal(port, client_ctx(pki, cert=pki.client_bad, max_version=t12)) == (
         "handshake", "TLSV1_ALERT_UNKNOWN_CA")
-    # A server certificate from the server CA is no client certificate here.
+    # A server certificate from the server CA is no client certificate here, nor is one from
+    # the client CA that is only good for servers.
     assert refusal(port, client_ctx(pki, cert=pki.api)) == (
         "first read", "TLSV1_ALERT_UNKNOWN_CA")
+    assert refusal(port, client_ctx(pki, cert=pki.client_wrong_use)) == (
+        "first read", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE")
     for v in (t12, ssl.TLSVersion.TLSv1_3):
         assert served(port, client_ctx(pki, cert=pki.client_good, max_version=v))
 
@@ -813,3 +819,25 @@ def test_a_change_to_any_of_many_certificates_is_picked_up(gateway, pki, tmp_pat
     assert poll(lambda: served_cn() == "api-rotated.example.com", 5.0, interval=0.1), gw.diag()
     c = exit_counters(gw, "many")
     assert (c["reloads"], c["failed"]) == (1, 0), c
+
+
+def test_ticket_rotation_bounds_how_long_a_ticket_resumes(gateway, pki):
+    # ticket_rotation: 1s and a ring of three keys: a ticket resumes for at least two
+    # rotations and stops once its key left the ring (rotations happen on handshakes, so the
+    # loop keeps making them).
+    gw, counted = start_tls(gateway, tls_config(
+        {"rot": {"certificates": cert_list(pki.api), "ticket_rotation": "1s"}}))
+    ctx = client_ctx(pki, max_version=ssl.TLSVersion.TLSv1_2)
+    t0 = time.monotonic()  # before the ticket is issued: its key is at most this old
+    status, _, ticket, reused = counted.fetch("rot", ctx)
+    assert status == 200 and not reused and ticket.has_ticket
+
+    def still_resumes():
+        counted.fetch("rot", ctx)  # a full handshake: lets a due rotation happen
+        return counted.fetch("rot", ctx, session=ticket)[3]
+
+    assert poll(lambda: not still_resumes(), 8.0, interval=0.1), "ticket still resumes"
+    lived = time.monotonic() - t0
+    assert 2.0 <= lived <= 5.0, lived
+    c = exit_counters(gw, "rot")
+    assert (c["tls"], c["tls_resumed"]) == (counted.handshakes, counted.resumed), c
