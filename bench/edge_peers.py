@@ -455,23 +455,25 @@ def measure_idle(px, args, bins, settle=2.0):
 
 
 def tls_check(port):
-    """What openssl s_client negotiates by default and whether TLS 1.2 is accepted."""
+    """What openssl s_client negotiates by default (offering ALPN http/1.1) and whether TLS 1.2
+    is accepted."""
     def sc(extra):
         try:
             p = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % port,
-                                "-servername", "localhost", "-alpn", "http/1.1", "-brief"] + extra,
+                                "-servername", "localhost", "-alpn", "http/1.1"] + extra,
                                input="", capture_output=True, text=True, timeout=10)
             return p.stdout + p.stderr
         except subprocess.TimeoutExpired:
             return ""
     out = sc([])
     d = {}
-    for key, rx in (("protocol", r"Protocol version: (\S+)"), ("cipher", r"Ciphersuite: (\S+)"),
-                    ("group", r"(?:Server Temp Key|Negotiated TLS1.3 group): ([^\n]+)"),
-                    ("alpn", r"ALPN protocol: (\S+)")):
-        m = re.search(rx, out)
-        d[key] = m.group(1).strip() if m else None
-    m = re.search(r"Protocol version: (\S+)", sc(["-tls1_2"]))
+    m = re.search(r"^New, (\S+), Cipher is (\S+)", out, re.M)
+    d["protocol"], d["cipher"] = (m.group(1), m.group(2)) if m else (None, None)
+    m = re.search(r"Server Temp Key: ([^\n]+)", out)
+    d["group"] = m.group(1).strip() if m else None
+    m = re.search(r"ALPN protocol: (\S+)", out)
+    d["alpn"] = m.group(1) if m else "none"
+    m = re.search(r"^New, (\S+), Cipher is", sc(["-tls1_2"]), re.M)
     d["tls1_2"] = m.group(1) if m else "refused"
     return d
 
