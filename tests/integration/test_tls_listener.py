@@ -22,7 +22,7 @@ import time
 import pytest
 
 from client import IncompleteResponse, RawClient, build_request
-from helpers import REPO, START_TIMEOUT, poll
+from helpers import START_TIMEOUT, poll
 
 # --------------------------------------------------------------------------------------------
 # Certificates.
@@ -351,6 +351,14 @@ def refusal(port, ctx, sni="api.example.com"):
 
 def served(port, ctx, sni="api.example.com"):
     return fetch(port, ctx, sni)[0] == 200
+
+
+def served_now(port, ctx):
+    """served(), with a refusal (an alert, a reset, EOF) as False rather than an error."""
+    try:
+        return served(port, ctx)
+    except (ssl.SSLError, ConnectionError, IncompleteResponse):
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -841,3 +849,34 @@ def test_ticket_rotation_bounds_how_long_a_ticket_resumes(gateway, pki):
     assert 2.0 <= lived <= 5.0, lived
     c = exit_counters(gw, "rot")
     assert (c["tls"], c["tls_resumed"]) == (counted.handshakes, counted.resumed), c
+
+
+def test_client_ca_file_is_reloaded_too(gateway, pki, tmp_path):
+    # The watch covers client_ca: adding a CA to the file admits its clients from then on, and
+    # tickets issued under the old CA set no longer resume (their clients were verified
+    # against other CAs).
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copyfile(pki.client_ca[0], str(live / "clients.pem"))
+    gw, counted = start_tls(gateway, tls_config({"m": {
+        "certificates": cert_list(pki.api), "client_ca": "live/clients.pem"}}),
+        ready_ctx=client_ctx(pki, ca=False, cert=pki.client_good))
+    port = gw.ports["m"]
+    good = client_ctx(pki, cert=pki.client_good)
+    status, _, ticket, _ = counted.fetch("m", good)
+    assert status == 200 and ticket.has_ticket
+    assert counted.fetch("m", good, session=ticket)[3] is True
+    assert refusal(port, client_ctx(pki, cert=pki.client_bad)) == (
+        "first read", "TLSV1_ALERT_UNKNOWN_CA")
+    both = str(live / "clients.pem.new")
+    with open(both, "w") as out:
+        for ca in (pki.client_ca[0], pki.other_ca[0]):
+            with open(ca) as f:
+                out.write(f.read())
+    os.replace(both, str(live / "clients.pem"))
+    assert poll(lambda: served_now(port, client_ctx(pki, cert=pki.client_bad)), 5.0, 0.1), \
+        gw.diag()
+    status, _, _, reused = counted.fetch("m", good, session=ticket)
+    assert status == 200 and not reused
+    c = exit_counters(gw, "m")
+    assert (c["reloads"], c["failed"]) == (1, 0), c
