@@ -838,8 +838,14 @@ static void conn_process(struct sl_server_conn *c)
         c->srv->handler->on_body(&c->req->pub);
         return;
     }
-    if (c->state == CS_IDLE || c->state == CS_HEAD)
-        try_parse_head(c);
+    if (c->state == CS_IDLE || c->state == CS_HEAD) {
+        /* Bytes may wait in the socket or inside the transport (read ahead with a TLS
+         * handshake) with no edge to come: read while readiness says so. */
+        if (c->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP))
+            conn_read_head(c, c->io.ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP));
+        else
+            try_parse_head(c);
+    }
 }
 
 /* ---- the request API ---- */

@@ -449,6 +449,8 @@ static int apply_protocol(SSL_CTX *ctx, int min_version, int max_version, const 
                               SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_NO_AUTO_CHAIN);
     /* Renegotiation only buys a peer a way to make us do handshakes mid-connection. */
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
+    /* One read() takes every byte the socket has (see tls_transport.c's on_bio_read). */
+    SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_passwd_cb(ctx, on_no_password);
     return 0;
 }
@@ -546,9 +548,14 @@ static SSL_CTX *build_server_ctx(const struct conf *cf, struct sl_tls_ctx_snap *
         sl__tls_fmt_err(err, err_len, "cannot create an SSL_CTX");
         return NULL;
     }
-    if (apply_protocol(ctx, cf->min_version, 0, cf->ciphers, cf->ciphersuites, err, err_len) < 0 ||
+    if (apply_protocol(ctx, cf->min_version, 0, cf->ciphers,
+                       cf->ciphersuites ? cf->ciphersuites : SL_TLS_DEFAULT_SUITES, err,
+                       err_len) < 0 ||
         load_cert_key(ctx, cf->cert_files[i], cf->key_files[i], err, err_len) < 0)
         goto fail;
+    /* Our order decides (every suite offered is strong, the first is the cheapest), except
+     * that a client putting ChaCha20 first, as phones without AES instructions do, gets it. */
+    SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
     /* Stateless tickets only: a server-side cache would be private to one process. */
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     if (SSL_CTX_set_session_id_context(ctx, s->sid_ctx, sizeof s->sid_ctx) != 1) {

@@ -24,6 +24,7 @@ enum {
     F_SENT_CLOSE = 1u << 4,  /* our close_notify is out */
     F_WR_SHUT = 1u << 5,     /* TCP write side shut down */
     F_HELD = 1u << 6,        /* a read returned bytes with an EOF or error behind them */
+    F_DRAINED = 1u << 7,     /* the last socket read came back short: the socket is empty */
 };
 
 enum { OP_NONE = 0, OP_HANDSHAKE, OP_READ, OP_WRITE, OP_SHUTDOWN };
@@ -131,6 +132,34 @@ static void release_idle(struct sl_tls_transport *t)
 }
 
 /*
+ * OpenSSL reads ahead (the contexts set read_ahead), asking the socket for as much as its
+ * buffer holds; a read that comes back short, or would block, emptied the socket. Watching the
+ * socket BIO's reads for that lets tls_read stop as soon as OpenSSL holds nothing more, where
+ * asking OpenSSL again would cost one more read() returning EAGAIN per request. The callback's
+ * argument is set before each read, since the transport may have been moved since the last.
+ */
+static long on_bio_read(BIO *b, int oper, const char *argp, size_t len, int argi, long argl,
+                        int ret, size_t *processed)
+{
+    (void)argp;
+    (void)argi;
+    (void)argl;
+    if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
+        struct sl_tls_transport *t = (struct sl_tls_transport *)BIO_get_callback_arg(b);
+        if (t && (ret <= 0 || (processed && *processed < len)))
+            t->flags |= F_DRAINED;
+    }
+    return ret;
+}
+
+static void watch_reads(SSL *ssl)
+{
+    BIO *rb = SSL_get_rbio(ssl);
+    if (rb)
+        BIO_set_callback_ex(rb, on_bio_read);
+}
+
+/*
  * SSL_read_ex returns at most one record; reading on until the buffer is full or OpenSSL
  * wants the socket gives the owner the plain-socket meaning of a short read ("would block
  * now"), which edge-triggered owners rely on. An EOF or error met after some bytes is kept
@@ -148,6 +177,10 @@ static int tls_read(struct sl_transport *bt, void *buf, size_t cap, size_t *n)
     if (cap == 0)
         return -EINVAL; /* 0 with *n = 0 would read as EOF */
     size_t total = 0;
+    BIO *rb = SSL_get_rbio(t->ssl);
+    if (rb)
+        BIO_set_callback_arg(rb, (char *)t);
+    t->flags &= ~F_DRAINED;
     while (total < cap) {
         ERR_clear_error();
         errno = 0;
@@ -157,6 +190,13 @@ static int tls_read(struct sl_transport *bt, void *buf, size_t cap, size_t *n)
         if (r == 1) {
             note_progress(t);
             total += got;
+            if ((t->flags & F_DRAINED) && !SSL_has_pending(t->ssl)) {
+                /* Socket empty, nothing buffered: the short read says "would block". */
+                t->want = EPOLLIN;
+                if (t->flags & F_DONE)
+                    release_idle(t);
+                break;
+            }
             continue;
         }
         if (!(t->flags & F_DONE) && SSL_is_init_finished(t->ssl))
@@ -315,7 +355,10 @@ static size_t tls_pending(const struct sl_transport *bt)
     if (!t->ssl || (t->flags & F_FATAL))
         return 0;
     int p = SSL_pending(t->ssl);
-    return p > 0 ? (size_t)p : 0;
+    if (p > 0)
+        return (size_t)p;
+    /* Records read ahead but not yet decrypted raise no new edge either. */
+    return SSL_has_pending(t->ssl) ? 1 : 0;
 }
 
 static int tls_handshake_op(struct sl_transport *bt)
@@ -380,6 +423,7 @@ int sl_tls_transport_init_server(struct sl_tls_transport *t, int fd, struct sl_t
         return -ENOMEM;
     }
     SSL_set_accept_state(ssl);
+    watch_reads(ssl);
     init_common(t, fd, ssl);
     t->snap = s;
     t->flags = F_SERVER;
@@ -405,6 +449,7 @@ int sl_tls_transport_init_client(struct sl_tls_transport *t, int fd, struct sl_t
         goto oom;
     if (SSL_set_fd(ssl, fd) != 1)
         goto oom;
+    watch_reads(ssl);
     int rc = -EINVAL;
     if (server_name && *server_name) {
         bool ip = is_ip_literal(server_name);

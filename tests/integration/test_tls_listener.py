@@ -759,11 +759,11 @@ def test_sighup_reloads_and_a_broken_pair_keeps_the_current_one(gateway, pki, tm
 
 
 # --------------------------------------------------------------------------------------------
-# testssl.sh: protocols, cipher categories, forward secrecy, server defaults (certificate,
+# testssl.sh: protocols, cipher categories, forward secrecy, server cipher order, server defaults (certificate,
 # tickets) and the known vulnerabilities, against a listener with default settings. The same
 # command is in docs/operations.md. 35 to 45 s; no network: --nodns none, no --phone-out.
 
-TESTSSL_CHECKS = ["-p", "-s", "-f", "-S", "-U"]
+TESTSSL_CHECKS = ["-p", "-s", "-f", "-P", "-S", "-U"]
 
 
 def scan_cmd(port, cafile, jsonfile):
