@@ -1334,6 +1334,71 @@ static void test_writev_coalescing(void **state)
     sl_tls_ctx_free(s);
 }
 
+/*
+ * Reads take everything that is there in one call and say "would block" by coming back short:
+ * three records sent apart arrive in one read, and the short count means the next read finds
+ * nothing (-EAGAIN), without a read() between them that only learns the socket is empty.
+ */
+/* read(2)-family calls this process made so far (/proc/self/io "syscr"). */
+static long read_syscalls(void)
+{
+    FILE *f = fopen("/proc/self/io", "r");
+    char line[128];
+    long v = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "syscr:", 6) == 0)
+            v = strtol(line + 6, NULL, 10);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+static void test_short_read_means_empty(void **state)
+{
+    (void)state;
+    struct sl_tls_server_desc d = std_server();
+    struct sl_tls_ctx *s = server_new(&d);
+    struct sl_tls_client_ctx *cc = client_std(NULL, NULL, 0, NULL);
+    struct conn c;
+    conn_open(&c, s, cc, "api.example.com", NULL);
+    handshake_ok(&c);
+    send_str(&c, &c.srv, &c.cli, "settle");
+    for (int i = 0; i < 3; i++) {
+        size_t n = 0;
+        struct iovec v = {.iov_base = (void *)"0123456789", .iov_len = 10};
+        assert_int_equal(sl_transport_writev(&c.cli.base, &v, 1, &n), 0);
+        assert_int_equal(n, 10);
+    }
+    char buf[4096];
+    size_t n = 0;
+    assert_true(wait_for(&c.srv, NULL, 2000) > 0);
+    long probe = read_syscalls(); /* what reading /proc/self/io itself costs */
+    long before = read_syscalls();
+    assert_int_equal(sl_transport_read(&c.srv.base, buf, sizeof buf, &n), 0);
+    long after = read_syscalls();
+    assert_int_equal(n, 30);
+    if (probe >= 0) /* one read(): all three records, and no second one to learn "empty" */
+        assert_int_equal(after - before - (before - probe), 1);
+    assert_int_equal(sl_transport_pending(&c.srv.base), 0);
+    assert_int_equal(sl_tls_want(&c.srv), EPOLLIN);
+    assert_int_equal(sl_transport_read(&c.srv.base, buf, sizeof buf, &n), -EAGAIN);
+    /* A buffer smaller than what arrived: full reads until the last, short one. */
+    for (int i = 0; i < 3; i++) {
+        struct iovec v = {.iov_base = (void *)"abcdefghij", .iov_len = 10};
+        assert_int_equal(sl_transport_writev(&c.cli.base, &v, 1, &n), 0);
+    }
+    assert_true(wait_for(&c.srv, NULL, 2000) > 0);
+    assert_int_equal(sl_transport_read(&c.srv.base, buf, 25, &n), 0);
+    assert_int_equal(n, 25);
+    assert_true(sl_transport_pending(&c.srv.base) > 0);
+    assert_int_equal(sl_transport_read(&c.srv.base, buf + 25, 25, &n), 0);
+    assert_int_equal(n, 5);
+    assert_memory_equal(buf, "abcdefghijabcdefghijabcdefghij", 30);
+    conn_close(&c);
+    sl_tls_client_ctx_free(cc);
+    sl_tls_ctx_free(s);
+}
+
 static void test_large_partial_writes(void **state)
 {
     (void)state;
@@ -1691,6 +1756,7 @@ int main(void)
         cmocka_unit_test(test_ticket_keys_concurrent),
         cmocka_unit_test(test_client_verification),
         cmocka_unit_test(test_writev_coalescing),
+        cmocka_unit_test(test_short_read_means_empty),
         cmocka_unit_test(test_large_partial_writes),
         cmocka_unit_test(test_implicit_handshake_and_pending),
         cmocka_unit_test(test_eof),
