@@ -20,8 +20,11 @@ generators and the backends run on the load core (as bench/run.sh does). Parts:
              directions at once) over a few connections through the proxy to a sink/source
              backend. Throughput (both directions together) and proxy CPU-seconds per GB
              (10^9 bytes, both directions counted) moved. sluice `protocol: tcp`, HAProxy
-             `mode tcp` with its defaults, HAProxy again with `option splice-request` and
-             `option splice-response` forced ("haproxy-splice"), nginx `stream` defaults.
+             `mode tcp` and nginx `stream` with their defaults (16 KiB buffers, copying),
+             then labelled variants of the peers: HAProxy with `option splice-request` and
+             `option splice-response` forced ("haproxy-splice"), HAProxy with
+             `tune.bufsize 262144` ("haproxy-buf256k"), nginx with `proxy_buffer_size 256k`
+             ("nginx-buf256k").
   idle       RSS per idle TLS connection: N TLS connections (ECDSA), each completing the
              handshake and one keep-alive request, then held idle; (RSS with them - RSS
              before) / N, RSS = VmRSS summed over the proxy's processes (/proc/PID/status).
@@ -61,8 +64,14 @@ from bench import (CLK_TCK, children, cpu_stat, cpu_stat_delta, cpu_ticks, fmt, 
 
 PROXIES = ("sluice", "nginx", "haproxy")
 PARTS = ("https", "handshake", "l4", "idle")
-# L4 rows: the proxies plus HAProxy with splicing forced.
-L4_VARIANTS = {"sluice": ["sluice"], "nginx": ["nginx"], "haproxy": ["haproxy", "haproxy-splice"]}
+# L4 rows: each proxy with its defaults, then the peers' variants that change how bytes move:
+# HAProxy with splicing forced, and both peers with 256 KiB instead of 16 KiB buffers.
+L4_VARIANTS = {"sluice": ["sluice"], "nginx": ["nginx", "nginx-buf256k"],
+               "haproxy": ["haproxy", "haproxy-splice", "haproxy-buf256k"]}
+L4_LABEL = {"haproxy-splice": "haproxy (splice-request/-response forced)",
+            "haproxy-buf256k": "haproxy (tune.bufsize 256k)",
+            "nginx-buf256k": "nginx (proxy_buffer_size 256k)"}
+L4_TUNED = ("haproxy-splice", "haproxy-buf256k", "nginx-buf256k")
 HS_CASES = [("ec", "full"), ("ec", "resume"), ("rsa", "full"), ("rsa", "resume")]
 CERT_LABEL = {"ec": "ECDSA P-256", "rsa": "RSA-2048"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -723,7 +732,7 @@ def summarize(res, args):
             for v in L4_VARIANTS[p]:
                 rs = rows("l4", v, "tcp")
                 ok = valid(rs)
-                label = {"haproxy-splice": "haproxy (splice-request/-response forced)"}.get(v, v)
+                label = L4_LABEL.get(v, v)
                 lines.append("| %s | %s | %s | %s | %s | %s | %d/%d | %s |" % (
                     label, cell([s.get("mb_per_s") for s in ok], ",.0f"),
                     cell([s.get("cpu_s_per_gb") for s in ok], ".3f"),
@@ -732,12 +741,12 @@ def summarize(res, args):
                                      cell([s.get("pipes_max") for s in ok], ".0f")),
                     cell([s.get("foreign_pct") for s in ok], ".0f"), len(ok), len(rs),
                     notes("l4", v, rs)))
-        defaults = [v for p in order for v in L4_VARIANTS[p] if v != "haproxy-splice"]
+        defaults = [v for p in order for v in L4_VARIANTS[p] if v not in L4_TUNED]
         lines += [""] + ["- " + x for x in
                          ratio("CPU-s/GB, sluice ÷ better peer with its defaults", "l4", "tcp",
                                "cpu_s_per_gb", defaults) +
-                         ratio("CPU-s/GB, sluice ÷ HAProxy with splicing forced", "l4", "tcp",
-                               "cpu_s_per_gb", ["sluice", "haproxy-splice"])]
+                         ratio("CPU-s/GB, sluice ÷ best tuned peer variant", "l4", "tcp",
+                               "cpu_s_per_gb", ["sluice"] + list(L4_TUNED))]
         lines.append("")
     if "idle" in args.parts:
         lines += ["### Memory per idle TLS connection (%d connections, handshake + one request "
@@ -781,8 +790,7 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="1 run, short windows, 512 MiB for L4, 500 idle connections")
     ap.add_argument("--only", default=",".join(PROXIES),
-                    help="comma list of sluice,nginx,haproxy (haproxy includes haproxy-splice "
-                         "for L4)")
+                    help="comma list of sluice,nginx,haproxy (each includes its L4 variants)")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ",".join(PARTS))
     ap.add_argument("--certs", default="ec,rsa", help="handshake certificates: ec,rsa")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections (https)")
