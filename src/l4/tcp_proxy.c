@@ -22,9 +22,11 @@
 
 /* Pipes for spliced directions, per proxy: a pipe is held only while bytes are in flight, so
  * these bound busy directions, not connections; past max_live a direction copies through a
- * pool block instead. 64 KiB pipes (the kernel's default) keep max_live of them well under
- * the per-user pipe memory soft limit even with several workers and listeners. */
-#define PIPE_BYTES 0u
+ * pool block instead. Pipes start at the kernel's 64 KiB; a bulk flow that fills its pipe
+ * grows it to 1 MiB, which the kernel refuses past the per-user pipe memory soft limit
+ * (fs.pipe-user-pages-soft, docs/operations.md), leaving it at 64 KiB. */
+#define PIPE_BYTES 0u              /* the kernel's default, 64 KiB */
+#define PIPE_GROW_BYTES (1u << 20) /* for flows that fill theirs (tunnel.c pipe_grow) */
 #define PIPES_MAX_FREE 16u
 #define PIPES_MAX_LIVE 256u
 
@@ -451,6 +453,7 @@ struct sl_tcp_proxy *sl_tcp_proxy_new(struct sl_worker *w, const struct sl_liste
         free(p);
         return NULL;
     }
+    p->pipes.grow_bytes = PIPE_GROW_BYTES;
     sl_slab_init(&p->conns_slab, sizeof(struct tp_conn));
     sl_defer_init(&p->drained, on_drained_defer, p);
     if (uc->tls.enabled) {

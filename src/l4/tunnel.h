@@ -88,7 +88,10 @@ struct sl_tunnel_pipes {
     uint32_t free_count, max_free;
     uint32_t live, max_live;
     uint32_t pipe_bytes;              /* asked of F_SETPIPE_SZ */
+    uint32_t grow_bytes;              /* a pipe a bulk flow fills is grown to this; 0 = never.
+                                         Set after init. */
     uint64_t created, reused, denied; /* pipes made, taken from the cache, refused */
+    uint64_t grown;                   /* pipes grown to grow_bytes */
     uint64_t discarded;               /* returned with bytes inside (aborts): closed */
 };
 

@@ -596,6 +596,34 @@ static void test_pipe_reuse(void **state)
     free(b);
 }
 
+/* A bulk flow fills its pipe and gets a larger one; a small exchange keeps the default size.
+ * Bytes stay exact across the resize. */
+static void test_pipe_grows_for_bulk(void **state)
+{
+    (void)state;
+    const size_t small = 100, n = 8u << 20;
+    struct fx *f = fx_new(MODE_SPLICE, 4, 16);
+    f->pipes.grow_bytes = 1u << 20;
+    unsigned char *a = random_bytes(n, 21), *b = random_bytes(n, 22);
+    fx_connect(f, n, 0);
+    peer_send(&f->client, a, small, false);
+    struct want w1 = {.f = f, .upstream_len = small};
+    assert_true(run_until(&f->loop, wanted, &w1, WAIT_MS));
+    assert_int_equal(f->pipes.grown, 0);
+    peer_send(&f->client, a + small, n - small, true);
+    peer_send(&f->upstream, b, n, true);
+    struct want w = {f, n, n, true, true, true};
+    assert_true(run_until(&f->loop, wanted, &w, WAIT_MS));
+    assert_int_equal(f->reason, SL_TUNNEL_CLOSED);
+    assert_memory_equal(f->upstream.in, a, n);
+    assert_memory_equal(f->client.in, b, n);
+    assert_true(f->pipes.grown >= 1);
+    fx_disconnect(f);
+    fx_free(f);
+    free(a);
+    free(b);
+}
+
 /* At the pool's bound a direction copies instead: one direction holds the only pipe (its
  * reader is slow), the other still delivers its bytes exactly. */
 static void test_pipe_bound(void **state)
@@ -1070,6 +1098,7 @@ int main(void)
         BOTH(test_abort_in_flight),
         BOTH(test_bytes_before_start),
         cmocka_unit_test(test_pipe_reuse),
+        cmocka_unit_test(test_pipe_grows_for_bulk),
         cmocka_unit_test(test_pipe_bound),
         cmocka_unit_test(test_no_pipes_copies),
         cmocka_unit_test(test_start_failure),
