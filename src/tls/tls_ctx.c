@@ -563,6 +563,9 @@ static SSL_CTX *build_server_ctx(const struct conf *cf, struct sl_tls_ctx_snap *
         goto fail;
     }
     if (s->keys) {
+        /* One TLS 1.3 ticket per handshake, not OpenSSL's two: clients resume with one, and
+         * each ticket costs an encryption and a record on every full handshake. */
+        SSL_CTX_set_num_tickets(ctx, 1);
         if (sl_tls_ticket_keys_attach(ctx, s->keys) < 0) {
             sl_fmt_err(err, err_len, "out of memory");
             goto fail;
