@@ -101,6 +101,27 @@ def can_connect(port, timeout=0.2):
         return False
 
 
+
+def read_response(s, timeout=5.0):
+    """Reads one response with a Content-Length body from socket `s`; b"" when the gateway
+    closed (or reset) the connection without a byte."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", data[:end])
+                if len(data) >= end + 4 + (int(m.group(1)) if m else 0):
+                    return data
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except ConnectionResetError:
+        return data
+
 def poll(cond, timeout, interval=0.01, what="condition"):
     """Polls cond() until truthy or the deadline; returns its last value."""
     deadline = time.monotonic() + timeout

@@ -18,10 +18,9 @@ import socket
 import threading
 import time
 
-import pytest
 
 from client import build_request
-from helpers import poll, proxy_config, run_cli
+from helpers import poll, proxy_config, read_response, run_cli
 
 FLOODER = "127.0.0.2"
 OTHER = "127.0.0.3"
@@ -49,25 +48,6 @@ def connect_from(port, source, timeout=5.0):
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
-
-def read_response(s, timeout=5.0):
-    """One response with a Content-Length body; b"" when closed or reset without a byte."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    try:
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", data[:end])
-                if len(data) >= end + 4 + (int(m.group(1)) if m else 0):
-                    return data
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = s.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-    except ConnectionResetError:
-        return data
 
 
 def served(s, timeout=5.0):

@@ -25,7 +25,7 @@ import time
 import pytest
 
 from client import build_request
-from helpers import proxy_config, run_cli
+from helpers import proxy_config, read_response, run_cli
 
 TRUSTED = "127.0.0.2"
 UNTRUSTED = "127.0.0.3"
@@ -82,26 +82,6 @@ def connect_from(port, source, timeout=5.0):
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
-
-def read_response(s, timeout=5.0):
-    """Reads one response with a Content-Length body; b"" when the gateway closed (or reset)
-    the connection without a byte."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    try:
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", data[:end])
-                if len(data) >= end + 4 + (int(m.group(1)) if m else 0):
-                    return data
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = s.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-    except ConnectionResetError:
-        return data
 
 
 def xff_of(resp):
