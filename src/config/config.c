@@ -2383,9 +2383,9 @@ static void resolve_routes(struct sl__config_ctx *c, const struct sl_yaml_node *
         names_complete(root, "listeners", cfg->listener_count,
                        cfg->listeners ? (const char *const *)&cfg->listeners[0].name : NULL,
                        sizeof(struct sl_listener_conf));
-    for (size_t i = 0; upstreams_ok && i < cfg->listener_count; i++) {
+    for (size_t i = 0; upstreams_ok && cfg->listeners && i < cfg->listener_count; i++) {
         struct sl_listener_conf *l = &cfg->listeners[i];
-        if (!l->upstream)
+        if (!l->upstream || !cfg->upstreams)
             continue;
         size_t u = 0;
         while (u < cfg->upstream_count && strcmp(cfg->upstreams[u].name, l->upstream) != 0)
