@@ -379,7 +379,8 @@ def measure_l4(px, args, bins, outdir, tag, sink_port):
     t = threading.Thread(target=sample, daemon=True)
     with Window(px, args) as w:
         t.start()
-        out = run_cmd(cmd + [str(args.l4_bytes), str(args.l4_bytes), str(args.l4_timeout)],
+        down = 0 if args.l4_oneway else args.l4_bytes
+        out = run_cmd(cmd + [str(args.l4_bytes), str(down), str(args.l4_timeout)],
                       args.l4_timeout + 30, "l4-" + tag, outdir)
         halt.set()
         t.join()
@@ -395,7 +396,7 @@ def measure_l4(px, args, bins, outdir, tag, sink_port):
         if moved:
             r["mb_per_s"] = moved / 1e6 / res["seconds"]
             r["cpu_s_per_gb"] = r["cpu_s"] / (moved / 1e9)
-        if res["errors"] or res["up"] < args.l4_bytes * 0.99 or res["down"] < args.l4_bytes * 0.99:
+        if res["errors"] or res["up"] < args.l4_bytes * 0.99 or res["down"] < down * 0.99:
             problems.append("incomplete transfer (%d errors, up %d, down %d)"
                             % (res["errors"], res["up"], res["down"]))
     r["pipes_idle"], r["pipes_max"] = idle_pipes, max(seen, default=0)
@@ -723,7 +724,9 @@ def summarize(res, args):
         lines += [""] + ["- " + x for x in rs]
         lines.append("")
     if "l4" in args.parts:
-        lines += ["### L4 forwarding (%d connections, %.2f GiB each direction at once)"
+        lines += [("### L4 forwarding (%d connections, %.2f GiB client to backend only)"
+                   if getattr(args, "l4_oneway", False) else
+                   "### L4 forwarding (%d connections, %.2f GiB each direction at once)")
                   % (args.l4_conns, args.l4_bytes / 2**30), "",
                   "| proxy | MB/s (both directions) | CPU-s per GB moved | proxy CPU % | "
                   "pipes held idle → mid-transfer | foreign % | valid runs | notes |",
@@ -802,6 +805,8 @@ def main():
     ap.add_argument("--l4-conns", type=int, default=4)
     ap.add_argument("--l4-bytes", type=int, default=2 << 30, help="bytes each direction")
     ap.add_argument("--l4-timeout", type=int, default=120)
+    ap.add_argument("--l4-oneway", action="store_true",
+                    help="L4: client to backend only (no bytes back), as a one-way bulk upload")
     ap.add_argument("--idle-conns", type=int, default=2000)
     two = (os.cpu_count() or 1) >= 2
     ap.add_argument("--proxy-core", type=int, default=1 if two else 0)
