@@ -259,11 +259,15 @@ static void ex_fail(struct exchange *ex, int status, const char *name, enum sl_o
 {
     struct sl_request *req = ex->req;
     ex_release_upstream(ex, outcome, false);
-    if (sl_log_enabled(SL_LOG_LVL_INFO) && status >= 500)
-        SL_INFO("request %.*s: %d %s (route %s, upstream %s)", (int)req->request_id.len,
+    if (sl_log_enabled(SL_LOG_LVL_INFO) && status >= 500) {
+        char subject[256] = "";
+        if (req->secure)
+            sl_request_client_subject(req, subject, sizeof subject);
+        SL_INFO("request %.*s: %d %s (route %s, upstream %s%s%s)", (int)req->request_id.len,
                 req->request_id.ptr, status, name,
                 ex->route && ex->route->name ? ex->route->name : "-",
-                ex->up ? ex->up->conf->name : "-");
+                ex->up ? ex->up->conf->name : "-", subject[0] ? ", client " : "", subject);
+    }
     ex_end(ex);
     sl_request_respond_error(req, status, name);
 }
