@@ -32,7 +32,7 @@ FUZZ_LIB_OBJS := $(LIB_SRCS:%.c=build/fuzz/obj/%.o)
 # Keep fuzz objects: make would otherwise delete them as intermediates after each link.
 .SECONDARY:
 
-.PHONY: all deps run test unit integration fuzz-build fuzz analyze clean format lint bench
+.PHONY: all deps run test unit unit-bins integration fuzz-build fuzz analyze clean format lint bench
 
 all: $(BUILD)/sluice
 
@@ -59,6 +59,8 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libsluice.a
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libsluice.a $(LIBS) $(LDSAN)
 
 bench: $(BENCH_BINS)
+
+unit-bins: $(UNIT_BINS)
 
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
@@ -95,11 +97,17 @@ run: deps
 
 # The full suite: release build, unit + integration tests, then the same under ASan+UBSan,
 # then a short fuzz run.
+# Compiles in parallel (the tests themselves run one after another).
+JOBS := $(shell nproc 2>/dev/null || echo 2)
+
 test: deps
-	@$(MAKE) --no-print-directory MODE=release all unit
+	@$(MAKE) --no-print-directory -j$(JOBS) MODE=release all unit-bins
+	@$(MAKE) --no-print-directory MODE=release unit
 	@$(MAKE) --no-print-directory MODE=release integration
-	@$(MAKE) --no-print-directory MODE=asan all unit
+	@$(MAKE) --no-print-directory -j$(JOBS) MODE=asan all unit-bins
+	@$(MAKE) --no-print-directory MODE=asan unit
 	@$(MAKE) --no-print-directory MODE=asan integration
+	@$(MAKE) --no-print-directory -j$(JOBS) fuzz-build
 	@$(MAKE) --no-print-directory fuzz
 	@$(MAKE) --no-print-directory analyze
 	@scripts/lint.sh
@@ -107,7 +115,7 @@ test: deps
 # Static analysis of the library and binary; any finding fails the build.
 analyze:
 	rm -rf build/scan
-	scan-build --status-bugs -o build/scan-report $(MAKE) --no-print-directory MODE=scan all
+	scan-build --status-bugs -o build/scan-report $(MAKE) --no-print-directory -j$(JOBS) MODE=scan all
 
 format:
 	clang-format -i $$(git ls-files 'src/*.[ch]' 'tests/*.[ch]' 'bench/*.[ch]')
