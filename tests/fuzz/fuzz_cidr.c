@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 
 #include "core/cidr.h"
+#include "../unit/cidr_model.h"
 
 /*
  * CIDR text and sets. The whole input goes to the two address parsers (exact-size copy, so
@@ -26,8 +27,6 @@ static void check(int cond, const char *what)
         abort();
     }
 }
-
-static const uint8_t mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
 static void check_text_round_trip(int family, const uint8_t *a)
 {
@@ -61,45 +60,6 @@ static void check_entry(const struct sl_cidr *c)
           "entry round trip");
 }
 
-/* The documented rule the slow way: mapped addresses and entries are IPv4. */
-static void unmap(int *family, uint8_t a[16], unsigned *prefix_len)
-{
-    if (*family != AF_INET6 || memcmp(a, mapped_prefix, 12) != 0)
-        return;
-    if (prefix_len) {
-        if (*prefix_len < 96)
-            return;
-        *prefix_len -= 96;
-    }
-    *family = AF_INET;
-    memmove(a, a + 12, 4);
-    memset(a + 4, 0, 12);
-}
-
-static int naive(const struct sl_cidr *e, size_t n, int family, const uint8_t addr[16])
-{
-    uint8_t a[16];
-    memcpy(a, addr, 16);
-    unmap(&family, a, NULL);
-    for (size_t i = 0; i < n; i++) {
-        int f = e[i].family;
-        uint8_t ea[16];
-        unsigned bits = e[i].prefix_len, k;
-        memcpy(ea, e[i].addr, 16);
-        unmap(&f, ea, &bits);
-        if (f != family)
-            continue;
-        for (k = 0; k < bits; k++) {
-            unsigned m = 0x80u >> (k % 8);
-            if ((ea[k / 8] & m) != (a[k / 8] & m))
-                break;
-        }
-        if (k == bits)
-            return 1;
-    }
-    return 0;
-}
-
 static void query(const struct sl_cidr_set *s, const struct sl_cidr *e, size_t n, int family,
                   const uint8_t a[16])
 {
@@ -118,7 +78,7 @@ static void query(const struct sl_cidr_set *s, const struct sl_cidr *e, size_t n
         memcpy(full, a, 16);
     }
     int got = sl_cidr_set_contains(s, (const struct sockaddr *)&ss);
-    check(got == naive(e, n, family, full), "set agrees with a linear scan");
+    check(got == cidr_model_match(e, n, family, full), "set agrees with a linear scan");
 }
 
 #define MAX_ENTRIES 64
@@ -173,7 +133,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         query(s, e, n, AF_INET, data + off);
         query(s, e, n, AF_INET6, data + off);
         uint8_t m[16];
-        memcpy(m, mapped_prefix, 12);
+        memcpy(m, cidr_model_mapped_prefix, 12);
         memcpy(m + 12, data + off, 4);
         query(s, e, n, AF_INET6, m);
     }

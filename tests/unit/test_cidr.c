@@ -17,6 +17,7 @@
 
 #include <cmocka.h>
 
+#include "cidr_model.h"
 #include "core/cidr.h"
 
 /* ---- helpers ---- */
@@ -532,47 +533,6 @@ static uint64_t next_rand(void)
     return rng;
 }
 
-static const uint8_t mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-
-/* The documented rule, written the slow way: a mapped address or entry is its IPv4 one. */
-static void unmap(int *family, uint8_t a[16], unsigned *prefix_len)
-{
-    if (*family != AF_INET6 || memcmp(a, mapped_prefix, 12) != 0)
-        return;
-    if (prefix_len) {
-        if (*prefix_len < 96)
-            return;
-        *prefix_len -= 96;
-    }
-    *family = AF_INET;
-    memmove(a, a + 12, 4);
-    memset(a + 4, 0, 12);
-}
-
-static bool naive_match(const struct sl_cidr *e, size_t n, int family, const uint8_t addr[16])
-{
-    uint8_t a[16];
-    memcpy(a, addr, 16);
-    unmap(&family, a, NULL);
-    for (size_t i = 0; i < n; i++) {
-        int f = e[i].family;
-        uint8_t ea[16];
-        unsigned bits = e[i].prefix_len, k;
-        memcpy(ea, e[i].addr, 16);
-        unmap(&f, ea, &bits);
-        if (f != family)
-            continue;
-        for (k = 0; k < bits; k++) {
-            uint8_t m = (uint8_t)(0x80u >> (k % 8));
-            if ((ea[k / 8] & m) != (a[k / 8] & m))
-                break;
-        }
-        if (k == bits)
-            return true;
-    }
-    return false;
-}
-
 static void test_random_against_linear_scan(void **state)
 {
     (void)state;
@@ -593,7 +553,7 @@ static void test_random_against_linear_scan(void **state)
             e[i].prefix_len = (uint8_t)(next_rand() % (bits + 1));
             if (!v4 && next_rand() % 4 == 0) {
                 /* an IPv4-mapped entry */
-                memcpy(e[i].addr, mapped_prefix, 12);
+                memcpy(e[i].addr, cidr_model_mapped_prefix, 12);
                 e[i].addr[12] &= 0x83;
                 e[i].prefix_len = (uint8_t)(96 + next_rand() % 33);
             }
@@ -621,7 +581,7 @@ static void test_random_against_linear_scan(void **state)
             if (next_rand() % 4 == 0) {
                 /* an IPv4 client seen through a dual-stack socket */
                 memmove(a + 12, a, 4);
-                memcpy(a, mapped_prefix, 12);
+                memcpy(a, cidr_model_mapped_prefix, 12);
             }
             struct sockaddr_storage ss;
             memset(&ss, 0, sizeof(ss));
@@ -635,7 +595,7 @@ static void test_random_against_linear_scan(void **state)
                 in6->sin6_family = AF_INET6;
                 memcpy(&in6->sin6_addr, a, 16);
             }
-            bool want = naive_match(e, n, v4 ? AF_INET : AF_INET6, a);
+            bool want = cidr_model_match(e, n, v4 ? AF_INET : AF_INET6, a);
             if (sl_cidr_set_contains(s, (struct sockaddr *)&ss) != want)
                 fail_msg("round %d query %d: want %d", round, q, want);
         }
