@@ -75,7 +75,6 @@ struct sl_tcp_proxy {
     struct sl_tcp_proxy_hooks hooks;
     struct sl_defer drained; /* on_drained when a drain found nothing open */
     bool draining;
-    bool refuse_tls; /* the upstream wants TLS, which L4 forwarding does not speak yet */
     struct sl_tcp_proxy_stats stats;
 };
 
@@ -456,14 +455,6 @@ struct sl_tcp_proxy *sl_tcp_proxy_new(struct sl_worker *w, const struct sl_liste
     p->pipes.grow_bytes = PIPE_GROW_BYTES;
     sl_slab_init(&p->conns_slab, sizeof(struct tp_conn));
     sl_defer_init(&p->drained, on_drained_defer, p);
-    if (uc->tls.enabled) {
-        /* Sending in clear what was meant to be encrypted is worse than not forwarding. */
-        p->refuse_tls = true;
-        if (w->id == 0)
-            SL_ERR("listener %s: upstream %s has tls:, which tcp listeners do not support yet; "
-                   "its connections will be refused",
-                   lc->name, uc->name);
-    }
     return p;
 }
 
@@ -513,10 +504,6 @@ void sl_tcp_proxy_accept(struct sl_tcp_proxy *p, const struct sl_transport *tr, 
     p->conns = c;
     p->count++;
     p->stats.accepted++;
-    if (p->refuse_tls) {
-        conn_end(c);
-        return;
-    }
     sl_pool_budget_request(p->up->pool, sl_loop_now_ms(p->loop));
     try_connect(c);
 }
