@@ -190,9 +190,9 @@ static void conn_start(struct sl_h1_server *srv, struct sl_server_conn *c,
     link_conn(srv, c);
     c->state = CS_HEAD;
     sl_timer_arm(srv->loop, &c->timer, srv->limits->header_timeout_ms);
-    /* A transport that did a handshake may hold request bytes already (sent with the
-     * client's Finished) and the socket's edge is spent: look now. */
-    if (sl_transport_pending(&c->tr) || c->tr.ops->handshake) {
+    /* Bytes still in the socket are reported by the registration above; bytes a handshake
+     * read ahead into the transport raise no edge: look now. */
+    if (sl_transport_pending(&c->tr)) {
         c->io.ready |= EPOLLIN;
         sl_defer_queue(srv->loop, &c->defer);
     }
@@ -261,6 +261,27 @@ static void release_request(struct sl_server_conn *c)
 
 /* ---- closing ---- */
 
+/* The client's address and port as a sockaddr (family AF_UNSPEC, false, when unknown). */
+static bool conn_peer_sockaddr(const struct sl_server_conn *c, struct sockaddr_storage *ss)
+{
+    memset(ss, 0, sizeof *ss);
+    if (c->family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)ss;
+        in->sin_family = AF_INET;
+        in->sin_port = htons(c->peer_port);
+        memcpy(&in->sin_addr, c->peer_addr, 4);
+        return true;
+    }
+    if (c->family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons(c->peer_port);
+        memcpy(&in6->sin6_addr, c->peer_addr, 16);
+        return true;
+    }
+    return false;
+}
+
 static void conn_close(struct sl_server_conn *c)
 {
     if (c->state == CS_CLOSING)
@@ -276,16 +297,7 @@ static void conn_close(struct sl_server_conn *c)
     unlink_conn(srv, c);
     if (c->cookie && srv->on_conn_closed) {
         struct sockaddr_storage ss;
-        memset(&ss, 0, sizeof ss);
-        if (c->family == AF_INET) {
-            struct sockaddr_in *in = (struct sockaddr_in *)&ss;
-            in->sin_family = AF_INET;
-            memcpy(&in->sin_addr, c->peer_addr, 4);
-        } else if (c->family == AF_INET6) {
-            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
-            in6->sin6_family = AF_INET6;
-            memcpy(&in6->sin6_addr, c->peer_addr, 16);
-        }
+        conn_peer_sockaddr(c, &ss);
         srv->on_conn_closed(srv->on_conn_closed_data, (struct sockaddr *)&ss, c->cookie);
         c->cookie = 0;
     }
@@ -726,10 +738,10 @@ static void on_conn_io(struct sl_io *io, uint32_t events)
     struct sl_server_conn *c = io->data;
     if (c->state == CS_CLOSING || (c->flags & CF_ABORT))
         return;
-    /* The readiness a transport waited for in the opposite direction serves the operation
-     * that waited: a read that wanted EPOLLOUT is retried as a read, and the reverse. */
+    /* The readiness the transport waited for serves whichever operation waited, in either
+     * direction: a read that wanted EPOLLOUT is retried as a read, and the reverse. */
     unsigned want = c->tr.ops->want ? c->tr.ops->want(&c->tr) : 0;
-    if (want && (events & want) && want != (events & (EPOLLIN | EPOLLOUT))) {
+    if (want && (events & want)) {
         events |= EPOLLIN | EPOLLOUT;
         c->io.ready |= EPOLLIN;
     }
@@ -1258,22 +1270,8 @@ int sl_request_conn_addrs(const struct sl_request *req, struct sockaddr_storage 
     const struct sl_server_conn *c = req->conn;
     if (!c)
         return -ENOTCONN;
-    if (client) {
-        memset(client, 0, sizeof *client);
-        if (c->family == AF_INET) {
-            struct sockaddr_in *in = (struct sockaddr_in *)client;
-            in->sin_family = AF_INET;
-            in->sin_port = htons(c->peer_port);
-            memcpy(&in->sin_addr, c->peer_addr, 4);
-        } else if (c->family == AF_INET6) {
-            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)client;
-            in6->sin6_family = AF_INET6;
-            in6->sin6_port = htons(c->peer_port);
-            memcpy(&in6->sin6_addr, c->peer_addr, 16);
-        } else {
-            return -EAFNOSUPPORT;
-        }
-    }
+    if (client && !conn_peer_sockaddr(c, client))
+        return -EAFNOSUPPORT;
     if (local) {
         socklen_t len = sizeof *local;
         memset(local, 0, sizeof *local);

@@ -63,8 +63,8 @@ void sl_h1_server_accept(struct sl_h1_server *srv, int fd, const struct sockaddr
 
 /*
  * Takes a client connection whose transport is ready for data (plain TCP, or TLS after its
- * handshake). The transport's storage (`size` bytes, at most SL_H1_TRANSPORT_MAX) is moved
- * into the connection: the caller's copy is dead afterwards and must not be closed. `client`
+ * handshake). The transport's storage (`size` bytes, at most sizeof(struct sl_tls_transport)) is
+ * moved into the connection: the caller's copy is dead afterwards and must not be closed. `client`
  * is the client's address (a trusted PROXY header's source, or the TCP peer); `cookie` is
  * handed to on_conn_closed when nonzero.
  */

@@ -132,7 +132,6 @@ void sl_request_respond_error(struct sl_request *req, int status, const char *na
 
 /* ---- helpers for filters (request_util.c); all allocation is in the request arena ---- */
 
-/* First header named `name` (case-insensitive). Returns true and sets *value when found. */
 /*
  * The client's verified identity (the subject of a client certificate checked against the
  * listener's client_ca, as "CN=client,O=Example") into `buf`, NUL-terminated and truncated to
@@ -153,6 +152,7 @@ struct sockaddr_storage;
 int sl_request_conn_addrs(const struct sl_request *req, struct sockaddr_storage *client,
                           struct sockaddr_storage *local);
 
+/* First header named `name` (case-insensitive). Returns true and sets *value when found. */
 bool sl_request_header(const struct sl_request *req, const char *name, struct sl_slice *value);
 
 /* Removes every header named `name`, so it never reaches the upstream. */

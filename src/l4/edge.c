@@ -166,9 +166,12 @@ static void edge_proxy_step(struct sl_edge_conn *ec)
 {
     struct sl_listener_rt *lr = listener_rt(ec->gl);
     unsigned char buf[SL_PP_MAX_HEADER_BYTES];
-    ssize_t n = recv(ec->fd, buf, sizeof buf, MSG_PEEK);
+    ssize_t n;
+    do
+        n = recv(ec->fd, buf, sizeof buf, MSG_PEEK);
+    while (n < 0 && errno == EINTR);
     if (n < 0) {
-        if (errno == EAGAIN || errno == EINTR) {
+        if (errno == EAGAIN) {
             sl_io_clear_ready(&ec->io, EPOLLIN);
             return;
         }

@@ -26,9 +26,8 @@
 struct sl_gw_listener;
 struct sl_gw_worker;
 
-/* Cookie bits handed to the protocol with a connection. */
-#define SL_EDGE_COOKIE_IP 1u   /* the per-IP limit counted this connection */
-#define SL_EDGE_COOKIE_GATE 2u /* the connection counts in the process-wide gate */
+/* Cookie bit handed to the protocol with a connection. */
+#define SL_EDGE_COOKIE_IP 1u /* the per-IP limit counted this connection */
 
 /* Takes accepted socket `fd` from `peer` on listener `gl` (ownership passes here). */
 void sl_edge_accept(struct sl_gw_listener *gl, int fd, const struct sockaddr *peer);
