@@ -271,6 +271,10 @@ void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *
                           uint64_t cookie)
 {
     if (gl->tcp) { /* protocol: tcp */
+        /* The HTTP server counts its connections in the gate itself; the tunnel's are counted
+         * here and released in on_tcp_conn_closed. */
+        if (gl->gw->gate)
+            atomic_fetch_add_explicit(&gl->gw->gate->open, 1, memory_order_relaxed);
         sl_tcp_proxy_accept(gl->tcp, tr, size, client, dest, cookie);
         return;
     }
@@ -298,7 +302,10 @@ void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
 /* tcp listeners: a connection's end releases what the accept path counted for it. */
 static void on_tcp_conn_closed(void *data, const struct sockaddr *client, uint64_t cookie)
 {
-    sl_edge_release(data, client, cookie);
+    struct sl_gw_listener *gl = data;
+    if (gl->gw->gate)
+        atomic_fetch_sub_explicit(&gl->gw->gate->open, 1, memory_order_relaxed);
+    sl_edge_release(gl, client, cookie);
 }
 
 static void on_tcp_drained(void *data)

@@ -482,6 +482,37 @@ def test_breaker_max_connections_refuses(gateway, tcp_backend):
     c.close()
 
 
+
+def test_process_connection_cap_counts_tcp_streams(gateway, tcp_backend):
+    """Tunnels count against the process-wide max_connections like HTTP connections: at the
+    cap a new client waits in the backlog (not refused) and is served once a stream ends."""
+    be = tcp_backend(echo_handler)
+    gw = gateway("max_connections: 2\n" + l4_config([be.addr], workers=1))
+
+    def open_one():
+        c = connect(gw)
+        c.settimeout(5)
+        c.sendall(b"x")
+        if c.recv(1) == b"x":
+            return c
+        c.close()
+        return None
+
+    held = [poll(open_one, 5, interval=0.05), poll(open_one, 5, interval=0.05)]
+    assert all(held)
+    waiting = connect(gw)  # completes in the kernel's backlog
+    waiting.sendall(b"w")
+    waiting.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        waiting.recv(1)  # not accepted while two streams are open
+    held.pop().close()
+    waiting.settimeout(5)
+    assert waiting.recv(1) == b"w"  # accepted once one ended
+    waiting.close()
+    for c in held:
+        c.close()
+
+
 def test_many_concurrent_connections_byte_exact(gateway, tcp_backend):
     be = tcp_backend(echo_handler)
     gw = gateway(l4_config([be.addr]))
