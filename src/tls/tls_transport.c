@@ -1,6 +1,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -25,6 +26,7 @@ enum {
     F_WR_SHUT = 1u << 5,     /* TCP write side shut down */
     F_HELD = 1u << 6,        /* a read returned bytes with an EOF or error behind them */
     F_DRAINED = 1u << 7,     /* the last socket read came back short: the socket is empty */
+    F_SUBJECT = 1u << 8,     /* subject/subject_len hold the peer subject (or none) */
 };
 
 enum { OP_NONE = 0, OP_HANDSHAKE, OP_READ, OP_WRITE, OP_SHUTDOWN };
@@ -343,10 +345,13 @@ static void tls_close(struct sl_transport *bt)
     bt->fd = -1;
     sl_tls_ctx_snap_release(t->snap);
     t->snap = NULL;
+    free(t->subject);
+    t->subject = NULL;
+    t->subject_len = 0;
 }
 
-/* SSL_pending only: with read-ahead off (OpenSSL's default, kept) OpenSSL never holds a whole
- * undecrypted record, so decrypted bytes are the only data that arrives without an edge. */
+/* Nonzero while OpenSSL holds decrypted bytes or, reading ahead, undecrypted records, or while
+ * an EOF or error waits behind returned bytes: none of these raises a new edge. */
 static size_t tls_pending(const struct sl_transport *bt)
 {
     const struct sl_tls_transport *t = ctls_of(bt);
@@ -375,12 +380,35 @@ static unsigned tls_want_op(const struct sl_transport *bt)
     return ctls_of(bt)->want;
 }
 
+/*
+ * Formatting a subject costs a BIO and its allocations, and it cannot change on a connection:
+ * it is formatted on the first ask (after the handshake) and kept until close, so a request
+ * costs a copy. The cache is not part of the transport's observable state, hence the cast.
+ */
 static size_t tls_peer_subject_op(const struct sl_transport *bt, char *buf, size_t cap)
 {
-    const struct sl_tls_transport *t = ctls_of(bt);
-    if (!sl_tls_peer_is_verified(t))
+    struct sl_tls_transport *t = (struct sl_tls_transport *)ctls_of(bt);
+    if (cap)
+        buf[0] = 0;
+    if (!(t->flags & F_SUBJECT) && (t->flags & F_DONE)) {
+        char tmp[1024];
+        size_t n = sl_tls_peer_is_verified(t) ? sl_tls_peer_subject(t, tmp, sizeof tmp) : 0;
+        if (n >= sizeof tmp)
+            n = 0; /* longer than any header would carry: treat as none */
+        if (n && (t->subject = malloc(n + 1)) != NULL) {
+            memcpy(t->subject, tmp, n + 1);
+            t->subject_len = (uint16_t)n;
+        }
+        t->flags |= F_SUBJECT;
+    }
+    if (!t->subject_len)
         return 0;
-    return sl_tls_peer_subject(t, buf, cap);
+    if (cap) {
+        size_t c = t->subject_len < cap ? t->subject_len : cap - 1;
+        memcpy(buf, t->subject, c);
+        buf[c] = 0;
+    }
+    return t->subject_len;
 }
 
 static int tls_last_error(const struct sl_transport *bt)

@@ -23,8 +23,10 @@ struct sl_tls_transport {
     unsigned long ssl_err;        /* first OpenSSL error of the last failure (ERR_peek_error) */
     int sys_err;                  /* errno of the last SSL_ERROR_SYSCALL, or 0 */
     uint16_t flags;               /* SL__TLS_F_* in tls_transport.c */
-    uint8_t want;                 /* EPOLLIN / EPOLLOUT after the last -EAGAIN */
-    uint8_t err_op;               /* what failed: handshake, read, write, shutdown */
+    char *subject;                /* verified peer subject, formatted once (peer_subject) */
+    uint16_t subject_len;
+    uint8_t want;   /* EPOLLIN / EPOLLOUT after the last -EAGAIN */
+    uint8_t err_op; /* what failed: handshake, read, write, shutdown */
 };
 
 #endif

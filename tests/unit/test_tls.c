@@ -444,6 +444,20 @@ static void peer_subject_is(struct sl_tls_transport *t, const char *want)
     size_t n = sl_tls_peer_subject(t, subj, sizeof subj);
     assert_int_equal(n, strlen(want));
     assert_string_equal(subj, want);
+    /* The transport op (what requests use) formats once and copies after: the same text,
+     * twice, and truncated like the function when the buffer is short. */
+    if (!sl_tls_peer_is_verified(t))
+        return;
+    for (int i = 0; i < 2; i++) {
+        memset(subj, 'x', sizeof subj);
+        assert_int_equal(t->base.ops->peer_subject(&t->base, subj, sizeof subj), strlen(want));
+        assert_string_equal(subj, want);
+    }
+    assert_non_null(t->subject);
+    char small[4];
+    assert_int_equal(t->base.ops->peer_subject(&t->base, small, sizeof small), strlen(want));
+    assert_int_equal(strlen(small), 3);
+    assert_memory_equal(small, want, 3);
 }
 
 /* Full handshake, one message each way; returns the client's session (caller frees). */
