@@ -27,8 +27,9 @@ void sl__config_format_duration(uint64_t ms, char *buf, size_t cap);
 void sl__config_format_size(uint64_t bytes, char *buf, size_t cap);
 
 /*
- * A rate "N/s", "N/m" or "N/h" (N >= 1) as the period between events in microseconds, rounded
- * up. Returns 0, -EINVAL (not a rate) or -ERANGE (N above one per microsecond).
+ * A rate "N/s", "N/m" or "N/h" (N >= 1, decimal, nothing else) of `len` bytes as the emission
+ * interval in microseconds, rounded up so that no more than N pass per unit. Returns 0,
+ * -EINVAL (bad syntax or N == 0) or -ERANGE (N per unit finer than 1 µs apart).
  */
 int sl_config_parse_rate(const char *s, size_t len, uint64_t *period_us);
 

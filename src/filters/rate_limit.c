@@ -75,7 +75,7 @@ struct rl_state {
 static const char *check_rate(const char *s, size_t len, char *buf, size_t cap)
 {
     uint64_t period;
-    int rc = sl_rl_parse_rate(s, len, &period);
+    int rc = sl_config_parse_rate(s, len, &period);
     if (rc == -ERANGE)
         snprintf(buf, cap,
                  "rate \"%.*s\" is too high: at most 1000000/s, 60000000/m or 3600000000/h",
@@ -245,7 +245,7 @@ static int create(const void *vconf, const struct sl_config *cfg, void **out, ch
     struct rl_state *st = calloc(1, sizeof *st);
     if (!st)
         goto oom;
-    if (!conf->rate || sl_rl_parse_rate(conf->rate, strlen(conf->rate), &st->lim.period_us)) {
+    if (!conf->rate || sl_config_parse_rate(conf->rate, strlen(conf->rate), &st->lim.period_us)) {
         snprintf(err, err_len, "rate: missing or invalid");
         goto fail;
     }

@@ -1,6 +1,5 @@
 #include "filters/rl_table.h"
 
-#include "config/units.h"
 #include "core/sha256.h"
 
 #include <errno.h>
@@ -29,11 +28,6 @@ struct sl_rl_table {
 
 /* Claim races lost in a row before a decision gives up on recording (see the header). */
 #define CLAIM_ATTEMPTS 16
-
-int sl_rl_parse_rate(const char *s, size_t len, uint64_t *period_us)
-{
-    return sl_config_parse_rate(s, len, period_us);
-}
 
 struct sl_rl_table *sl_rl_table_new(size_t max_keys)
 {

@@ -49,13 +49,6 @@ struct sl_rl_decision {
 };
 
 /*
- * Parses a rate "N/s", "N/m" or "N/h" (N >= 1, decimal, nothing else) of `len` bytes into its
- * emission interval in µs, rounded up so that no more than N pass per unit. Returns 0,
- * -EINVAL on bad syntax or N == 0, -ERANGE when N per unit is finer than 1 µs apart.
- */
-int sl_rl_parse_rate(const char *s, size_t len, uint64_t *period_us);
-
-/*
  * Creates a table for `max_keys` live keys (1..SL_RL_MAX_KEYS): 2 x max_keys rounded up to a
  * power of two slots (at least 16), 16 bytes each. Up to about 3/4 of max_keys live keys every
  * key keeps its slot; at max_keys nearly all do (measured: 1 in 10^5 evicted); beyond, the

@@ -51,7 +51,7 @@ const char *sl_ip_limit_reason_name(enum sl_ip_limit_reason r);
 
 struct sl_ip_limit_conf {
     uint32_t max_conns;     /* open connections per key; 0: no cap (and no counting) */
-    uint64_t period_us;     /* 1 s / rate (sl_rl_parse_rate gives it); 0: no rate limit */
+    uint64_t period_us;     /* 1 s / rate (sl_config_parse_rate gives it); 0: no rate limit */
     uint32_t burst;         /* connections allowed at once above the rate */
     uint8_t v4_prefix_bits; /* 1..32; 0 means 32 */
     uint8_t v6_prefix_bits; /* 1..128; 0 means 64 */

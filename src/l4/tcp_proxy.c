@@ -286,9 +286,8 @@ static void connected(struct tp_conn *c)
     const struct sockaddr *src = (const struct sockaddr *)&c->client_addr;
     const struct sockaddr *dst =
         c->dest_addr.ss_family != AF_UNSPEC ? (const struct sockaddr *)&c->dest_addr : NULL;
-    size_t n = p->uc->proxy_protocol == SL_PP_SEND_V2
-                   ? sl_proxy_proto_write_v2(c->pp, sizeof c->pp, src, dst)
-                   : sl_proxy_proto_write_v1(c->pp, sizeof c->pp, src, dst);
+    size_t n =
+        sl_proxy_proto_write(p->uc->proxy_protocol == SL_PP_SEND_V2, c->pp, sizeof c->pp, src, dst);
     c->pp_len = (uint8_t)n;
     c->pp_off = 0;
     c->state = TP_HEADER;

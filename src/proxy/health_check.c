@@ -515,9 +515,8 @@ static void begin_attempt(struct hc_check *c)
     if (pool->conf->proxy_protocol != SL_PP_SEND_OFF) {
         /* A check speaks for no client: UNKNOWN (v1) / AF_UNSPEC (v2), "use the connection's
          * addresses". */
-        c->pp_len = (uint8_t)(pool->conf->proxy_protocol == SL_PP_SEND_V2
-                                  ? sl_proxy_proto_write_v2(c->pp, sizeof c->pp, NULL, NULL)
-                                  : sl_proxy_proto_write_v1(c->pp, sizeof c->pp, NULL, NULL));
+        c->pp_len = (uint8_t)sl_proxy_proto_write(pool->conf->proxy_protocol == SL_PP_SEND_V2,
+                                                  c->pp, sizeof c->pp, NULL, NULL);
     }
     /* Any outcome below, immediate or not, ends through end_attempt, which re-arms the timer
      * for the next start; until then it is the attempt's deadline. */

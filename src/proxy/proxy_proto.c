@@ -412,3 +412,10 @@ size_t sl_proxy_proto_write_v2(char *out, size_t cap, const struct sockaddr *src
     memcpy(out, h, n);
     return n;
 }
+
+size_t sl_proxy_proto_write(bool v2, char *out, size_t cap, const struct sockaddr *src,
+                            const struct sockaddr *dst)
+{
+    return v2 ? sl_proxy_proto_write_v2(out, cap, src, dst)
+              : sl_proxy_proto_write_v1(out, cap, src, dst);
+}

@@ -110,6 +110,10 @@ enum sl_status sl_proxy_proto_parse(const void *buf, size_t len, struct sl_pp_re
  * Return the bytes written to out (no NUL), or 0 and nothing written when cap is too small;
  * SL_PP_V1_MAX_BYTES is always enough.
  */
+/* One of the two builders: v2 when `v2`, else v1. Same arguments and result. */
+size_t sl_proxy_proto_write(bool v2, char *out, size_t cap, const struct sockaddr *src,
+                            const struct sockaddr *dst);
+
 size_t sl_proxy_proto_write_v1(char *out, size_t cap, const struct sockaddr *src,
                                const struct sockaddr *dst);
 size_t sl_proxy_proto_write_v2(char *out, size_t cap, const struct sockaddr *src,

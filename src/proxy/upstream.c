@@ -475,9 +475,8 @@ static void build_proxy_header(struct sl_upstream_conn *uc, const struct sl_upst
         dst = (const struct sockaddr *)&local;
     if (!dst)
         src = NULL; /* half an address pair is no pair: UNKNOWN / AF_UNSPEC */
-    size_t n = uc->up->conf->proxy_protocol == SL_PP_SEND_V2
-                   ? sl_proxy_proto_write_v2(uc->pp, sizeof uc->pp, src, dst)
-                   : sl_proxy_proto_write_v1(uc->pp, sizeof uc->pp, src, dst);
+    size_t n = sl_proxy_proto_write(uc->up->conf->proxy_protocol == SL_PP_SEND_V2, uc->pp,
+                                    sizeof uc->pp, src, dst);
     uc->pp_len = (uint8_t)n;
     uc->pp_off = 0;
 }

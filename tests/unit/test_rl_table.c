@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <pthread.h>
 
+#include "config/units.h"
 #include "filters/rl_table.h"
 
 #define SEC 1000000ull
@@ -27,29 +28,29 @@ static void test_parse_rate(void **state)
 {
     (void)state;
     uint64_t p = 0;
-    assert_int_equal(sl_rl_parse_rate("100/s", 5, &p), 0);
+    assert_int_equal(sl_config_parse_rate("100/s", 5, &p), 0);
     assert_int_equal(p, 10000);
-    assert_int_equal(sl_rl_parse_rate("5/m", 3, &p), 0);
+    assert_int_equal(sl_config_parse_rate("5/m", 3, &p), 0);
     assert_int_equal(p, 12 * SEC);
-    assert_int_equal(sl_rl_parse_rate("1/h", 3, &p), 0);
+    assert_int_equal(sl_config_parse_rate("1/h", 3, &p), 0);
     assert_int_equal(p, 3600 * SEC);
-    assert_int_equal(sl_rl_parse_rate("1000000/s", 9, &p), 0);
+    assert_int_equal(sl_config_parse_rate("1000000/s", 9, &p), 0);
     assert_int_equal(p, 1);
     /* rounded up, so never more than N per unit */
-    assert_int_equal(sl_rl_parse_rate("3/s", 3, &p), 0);
+    assert_int_equal(sl_config_parse_rate("3/s", 3, &p), 0);
     assert_int_equal(p, 333334);
 
     static const char *const bad[] = {"0/s",   "10/x", "abc",  "",     "/s",    "10",   "10/",
                                       "10/ss", "-1/s", " 1/s", "1/s ", "1.5/s", "10/S", "1e3/s"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         p = 42;
-        assert_int_equal(sl_rl_parse_rate(bad[i], strlen(bad[i]), &p), -EINVAL);
+        assert_int_equal(sl_config_parse_rate(bad[i], strlen(bad[i]), &p), -EINVAL);
         assert_int_equal(p, 42);
     }
-    assert_int_equal(sl_rl_parse_rate("1000001/s", 9, &p), -ERANGE);
-    assert_int_equal(sl_rl_parse_rate("99999999999999999999999/s", 25, &p), -ERANGE);
+    assert_int_equal(sl_config_parse_rate("1000001/s", 9, &p), -ERANGE);
+    assert_int_equal(sl_config_parse_rate("99999999999999999999999/s", 25, &p), -ERANGE);
     /* the length bounds the parse, not a NUL */
-    assert_int_equal(sl_rl_parse_rate("7/sXYZ", 3, &p), 0);
+    assert_int_equal(sl_config_parse_rate("7/sXYZ", 3, &p), 0);
     assert_int_equal(p, 142858);
 }
 
@@ -134,7 +135,7 @@ static void test_window_count(void **state)
     (void)state;
     struct sl_rl_table *t = sl_rl_table_new(16);
     uint64_t period;
-    assert_int_equal(sl_rl_parse_rate("100/s", 5, &period), 0);
+    assert_int_equal(sl_config_parse_rate("100/s", 5, &period), 0);
     const struct sl_rl_limit lim = {.period_us = period, .burst = 7};
     unsigned allowed = 0;
     for (uint64_t now = T0; now <= T0 + 3 * SEC; now += 125)
