@@ -401,8 +401,8 @@ static size_t tls_peer_subject_op(const struct sl_transport *bt, char *buf, size
         }
         t->flags |= F_SUBJECT;
     }
-    if (!t->subject_len)
-        return 0;
+    if (!t->subject)
+        return 0; /* none, or no memory for it */
     if (cap) {
         size_t c = t->subject_len < cap ? t->subject_len : cap - 1;
         memcpy(buf, t->subject, c);
