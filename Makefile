@@ -7,7 +7,7 @@ BUILD     := build/$(MODE)
 WARN      := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes \
              -Wmissing-prototypes -Wvla -Wnull-dereference
 BASE_CFLAGS := -std=c17 -D_GNU_SOURCE -Isrc -pthread $(WARN) -MMD -MP
-LIBS      := -lyaml -lssl -lcrypto -ljansson -lhiredis -lcares -lpthread -lm
+LIBS      := -lyaml -lssl -lcrypto -ljansson -lhiredis -lcares -lzstd -lpthread -lm
 
 ifeq ($(MODE),scan)
   OPT := -O0 -g

@@ -4,7 +4,7 @@ set -e
 PKGS="build-essential clang libclang-rt-14-dev pkg-config libyaml-dev libcmocka-dev \
 python3 python3-pytest curl clang-format clang-tools libssl-dev libjansson-dev libhiredis-dev \
 redis-server python3-jwt python3-cryptography openssl libc-ares-dev dnsmasq-base \
-testssl.sh"
+testssl.sh libzstd-dev zstd jq chromium"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

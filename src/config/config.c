@@ -2150,6 +2150,259 @@ static const struct sl__schema_section resolver_section = {
     .key_count = sizeof(resolver_keys) / sizeof(resolver_keys[0]),
 };
 
+/* ---- operations: admin, access log, drain, reload, cost ---- */
+
+static const char *check_http_url(const char *s, size_t len, char *buf, size_t cap)
+{
+    (void)buf;
+    (void)cap;
+    if ((len > 7 && strncmp(s, "http://", 7) == 0) || (len > 8 && strncmp(s, "https://", 8) == 0))
+        return NULL;
+    return "must be an http:// or https:// URL";
+}
+
+static bool addr_is_loopback(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
+    if (ss->ss_family == AF_INET6)
+        return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)ss)->sin6_addr);
+    return false;
+}
+
+static void set_admin_address(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                              const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    struct sl_admin_conf *a = base;
+    parse_address(c, n, &a->address, &a->addr, &a->addr_len);
+    a->loopback = addr_is_loopback(&a->addr);
+}
+
+static void admin_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_admin_conf *a = elem;
+    resolve_file(c, map, "token_file", &a->token_file);
+    if (a->address && !a->loopback && !a->token_file)
+        error_at_key(c, map, "address",
+                     "an admin listener off loopback needs token_file (a bearer token)");
+}
+
+static void admin_free(void *elem)
+{
+    struct sl_admin_conf *a = elem;
+    free(a->address);
+    a->address = NULL;
+}
+
+static const struct sl__schema_key admin_keys[] = {
+    {.name = "address", .type = SL__T_CUSTOM, .set = set_admin_address, .flags = SL__KEY_REQUIRED},
+    {.name = "token_file",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_admin_conf, token_file),
+     .flags = SL__KEY_NONEMPTY},
+};
+
+static const struct sl__schema_section admin_section = {
+    .keys = admin_keys,
+    .key_count = sizeof(admin_keys) / sizeof(admin_keys[0]),
+    .check = admin_check,
+    .free = admin_free,
+};
+
+static const char *const ship_method_names[] = {"PUT", "POST", NULL};
+
+static const struct sl__schema_key ship_keys[] = {
+    {.name = "url",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_access_log_conf, ship_url),
+     .check = check_http_url,
+     .flags = SL__KEY_REQUIRED},
+    {.name = "method",
+     .type = SL__T_ENUM,
+     SL__FIELD(struct sl_access_log_conf, ship_method),
+     .enum_names = ship_method_names,
+     .def = SL_SHIP_PUT},
+    {.name = "timeout",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_access_log_conf, ship_timeout_ms),
+     .min = 10,
+     .max = 10 * MIN,
+     .def = 5 * SEC},
+    {.name = "backoff_max",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_access_log_conf, ship_backoff_max_ms),
+     .min = 10,
+     .max = HOUR,
+     .def = MIN},
+};
+
+static const struct sl__schema_section ship_section = {
+    .keys = ship_keys,
+    .key_count = sizeof(ship_keys) / sizeof(ship_keys[0]),
+};
+
+static const struct sl__schema_key segment_keys[] = {
+    {.name = "max_bytes",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_access_log_conf, segment_max_bytes),
+     .min = 4096,
+     .max = 1ull << 40,
+     .def = 64ull << 20},
+    {.name = "max_age",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_access_log_conf, segment_max_age_ms),
+     .min = 100,
+     .max = 24 * HOUR,
+     .def = MIN},
+};
+
+static const struct sl__schema_section segment_section = {
+    .keys = segment_keys,
+    .key_count = sizeof(segment_keys) / sizeof(segment_keys[0]),
+};
+
+static void access_log_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
+{
+    struct sl_access_log_conf *a = elem;
+    if (a->directory && a->directory[0] != '/' && c->file_dir) {
+        size_t dl = strlen(c->file_dir), pl = strlen(a->directory);
+        char *full = malloc(dl + pl + 2);
+        if (!full) {
+            sl__config_error(c, map, "out of memory");
+            return;
+        }
+        memcpy(full, c->file_dir, dl);
+        full[dl] = '/';
+        memcpy(full + dl + 1, a->directory, pl + 1);
+        free(a->directory);
+        a->directory = full;
+    }
+}
+
+static const struct sl__schema_key access_log_keys[] = {
+    {.name = "directory",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_access_log_conf, directory),
+     .flags = SL__KEY_REQUIRED | SL__KEY_NONEMPTY},
+    {.name = "buffer",
+     .type = SL__T_SIZE,
+     SL__FIELD(struct sl_access_log_conf, buffer_bytes),
+     .min = 64 * 1024,
+     .max = 1ull << 32,
+     .def = 8ull << 20},
+    {.name = "segment", .type = SL__T_SECTION, .offset = 0, .section = &segment_section},
+    {.name = "flush_interval",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_access_log_conf, flush_interval_ms),
+     .min = 10,
+     .max = 10 * SEC,
+     .def = 200},
+    {.name = "ship",
+     .type = SL__T_SECTION,
+     .offset = 0,
+     .section = &ship_section,
+     .flags = SL__KEY_LAZY},
+    {.name = "headers",
+     .type = SL__T_STRLIST,
+     SL__FIELD(struct sl_access_log_conf, headers),
+     .count_offset = offsetof(struct sl_access_log_conf, header_count),
+     .check = check_token},
+    {.name = "redact_headers",
+     .type = SL__T_STRLIST,
+     SL__FIELD(struct sl_access_log_conf, redact_headers),
+     .count_offset = offsetof(struct sl_access_log_conf, redact_header_count),
+     .check = check_token},
+};
+
+static const struct sl__schema_section access_log_section = {
+    .keys = access_log_keys,
+    .key_count = sizeof(access_log_keys) / sizeof(access_log_keys[0]),
+    .check = access_log_check,
+};
+
+static const struct sl__schema_key drain_keys[] = {
+    {.name = "grace",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_drain_conf, grace_ms),
+     .min = 0,
+     .max = HOUR,
+     .def = 0},
+    {.name = "notice_url",
+     .type = SL__T_STRING,
+     SL__FIELD(struct sl_drain_conf, notice_url),
+     .check = check_http_url},
+    {.name = "notice_interval",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_drain_conf, notice_interval_ms),
+     .min = 100,
+     .max = HOUR,
+     .def = 5 * SEC},
+};
+
+static const struct sl__schema_section drain_section = {
+    .keys = drain_keys,
+    .key_count = sizeof(drain_keys) / sizeof(drain_keys[0]),
+};
+
+static const struct sl__schema_key reload_keys[] = {
+    {.name = "rollback_on_5xx_ratio",
+     .type = SL__T_CUSTOM,
+     SL__FIELD(struct sl_reload_conf, rollback_permille),
+     .set = set_permille},
+    {.name = "window",
+     .type = SL__T_DURATION,
+     SL__FIELD(struct sl_reload_conf, window_ms),
+     .min = 100,
+     .max = HOUR,
+     .def = 30 * SEC},
+    {.name = "min_requests",
+     .type = SL__T_UINT,
+     SL__FIELD(struct sl_reload_conf, min_requests),
+     .min = 1,
+     .max = 100000000,
+     .def = 20},
+};
+
+static const struct sl__schema_section reload_section = {
+    .keys = reload_keys,
+    .key_count = sizeof(reload_keys) / sizeof(reload_keys[0]),
+};
+
+static void set_vcpu_price(struct sl__config_ctx *c, const struct sl__schema_key *k,
+                           const struct sl_yaml_node *n, void *base)
+{
+    (void)k;
+    const char *s = sl__config_scalar(c, n, "a price in USD (like 0.0181)");
+    if (!s)
+        return;
+    char tmp[64], q[160];
+    double v = -1;
+    if (n->len < sizeof tmp) {
+        memcpy(tmp, s, n->len);
+        tmp[n->len] = '\0';
+        char *end = NULL;
+        v = strtod(tmp, &end);
+        if (!end || *end || end == tmp)
+            v = -1;
+    }
+    if (!(v >= 0 && v <= 1000)) {
+        sl__config_error(c, n, "expected a price per vCPU-hour in USD from 0 to 1000, got %s",
+                         sl__config_q(q, sizeof(q), n));
+        return;
+    }
+    ((struct sl_config *)base)->vcpu_hour_usd = v;
+}
+
+static const struct sl__schema_key cost_keys[] = {
+    {.name = "vcpu_hour_usd", .type = SL__T_CUSTOM, .set = set_vcpu_price},
+};
+
+static const struct sl__schema_section cost_section = {
+    .keys = cost_keys,
+    .key_count = sizeof(cost_keys) / sizeof(cost_keys[0]),
+};
+
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
 
 /* Order matters: `limits` is read before `listeners` (they inherit it), and the route checks
@@ -2209,6 +2462,25 @@ static const struct sl__schema_key top_keys[] = {
      .set = set_filters},
     {.name = "zone", .type = SL__T_STRING, SL__FIELD(struct sl_config, zone), .check = check_name},
     {.name = "resolver", .type = SL__T_SECTION, .offset = 0, .section = &resolver_section},
+    {.name = "admin",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_config, admin),
+     .section = &admin_section,
+     .flags = SL__KEY_LAZY},
+    {.name = "access_log",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_config, access_log),
+     .section = &access_log_section,
+     .flags = SL__KEY_LAZY},
+    {.name = "drain",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_config, drain),
+     .section = &drain_section},
+    {.name = "reload",
+     .type = SL__T_SECTION,
+     SL__FIELD(struct sl_config, reload),
+     .section = &reload_section},
+    {.name = "cost", .type = SL__T_SECTION, .offset = 0, .section = &cost_section},
     {.name = "routes",
      .type = SL__T_LIST,
      SL__FIELD(struct sl_config, routes),

@@ -325,7 +325,8 @@ struct sl_consumer_conf {
 
 struct sl_route_conf {
     char *name;
-    size_t index; /* position in the file; the final tie-breaker */
+    size_t metrics_slot; /* set by the metrics module before the config goes live */
+    size_t index;        /* position in the file; the final tie-breaker */
     struct sl_route_match_conf match;
     char **listeners; /* listener names this route serves; NULL/0 = all */
     size_t listener_count;
@@ -343,6 +344,48 @@ struct sl_route_conf {
     bool has_retries; /* the route has its own `retries:` (else the upstream's apply) */
     struct sl_retry_conf retries;
     int line, col;
+};
+
+/* `admin:`: the operations listener (status, metrics, runtime changes). */
+struct sl_admin_conf {
+    char *address; /* NULL = no admin listener */
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    bool loopback;    /* the address is 127.0.0.0/8 or ::1 */
+    char *token_file; /* bearer token (first line); required when not on loopback */
+};
+
+enum sl_ship_method { SL_SHIP_PUT = 0, SL_SHIP_POST };
+
+/* `access_log:`: per-request records, batched into zstd segments. Off when directory is NULL. */
+struct sl_access_log_conf {
+    char *directory;              /* segments are written here (created when missing) */
+    uint64_t buffer_bytes;        /* per-worker ring, default 8MiB */
+    uint64_t segment_max_bytes;   /* close a segment past this many compressed bytes, 64MiB */
+    uint64_t segment_max_age_ms;  /* ... or this long after it opened, default 60s */
+    uint64_t flush_interval_ms;   /* how often the log thread drains the rings, default 200ms */
+    char *ship_url;               /* http(s) collector; NULL = segments stay in the directory */
+    int ship_method;              /* enum sl_ship_method, default PUT (to url/<segment name>) */
+    uint64_t ship_timeout_ms;     /* per attempt, default 5s */
+    uint64_t ship_backoff_max_ms; /* retry backoff cap, default 60s */
+    char **headers;               /* request headers recorded as they came (minus redacted) */
+    size_t header_count;
+    char **redact_headers; /* never recorded, whatever `headers` says; default below */
+    size_t redact_header_count;
+};
+
+/* `drain:`: leaving gracefully (SIGTERM, POST /drain, a spot-interruption notice). */
+struct sl_drain_conf {
+    uint64_t grace_ms;           /* keep serving after /ready turned 503; default 0 */
+    char *notice_url;            /* polled; a 200 answer starts the drain; NULL = off */
+    uint64_t notice_interval_ms; /* default 5s */
+};
+
+/* `reload:`: safe-reload. */
+struct sl_reload_conf {
+    uint32_t rollback_permille; /* `rollback_on_5xx_ratio` in 1/1000; 0 = never roll back */
+    uint64_t window_ms;         /* watched after a reload, default 30s */
+    uint32_t min_requests;      /* responses needed in the window before judging, default 20 */
 };
 
 struct sl_config {
@@ -367,6 +410,11 @@ struct sl_config {
     char **dns_servers; /* `resolver.servers`: ip[:port] list; empty = /etc/resolv.conf */
     size_t dns_server_count;
     uint64_t dns_timeout_ms; /* `resolver.timeout`, default 2s */
+    struct sl_admin_conf admin;
+    struct sl_access_log_conf access_log;
+    struct sl_drain_conf drain;
+    struct sl_reload_conf reload;
+    double vcpu_hour_usd; /* `cost.vcpu_hour_usd`: price of one vCPU for an hour; 0 = unknown */
 };
 
 /* One error found while loading: "file:line:col: key.path: message". */

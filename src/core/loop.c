@@ -27,6 +27,60 @@ static void loop_read_clock(struct sl_loop *loop)
     loop->now_ms = loop->now_us / 1000u;
 }
 
+const uint64_t sl_loop_lag_bounds_us[SL_LOOP_LAG_BUCKETS] = {
+    50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000};
+
+uint64_t sl_clock_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Single-writer counter bump: no locked instruction on the loop's thread. */
+static inline void stat_add(_Atomic uint64_t *c, uint64_t v)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v,
+                          memory_order_relaxed);
+}
+
+void sl_loop_charge(struct sl_loop *loop, uint64_t *acc)
+{
+    uint64_t now = sl_clock_now_ns();
+    if (loop->charge)
+        *loop->charge += now - loop->charge_since_ns;
+    loop->charge = acc;
+    loop->charge_since_ns = now;
+}
+
+/* After each callback: the time since its last charge call goes to its account. */
+static inline void charge_settle(struct sl_loop *loop)
+{
+    if (loop->charge) {
+        *loop->charge += sl_clock_now_ns() - loop->charge_since_ns;
+        loop->charge = NULL;
+    }
+}
+
+uint64_t sl_loop_take_max_lag(struct sl_loop *loop)
+{
+    return atomic_exchange_explicit(&loop->stats.lag_max_us, 0, memory_order_relaxed);
+}
+
+static void record_lag(struct sl_loop *loop, uint64_t lag_us)
+{
+    struct sl_loop_stats *st = &loop->stats;
+    size_t b = 0;
+    while (b < SL_LOOP_LAG_BUCKETS && lag_us > sl_loop_lag_bounds_us[b])
+        b++;
+    stat_add(&st->lag_buckets[b], 1);
+    stat_add(&st->lag_sum_us, lag_us);
+    stat_add(&st->lag_count, 1);
+    /* The reader resets the max with an exchange; a lost update here only loses a sample. */
+    if (lag_us > atomic_load_explicit(&st->lag_max_us, memory_order_relaxed))
+        atomic_store_explicit(&st->lag_max_us, lag_us, memory_order_relaxed);
+}
+
 static void on_wake_io(struct sl_io *io, uint32_t events)
 {
     (void)events;
@@ -47,6 +101,7 @@ static void on_wake_io(struct sl_io *io, uint32_t events)
         rev->next = NULL;
         atomic_store(&rev->queued, 0);
         rev->cb(rev);
+        charge_settle(loop);
         rev = next;
     }
     if (loop->on_wake)
@@ -267,6 +322,7 @@ void sl_loop_run_timers(struct sl_loop *loop, uint64_t now_ms)
         struct sl_timer *t = loop->heap[1];
         heap_remove(loop, t);
         t->cb(t);
+        charge_settle(loop);
     }
 }
 
@@ -329,6 +385,7 @@ void sl_loop_run_deferred(struct sl_loop *loop)
             loop->defer_tail = NULL;
         d->next = NULL;
         d->cb(d);
+        charge_settle(loop);
     }
 }
 
@@ -336,10 +393,18 @@ void sl_loop_run(struct sl_loop *loop)
 {
     struct epoll_event evs[MAX_EVENTS];
     loop->stop = false;
+    loop_read_clock(loop);
+    uint64_t woke_us = loop->now_us; /* when the previous epoll_wait returned */
     while (!loop->stop) {
         int timeout = sl_loop_next_timeout_ms(loop);
+        uint64_t call_us = sl_clock_now_ns() / 1000u;
         int n = epoll_wait(loop->epfd, evs, MAX_EVENTS, timeout);
         loop_read_clock(loop);
+        /* Events found without waiting became ready while the loop was busy since its last
+         * wake-up: that time is part of their lag. */
+        uint64_t carried = loop->now_us - call_us < 20 ? call_us - woke_us : 0;
+        stat_add(&loop->stats.busy_us, call_us - woke_us);
+        woke_us = loop->now_us;
         if (n < 0 && errno != EINTR)
             break;
         for (int i = 0; i < n; i++) {
@@ -354,7 +419,10 @@ void sl_loop_run(struct sl_loop *loop)
                     continue;
             }
             io->cb(io, ev);
+            charge_settle(loop);
         }
+        if (n > 0)
+            record_lag(loop, sl_clock_now_ns() / 1000u - woke_us + carried);
         sl_loop_run_timers(loop, loop->now_ms);
         sl_loop_run_deferred(loop);
         loop->turns++;

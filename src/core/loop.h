@@ -84,6 +84,23 @@ static inline bool sl_defer_is_queued(const struct sl_defer *d)
     return d->next != NULL;
 }
 
+/*
+ * Saturation signals, written by the loop's own thread only and read by the metrics endpoint
+ * from another thread (relaxed atomics: single writer, no read-modify-write on the hot path).
+ * Lag is how long a ready socket waited before its callback ran: per turn with events, the
+ * time from epoll_wait's return to the end of the batch, plus the time the loop was busy
+ * before the call when epoll_wait found events already waiting (they became ready during it).
+ */
+#define SL_LOOP_LAG_BUCKETS 12
+extern const uint64_t sl_loop_lag_bounds_us[SL_LOOP_LAG_BUCKETS]; /* upper bounds; +Inf after */
+struct sl_loop_stats {
+    _Atomic uint64_t lag_buckets[SL_LOOP_LAG_BUCKETS + 1]; /* non-cumulative; [last] = +Inf */
+    _Atomic uint64_t lag_sum_us;
+    _Atomic uint64_t lag_count;
+    _Atomic uint64_t lag_max_us; /* largest since a reader last took it (sl_loop_take_max_lag) */
+    _Atomic uint64_t busy_us;    /* time spent outside epoll_wait */
+};
+
 struct sl_loop {
     int epfd;
     int wake_fd; /* eventfd; sl_loop_wake() makes the loop run `on_wake` */
@@ -98,7 +115,26 @@ struct sl_loop {
     struct sl_post *_Atomic posted; /* stack of posts from other threads */
     void *wake_data;
     struct sl_io wake_io;
+    struct sl_loop_stats stats;
+    /* CPU charging (sl_loop_charge): where the running callback's time goes, and since when */
+    uint64_t *charge;
+    uint64_t charge_since_ns;
 };
+
+/* Monotonic clock in nanoseconds (vDSO, no system call). */
+uint64_t sl_clock_now_ns(void);
+
+/*
+ * Charges the running callback's time from now on to `*acc` (nanoseconds; NULL: to nobody),
+ * first settling the time since the previous charge call into the previous account. The loop
+ * settles and clears the account when the callback returns. Because a worker never blocks
+ * inside a callback, this wall time is the CPU time (user + system) the work cost, except
+ * when the OS preempts the thread. Costs one clock read per call, none when unused.
+ */
+void sl_loop_charge(struct sl_loop *loop, uint64_t *acc);
+
+/* The largest lag seen since the previous call (microseconds), resetting it. Any thread. */
+uint64_t sl_loop_take_max_lag(struct sl_loop *loop);
 
 /* Monotonic clock in milliseconds (CLOCK_MONOTONIC_COARSE is not used: 1-4 ms jitter). */
 uint64_t sl_clock_now_ms(void);

@@ -17,8 +17,9 @@
  */
 
 enum sl_worker_cmd {
-    SL_WORKER_CMD_DRAIN = 1u << 0, /* stop accepting, finish in-flight work, then exit */
-    SL_WORKER_CMD_STOP = 1u << 1,  /* exit now, closing whatever is left */
+    SL_WORKER_CMD_DRAIN = 1u << 0,  /* stop accepting, finish in-flight work, then exit */
+    SL_WORKER_CMD_STOP = 1u << 1,   /* exit now, closing whatever is left */
+    SL_WORKER_CMD_RELOAD = 1u << 2, /* take the configuration generation the owner published */
 };
 
 struct sl_worker;

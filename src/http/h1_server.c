@@ -61,7 +61,8 @@ struct sl_server_conn {
     uint8_t peer_addr[16];
     uint16_t peer_port;
     uint64_t id;
-    uint64_t cookie; /* for on_conn_closed; 0 = none */
+    uint64_t cookie;     /* for on_conn_closed; 0 = none */
+    uint64_t pre_cpu_ns; /* time spent on the next request before its head was complete */
 };
 
 /* The front-end's private part of a request; the public part comes first. */
@@ -111,6 +112,26 @@ int sl_h1_server_init(struct sl_h1_server *srv, struct sl_worker *w, const char 
     sl_slab_init(&srv->conn_slab, sizeof(struct sl_server_conn));
     if (getrandom(&srv->rng, sizeof srv->rng, 0) != sizeof srv->rng || srv->rng == 0)
         srv->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)srv;
+    return 0;
+}
+
+int sl_h1_server_set_limits(struct sl_h1_server *srv, const char *name,
+                            const struct sl_limits_conf *limits)
+{
+    size_t cap = (size_t)limits->max_header_count + 1;
+    if (cap > srv->scratch_cap) {
+        struct sl_h1_header *s = calloc(cap, sizeof *s);
+        if (!s)
+            return -ENOMEM;
+        free(srv->scratch);
+        srv->scratch = s;
+        srv->scratch_cap = cap;
+    }
+    srv->limits = limits;
+    srv->name = name;
+    srv->parse_limits.max_head_bytes = (size_t)limits->max_header_bytes;
+    srv->parse_limits.max_headers = (size_t)limits->max_header_count;
+    srv->parse_limits.max_uri_bytes = (size_t)limits->max_uri_bytes;
     return 0;
 }
 
@@ -243,6 +264,10 @@ static struct h1_req *new_request(struct sl_server_conn *c)
         return NULL;
     }
     memset(r, 0, sizeof *r);
+    /* From here the connection's time (reading and parsing the head) is the request's. */
+    sl_loop_charge(c->srv->loop, &r->pub.log.cpu_ns);
+    r->pub.log.cpu_ns = c->pre_cpu_ns;
+    c->pre_cpu_ns = 0;
     r->pub.arena = arena;
     r->pub.conn = c;
     r->pub.worker = c->srv->worker;
@@ -253,7 +278,15 @@ static struct h1_req *new_request(struct sl_server_conn *c)
 static void release_request(struct sl_server_conn *c)
 {
     struct h1_req *r = c->req;
+    struct sl_h1_server *srv = c->srv;
     c->req = NULL;
+    if (srv->loop->charge == &r->pub.log.cpu_ns)
+        sl_loop_charge(srv->loop, NULL);
+    if (r->pub.log.start_us && srv->on_request_done) {
+        r->pub.log.end_us = sl_clock_now_ns() / 1000u;
+        r->pub.log.aborted = !r->finished || (c->flags & CF_ABORT);
+        srv->on_request_done(&r->pub, srv->on_request_done_data);
+    }
     sl_buf_release(&r->out, conn_pool(c));
     struct sl_arena arena = r->pub.arena; /* r itself lives in the arena */
     sl_arena_reset(&arena);
@@ -398,6 +431,18 @@ static void respond_early_error(struct sl_server_conn *c, int status, const char
     if (hlen > 0 && blen > 0) {
         sl_buf_append(&r->out, head, (size_t)hlen);
         sl_buf_append(&r->out, body, (size_t)blen);
+        r->pub.log.bytes_out += (uint64_t)hlen + (uint64_t)blen;
+    }
+    /* A head that did not parse is still a request for the access log and the metrics. */
+    if (!r->pub.log.start_us) {
+        r->pub.log.start_us = sl_loop_now_us(c->srv->loop);
+        r->pub.log.bytes_in = c->in.data ? sl_buf_len(&c->in) : 0;
+        if (!r->pub.client_ip.len)
+            set_client_ip(c, &r->pub);
+    }
+    if (!r->pub.log.error) {
+        r->pub.log.error = reason_name;
+        r->pub.log.status = status;
     }
     c->flags |= CF_CLOSE_AFTER;
     c->state = CS_FLUSH;
@@ -467,6 +512,8 @@ static int start_request(struct sl_server_conn *c, const struct sl_h1_request *h
     q->handler_ctx = srv->handler->data;
     q->worker = srv->worker;
     q->start_ms = sl_loop_now_ms(srv->loop);
+    q->log.start_us = sl_loop_now_us(srv->loop);
+    q->log.bytes_in = h->head_len;
     q->id = (c->id << 16) | (c->nreq & 0xffff);
     int rid = sl_h1_find_header(hdrs, h->header_count, SL_SLICE_LIT("X-Request-Id"));
     if (rid >= 0 && valid_request_id(hdrs[rid].value))
@@ -606,6 +653,7 @@ static int flush_out(struct sl_server_conn *c, bool fin)
         sl_h1_body_writer_write(&r->bw, &c->tr, &r->out, r->rest, r->rest_len, fin, &w, &flushed);
     r->rest += w;
     r->rest_len -= w;
+    r->pub.log.bytes_out += w;
     if (rc < 0)
         return rc;
     return flushed && r->rest_len == 0 ? 0 : -EAGAIN;
@@ -738,6 +786,7 @@ static void on_conn_io(struct sl_io *io, uint32_t events)
     struct sl_server_conn *c = io->data;
     if (c->state == CS_CLOSING || (c->flags & CF_ABORT))
         return;
+    sl_loop_charge(c->srv->loop, c->req ? &c->req->pub.log.cpu_ns : &c->pre_cpu_ns);
     /* The readiness the transport waited for serves whichever operation waited, in either
      * direction: a read that wanted EPOLLOUT is retried as a read, and the reverse. */
     unsigned want = c->tr.ops->want ? c->tr.ops->want(&c->tr) : 0;
@@ -824,6 +873,7 @@ static void on_conn_defer(struct sl_defer *d)
         sl_slab_put(&c->srv->conn_slab, c);
         return;
     }
+    sl_loop_charge(c->srv->loop, c->req ? &c->req->pub.log.cpu_ns : &c->pre_cpu_ns);
     if (c->flags & CF_ABORT) {
         struct h1_req *r = c->req;
         if (r && !r->finished && c->srv->handler->on_abort)
@@ -967,6 +1017,7 @@ void sl_request_body_consume(struct sl_request *req, size_t n)
 {
     struct h1_req *r = (struct h1_req *)req;
     sl_h1_body_reader_consume(&r->body, &req_conn(req)->in, n);
+    req->log.bytes_in += n;
 }
 
 static int content_length_line(char *out, uint64_t length)
@@ -1033,6 +1084,8 @@ int sl_request_respond_head(struct sl_request *req, int status, const char *head
     sl_buf_append(out, "\r\n", 2);
     sl_h1_body_writer_init(&r->bw, mode);
     req->response_started = true;
+    req->log.status = status;
+    req->log.bytes_out += len + (size_t)n + clen + 2;
     return 0;
 }
 
@@ -1045,6 +1098,7 @@ int sl_request_write(struct sl_request *req, const char *data, size_t len, size_
         return -EPIPE;
     bool flushed = false;
     int rc = sl_h1_body_writer_write(&r->bw, &c->tr, &r->out, data, len, false, written, &flushed);
+    req->log.bytes_out += *written;
     if (rc == 0 && *written == len && flushed)
         return 0;
     if (rc < 0 && rc != -EAGAIN) {
@@ -1108,6 +1162,7 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
         if (rc == 0) {
             /* respond_head appends framing after what is already in `out` */
             rc = sl_request_respond_head(req, status, "", 0, SL_H1_BODY_LENGTH, body_len);
+            req->log.bytes_out += (size_t)n + extra_len + req->resp_extra_len;
         }
     } else {
         rc = sl_request_respond_head(req, status, head, (size_t)n, SL_H1_BODY_LENGTH, body_len);
@@ -1118,6 +1173,7 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
             sl_buf_compact(out);
         if (sl_buf_space(out) >= body_len) {
             sl_buf_append(out, body, body_len);
+            req->log.bytes_out += body_len;
         } else {
             /* Larger than the buffer: stream it (direct responses are config-sized). */
             size_t w = 0;
@@ -1138,6 +1194,7 @@ int sl_request_respond(struct sl_request *req, int status, const char *content_t
 
 void sl_request_respond_error(struct sl_request *req, int status, const char *name)
 {
+    req->log.error = name;
     char body[256];
     int n =
         snprintf(body, sizeof body, "{\"status\":%d,\"error\":\"%s\",\"request_id\":\"%.*s\"}\n",

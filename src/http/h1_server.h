@@ -47,12 +47,25 @@ struct sl_h1_server {
      * (the per-IP count it held is released there). */
     void (*on_conn_closed)(void *data, const struct sockaddr *client, uint64_t cookie);
     void *on_conn_closed_data;
+    /* Called once per request whose head was complete, when it ends (response out, or the
+     * exchange aborted), with req->log filled in; before the request is freed. Must not
+     * keep `req`. */
+    void (*on_request_done)(struct sl_request *req, void *data);
+    void *on_request_done_data;
 };
 
 /* Prepares a front-end. `limits` and `handler` must outlive it. Returns 0 or -ENOMEM. */
 int sl_h1_server_init(struct sl_h1_server *srv, struct sl_worker *w, const char *name,
                       const struct sl_limits_conf *limits,
                       const struct sl_request_handler *handler);
+
+/*
+ * Switches to other limits (a reload): connections use them from their next request or wait
+ * on. `name` and `limits` must outlive the front-end or the next call. Between loop callbacks
+ * only (never during a parse). 0, or -ENOMEM (the old limits stay).
+ */
+int sl_h1_server_set_limits(struct sl_h1_server *srv, const char *name,
+                            const struct sl_limits_conf *limits);
 
 /* Closes every connection (aborting requests in flight) and frees the front-end's storage. */
 void sl_h1_server_dispose(struct sl_h1_server *srv);

@@ -41,6 +41,30 @@ struct sl_request_handler {
     void *data; /* the handler's context (per listener, per worker) */
 };
 
+/*
+ * What the access log and the metrics record of one request. The front-end fills the
+ * status, byte counts and times; the handler the route, upstream and error fields. Strings
+ * live in the request's arena or in the config snapshot, valid until the request is freed.
+ */
+struct sl_request_log {
+    const char *route;          /* route name, or NULL (no route matched) */
+    size_t route_index;         /* the route's position in its config; valid when route is set */
+    const char *upstream;       /* upstream name, or NULL */
+    const char *endpoint;       /* address of the last endpoint tried, or NULL */
+    const char *error;          /* why the gateway answered itself (an error name), or NULL */
+    const char *filter;         /* the filter that answered (its type name), or NULL */
+    uint32_t retries;           /* attempts after the first */
+    int status;                 /* status sent; 0 when no response started */
+    bool aborted;               /* the client went away, or a timeout cut the exchange */
+    uint64_t bytes_in;          /* request bytes received: head and body as framed */
+    uint64_t bytes_out;         /* response bytes written: head, body and framing */
+    uint64_t start_us;          /* head complete (loop clock) */
+    uint64_t end_us;            /* last response byte handed to the socket, or the abort */
+    uint64_t upstream_start_us; /* first upstream attempt began; 0 = none */
+    uint64_t upstream_end_us;   /* upstream response complete (or failed) */
+    uint64_t cpu_ns;            /* worker time spent on this request (sl_loop_charge) */
+};
+
 struct sl_request {
     struct sl_arena arena;
     /* head, copied into the arena */
@@ -75,6 +99,7 @@ struct sl_request {
     const void *jwt_claims;   /* verified token claims (filters/jwt.h reads them) */
     char *resp_extra;         /* header lines added to the response, in the arena */
     size_t resp_extra_len, resp_extra_cap;
+    struct sl_request_log log;
 };
 
 /*

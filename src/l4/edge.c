@@ -47,7 +47,7 @@ static const unsigned char pp_v2_sig[12] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d,
 
 static struct sl_listener_rt *listener_rt(const struct sl_gw_listener *gl)
 {
-    return &gl->gw->rt->listeners[gl->index];
+    return gl->lr;
 }
 
 static void count(_Atomic uint64_t *c)
@@ -57,9 +57,10 @@ static void count(_Atomic uint64_t *c)
 
 void sl_edge_release(struct sl_gw_listener *gl, const struct sockaddr *client, uint64_t cookie)
 {
-    struct sl_listener_rt *lr = listener_rt(gl);
-    if ((cookie & SL_EDGE_COOKIE_IP) && lr->ip_limit)
-        sl_ip_limit_release(lr->ip_limit, client);
+    (void)gl;
+    /* The table the connection was counted in: a reload may have given the listener another. */
+    if (cookie)
+        sl_ip_limit_release((struct sl_ip_limit *)(uintptr_t)cookie, client);
 }
 
 /* Applies the per-IP cap and rate to `client`. False (and counted) when refused. */
@@ -71,11 +72,11 @@ static bool ip_admit(struct sl_gw_listener *gl, const struct sockaddr *client, u
     enum sl_ip_limit_reason why = SL_IP_LIMIT_OK;
     uint64_t now = sl_loop_now_us(&gl->gw->worker->loop);
     if (!sl_ip_limit_acquire(lr->ip_limit, client, now, &why)) {
-        count(why == SL_IP_LIMIT_RATE ? &lr->refused_ip_rate : &lr->refused_ip_conns);
+        count(why == SL_IP_LIMIT_RATE ? &lr->stats->refused_ip_rate : &lr->stats->refused_ip_conns);
         return false;
     }
     if (why == SL_IP_LIMIT_OK)
-        *cookie |= SL_EDGE_COOKIE_IP;
+        *cookie = (uint64_t)(uintptr_t)lr->ip_limit;
     return true;
 }
 
@@ -111,6 +112,7 @@ static void edge_close(struct sl_edge_conn *ec, bool release_ip)
     if (ec->next)
         ec->next->prev = ec->prev;
     gw->edge_count--;
+    ec->gl->edge_count--;
     if (gw->gate)
         atomic_fetch_sub_explicit(&gw->gate->open, 1, memory_order_relaxed);
     sl_defer_queue(loop, &ec->defer);
@@ -188,7 +190,7 @@ static void edge_proxy_step(struct sl_edge_conn *ec)
         bool complete = false;
         if (looks_like_proxy(buf, (size_t)n, &complete)) {
             if (complete) {
-                count(&lr->pp_refused_untrusted);
+                count(&lr->stats->pp_refused_untrusted);
                 edge_close(ec, true);
             } else {
                 sl_io_clear_ready(&ec->io, EPOLLIN);
@@ -203,7 +205,7 @@ static void edge_proxy_step(struct sl_edge_conn *ec)
     enum sl_status st = sl_proxy_proto_parse(buf, (size_t)n, &res, &err);
     if (st == SL_AGAIN) {
         if ((size_t)n == sizeof buf) {
-            count(&lr->pp_refused_malformed);
+            count(&lr->stats->pp_refused_malformed);
             edge_close(ec, true);
             return;
         }
@@ -212,9 +214,9 @@ static void edge_proxy_step(struct sl_edge_conn *ec)
         return;
     }
     if (st == SL_ERROR) {
-        SL_DEBUG("listener %s: PROXY header refused: %s",
-                 ec->gl->gw->rt->cfg->listeners[ec->gl->index].name, sl_pp_err_name(err));
-        count(&lr->pp_refused_malformed);
+        SL_DEBUG("listener %s: PROXY header refused: %s", ec->gl->lr->conf->name,
+                 sl_pp_err_name(err));
+        count(&lr->stats->pp_refused_malformed);
         edge_close(ec, true);
         return;
     }
@@ -224,7 +226,7 @@ static void edge_proxy_step(struct sl_edge_conn *ec)
         edge_close(ec, true);
         return;
     }
-    count(&lr->pp_accepted);
+    count(&lr->stats->pp_accepted);
     if (!res.is_local) {
         /* The per-IP limit belongs to the real client, not to the load balancer. */
         memcpy(&ec->client, &res.src, sizeof res.src);
@@ -255,9 +257,9 @@ static void edge_tls_step(struct sl_edge_conn *ec)
     struct sl_listener_rt *lr = listener_rt(ec->gl);
     int rc = sl_transport_handshake(&ec->t.plain);
     if (rc == 0) {
-        count(&lr->tls_handshakes);
+        count(&lr->stats->tls_handshakes);
         if (sl_tls_is_resumed(&ec->t.tls))
-            count(&lr->tls_resumed);
+            count(&lr->stats->tls_resumed);
         edge_hand_over(ec);
         return;
     }
@@ -269,11 +271,10 @@ static void edge_tls_step(struct sl_edge_conn *ec)
     }
     if (sl_log_enabled(SL_LOG_LVL_DEBUG)) {
         char why[256];
-        SL_DEBUG("listener %s: TLS handshake failed: %s",
-                 ec->gl->gw->rt->cfg->listeners[ec->gl->index].name,
+        SL_DEBUG("listener %s: TLS handshake failed: %s", ec->gl->lr->conf->name,
                  sl_tls_last_error_str(&ec->t.tls, why, sizeof why));
     }
-    count(&lr->tls_failed);
+    count(&lr->stats->tls_failed);
     edge_close(ec, true);
 }
 
@@ -303,7 +304,7 @@ static void on_edge_timer(struct sl_timer *t)
             return;
         }
     }
-    count(ec->state == ES_PROXY ? &lr->pp_timeouts : &lr->tls_timeouts);
+    count(ec->state == ES_PROXY ? &lr->stats->pp_timeouts : &lr->stats->tls_timeouts);
     edge_close(ec, true);
 }
 
@@ -322,12 +323,12 @@ void sl_edge_accept(struct sl_gw_listener *gl, int fd, const struct sockaddr *pe
     /* Turned away before any byte is read: no buffer, no timer, no log line per connection
      * (a flood would make those the attack); only counted. */
     if (lr->deny && sl_cidr_set_contains(lr->deny, peer)) {
-        count(&lr->refused_denied);
+        count(&lr->stats->refused_denied);
         close(fd);
         return;
     }
     if (lr->allow && !sl_cidr_set_contains(lr->allow, peer)) {
-        count(&lr->refused_not_allowed);
+        count(&lr->stats->refused_not_allowed);
         close(fd);
         return;
     }
@@ -372,6 +373,7 @@ void sl_edge_accept(struct sl_gw_listener *gl, int fd, const struct sockaddr *pe
         gw->edge_conns->prev = ec;
     gw->edge_conns = ec;
     gw->edge_count++;
+    gl->edge_count++;
     if (gw->gate)
         atomic_fetch_add_explicit(&gw->gate->open, 1, memory_order_relaxed);
     if (lr->pp_trusted) {

@@ -20,14 +20,13 @@
  * under a flood the log would be the attack.
  *
  * The per-IP count a connection holds is released through sl_edge_release with the cookie
- * the protocol got at hand-over, when the protocol closes the connection.
+ * the protocol got at hand-over, when the protocol closes the connection. The cookie is the
+ * per-IP table that counted the connection (0: none): a reload that changes the limits
+ * gives the listener a new table while older connections still hold counts in theirs.
  */
 
 struct sl_gw_listener;
 struct sl_gw_worker;
-
-/* Cookie bit handed to the protocol with a connection. */
-#define SL_EDGE_COOKIE_IP 1u /* the per-IP limit counted this connection */
 
 /* Takes accepted socket `fd` from `peer` on listener `gl` (ownership passes here). */
 void sl_edge_accept(struct sl_gw_listener *gl, int fd, const struct sockaddr *peer);

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config/config.h"
@@ -115,12 +116,46 @@ out:
     return ctx;
 }
 
-static int listener_rt_init(struct sl_listener_rt *lr, const struct sl_listener_conf *l, char *err,
-                            size_t err_len)
+/* The same listener in two configs: a reload keeps its sockets, connections and counters. */
+static bool same_listener(const struct sl_listener_conf *a, const struct sl_listener_conf *b)
+{
+    return !strcmp(a->name, b->name) && a->protocol == b->protocol && a->addr_len == b->addr_len &&
+           !memcmp(&a->addr, &b->addr, a->addr_len);
+}
+
+static bool same_ip_limits(const struct sl_protection_conf *a, const struct sl_protection_conf *b)
+{
+    return a->max_connections_per_ip == b->max_connections_per_ip &&
+           a->new_connection_period_us == b->new_connection_period_us &&
+           a->new_connections_burst == b->new_connections_burst &&
+           a->tracked_addresses == b->tracked_addresses;
+}
+
+static void stats_unref(struct sl_listener_stats *st)
+{
+    if (st && atomic_fetch_sub_explicit(&st->refs, 1, memory_order_acq_rel) == 1)
+        free(st);
+}
+
+/* Builds listener `l`'s settings for a generation. `prev` is the same listener in the
+ * generation before (NULL: a new listener): its counters and, when the limits did not change,
+ * its per-IP table carry over. Tables are owned by the gateway (connections point at the one
+ * that counted them, whatever generation they outlive). */
+static int listener_rt_init(struct sl_gateway *gw, struct sl_listener_rt *lr,
+                            const struct sl_listener_conf *l, const struct sl_listener_rt *prev,
+                            char *err, size_t err_len)
 {
     const struct sl_protection_conf *pc = &l->protection;
     lr->conf = l;
     snprintf(err, err_len, "out of memory building the runtime");
+    if (prev) {
+        lr->stats = prev->stats;
+        atomic_fetch_add_explicit(&lr->stats->refs, 1, memory_order_relaxed);
+    } else {
+        if (!(lr->stats = calloc(1, sizeof *lr->stats)))
+            return -1;
+        atomic_store(&lr->stats->refs, 1);
+    }
     if (pc->allow_count && !(lr->allow = sl_cidr_set_new(pc->allow, pc->allow_count)))
         return -1;
     if (pc->deny_count && !(lr->deny = sl_cidr_set_new(pc->deny, pc->deny_count)))
@@ -130,17 +165,27 @@ static int listener_rt_init(struct sl_listener_rt *lr, const struct sl_listener_
               sl_cidr_set_new(l->proxy_protocol.trusted, l->proxy_protocol.trusted_count)))
         return -1;
     if (pc->max_connections_per_ip || pc->new_connection_period_us) {
-        struct sl_ip_limit_conf ic = {
-            .max_conns = pc->max_connections_per_ip,
-            .period_us = pc->new_connection_period_us,
-            .burst = pc->new_connection_period_us ? pc->new_connections_burst : 0,
-            .max_keys = pc->tracked_addresses,
-        };
-        int ierr = 0;
-        if (!(lr->ip_limit = sl_ip_limit_new(&ic, &ierr))) {
-            snprintf(err, err_len, "listener %s: protection: %s", l->name,
-                     ierr == -ENOMEM ? "out of memory" : "invalid per-IP limits");
-            return -1;
+        if (prev && prev->ip_limit && same_ip_limits(&prev->conf->protection, pc)) {
+            lr->ip_limit = prev->ip_limit;
+        } else {
+            struct sl_ip_limit_conf ic = {
+                .max_conns = pc->max_connections_per_ip,
+                .period_us = pc->new_connection_period_us,
+                .burst = pc->new_connection_period_us ? pc->new_connections_burst : 0,
+                .max_keys = pc->tracked_addresses,
+            };
+            int ierr = 0;
+            struct sl_ip_limit **grown =
+                realloc(gw->ip_tables, (gw->ip_table_count + 1) * sizeof *grown);
+            if (!grown)
+                return -1;
+            gw->ip_tables = grown;
+            if (!(lr->ip_limit = sl_ip_limit_new(&ic, &ierr))) {
+                snprintf(err, err_len, "listener %s: protection: %s", l->name,
+                         ierr == -ENOMEM ? "out of memory" : "invalid per-IP limits");
+                return -1;
+            }
+            gw->ip_tables[gw->ip_table_count++] = lr->ip_limit;
         }
     }
     if (l->tls.enabled) {
@@ -156,13 +201,156 @@ static void listener_rt_dispose(struct sl_listener_rt *lr)
     sl_cidr_set_free(lr->allow);
     sl_cidr_set_free(lr->deny);
     sl_cidr_set_free(lr->pp_trusted);
-    sl_ip_limit_free(lr->ip_limit);
     sl_tls_ctx_free(lr->tls);
+    stats_unref(lr->stats);
+}
+
+/* ---- generations ---- */
+
+static void runtime_free(struct sl_runtime *rt)
+{
+    if (!rt)
+        return;
+    const struct sl_config *cfg = rt->cfg;
+    if (rt->listen_fds && cfg) {
+        size_t nfds = (size_t)rt->worker_count * cfg->listener_count;
+        for (size_t i = 0; i < nfds; i++)
+            if (rt->listen_fds[i] >= 0)
+                close(rt->listen_fds[i]);
+    }
+    free(rt->listen_fds);
+    if (cfg) {
+        for (size_t i = 0; rt->routers && i < cfg->listener_count; i++)
+            sl_router_free(rt->routers[i]);
+        for (size_t i = 0; rt->pools && i < cfg->upstream_count; i++)
+            sl_pool_free(rt->pools[i]);
+        for (size_t i = 0; rt->listeners && i < cfg->listener_count; i++)
+            listener_rt_dispose(&rt->listeners[i]);
+    }
+    free(rt->listeners);
+    free(rt->routers);
+    free(rt->pools);
+    sl_filter_set_free(rt->filters);
+    sl_config_free(rt->cfg);
+    free(rt);
+}
+
+/* Builds a generation from `cfg` (taking it). `prev` is the running one, or NULL at start. */
+static struct sl_runtime *runtime_build(struct sl_gateway *gw, struct sl_config *cfg,
+                                        const struct sl_runtime *prev, unsigned workers, char *err,
+                                        size_t err_len)
+{
+    struct sl_runtime *rt = calloc(1, sizeof *rt);
+    snprintf(err, err_len, "out of memory building the runtime");
+    if (!rt) {
+        sl_config_free(cfg);
+        return NULL;
+    }
+    atomic_store(&rt->refs, 1);
+    rt->cfg = cfg;
+    rt->generation = prev ? prev->generation + 1 : 1;
+    rt->worker_count = workers;
+    size_t nl = cfg->listener_count ? cfg->listener_count : 1;
+    rt->routers = calloc(nl, sizeof(void *));
+    rt->pools = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
+    rt->listeners = calloc(nl, sizeof *rt->listeners);
+    if (!rt->routers || !rt->pools || !rt->listeners)
+        goto fail;
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        const struct sl_listener_rt *old = NULL;
+        for (size_t j = 0; prev && j < prev->cfg->listener_count; j++)
+            if (same_listener(&prev->cfg->listeners[j], &cfg->listeners[i]))
+                old = &prev->listeners[j];
+        if (listener_rt_init(gw, &rt->listeners[i], &cfg->listeners[i], old, err, err_len) != 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < cfg->listener_count; i++)
+        if (!(rt->routers[i] = sl_router_new(cfg, cfg->listeners[i].name)))
+            goto fail;
+    for (size_t i = 0; i < cfg->upstream_count; i++)
+        if (!(rt->pools[i] = sl_pool_new(&cfg->upstreams[i], cfg->zone, workers, err, err_len)))
+            goto fail;
+    if (sl_filter_set_build(cfg, &rt->filters, err, err_len) != 0)
+        goto fail;
+    return rt;
+fail:
+    runtime_free(rt);
+    return NULL;
+}
+
+struct sl_runtime *sl_gateway_runtime_acquire(struct sl_gateway *gw)
+{
+    pthread_mutex_lock(&gw->rt_lock);
+    struct sl_runtime *rt = gw->rt;
+    atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&gw->rt_lock);
+    return rt;
+}
+
+/* The last release only marks the generation unused: it is freed on the main thread
+ * (sl_gateway_collect), since freeing stops threads and closes files. */
+void sl_runtime_release(struct sl_runtime *rt)
+{
+    if (rt)
+        atomic_fetch_sub_explicit(&rt->refs, 1, memory_order_acq_rel);
+}
+
+void sl_gateway_collect(struct sl_gateway *gw)
+{
+    pthread_mutex_lock(&gw->rt_lock);
+    struct sl_runtime **pp = &gw->retired;
+    while (*pp) {
+        struct sl_runtime *rt = *pp;
+        if (atomic_load_explicit(&rt->refs, memory_order_acquire) == 0) {
+            *pp = rt->next;
+            pthread_mutex_unlock(&gw->rt_lock);
+            SL_DEBUG("configuration generation %llu released", (unsigned long long)rt->generation);
+            runtime_free(rt);
+            pthread_mutex_lock(&gw->rt_lock);
+            pp = &gw->retired;
+            continue;
+        }
+        pp = &rt->next;
+    }
+    pthread_mutex_unlock(&gw->rt_lock);
+}
+
+unsigned sl_gateway_worker_count(const struct sl_gateway *gw)
+{
+    return gw->worker_count;
+}
+
+const struct sl_loop *sl_gateway_worker_loop(const struct sl_gateway *gw, unsigned i)
+{
+    return i < gw->worker_count && gw->workers ? &gw->workers[i].loop : NULL;
+}
+
+int sl_gateway_worker_cpu_ns(const struct sl_gateway *gw, unsigned i, uint64_t *ns)
+{
+    if (i >= gw->worker_count || !gw->workers)
+        return -EINVAL;
+    if (atomic_load(&gw->workers[i].exited))
+        return -ESRCH;
+    clockid_t cid;
+    int rc = pthread_getcpuclockid(gw->workers[i].thread, &cid);
+    if (rc)
+        return -rc;
+    struct timespec ts;
+    if (clock_gettime(cid, &ts) != 0)
+        return -errno;
+    *ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return 0;
+}
+
+uint32_t sl_gateway_open_connections(const struct sl_gateway *gw)
+{
+    return atomic_load_explicit(&gw->gate.open, memory_order_relaxed);
 }
 
 void sl_gateway_log_counters(const struct sl_gateway *gw, bool workers_exited)
 {
-    const struct sl_config *cfg = gw->rt.cfg;
+    const struct sl_runtime *rt = gw->rt;
+    const struct sl_config *cfg = rt->cfg;
     /* A worker's pool counters are its own, plain integers: read only once it has exited. */
     unsigned long long mem_refused = 0;
     for (unsigned i = 0; workers_exited && gw->workers && i < gw->worker_count; i++)
@@ -173,8 +361,8 @@ void sl_gateway_log_counters(const struct sl_gateway *gw, bool workers_exited)
                 "at max_connections: %llu times",
                 mem_refused, pauses);
     for (size_t i = 0; i < cfg->listener_count; i++) {
-        struct sl_listener_rt *lr = &gw->rt.listeners[i];
-#define C(f) ((unsigned long long)atomic_load_explicit(&lr->f, memory_order_relaxed))
+        struct sl_listener_stats *st = rt->listeners[i].stats;
+#define C(f) ((unsigned long long)atomic_load_explicit(&st->f, memory_order_relaxed))
         unsigned long long all = C(refused_denied) + C(refused_not_allowed) + C(refused_ip_conns) +
                                  C(refused_ip_rate) + C(pp_accepted) + C(pp_refused_untrusted) +
                                  C(pp_refused_malformed) + C(pp_timeouts) + C(tls_handshakes) +
@@ -197,9 +385,11 @@ void sl_gateway_log_counters(const struct sl_gateway *gw, bool workers_exited)
 
 void sl_gateway_reload_tls(struct sl_gateway *gw, bool force)
 {
-    const struct sl_config *cfg = gw->rt.cfg;
+    pthread_mutex_lock(&gw->reload_lock);
+    struct sl_runtime *rt = gw->rt;
+    const struct sl_config *cfg = rt->cfg;
     for (size_t i = 0; i < cfg->listener_count; i++) {
-        struct sl_listener_rt *lr = &gw->rt.listeners[i];
+        struct sl_listener_rt *lr = &rt->listeners[i];
         const struct sl_listener_conf *l = &cfg->listeners[i];
         if (!lr->tls || (!force && !l->tls.watch))
             continue;
@@ -211,15 +401,16 @@ void sl_gateway_reload_tls(struct sl_gateway *gw, bool force)
         lr->tls_files_sig = sig;
         char terr[512];
         if (sl_tls_ctx_reload(lr->tls, terr, sizeof terr) == 0) {
-            atomic_fetch_add_explicit(&lr->tls_reloads, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&lr->stats->tls_reloads, 1, memory_order_relaxed);
             SL_INFO("listener %s: certificates reloaded (generation %llu)", l->name,
                     (unsigned long long)sl_tls_ctx_generation(lr->tls));
         } else {
-            atomic_fetch_add_explicit(&lr->tls_reload_failures, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&lr->stats->tls_reload_failures, 1, memory_order_relaxed);
             SL_ERR("listener %s: certificate reload failed, keeping the current ones: %s", l->name,
                    terr);
         }
     }
+    pthread_mutex_unlock(&gw->reload_lock);
 }
 
 struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_len)
@@ -230,34 +421,28 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_l
         sl_config_free(cfg);
         return NULL;
     }
-    gw->rt.cfg = cfg;
-    gw->rt.routers = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof(void *));
-    gw->rt.pools = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof(void *));
-    gw->rt.listeners =
-        calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gw->rt.listeners);
-    if (!gw->rt.listeners)
-        goto fail;
-    for (size_t i = 0; i < cfg->listener_count; i++)
-        if (listener_rt_init(&gw->rt.listeners[i], &cfg->listeners[i], err, err_len) != 0)
-            goto fail;
-    gw->rt.worker_count = cfg->workers ? cfg->workers : sl_cpu_count();
-    if (!gw->rt.routers || !gw->rt.pools)
-        goto fail;
-    for (size_t i = 0; i < cfg->listener_count; i++)
-        if (!(gw->rt.routers[i] = sl_router_new(cfg, cfg->listeners[i].name)))
-            goto fail;
-    for (size_t i = 0; i < cfg->upstream_count; i++)
-        if (!(gw->rt.pools[i] =
-                  sl_pool_new(&cfg->upstreams[i], cfg->zone, gw->rt.worker_count, err, err_len)))
-            goto fail;
-    if (sl_filter_set_build(cfg, &gw->rt.filters, err, err_len) != 0)
-        goto fail;
+    pthread_mutex_init(&gw->rt_lock, NULL);
+    pthread_mutex_init(&gw->reload_lock, NULL);
+    unsigned workers = cfg->workers ? cfg->workers : sl_cpu_count();
+    gw->rt = runtime_build(gw, cfg, NULL, workers, err, err_len);
+    if (!gw->rt) {
+        sl_gateway_free(gw);
+        return NULL;
+    }
     return gw;
-fail:
-    gw->workers = NULL;
-    sl_gateway_free(gw);
-    return NULL;
 }
+
+/* ---- one worker ---- */
+
+/* A generation's state on one worker: the upstreams' connection pools and views, the filters'
+ * per-worker state, and the TCP proxies made for it. Requests keep the one they started on. */
+struct sl_gw_gen {
+    struct sl_runtime *rt; /* a reference */
+    struct sl_proxy_worker pw;
+    struct sl_tcp_proxy **tcps; /* made for this generation (by listener index); may be NULL */
+    size_t tcp_count;
+    struct sl_gw_gen *next; /* retired list */
+};
 
 static void on_accept(struct sl_acceptor *a, int fd, const struct sockaddr *peer,
                       socklen_t peer_len)
@@ -275,6 +460,7 @@ void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *
          * here and released in on_tcp_conn_closed. */
         if (gl->gw->gate)
             atomic_fetch_add_explicit(&gl->gw->gate->open, 1, memory_order_relaxed);
+        gl->tunnel_count++;
         sl_tcp_proxy_accept(gl->tcp, tr, size, client, dest, cookie);
         return;
     }
@@ -286,16 +472,42 @@ static void on_http_conn_closed(void *data, const struct sockaddr *client, uint6
     sl_edge_release(data, client, cookie);
 }
 
+static bool gen_busy(const struct sl_gw_gen *gen)
+{
+    if (gen->pw.inflight)
+        return true;
+    for (size_t i = 0; i < gen->tcp_count; i++)
+        if (gen->tcps[i] && sl_tcp_proxy_conn_count(gen->tcps[i]))
+            return true;
+    return false;
+}
+
+static bool listener_busy(const struct sl_gw_listener *gl)
+{
+    return gl->http.server.conn_count || gl->edge_count || gl->tunnel_count;
+}
+
 void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
 {
-    if (!gw->draining || gw->pw.inflight || gw->edge_count)
+    if (gw->finishing)
         return;
-    for (size_t i = 0; i < gw->listener_count; i++)
-        if (gw->listeners[i].http.server.conn_count ||
-            (gw->listeners[i].tcp && sl_tcp_proxy_conn_count(gw->listeners[i].tcp)))
+    /* Retired generations and dropped listeners are freed once empty, outside the callback
+     * that noticed (it may still be using them). */
+    if (gw->retired || gw->removed)
+        sl_defer_queue(&gw->worker->loop, &gw->reap);
+    if (!gw->draining || gw->edge_count || gen_busy(gw->gen))
+        return;
+    for (struct sl_gw_gen *g = gw->retired; g; g = g->next)
+        if (gen_busy(g))
             return;
-    for (size_t i = 0; i < gw->pw.upstream_count; i++)
-        sl_upstream_rt_close_idle(&gw->pw.upstreams[i]);
+    for (size_t i = 0; i < gw->listener_count; i++)
+        if (listener_busy(gw->listeners[i]))
+            return;
+    for (struct sl_gw_listener *gl = gw->removed; gl; gl = gl->next_removed)
+        if (listener_busy(gl))
+            return;
+    for (size_t i = 0; i < gw->gen->pw.upstream_count; i++)
+        sl_upstream_rt_close_idle(&gw->gen->pw.upstreams[i]);
     sl_loop_stop(&gw->worker->loop);
 }
 
@@ -305,7 +517,9 @@ static void on_tcp_conn_closed(void *data, const struct sockaddr *client, uint64
     struct sl_gw_listener *gl = data;
     if (gl->gw->gate)
         atomic_fetch_sub_explicit(&gl->gw->gate->open, 1, memory_order_relaxed);
+    gl->tunnel_count--;
     sl_edge_release(gl, client, cookie);
+    sl_gw_worker_check_drained(gl->gw);
 }
 
 static void on_tcp_drained(void *data)
@@ -317,7 +531,8 @@ static void on_tcp_drained(void *data)
 static void on_server_drained(struct sl_h1_server *srv, void *data)
 {
     (void)srv;
-    sl_gw_worker_check_drained(data);
+    struct sl_gw_listener *gl = data;
+    sl_gw_worker_check_drained(gl->gw);
 }
 
 static void on_exchange_idle(struct sl_proxy_worker *pw)
@@ -325,79 +540,302 @@ static void on_exchange_idle(struct sl_proxy_worker *pw)
     sl_gw_worker_check_drained(pw->owner);
 }
 
+static void gen_free(struct sl_gw_gen *gen)
+{
+    if (!gen)
+        return;
+    for (size_t i = 0; i < gen->tcp_count; i++)
+        sl_tcp_proxy_free(gen->tcps[i]); /* before the upstreams they report to */
+    free(gen->tcps);
+    struct sl_proxy_worker *pw = &gen->pw;
+    if (pw->worker)
+        sl_loop_run_deferred(&pw->worker->loop);
+    for (size_t i = 0; i < pw->upstream_count; i++)
+        sl_upstream_rt_dispose(&pw->upstreams[i]);
+    if (pw->worker)
+        sl_loop_run_deferred(&pw->worker->loop);
+    if (pw->filter_wstates)
+        sl_filter_set_worker_fini(gen->rt->filters, pw->filter_wstates);
+    free(pw->upstreams);
+    free(pw->resp_scratch);
+    sl_runtime_release(gen->rt);
+    free(gen);
+}
+
+static struct sl_gw_gen *gen_new(struct sl_gw_worker *gw, struct sl_runtime *rt, int *err)
+{
+    struct sl_worker *w = gw->worker;
+    const struct sl_config *cfg = rt->cfg;
+    struct sl_gw_gen *gen = calloc(1, sizeof *gen);
+    *err = -ENOMEM;
+    if (!gen)
+        return NULL;
+    gen->rt = rt;
+    atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
+    struct sl_proxy_worker *pw = &gen->pw;
+    pw->worker = w;
+    pw->filters = rt->filters;
+    pw->owner = gw;
+    pw->on_idle = on_exchange_idle;
+    pw->upstreams = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof *pw->upstreams);
+    pw->resp_scratch_cap = RESP_MAX_HEADERS;
+    pw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *pw->resp_scratch);
+    gen->tcps = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gen->tcps);
+    if (!pw->upstreams || !pw->resp_scratch || !gen->tcps)
+        goto fail;
+    gen->tcp_count = cfg->listener_count;
+    int frc = sl_filter_set_worker_init(rt->filters, w, &pw->filter_wstates);
+    if (frc < 0) {
+        *err = frc;
+        goto fail;
+    }
+    for (size_t i = 0; i < cfg->upstream_count; i++) {
+        int rc = sl_upstream_rt_init(&pw->upstreams[i], rt->pools[i], w);
+        if (rc < 0) {
+            *err = rc;
+            goto fail;
+        }
+        pw->upstream_count++;
+    }
+    return gen;
+fail:
+    gen_free(gen);
+    return NULL;
+}
+
+/* Points listener `gl` at generation `gen`'s listener `i`: its router, settings and worker
+ * state for new requests; a tcp listener gets a TCP proxy of this generation. */
+static int listener_bind(struct sl_gw_listener *gl, struct sl_gw_gen *gen, size_t i)
+{
+    struct sl_runtime *rt = gen->rt;
+    const struct sl_config *cfg = rt->cfg;
+    const struct sl_listener_conf *lc = &cfg->listeners[i];
+    if (lc->protocol == SL_LISTENER_TCP) {
+        struct sl_tcp_proxy *tp =
+            sl_tcp_proxy_new(gl->gw->worker, lc, &cfg->upstreams[lc->upstream_index],
+                             &gen->pw.upstreams[lc->upstream_index]);
+        if (!tp)
+            return -ENOMEM;
+        struct sl_tcp_proxy_hooks th = {
+            .on_close = on_tcp_conn_closed, .on_drained = on_tcp_drained, .data = gl};
+        sl_tcp_proxy_set_hooks(tp, &th);
+        if (gl->tcp)
+            sl_tcp_proxy_drain(gl->tcp); /* its streams finish in the older generation */
+        gl->tcp = tp;
+        gen->tcps[i] = tp;
+    }
+    atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
+    sl_runtime_release(gl->rt);
+    gl->rt = rt;
+    gl->lr = &rt->listeners[i];
+    gl->http.router = rt->routers[i];
+    gl->http.pw = &gen->pw;
+    sl_h1_server_set_limits(&gl->http.server, lc->name, &lc->limits);
+    return 0;
+}
+
+static struct sl_gw_listener *listener_new(struct sl_gw_worker *gw, struct sl_gw_gen *gen, size_t i,
+                                           int fd, int *err)
+{
+    struct sl_gateway *g = gw->g;
+    const struct sl_listener_conf *lc = &gen->rt->cfg->listeners[i];
+    struct sl_gw_listener *gl = calloc(1, sizeof *gl);
+    *err = -ENOMEM;
+    if (!gl) {
+        close(fd);
+        return NULL;
+    }
+    gl->gw = gw;
+    gl->acceptor.io.fd = -1;
+    gl->http.pw = &gen->pw;
+    sl_exchange_handler_init(&gl->http.handler, &gl->http);
+    int rc =
+        sl_h1_server_init(&gl->http.server, gw->worker, lc->name, &lc->limits, &gl->http.handler);
+    if (rc < 0) {
+        *err = rc;
+        close(fd);
+        free(gl);
+        return NULL;
+    }
+    gl->http.server.on_drained = on_server_drained;
+    gl->http.server.on_drained_data = gl;
+    gl->http.server.gate = &g->gate;
+    gl->http.server.on_conn_closed = on_http_conn_closed;
+    gl->http.server.on_conn_closed_data = gl;
+    gl->http.server.on_request_done = g->on_request_done;
+    gl->http.server.on_request_done_data = g->on_request_done_data;
+    if ((rc = listener_bind(gl, gen, i)) < 0 ||
+        (rc = sl_acceptor_start(&gl->acceptor, &gw->worker->loop, fd, on_accept, gl)) < 0) {
+        *err = rc;
+        if (gl->acceptor.io.fd < 0)
+            close(fd);
+        sl_h1_server_dispose(&gl->http.server);
+        sl_runtime_release(gl->rt);
+        free(gl);
+        return NULL;
+    }
+    gl->acceptor.gate = &g->gate;
+    return gl;
+}
+
+static void listener_free(struct sl_gw_listener *gl)
+{
+    sl_acceptor_stop(&gl->acceptor);
+    sl_h1_server_dispose(&gl->http.server);
+    sl_runtime_release(gl->rt);
+    free(gl);
+}
+
+/* Stops taking connections on a listener a reload dropped and lets the ones it has finish. */
+static void listener_remove(struct sl_gw_worker *gw, struct sl_gw_listener *gl)
+{
+    gl->removed = true;
+    sl_acceptor_stop(&gl->acceptor);
+    sl_h1_server_drain(&gl->http.server);
+    if (gl->tcp)
+        sl_tcp_proxy_drain(gl->tcp);
+    gl->next_removed = gw->removed;
+    gw->removed = gl;
+}
+
+static void on_reap(struct sl_defer *d)
+{
+    struct sl_gw_worker *gw = d->data;
+    for (struct sl_gw_listener **pp = &gw->removed; *pp;) {
+        struct sl_gw_listener *gl = *pp;
+        if (listener_busy(gl)) {
+            pp = &gl->next_removed;
+            continue;
+        }
+        *pp = gl->next_removed;
+        listener_free(gl);
+    }
+    for (struct sl_gw_gen **pp = &gw->retired; *pp;) {
+        struct sl_gw_gen *gen = *pp;
+        if (gen_busy(gen)) {
+            pp = &gen->next;
+            continue;
+        }
+        *pp = gen->next;
+        /* A listener whose current TCP proxy belongs to this generation would have been
+         * rebound: every proxy here is drained and empty. */
+        gen_free(gen);
+    }
+}
+
 static int worker_init(struct sl_worker *w, void *data)
 {
     struct sl_gateway *g = data;
-    const struct sl_config *cfg = g->rt.cfg;
+    struct sl_runtime *rt = g->rt;
+    const struct sl_config *cfg = rt->cfg;
     struct sl_gw_worker *gw = calloc(1, sizeof *gw);
     if (!gw)
         return -ENOMEM;
     w->app = gw;
     gw->worker = w;
-    gw->rt = &g->rt;
+    gw->g = g;
     gw->gate = &g->gate;
+    sl_defer_init(&gw->reap, on_reap, gw);
     sl_edge_worker_init(gw);
     /* The buffer budget is split evenly: each worker refuses work past its share, with no
      * shared counter on the request path. */
-    w->buf_pool.max_outstanding = g->buffer_budget / g->rt.worker_count / w->buf_pool.block_bytes;
+    w->buf_pool.max_outstanding = g->buffer_budget / rt->worker_count / w->buf_pool.block_bytes;
     if (w->buf_pool.max_outstanding < 8)
         w->buf_pool.max_outstanding = 8;
-    struct sl_proxy_worker *pw = &gw->pw;
-    pw->worker = w;
-    pw->filters = g->rt.filters;
-    pw->owner = gw;
-    pw->on_idle = on_exchange_idle;
-    gw->listeners = calloc(cfg->listener_count, sizeof *gw->listeners);
-    pw->upstreams = calloc(cfg->upstream_count ? cfg->upstream_count : 1, sizeof *pw->upstreams);
-    pw->resp_scratch_cap = RESP_MAX_HEADERS;
-    pw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *pw->resp_scratch);
-    if (!gw->listeners || !pw->upstreams || !pw->resp_scratch)
+    int rc = 0;
+    if (!(gw->gen = gen_new(gw, rt, &rc)))
+        return rc;
+    gw->listeners = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gw->listeners);
+    if (!gw->listeners)
         return -ENOMEM;
-    int frc = sl_filter_set_worker_init(g->rt.filters, w, &pw->filter_wstates);
-    if (frc < 0)
-        return frc;
-    for (size_t i = 0; i < cfg->upstream_count; i++) {
-        int rc = sl_upstream_rt_init(&pw->upstreams[i], g->rt.pools[i], w);
-        if (rc < 0)
-            return rc;
-        pw->upstream_count++;
-    }
     for (size_t i = 0; i < cfg->listener_count; i++) {
-        struct sl_gw_listener *gl = &gw->listeners[i];
-        gl->gw = gw;
-        gl->index = i;
-        gl->http.router = g->rt.routers[i];
-        gl->http.pw = pw;
-        gl->acceptor.io.fd = -1;
-        sl_exchange_handler_init(&gl->http.handler, &gl->http);
-        int rc = sl_h1_server_init(&gl->http.server, w, cfg->listeners[i].name,
-                                   &cfg->listeners[i].limits, &gl->http.handler);
-        if (rc < 0)
+        int *slot = &rt->listen_fds[w->id * cfg->listener_count + i];
+        int fd = *slot;
+        *slot = -1;
+        if (!(gw->listeners[i] = listener_new(gw, gw->gen, i, fd, &rc)))
             return rc;
         gw->listener_count++;
-        gl->http.server.on_drained = on_server_drained;
-        gl->http.server.on_drained_data = gw;
-        gl->http.server.gate = &g->gate;
-        gl->http.server.on_conn_closed = on_http_conn_closed;
-        gl->http.server.on_conn_closed_data = gl;
-        const struct sl_listener_conf *lc = &cfg->listeners[i];
-        if (lc->protocol == SL_LISTENER_TCP) {
-            gl->tcp = sl_tcp_proxy_new(w, lc, &cfg->upstreams[lc->upstream_index],
-                                       &pw->upstreams[lc->upstream_index]);
-            if (!gl->tcp)
-                return -ENOMEM;
-            struct sl_tcp_proxy_hooks th = {
-                .on_close = on_tcp_conn_closed, .on_drained = on_tcp_drained, .data = gl};
-            sl_tcp_proxy_set_hooks(gl->tcp, &th);
-        }
-        int fd = g->listen_fds[w->id * cfg->listener_count + i];
-        g->listen_fds[w->id * cfg->listener_count + i] = -1;
-        rc = sl_acceptor_start(&gl->acceptor, &w->loop, fd, on_accept, gl);
-        if (rc < 0)
-            return rc;
-        gl->acceptor.gate = &g->gate;
     }
+    atomic_store(&gw->generation, rt->generation);
     return 0;
+}
+
+/* Moves this worker to the generation the gateway published. Kept listeners are rebound
+ * (their sockets and connections stay), new ones open on the sockets the main thread made,
+ * dropped ones drain; the previous generation's state lives on until its requests end. */
+static void worker_reload(struct sl_gw_worker *gw)
+{
+    struct sl_gateway *g = gw->g;
+    pthread_mutex_lock(&g->rt_lock);
+    struct sl_runtime *rt = g->rt;
+    atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&g->rt_lock);
+    if (rt == gw->gen->rt || rt->generation <= atomic_load(&gw->generation)) {
+        sl_runtime_release(rt);
+        return;
+    }
+    const struct sl_config *cfg = rt->cfg;
+    struct sl_worker *w = gw->worker;
+    int rc = 0;
+    struct sl_gw_gen *gen = gen_new(gw, rt, &rc);
+    struct sl_gw_listener **ls = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *ls);
+    if (!gen || !ls) {
+        SL_ERR("worker %u: cannot take configuration generation %llu: %s; keeping %llu", w->id,
+               (unsigned long long)rt->generation, strerror(-rc ? -rc : ENOMEM),
+               (unsigned long long)gw->gen->rt->generation);
+        gen_free(gen);
+        free(ls);
+        sl_runtime_release(rt);
+        return;
+    }
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        const struct sl_listener_conf *lc = &cfg->listeners[i];
+        int *slot = &rt->listen_fds[w->id * cfg->listener_count + i];
+        for (size_t j = 0; j < gw->listener_count; j++) {
+            struct sl_gw_listener *old = gw->listeners[j];
+            if (old && same_listener(old->lr->conf, lc)) {
+                gw->listeners[j] = NULL;
+                if (listener_bind(old, gen, i) < 0) {
+                    /* It cannot stay on the old generation, which is going away. */
+                    SL_ERR("worker %u: listener %s: out of memory rebinding; it stops here "
+                           "until the next reload",
+                           w->id, lc->name);
+                    listener_remove(gw, old);
+                    break;
+                }
+                ls[i] = old;
+                break;
+            }
+        }
+        if (!ls[i] && *slot >= 0) {
+            int fd = *slot;
+            *slot = -1;
+            if (!(ls[i] = listener_new(gw, gen, i, fd, &rc)))
+                SL_ERR("worker %u: listener %s: cannot start: %s", w->id, lc->name, strerror(-rc));
+        }
+    }
+    for (size_t j = 0; j < gw->listener_count; j++)
+        if (gw->listeners[j])
+            listener_remove(gw, gw->listeners[j]);
+    free(gw->listeners);
+    /* Listeners that failed to start leave a hole: compact. */
+    size_t n = 0;
+    for (size_t i = 0; i < cfg->listener_count; i++)
+        if (ls[i])
+            ls[n++] = ls[i];
+    gw->listeners = ls;
+    gw->listener_count = n;
+    gw->gen->next = gw->retired;
+    gw->retired = gw->gen;
+    gw->gen = gen;
+    sl_runtime_release(rt);
+    atomic_store(&gw->generation, rt->generation);
+    sl_gw_worker_check_drained(gw);
+    if (gw->draining) {
+        /* A drain that began before the swap: the new listeners must not accept either. */
+        for (size_t i = 0; i < gw->listener_count; i++)
+            sl_acceptor_stop(&gw->listeners[i]->acceptor);
+    }
 }
 
 static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
@@ -408,16 +846,22 @@ static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
         sl_loop_stop(&w->loop);
         return;
     }
+    if ((cmds & SL_WORKER_CMD_RELOAD) && !gw->draining)
+        worker_reload(gw);
     if ((cmds & SL_WORKER_CMD_DRAIN) && !gw->draining) {
         gw->draining = true;
         for (size_t i = 0; i < gw->listener_count; i++)
-            sl_acceptor_stop(&gw->listeners[i].acceptor);
+            sl_acceptor_stop(&gw->listeners[i]->acceptor);
         sl_edge_drain(gw);
         for (size_t i = 0; i < gw->listener_count; i++)
-            sl_h1_server_drain(&gw->listeners[i].http.server);
+            sl_h1_server_drain(&gw->listeners[i]->http.server);
         for (size_t i = 0; i < gw->listener_count; i++)
-            if (gw->listeners[i].tcp)
-                sl_tcp_proxy_drain(gw->listeners[i].tcp);
+            if (gw->listeners[i]->tcp)
+                sl_tcp_proxy_drain(gw->listeners[i]->tcp);
+        for (struct sl_gw_gen *gen = gw->retired; gen; gen = gen->next)
+            for (size_t i = 0; i < gen->tcp_count; i++)
+                if (gen->tcps[i])
+                    sl_tcp_proxy_drain(gen->tcps[i]);
         sl_gw_worker_check_drained(gw);
     }
 }
@@ -428,24 +872,35 @@ static void worker_fini(struct sl_worker *w, void *data)
     struct sl_gw_worker *gw = w->app;
     if (!gw)
         return;
+    gw->finishing = true;
     for (size_t i = 0; i < gw->listener_count; i++)
-        sl_acceptor_stop(&gw->listeners[i].acceptor);
+        sl_acceptor_stop(&gw->listeners[i]->acceptor);
     sl_edge_worker_dispose(gw);
-    for (size_t i = 0; i < gw->listener_count; i++) {
-        sl_h1_server_dispose(&gw->listeners[i].http.server);
-        sl_tcp_proxy_free(gw->listeners[i].tcp); /* before the upstreams it reports to */
-        gw->listeners[i].tcp = NULL;
+    /* Connections first (they hold requests of every generation), then the generations. */
+    for (size_t i = 0; i < gw->listener_count; i++)
+        sl_h1_server_dispose(&gw->listeners[i]->http.server);
+    for (struct sl_gw_listener *gl = gw->removed; gl; gl = gl->next_removed)
+        sl_h1_server_dispose(&gl->http.server);
+    sl_loop_run_deferred(&w->loop);
+    gen_free(gw->gen);
+    while (gw->retired) {
+        struct sl_gw_gen *gen = gw->retired;
+        gw->retired = gen->next;
+        gen_free(gen);
     }
     sl_loop_run_deferred(&w->loop);
-    for (size_t i = 0; i < gw->pw.upstream_count; i++)
-        sl_upstream_rt_dispose(&gw->pw.upstreams[i]);
-    sl_loop_run_deferred(&w->loop);
-    if (gw->pw.filter_wstates)
-        sl_filter_set_worker_fini(gw->rt->filters, gw->pw.filter_wstates);
-    sl_loop_run_deferred(&w->loop);
+    for (size_t i = 0; i < gw->listener_count; i++) {
+        sl_runtime_release(gw->listeners[i]->rt);
+        free(gw->listeners[i]);
+    }
+    while (gw->removed) {
+        struct sl_gw_listener *gl = gw->removed;
+        gw->removed = gl->next_removed;
+        sl_runtime_release(gl->rt);
+        free(gl);
+    }
+    sl_defer_cancel(&w->loop, &gw->reap);
     free(gw->listeners);
-    free(gw->pw.upstreams);
-    free(gw->pw.resp_scratch);
     free(gw);
     w->app = NULL;
 }
@@ -486,9 +941,60 @@ static uint32_t connection_cap(const struct sl_config *cfg)
     return (uint32_t)auto_cap;
 }
 
+static in_port_t addr_port(const struct sockaddr *sa)
+{
+    return sa->sa_family == AF_INET6 ? ((const struct sockaddr_in6 *)sa)->sin6_port
+                                     : ((const struct sockaddr_in *)sa)->sin_port;
+}
+
+/* Opens every worker's socket for the listeners of `rt` that `prev` (NULL at start) does not
+ * already have. A new address is first probed without SO_REUSEPORT, so that another process
+ * listening there is an error rather than a silent split of its traffic. */
+static int open_listen_fds(struct sl_runtime *rt, const struct sl_runtime *prev, char *err,
+                           size_t err_len)
+{
+    const struct sl_config *cfg = rt->cfg;
+    unsigned n = rt->worker_count;
+    size_t nfds = (size_t)n * cfg->listener_count;
+    rt->listen_fds = malloc((nfds ? nfds : 1) * sizeof(int));
+    if (!rt->listen_fds) {
+        snprintf(err, err_len, "out of memory");
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < nfds; i++)
+        rt->listen_fds[i] = -1;
+    for (size_t i = 0; i < cfg->listener_count; i++) {
+        const struct sl_listener_conf *l = &cfg->listeners[i];
+        bool kept = false, ours = false;
+        for (size_t j = 0; prev && j < prev->cfg->listener_count; j++) {
+            const struct sl_listener_conf *o = &prev->cfg->listeners[j];
+            kept = kept || same_listener(o, l);
+            ours = ours || (o->addr_len == l->addr_len && !memcmp(&o->addr, &l->addr, l->addr_len));
+        }
+        if (kept)
+            continue;
+        const struct sockaddr *sa = (const struct sockaddr *)&l->addr;
+        int rc = addr_port(sa) && !ours ? sl_listen_probe(sa, l->addr_len) : 0;
+        for (unsigned w = 0; rc == 0 && w < n; w++) {
+            int fd = sl_listen_socket(sa, l->addr_len, l->backlog);
+            if (fd < 0)
+                rc = fd;
+            else
+                rt->listen_fds[w * cfg->listener_count + i] = fd;
+        }
+        if (rc < 0) {
+            snprintf(err, err_len, "listener %s: cannot listen on %s: %s", l->name, l->address,
+                     strerror(-rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
 int sl_gateway_start(struct sl_gateway *gw)
 {
-    const struct sl_config *cfg = gw->rt.cfg;
+    struct sl_runtime *rt = gw->rt;
+    const struct sl_config *cfg = rt->cfg;
     gw->gate.max = connection_cap(cfg);
     gw->buffer_budget = cfg->max_buffer_memory;
     if (!gw->buffer_budget) {
@@ -496,36 +1002,14 @@ int sl_gateway_start(struct sl_gateway *gw)
         gw->buffer_budget =
             pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 2 : (uint64_t)1 << 30;
     }
-    unsigned n = gw->rt.worker_count;
-    size_t nfds = (size_t)n * cfg->listener_count;
-    gw->listen_fds = malloc((nfds ? nfds : 1) * sizeof(int));
-    if (!gw->listen_fds)
-        return -ENOMEM;
-    for (size_t i = 0; i < nfds; i++)
-        gw->listen_fds[i] = -1;
+    unsigned n = rt->worker_count;
+    char lerr[512];
     /* Sockets are opened here, before any thread starts, so that a bad address fails start-up
      * with a clear message and nothing half-running. */
-    for (size_t i = 0; i < cfg->listener_count; i++) {
-        const struct sl_listener_conf *l = &cfg->listeners[i];
-        const struct sockaddr *sa = (const struct sockaddr *)&l->addr;
-        in_port_t port = sa->sa_family == AF_INET6 ? ((const struct sockaddr_in6 *)sa)->sin6_port
-                                                   : ((const struct sockaddr_in *)sa)->sin_port;
-        int rc = port ? sl_listen_probe(sa, l->addr_len) : 0;
-        if (rc < 0) {
-            SL_ERR("listener %s: cannot listen on %s: %s", l->name, l->address, strerror(-rc));
-            return rc;
-        }
-    }
-    for (unsigned w = 0; w < n; w++) {
-        for (size_t i = 0; i < cfg->listener_count; i++) {
-            const struct sl_listener_conf *l = &cfg->listeners[i];
-            int fd = sl_listen_socket((const struct sockaddr *)&l->addr, l->addr_len, l->backlog);
-            if (fd < 0) {
-                SL_ERR("listener %s: cannot listen on %s: %s", l->name, l->address, strerror(-fd));
-                return fd;
-            }
-            gw->listen_fds[w * cfg->listener_count + i] = fd;
-        }
+    int rc = open_listen_fds(rt, NULL, lerr, sizeof lerr);
+    if (rc < 0) {
+        SL_ERR("%s", lerr);
+        return rc;
     }
     int err = 0;
     gw->workers = sl_workers_start(n, buffer_bytes(cfg), &hooks, gw, &err);
@@ -535,7 +1019,7 @@ int sl_gateway_start(struct sl_gateway *gw)
     }
     gw->worker_count = n;
     char cerr[256];
-    gw->control = sl_control_start(cfg, gw->rt.pools, cerr, sizeof cerr);
+    gw->control = sl_control_start(cfg, rt->pools, cerr, sizeof cerr);
     if (!gw->control && cerr[0]) {
         SL_ERR("%s", cerr);
         return -ENOMEM;
@@ -545,6 +1029,80 @@ int sl_gateway_start(struct sl_gateway *gw)
     SL_INFO("%u worker%s running, at most %u client connections", n, n == 1 ? "" : "s",
             gw->gate.max);
     return 0;
+}
+
+/* Settings a running process cannot change: named so the operator knows to restart. */
+static void warn_fixed(const struct sl_config *old, const struct sl_config *cfg)
+{
+    if (old->workers != cfg->workers)
+        SL_WARN("reload: `workers` changes at the next restart");
+    if (old->max_connections != cfg->max_connections)
+        SL_WARN("reload: `max_connections` changes at the next restart");
+    if (old->max_buffer_memory != cfg->max_buffer_memory)
+        SL_WARN("reload: `max_buffer_memory` changes at the next restart");
+    for (size_t i = 0; i < cfg->listener_count; i++)
+        for (size_t j = 0; j < old->listener_count; j++)
+            if (same_listener(&old->listeners[j], &cfg->listeners[i]) &&
+                old->listeners[j].backlog != cfg->listeners[i].backlog)
+                SL_WARN("reload: listener %s: `backlog` changes at the next restart",
+                        cfg->listeners[i].name);
+}
+
+int sl_gateway_reload(struct sl_gateway *gw, struct sl_config *cfg, char *err, size_t err_len)
+{
+    pthread_mutex_lock(&gw->reload_lock);
+    struct sl_runtime *old = gw->rt;
+    warn_fixed(old->cfg, cfg);
+    struct sl_runtime *rt = runtime_build(gw, cfg, old, gw->worker_count, err, err_len);
+    int rc = -1;
+    if (!rt)
+        goto out;
+    if (open_listen_fds(rt, old, err, err_len) < 0)
+        goto fail;
+    char cerr[256] = "";
+    struct sl_control *control = sl_control_start(rt->cfg, rt->pools, cerr, sizeof cerr);
+    if (!control && cerr[0]) {
+        snprintf(err, err_len, "%s", cerr);
+        goto fail;
+    }
+    pthread_mutex_lock(&gw->rt_lock);
+    gw->rt = rt; /* the gateway's reference moves to the new generation */
+    old->next = gw->retired;
+    gw->retired = old;
+    pthread_mutex_unlock(&gw->rt_lock);
+    for (unsigned i = 0; i < gw->worker_count; i++)
+        sl_worker_post(&gw->workers[i], SL_WORKER_CMD_RELOAD);
+    /* Wait until every running worker took it, so that the old health checks stop only when
+     * no new request can pick from the old pools. Bounded: a worker busy for seconds is
+     * already failing its requests. */
+    uint64_t deadline = sl_clock_now_ms() + 5000;
+    for (;;) {
+        bool all = true;
+        for (unsigned i = 0; i < gw->worker_count; i++) {
+            struct sl_gw_worker *ww = gw->workers[i].app;
+            if (!atomic_load(&gw->workers[i].exited) && ww &&
+                atomic_load(&ww->generation) < rt->generation)
+                all = false;
+        }
+        if (all || sl_clock_now_ms() >= deadline)
+            break;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    sl_control_stop(gw->control);
+    gw->control = control;
+    sl_runtime_release(old); /* the gateway's reference */
+    rc = 0;
+    SL_INFO("configuration generation %llu is live (%zu listeners, %zu routes, %zu upstreams)",
+            (unsigned long long)rt->generation, rt->cfg->listener_count, rt->cfg->route_count,
+            rt->cfg->upstream_count);
+    goto out;
+fail:
+    runtime_free(rt);
+out:
+    pthread_mutex_unlock(&gw->reload_lock);
+    sl_gateway_collect(gw);
+    return rc;
 }
 
 void sl_gateway_drain(struct sl_gateway *gw)
@@ -568,27 +1126,18 @@ void sl_gateway_free(struct sl_gateway *gw)
         for (unsigned i = 0; i < gw->worker_count; i++)
             sl_worker_post(&gw->workers[i], SL_WORKER_CMD_STOP);
         sl_workers_free(gw->workers, gw->worker_count);
+        gw->workers = NULL;
     }
-    const struct sl_config *cfg = gw->rt.cfg;
-    if (gw->listen_fds && cfg) {
-        size_t nfds = (size_t)gw->rt.worker_count * cfg->listener_count;
-        for (size_t i = 0; i < nfds; i++)
-            if (gw->listen_fds[i] >= 0)
-                close(gw->listen_fds[i]);
+    runtime_free(gw->rt);
+    while (gw->retired) {
+        struct sl_runtime *rt = gw->retired;
+        gw->retired = rt->next;
+        runtime_free(rt);
     }
-    free(gw->listen_fds);
-    if (cfg) {
-        for (size_t i = 0; gw->rt.routers && i < cfg->listener_count; i++)
-            sl_router_free(gw->rt.routers[i]);
-        for (size_t i = 0; gw->rt.pools && i < cfg->upstream_count; i++)
-            sl_pool_free(gw->rt.pools[i]);
-    }
-    for (size_t i = 0; cfg && gw->rt.listeners && i < cfg->listener_count; i++)
-        listener_rt_dispose(&gw->rt.listeners[i]);
-    free(gw->rt.listeners);
-    free(gw->rt.routers);
-    free(gw->rt.pools);
-    sl_filter_set_free(gw->rt.filters);
-    sl_config_free(gw->rt.cfg);
+    for (size_t i = 0; i < gw->ip_table_count; i++)
+        sl_ip_limit_free(gw->ip_tables[i]);
+    free(gw->ip_tables);
+    pthread_mutex_destroy(&gw->rt_lock);
+    pthread_mutex_destroy(&gw->reload_lock);
     free(gw);
 }

@@ -40,6 +40,9 @@ enum ex_state {
 struct exchange {
     struct sl_request *req;
     struct sl_proxy_listener *gl;
+    /* The worker state of the config generation the request started on: a reload swaps the
+     * listener's for new requests while this one finishes on its own. */
+    struct sl_proxy_worker *pw;
     const struct sl_route_conf *route;
     struct sl_upstream_rt *up;
     struct sl_filter_run frun;
@@ -241,7 +244,7 @@ static void ex_release_upstream(struct exchange *ex, enum sl_outcome outcome, bo
 
 static void ex_end(struct exchange *ex)
 {
-    struct sl_proxy_worker *pw = ex->gl->pw;
+    struct sl_proxy_worker *pw = ex->pw;
     sl_timer_cancel(&pw->worker->loop, &ex->retry_timer);
     if (ex->counted_request) {
         atomic_fetch_sub_explicit(&ex->up->pool->requests, 1, memory_order_relaxed);
@@ -249,6 +252,9 @@ static void ex_end(struct exchange *ex)
     }
     ex->state = EX_DONE;
     ex->req->handler_state = NULL;
+    ex->req->log.retries = ex->retries;
+    if (ex->req->log.upstream_start_us && !ex->req->log.upstream_end_us)
+        ex->req->log.upstream_end_us = sl_clock_now_ns() / 1000u;
     pw->inflight--;
     if (pw->on_idle)
         pw->on_idle(pw);
@@ -561,12 +567,13 @@ static bool ex_may_retry(struct exchange *ex, enum retry_cond cond, int status)
         return false; /* part of the body is gone and cannot be sent again */
     if (ex->tried_count >= SL_PICK_MAX_EXCLUDE)
         return false;
-    return sl_pool_budget_retry(ex->up->pool, rc, sl_loop_now_ms(&ex->gl->pw->worker->loop));
+    return sl_pool_budget_retry(ex->up->pool, rc, sl_loop_now_ms(&ex->pw->worker->loop));
 }
 
 static void on_retry_timer(struct sl_timer *t)
 {
     struct exchange *ex = t->data;
+    sl_loop_charge(&ex->pw->worker->loop, &ex->req->log.cpu_ns);
     if (ex->state == EX_BACKOFF)
         ex_try_endpoint(ex);
 }
@@ -598,7 +605,7 @@ static void ex_retry(struct exchange *ex, enum sl_outcome outcome, enum retry_co
         return;
     }
     ex->state = EX_BACKOFF;
-    sl_timer_arm(&ex->gl->pw->worker->loop, &ex->retry_timer, delay);
+    sl_timer_arm(&ex->pw->worker->loop, &ex->retry_timer, delay);
 }
 
 /* Ends the current attempt as failed; retries when allowed, else answers the client with this
@@ -683,6 +690,11 @@ static void ex_try_endpoint(struct exchange *ex)
     ex->wep = w;
     ex->probe = probe;
     ex->tried[ex->tried_count++] = w->ep;
+    /* The endpoint may be freed before the request ends (a new set): the log keeps a copy. */
+    ex->req->log.endpoint =
+        sl_arena_dup(&ex->req->arena, w->ep->address, strlen(w->ep->address) + 1);
+    if (!ex->req->log.upstream_start_us)
+        ex->req->log.upstream_start_us = sl_loop_now_us(&ex->pw->worker->loop);
     int err = 0;
     ex->uc = ex_acquire(ex, w, false, &err);
     if (!ex->uc) {
@@ -967,7 +979,7 @@ static void ex_on_response_head(struct exchange *ex, const struct sl_h1_response
 /* Parses what the upstream sent so far. Returns false when the exchange ended. */
 static bool ex_parse_response_head(struct exchange *ex, bool eof)
 {
-    struct sl_proxy_worker *pw = ex->gl->pw;
+    struct sl_proxy_worker *pw = ex->pw;
     struct sl_upstream_conn *uc = ex->uc;
     for (;;) {
         if (!uc->in.data || sl_buf_len(&uc->in) == 0) {
@@ -1086,6 +1098,7 @@ static void ex_pump_response(struct exchange *ex)
 static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void *data)
 {
     struct exchange *ex = data;
+    sl_loop_charge(&ex->pw->worker->loop, &ex->req->log.cpu_ns);
     (void)uc;
     if (ex->state == EX_CONNECTING) {
         int err = (events & (EPOLLERR | EPOLLHUP)) ? sl_upstream_conn_connect_result(ex->uc) : 0;
@@ -1131,6 +1144,7 @@ static void ex_upstream_event(struct sl_upstream_conn *uc, uint32_t events, void
 static void ex_upstream_timeout(struct sl_upstream_conn *uc, void *data)
 {
     struct exchange *ex = data;
+    sl_loop_charge(&ex->pw->worker->loop, &ex->req->log.cpu_ns);
     (void)uc;
     if (ex->state == EX_CONNECTING) {
         ex_connect_failed(ex, -ETIMEDOUT);
@@ -1157,6 +1171,9 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
     struct exchange *ex = run->data;
     if (v == SL_FILTER_RESPOND) {
         struct sl_request *req = ex->req;
+        req->log.error = run->error;
+        if (run->chain && run->pos < run->chain->count)
+            req->log.filter = run->chain->items[run->pos].ops->name;
         ex_end(ex);
         sl_request_respond(
             req, run->status, run->content_type ? run->content_type : "application/json",
@@ -1167,8 +1184,9 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
         ex_direct(ex);
         return;
     }
-    ex->up = &ex->gl->pw->upstreams[ex->route->upstream_index];
+    ex->up = &ex->pw->upstreams[ex->route->upstream_index];
     struct sl_request *req = ex->req;
+    req->log.upstream = ex->up->conf->name;
     const struct sl_upstream_conf *uconf = ex->up->conf;
     uint32_t maxr = uconf->breaker.max_requests;
     if (maxr) {
@@ -1185,7 +1203,7 @@ static void on_filters_done(struct sl_filter_run *run, enum sl_filter_verdict v)
     if (ex->rc->attempts == 0)
         ex->rc = NULL;
     else
-        sl_pool_budget_request(ex->up->pool, sl_loop_now_ms(&ex->gl->pw->worker->loop));
+        sl_pool_budget_request(ex->up->pool, sl_loop_now_ms(&ex->pw->worker->loop));
     struct sl_slice idem;
     ex->retryable_method = is_idempotent(req) || (ex->rc && ex->rc->non_idempotent) ||
                            sl_request_header(req, "Idempotency-Key", &idem);
@@ -1256,9 +1274,10 @@ static void h_on_request(struct sl_request *req)
     memset(ex, 0, sizeof *ex);
     ex->req = req;
     ex->gl = gl;
+    ex->pw = gl->pw;
     sl_timer_init(&ex->retry_timer, on_retry_timer, ex);
     req->handler_state = ex;
-    gl->pw->inflight++;
+    ex->pw->inflight++;
     struct sl_route_input in = {
         .host = req->host_name,
         .path = req->path,
@@ -1269,13 +1288,17 @@ static void h_on_request(struct sl_request *req)
     };
     ex->route = sl_router_match(gl->router, &in);
     req->route = ex->route;
+    if (ex->route) {
+        req->log.route = ex->route->name;
+        req->log.route_index = ex->route->index;
+    }
     if (!ex->route) {
         ex_end(ex);
         sl_request_respond_error(req, 404, "no_route");
         return;
     }
     ex->state = EX_FILTERS;
-    const struct sl_filter_set *fs = gl->pw->filters;
+    const struct sl_filter_set *fs = ex->pw->filters;
     sl_filter_run_start(&ex->frun, fs ? &fs->route_chains[ex->route->index] : NULL,
-                        gl->pw->filter_wstates, req, on_filters_done, ex);
+                        ex->pw->filter_wstates, req, on_filters_done, ex);
 }
