@@ -1,0 +1,1285 @@
+#include "obs/access_log.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <zstd.h>
+
+#include "config/config.h"
+#include "core/fmt.h"
+#include "core/log.h"
+#include "core/slice.h"
+#include "http/request.h"
+
+/*
+ * Two halves. The worker side (sl_alog_record) sizes a binary record, copies it into the
+ * worker's ring and publishes it with one release store: the whole cost a request pays.
+ * The log thread does everything else: JSON, time conversion, escaping, compression, files.
+ *
+ * Ring: a byte ring of power-of-two capacity with free-running 64-bit head (consumer) and
+ * tail (producer) positions. Records are padded to 8 bytes, so a record's length word never
+ * straddles the end; the record itself may, and is then staged in a per-ring scratch area
+ * and copied in two parts.
+ */
+
+/* ---- record layout --------------------------------------------------------------------- */
+
+enum {
+    S_REQUEST_ID,
+    S_CLIENT,
+    S_METHOD,
+    S_HOST,
+    S_PATH,
+    S_ROUTE,
+    S_CONSUMER,
+    S_UPSTREAM,
+    S_ENDPOINT,
+    S_ERROR,
+    S_FILTER,
+    S_SUBJECT,
+    S_COUNT
+};
+
+/* Longest kept byte count of each string; longer ones are cut (the record says so). */
+static const uint16_t str_cap[S_COUNT] = {
+    [S_REQUEST_ID] = 128, [S_CLIENT] = 64, [S_METHOD] = 32,    [S_HOST] = 256,
+    [S_PATH] = 2048,      [S_ROUTE] = 256, [S_CONSUMER] = 256, [S_UPSTREAM] = 256,
+    [S_ENDPOINT] = 256,   [S_ERROR] = 128, [S_FILTER] = 64,    [S_SUBJECT] = 512,
+};
+#define STR_CAP_TOTAL (128 + 64 + 32 + 256 + 2048 + 256 + 256 + 256 + 256 + 128 + 64 + 512)
+
+#define HDR_VALUE_CAP 1024  /* one header value */
+#define HDR_TOTAL_CAP 4096  /* all header values of one record */
+#define HDR_ENTRIES_MAX 32  /* header occurrences kept per record */
+#define CONF_HEADERS_MAX 64 /* distinct configured headers (a bit each in a uint64_t) */
+#define HDR_NAME_MAX 64     /* configured header name length */
+
+#define F_ABORTED 1u
+#define F_TLS 2u
+#define F_TRUNCATED 4u
+
+/* Fixed part of a record in the ring; header entries, strings and header values follow. */
+struct rec {
+    uint32_t len; /* whole record including padding: always the first word */
+    uint16_t status;
+    uint8_t flags;
+    uint8_t nhdr;
+    uint32_t retries;
+    uint16_t present; /* bit per string: set when it exists (an empty one is then "") */
+    uint16_t pad;
+    uint64_t bytes_in, bytes_out;
+    uint64_t start_us, end_us, up_start_us, up_end_us;
+    uint64_t cpu_ns;
+    uint16_t slen[S_COUNT];
+};
+
+struct rec_hdr {
+    uint16_t idx; /* into the writer's recorded-header list */
+    uint16_t len;
+};
+
+#define REC_MAX                                                                                    \
+    (sizeof(struct rec) + HDR_ENTRIES_MAX * sizeof(struct rec_hdr) + STR_CAP_TOTAL +               \
+     HDR_TOTAL_CAP + 8)
+#define RING_MIN 4096
+
+/* Worst-case JSON of one record: every byte escaped to six, plus keys and numbers. */
+#define JSON_REC_MAX (64 * 1024)
+_Static_assert(6 * (STR_CAP_TOTAL + HDR_TOTAL_CAP) + HDR_ENTRIES_MAX * (6 * HDR_NAME_MAX + 8) +
+                       2048 <=
+                   JSON_REC_MAX,
+               "JSON_REC_MAX too small for the caps");
+#define JSON_BATCH (512 * 1024) /* formatted bytes compressed per flush */
+
+#define STOP_TIMEOUT_S 5
+#define ERR_LOG_INTERVAL_US (10ull * 1000 * 1000)
+
+static const char *const always_redacted[] = {"authorization", "proxy-authorization", "cookie",
+                                              "set-cookie", "x-api-key"};
+
+#define TMP_PREFIX ".sluice-"
+#define TMP_SUFFIX ".jsonl.zst.tmp"
+
+/* ---- the writer ------------------------------------------------------------------------ */
+
+struct ring {
+    /* the producer's line: written by the worker only (dropped is read by stats readers) */
+    alignas(64) _Atomic uint64_t tail;
+    uint64_t head_cache; /* last head seen, so the producer reads the consumer's line rarely */
+    _Atomic uint64_t dropped;
+    unsigned char *buf;
+    unsigned char *scratch; /* REC_MAX bytes, for a record that wraps */
+    uint64_t mask;
+    /* the consumer's line */
+    alignas(64) _Atomic uint64_t head;
+};
+
+struct sl_alog {
+    /* fixed after sl_alog_new: what the workers read */
+    struct ring *rings;
+    unsigned ring_count;
+    uint64_t ring_cap;
+    unsigned hdr_count;
+    uint8_t hdr_len[CONF_HEADERS_MAX];
+    char hdr_name[CONF_HEADERS_MAX][HDR_NAME_MAX + 1]; /* lower case */
+
+    char *dir;
+    uint64_t seg_max_bytes, seg_max_age_us, flush_interval_ms;
+    int pid;
+    void (*on_segment)(const char *path, void *data);
+    void *on_segment_data;
+
+    /* lifecycle (main thread), and the stop request (under mu) */
+    pthread_t thread;
+    bool thread_started, stopped, abandoned;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    bool stop_requested;
+
+    /* the log thread's state (the caller's after a stop without a thread) */
+    ZSTD_CCtx *cctx;
+    char *json;
+    size_t json_len;
+    uint64_t batch_records;
+    unsigned char *out;
+    size_t out_cap;
+    unsigned char *rec_buf; /* REC_MAX, 8-aligned */
+    bool cycle_failed;      /* a write failed this cycle: the rest of it is dropped */
+    bool io_failing;        /* since the last successful write */
+    uint64_t pair_mono_us, pair_wall_us;
+    int64_t tcache_sec;
+    char tcache[20]; /* "YYYY-MM-DDTHH:MM:SS" of tcache_sec */
+    uint64_t seq, last_name_ms;
+    uint64_t err_logged_us, err_suppressed;
+    bool err_logged;
+    /* the open segment (fd < 0: none) */
+    int fd;
+    char tmp_path[PATH_MAX];
+    uint64_t seg_seq, seg_wall_ms, seg_opened_us;
+    uint64_t seg_bytes; /* written to the file */
+    uint64_t seg_good;  /* file size at the last complete flush */
+    uint64_t seg_records;
+
+    /* counters: written by the log thread only, read by anyone */
+    alignas(64) _Atomic uint64_t written, dropped_io, bytes_unc, bytes_comp, seg_closed, seg_failed;
+};
+
+static inline void count(_Atomic uint64_t *c, uint64_t n)
+{
+    /* single writer: a plain load and store, no locked instruction */
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n,
+                          memory_order_relaxed);
+}
+
+static uint64_t clock_us(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* ---- the worker side ------------------------------------------------------------------- */
+
+static inline void set_cstr(struct sl_slice *s, unsigned *present, int i, const char *v)
+{
+    if (v) {
+        s[i] = sl_slice_cstr(v);
+        *present |= 1u << i;
+    } else {
+        s[i] = (struct sl_slice){"", 0};
+    }
+}
+
+static inline void set_slice(struct sl_slice *s, unsigned *present, int i, struct sl_slice v)
+{
+    if (v.len && v.ptr) {
+        s[i] = v;
+        *present |= 1u << i;
+    } else {
+        s[i] = (struct sl_slice){"", 0};
+    }
+}
+
+/* Index of `name` in the recorded-header list, or -1. Lengths first: most names differ. */
+static inline int match_header(const struct sl_alog *a, struct sl_slice name)
+{
+    for (unsigned j = 0; j < a->hdr_count; j++) {
+        if (a->hdr_len[j] != name.len)
+            continue;
+        const char *h = a->hdr_name[j];
+        size_t k = 0;
+        while (k < name.len && sl_ascii_lower(name.ptr[k]) == h[k])
+            k++;
+        if (k == name.len)
+            return (int)j;
+    }
+    return -1;
+}
+
+static void ring_copy_in(struct ring *r, uint64_t off, const unsigned char *src, size_t n)
+{
+    size_t first = (size_t)(r->mask + 1 - off);
+    if (first >= n) {
+        memcpy(r->buf + off, src, n);
+    } else {
+        memcpy(r->buf + off, src, first);
+        memcpy(r->buf, src + first, n - first);
+    }
+}
+
+void sl_alog_record(struct sl_alog *a, unsigned worker, const struct sl_request *req)
+{
+    if (!a || !req || worker >= a->ring_count)
+        return;
+    struct ring *r = &a->rings[worker];
+    const struct sl_request_log *lg = &req->log;
+    struct sl_slice s[S_COUNT];
+    unsigned present = 0;
+    set_slice(s, &present, S_REQUEST_ID, req->request_id);
+    set_slice(s, &present, S_CLIENT, req->client_ip);
+    set_slice(s, &present, S_METHOD, req->method);
+    set_slice(s, &present, S_HOST, req->host);
+    set_slice(s, &present, S_PATH, req->path);
+    set_cstr(s, &present, S_ROUTE, lg->route);
+    set_slice(s, &present, S_CONSUMER, req->consumer);
+    set_cstr(s, &present, S_UPSTREAM, lg->upstream);
+    set_cstr(s, &present, S_ENDPOINT, lg->endpoint);
+    set_cstr(s, &present, S_ERROR, lg->error);
+    set_cstr(s, &present, S_FILTER, lg->filter);
+    char subject[512 + 1];
+    s[S_SUBJECT] = (struct sl_slice){subject, 0};
+    if (req->secure) {
+        /* cached by the TLS transport after the first call on a connection */
+        size_t n = sl_request_client_subject(req, subject, sizeof subject);
+        if (n) {
+            s[S_SUBJECT].len = n;
+            present |= 1u << S_SUBJECT;
+        }
+    }
+
+    struct rec h;
+    h.flags = 0;
+    size_t total = sizeof h;
+    for (int i = 0; i < S_COUNT; i++) {
+        if (s[i].len > str_cap[i]) {
+            s[i].len = str_cap[i];
+            h.flags |= F_TRUNCATED;
+        }
+        h.slen[i] = (uint16_t)s[i].len;
+        total += s[i].len;
+    }
+
+    struct rec_hdr ent[HDR_ENTRIES_MAX];
+    const char *val[HDR_ENTRIES_MAX];
+    unsigned n = 0;
+    size_t hbytes = 0;
+    if (a->hdr_count && req->headers) {
+        for (size_t i = 0; i < req->header_count; i++) {
+            int idx = match_header(a, req->headers[i].name);
+            if (idx < 0)
+                continue;
+            if (n == HDR_ENTRIES_MAX) {
+                h.flags |= F_TRUNCATED;
+                break;
+            }
+            size_t vl = req->headers[i].value.len;
+            if (vl > HDR_VALUE_CAP) {
+                vl = HDR_VALUE_CAP;
+                h.flags |= F_TRUNCATED;
+            }
+            if (vl > HDR_TOTAL_CAP - hbytes) {
+                vl = HDR_TOTAL_CAP - hbytes;
+                h.flags |= F_TRUNCATED;
+            }
+            ent[n] = (struct rec_hdr){(uint16_t)idx, (uint16_t)vl};
+            val[n] = req->headers[i].value.ptr;
+            hbytes += vl;
+            n++;
+        }
+    }
+    total += n * sizeof(struct rec_hdr) + hbytes;
+    total = (total + 7) & ~(size_t)7;
+
+    /* Room check against the cached head first; the consumer's line is read only when the
+     * cached view says the ring is full. */
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    uint64_t cap = r->mask + 1;
+    if (cap - (tail - r->head_cache) < total) {
+        r->head_cache = atomic_load_explicit(&r->head, memory_order_acquire);
+        if (cap - (tail - r->head_cache) < total) {
+            count(&r->dropped, 1);
+            return;
+        }
+    }
+
+    h.len = (uint32_t)total;
+    h.status = (uint16_t)(lg->status > 0 && lg->status < 65536 ? lg->status : 0);
+    h.flags |= (lg->aborted ? F_ABORTED : 0) | (req->secure ? F_TLS : 0);
+    h.nhdr = (uint8_t)n;
+    h.retries = lg->retries;
+    h.present = (uint16_t)present;
+    h.pad = 0;
+    h.bytes_in = lg->bytes_in;
+    h.bytes_out = lg->bytes_out;
+    h.start_us = lg->start_us;
+    h.end_us = lg->end_us;
+    h.up_start_us = lg->upstream_start_us;
+    h.up_end_us = lg->upstream_end_us;
+    h.cpu_ns = lg->cpu_ns;
+
+    uint64_t off = tail & r->mask;
+    bool wraps = off + total > cap;
+    unsigned char *dst = wraps ? r->scratch : r->buf + off;
+    unsigned char *p = dst;
+    memcpy(p, &h, sizeof h);
+    p += sizeof h;
+    if (n) {
+        memcpy(p, ent, n * sizeof ent[0]);
+        p += n * sizeof ent[0];
+    }
+    for (int i = 0; i < S_COUNT; i++) {
+        if (s[i].len)
+            memcpy(p, s[i].ptr, s[i].len);
+        p += s[i].len;
+    }
+    for (unsigned j = 0; j < n; j++) {
+        if (ent[j].len)
+            memcpy(p, val[j], ent[j].len);
+        p += ent[j].len;
+    }
+    if (wraps)
+        ring_copy_in(r, off, r->scratch, total);
+    atomic_store_explicit(&r->tail, tail + total, memory_order_release);
+}
+
+/* ---- JSON (log thread) ----------------------------------------------------------------- */
+
+#define LIT(o, s) (memcpy((o), (s), sizeof(s) - 1), (o) + sizeof(s) - 1)
+
+/* Length of the valid UTF-8 sequence at s (RFC 3629: no overlongs, surrogates or code
+ * points past U+10FFFF), or 0. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    unsigned lo = 0x80, hi = 0xbf;
+    size_t k;
+    if (c >= 0xc2 && c <= 0xdf) {
+        k = 2;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        k = 3;
+        if (c == 0xe0)
+            lo = 0xa0;
+        else if (c == 0xed)
+            hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        k = 4;
+        if (c == 0xf0)
+            lo = 0x90;
+        else if (c == 0xf4)
+            hi = 0x8f;
+    } else {
+        return 0;
+    }
+    if (n < k || s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t i = 2; i < k; i++)
+        if (s[i] < 0x80 || s[i] > 0xbf)
+            return 0;
+    return k;
+}
+
+static char *esc_byte(char *o, unsigned c)
+{
+    static const char hex[] = "0123456789abcdef";
+    o = LIT(o, "\\u00");
+    *o++ = hex[c >> 4];
+    *o++ = hex[c & 15];
+    return o;
+}
+
+/*
+ * Escapes for a JSON string: quote, backslash and control bytes escaped, valid UTF-8 kept,
+ * and each byte of an invalid sequence written as \u00XX (the code point of that byte's
+ * value), so the original bytes can still be told apart. At most 6 output bytes per input.
+ */
+static char *esc(char *o, const char *src, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)src;
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i;
+        while (j < n && s[j] >= 0x20 && s[j] < 0x7f && s[j] != '"' && s[j] != '\\')
+            j++;
+        if (j > i) {
+            memcpy(o, s + i, j - i);
+            o += j - i;
+            i = j;
+            if (i == n)
+                break;
+        }
+        unsigned c = s[i];
+        if (c < 0x80) {
+            switch (c) {
+            case '"':
+                o = LIT(o, "\\\"");
+                break;
+            case '\\':
+                o = LIT(o, "\\\\");
+                break;
+            case '\n':
+                o = LIT(o, "\\n");
+                break;
+            case '\r':
+                o = LIT(o, "\\r");
+                break;
+            case '\t':
+                o = LIT(o, "\\t");
+                break;
+            default:
+                o = esc_byte(o, c);
+            }
+            i++;
+            continue;
+        }
+        size_t k = utf8_len(s + i, n - i);
+        if (k) {
+            memcpy(o, s + i, k);
+            o += k;
+            i += k;
+        } else {
+            o = esc_byte(o, c);
+            i++;
+        }
+    }
+    return o;
+}
+
+static char *put_str(char *o, const char *s, size_t n)
+{
+    *o++ = '"';
+    o = esc(o, s, n);
+    *o++ = '"';
+    return o;
+}
+
+static char *put_opt(char *o, bool present, const char *s, size_t n)
+{
+    return present ? put_str(o, s, n) : LIT(o, "null");
+}
+
+static char *put_u64(char *o, uint64_t v)
+{
+    return o + sl_fmt_u64(o, v);
+}
+
+/* v thousandths as "int.ddd" (microseconds as milliseconds, nanoseconds as microseconds) */
+static char *put_milli(char *o, uint64_t v)
+{
+    o = put_u64(o, v / 1000);
+    unsigned f = (unsigned)(v % 1000);
+    *o++ = '.';
+    *o++ = (char)('0' + f / 100);
+    *o++ = (char)('0' + f / 10 % 10);
+    *o++ = (char)('0' + f % 10);
+    return o;
+}
+
+static char *put_pad(char *o, unsigned v, int width)
+{
+    for (int i = width - 1; i >= 0; i--) {
+        o[i] = (char)('0' + v % 10);
+        v /= 10;
+    }
+    return o + width;
+}
+
+/* "YYYY-MM-DDTHH:MM:SS" (sep true) or "YYYYMMDDTHHMMSS" */
+static char *put_civil(char *o, time_t sec, bool sep)
+{
+    struct tm tm;
+    if (!gmtime_r(&sec, &tm))
+        memset(&tm, 0, sizeof tm);
+    unsigned year = (unsigned)(tm.tm_year + 1900) % 10000;
+    o = put_pad(o, year, 4);
+    if (sep)
+        *o++ = '-';
+    o = put_pad(o, (unsigned)tm.tm_mon + 1, 2);
+    if (sep)
+        *o++ = '-';
+    o = put_pad(o, (unsigned)tm.tm_mday, 2);
+    *o++ = 'T';
+    o = put_pad(o, (unsigned)tm.tm_hour, 2);
+    if (sep)
+        *o++ = ':';
+    o = put_pad(o, (unsigned)tm.tm_min, 2);
+    if (sep)
+        *o++ = ':';
+    return put_pad(o, (unsigned)tm.tm_sec, 2);
+}
+
+/* Wall-clock microseconds of a loop-clock reading, through this cycle's (mono, wall) pair. */
+static uint64_t wall_of(const struct sl_alog *a, uint64_t mono_us)
+{
+    if (mono_us == 0)
+        return a->pair_wall_us;
+    if (mono_us <= a->pair_mono_us)
+        return a->pair_wall_us - (a->pair_mono_us - mono_us);
+    return a->pair_wall_us + (mono_us - a->pair_mono_us);
+}
+
+static char *put_time(struct sl_alog *a, char *o, uint64_t wall_us)
+{
+    uint64_t ms = wall_us / 1000;
+    int64_t sec = (int64_t)(ms / 1000);
+    if (sec != a->tcache_sec) {
+        put_civil(a->tcache, (time_t)sec, true);
+        a->tcache_sec = sec;
+    }
+    memcpy(o, a->tcache, 19);
+    o += 19;
+    *o++ = '.';
+    o = put_pad(o, (unsigned)(ms % 1000), 3);
+    *o++ = 'Z';
+    return o;
+}
+
+/* Formats the record in a->rec_buf as one JSON line at `o`; returns the end. */
+static char *format_record(struct sl_alog *a, char *o)
+{
+    struct rec h;
+    memcpy(&h, a->rec_buf, sizeof h);
+    struct rec_hdr ent[HDR_ENTRIES_MAX];
+    unsigned n = h.nhdr <= HDR_ENTRIES_MAX ? h.nhdr : HDR_ENTRIES_MAX;
+    const char *p = (const char *)a->rec_buf + sizeof h;
+    memcpy(ent, p, n * sizeof ent[0]);
+    p += h.nhdr * sizeof ent[0];
+    const char *str[S_COUNT];
+    for (int i = 0; i < S_COUNT; i++) {
+        str[i] = p;
+        p += h.slen[i];
+    }
+#define HAS(i) ((h.present >> (i)) & 1u)
+#define STR(i) str[i], h.slen[i]
+
+    o = LIT(o, "{\"time\":\"");
+    o = put_time(a, o, wall_of(a, h.start_us));
+    o = LIT(o, "\",\"request_id\":");
+    o = put_str(o, STR(S_REQUEST_ID));
+    o = LIT(o, ",\"client\":");
+    o = put_str(o, STR(S_CLIENT));
+    o = LIT(o, ",\"method\":");
+    o = put_str(o, STR(S_METHOD));
+    o = LIT(o, ",\"host\":");
+    o = put_str(o, STR(S_HOST));
+    o = LIT(o, ",\"path\":");
+    o = put_str(o, STR(S_PATH));
+    o = LIT(o, ",\"status\":");
+    o = put_u64(o, h.status);
+    o = LIT(o, ",\"bytes_in\":");
+    o = put_u64(o, h.bytes_in);
+    o = LIT(o, ",\"bytes_out\":");
+    o = put_u64(o, h.bytes_out);
+    o = LIT(o, ",\"route\":");
+    o = put_opt(o, HAS(S_ROUTE), STR(S_ROUTE));
+    o = LIT(o, ",\"consumer\":");
+    o = put_opt(o, HAS(S_CONSUMER), STR(S_CONSUMER));
+    o = LIT(o, ",\"upstream\":");
+    o = put_opt(o, HAS(S_UPSTREAM), STR(S_UPSTREAM));
+    o = LIT(o, ",\"endpoint\":");
+    o = put_opt(o, HAS(S_ENDPOINT), STR(S_ENDPOINT));
+    o = LIT(o, ",\"upstream_ms\":");
+    if (h.up_start_us && h.up_end_us >= h.up_start_us)
+        o = put_milli(o, h.up_end_us - h.up_start_us);
+    else
+        o = LIT(o, "null");
+    o = LIT(o, ",\"total_ms\":");
+    o = put_milli(o, h.end_us >= h.start_us ? h.end_us - h.start_us : 0);
+    o = LIT(o, ",\"retries\":");
+    o = put_u64(o, h.retries);
+    o = LIT(o, ",\"error\":");
+    o = put_opt(o, HAS(S_ERROR), STR(S_ERROR));
+    if (HAS(S_FILTER)) {
+        o = LIT(o, ",\"filter\":");
+        o = put_str(o, STR(S_FILTER));
+    }
+    o = LIT(o, ",\"cpu_us\":");
+    o = put_milli(o, h.cpu_ns);
+    o = (h.flags & F_TLS) ? LIT(o, ",\"tls\":true") : LIT(o, ",\"tls\":false");
+    if (HAS(S_SUBJECT)) {
+        o = LIT(o, ",\"client_subject\":");
+        o = put_str(o, STR(S_SUBJECT));
+    }
+    if (h.flags & F_ABORTED)
+        o = LIT(o, ",\"aborted\":true");
+    if (h.flags & F_TRUNCATED)
+        o = LIT(o, ",\"truncated\":true");
+    if (a->hdr_count) {
+        const char *val[HDR_ENTRIES_MAX];
+        for (unsigned j = 0; j < n; j++) {
+            val[j] = p;
+            p += ent[j].len;
+        }
+        o = LIT(o, ",\"headers\":{");
+        uint64_t done = 0;
+        bool first = true;
+        /* repeated headers become one key, values joined with ", " as HTTP allows */
+        for (unsigned j = 0; j < n; j++) {
+            unsigned idx = ent[j].idx;
+            if (idx >= a->hdr_count || (done >> idx) & 1u)
+                continue;
+            done |= 1ull << idx;
+            if (!first)
+                *o++ = ',';
+            first = false;
+            o = put_str(o, a->hdr_name[idx], a->hdr_len[idx]);
+            o = LIT(o, ":\"");
+            o = esc(o, val[j], ent[j].len);
+            for (unsigned k = j + 1; k < n; k++) {
+                if (ent[k].idx != idx)
+                    continue;
+                o = LIT(o, ", ");
+                o = esc(o, val[k], ent[k].len);
+            }
+            *o++ = '"';
+        }
+        *o++ = '}';
+    }
+#undef HAS
+#undef STR
+    return LIT(o, "}\n");
+}
+
+/* ---- files (log thread) ---------------------------------------------------------------- */
+
+static int mkdir_p(const char *dir)
+{
+    char path[PATH_MAX];
+    size_t len = strlen(dir);
+    if (len == 0 || len >= sizeof path)
+        return -ENAMETOOLONG;
+    memcpy(path, dir, len + 1);
+    for (size_t i = 1; i <= len; i++) {
+        if (path[i] != '/' && path[i] != 0)
+            continue;
+        char saved = path[i];
+        path[i] = 0;
+        if (mkdir(path, 0750) < 0 && errno != EEXIST)
+            return -errno;
+        path[i] = saved;
+    }
+    return 0;
+}
+
+static int write_all(int fd, const void *buf, size_t len, off_t at, bool positioned)
+{
+    const char *p = buf;
+    while (len) {
+        ssize_t n = positioned ? pwrite(fd, p, len, at) : write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        at += n;
+    }
+    return 0;
+}
+
+/* Logs a write failure at most once per ERR_LOG_INTERVAL_US, with how many were not logged. */
+static void log_io_error(struct sl_alog *a, const char *what, const char *path, int rc)
+{
+    uint64_t now = clock_us(CLOCK_MONOTONIC);
+    a->io_failing = true;
+    if (a->err_logged && now - a->err_logged_us < ERR_LOG_INTERVAL_US) {
+        a->err_suppressed++;
+        return;
+    }
+    SL_ERR("access log: %s %s: %s; records are dropped and counted until writes succeed "
+           "(%" PRIu64 " more errors since the last message, %" PRIu64 " records dropped)",
+           what, path, strerror(-rc), a->err_suppressed,
+           atomic_load_explicit(&a->dropped_io, memory_order_relaxed));
+    a->err_logged = true;
+    a->err_logged_us = now;
+    a->err_suppressed = 0;
+}
+
+static void seg_reset(struct sl_alog *a)
+{
+    a->fd = -1;
+    a->seg_bytes = a->seg_good = a->seg_records = 0;
+    a->tmp_path[0] = 0;
+}
+
+/* Closes and removes the open segment; its records, already flushed to it, are lost. */
+static void seg_discard(struct sl_alog *a)
+{
+    if (a->fd >= 0)
+        close(a->fd);
+    if (a->tmp_path[0])
+        unlink(a->tmp_path);
+    count(&a->dropped_io, a->seg_records);
+    count(&a->seg_failed, 1);
+    seg_reset(a);
+}
+
+static int seg_open(struct sl_alog *a)
+{
+    bool recreated = false;
+    for (int tries = 0; tries < 100; tries++) {
+        uint64_t seq = ++a->seq;
+        snprintf(a->tmp_path, sizeof a->tmp_path, "%s/" TMP_PREFIX "%d-%06" PRIu64 TMP_SUFFIX,
+                 a->dir, a->pid, seq);
+        int fd = open(a->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+        if (fd < 0 && errno == ENOENT && !recreated) {
+            /* the directory was removed under us: make it again, once per attempt */
+            recreated = true;
+            if (mkdir_p(a->dir) == 0)
+                fd = open(a->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+        }
+        if (fd < 0) {
+            if (errno == EEXIST)
+                continue; /* another process with our pid shares the directory */
+            int rc = -errno;
+            a->tmp_path[0] = 0;
+            return rc;
+        }
+        a->fd = fd;
+        a->seg_seq = seq;
+        a->seg_bytes = a->seg_good = a->seg_records = 0;
+        a->seg_opened_us = clock_us(CLOCK_MONOTONIC);
+        /* names sort by time: never go back, even when the wall clock steps back */
+        uint64_t ms = clock_us(CLOCK_REALTIME) / 1000;
+        if (ms < a->last_name_ms)
+            ms = a->last_name_ms;
+        a->seg_wall_ms = a->last_name_ms = ms;
+        ZSTD_CCtx_reset(a->cctx, ZSTD_reset_session_only);
+        return 0;
+    }
+    a->tmp_path[0] = 0;
+    return -EEXIST;
+}
+
+static int compress_write(struct sl_alog *a, const void *src, size_t len, ZSTD_EndDirective mode)
+{
+    ZSTD_inBuffer in = {src, len, 0};
+    for (;;) {
+        ZSTD_outBuffer out = {a->out, a->out_cap, 0};
+        size_t left = ZSTD_compressStream2(a->cctx, &out, &in, mode);
+        if (ZSTD_isError(left)) {
+            SL_ERR("access log: zstd: %s", ZSTD_getErrorName(left));
+            return -EIO;
+        }
+        if (out.pos) {
+            int rc = write_all(a->fd, a->out, out.pos, 0, false);
+            if (rc < 0)
+                return rc;
+            a->seg_bytes += out.pos;
+        }
+        if (left == 0 && in.pos == in.size)
+            return 0;
+    }
+}
+
+/* fsync, close, rename to the final name, then the hook. The segment's records count as
+ * written only here, so a segment lost at this point moves them to dropped_io instead. */
+static void seg_finish(struct sl_alog *a)
+{
+    if (fsync(a->fd) < 0) {
+        log_io_error(a, "syncing", a->tmp_path, -errno);
+        seg_discard(a);
+        return;
+    }
+    close(a->fd);
+    a->fd = -1;
+    char final[PATH_MAX], stamp[16];
+    char *e = put_civil(stamp, (time_t)(a->seg_wall_ms / 1000), false);
+    *e = 0;
+    int rc = -EEXIST;
+    for (int tries = 0; tries < 100 && rc == -EEXIST; tries++) {
+        snprintf(final, sizeof final, "%s/sluice-%s.%03uZ-%d-%06" PRIu64 ".jsonl.zst", a->dir,
+                 stamp, (unsigned)(a->seg_wall_ms % 1000), a->pid, a->seg_seq);
+        /* never replace a segment: two processes with one pid may share the directory */
+        rc = renameat2(AT_FDCWD, a->tmp_path, AT_FDCWD, final, RENAME_NOREPLACE) == 0 ? 0 : -errno;
+        if (rc == -EINVAL) /* the file system cannot promise it; the names still differ */
+            rc = rename(a->tmp_path, final) == 0 ? 0 : -errno;
+        if (rc == -EEXIST)
+            a->seg_seq = ++a->seq;
+    }
+    if (rc < 0) {
+        log_io_error(a, "renaming", a->tmp_path, rc);
+        seg_discard(a);
+        return;
+    }
+    int dfd = open(a->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd); /* the rename itself; the data is already synced */
+        close(dfd);
+    }
+    count(&a->written, a->seg_records);
+    count(&a->seg_closed, 1);
+    seg_reset(a);
+    if (a->on_segment)
+        a->on_segment(final, a->on_segment_data);
+}
+
+/*
+ * After a failed write: keep what earlier batches put in the segment. Each batch ended with a
+ * flush, so the file up to seg_good is a valid frame prefix of whole blocks; cutting it there
+ * and appending an empty last block (3 bytes: last, raw, size 0) ends the frame. The frame
+ * has no content checksum, so nothing else refers to the lost bytes.
+ */
+static void seg_salvage(struct sl_alog *a)
+{
+    static const unsigned char last_block[3] = {1, 0, 0};
+    ZSTD_CCtx_reset(a->cctx, ZSTD_reset_session_only);
+    if (a->seg_records == 0) {
+        seg_discard(a);
+        return;
+    }
+    if (ftruncate(a->fd, (off_t)a->seg_good) < 0 ||
+        write_all(a->fd, last_block, sizeof last_block, (off_t)a->seg_good, true) < 0) {
+        seg_discard(a);
+        return;
+    }
+    a->seg_bytes = a->seg_good + sizeof last_block;
+    count(&a->bytes_comp, sizeof last_block);
+    seg_finish(a);
+}
+
+static void io_failed(struct sl_alog *a, const char *what, int rc, uint64_t records)
+{
+    count(&a->dropped_io, records);
+    a->cycle_failed = true;
+    log_io_error(a, what, a->tmp_path[0] ? a->tmp_path : a->dir, rc);
+    if (a->fd >= 0)
+        seg_salvage(a);
+}
+
+static void seg_close(struct sl_alog *a)
+{
+    int rc = compress_write(a, NULL, 0, ZSTD_e_end);
+    if (rc < 0) {
+        log_io_error(a, "ending", a->tmp_path, rc);
+        seg_salvage(a);
+        return;
+    }
+    count(&a->bytes_comp, a->seg_bytes - a->seg_good);
+    a->seg_good = a->seg_bytes;
+    seg_finish(a);
+}
+
+/* Compresses and writes the formatted batch, ending with a flush so it is on disk promptly
+ * and the file stays a decodable prefix. Rotates by size. */
+static void flush_batch(struct sl_alog *a)
+{
+    if (!a->batch_records)
+        return;
+    uint64_t records = a->batch_records;
+    size_t len = a->json_len;
+    a->batch_records = 0;
+    a->json_len = 0;
+    int rc = a->fd >= 0 ? 0 : seg_open(a);
+    if (rc < 0) {
+        io_failed(a, "creating a segment in", rc, records);
+        return;
+    }
+    rc = compress_write(a, a->json, len, ZSTD_e_flush);
+    if (rc < 0) {
+        io_failed(a, "writing", rc, records);
+        return;
+    }
+    if (a->io_failing) {
+        SL_WARN("access log: segments are written again (%" PRIu64 " records dropped so far)",
+                atomic_load_explicit(&a->dropped_io, memory_order_relaxed));
+        a->io_failing = false;
+    }
+    count(&a->bytes_unc, len);
+    count(&a->bytes_comp, a->seg_bytes - a->seg_good);
+    a->seg_good = a->seg_bytes;
+    a->seg_records += records;
+    if (a->seg_bytes >= a->seg_max_bytes)
+        seg_close(a);
+}
+
+/* ---- the log thread -------------------------------------------------------------------- */
+
+static void take_record(struct sl_alog *a)
+{
+    if (!a->cycle_failed && JSON_BATCH - a->json_len < JSON_REC_MAX)
+        flush_batch(a);
+    if (a->cycle_failed) {
+        count(&a->dropped_io, 1);
+        return;
+    }
+    a->json_len = (size_t)(format_record(a, a->json + a->json_len) - a->json);
+    a->batch_records++;
+}
+
+/* Takes every record published so far; returns how many bytes the ring held. */
+static uint64_t drain_ring(struct sl_alog *a, struct ring *r)
+{
+    uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+    uint64_t fill = tail - head;
+    unsigned since = 0;
+    while (head != tail) {
+        uint64_t off = head & r->mask;
+        uint32_t len;
+        memcpy(&len, r->buf + off, sizeof len);
+        if (len < sizeof(struct rec) || len > REC_MAX || len > tail - head || (len & 7)) {
+            SL_ERR("access log: corrupt record in ring (length %" PRIu32 "); ring reset", len);
+            head = tail;
+            break;
+        }
+        size_t first = (size_t)(r->mask + 1 - off);
+        if (first >= len) {
+            memcpy(a->rec_buf, r->buf + off, len);
+        } else {
+            memcpy(a->rec_buf, r->buf + off, first);
+            memcpy(a->rec_buf + first, r->buf, len - first);
+        }
+        head += len;
+        if (++since == 64) { /* give the producer room while the rest is formatted */
+            atomic_store_explicit(&r->head, head, memory_order_release);
+            since = 0;
+        }
+        take_record(a);
+    }
+    atomic_store_explicit(&r->head, head, memory_order_release);
+    return fill;
+}
+
+/* One pass: drain, write, rotate by age (or close, when `final`). Returns true when a ring
+ * was over a quarter full, so the next pass should come sooner. */
+static bool run_cycle(struct sl_alog *a, bool final)
+{
+    a->pair_mono_us = clock_us(CLOCK_MONOTONIC);
+    a->pair_wall_us = clock_us(CLOCK_REALTIME);
+    a->cycle_failed = false;
+    uint64_t max_fill = 0;
+    for (unsigned i = 0; i < a->ring_count; i++) {
+        uint64_t fill = drain_ring(a, &a->rings[i]);
+        if (fill > max_fill)
+            max_fill = fill;
+    }
+    flush_batch(a);
+    if (a->fd >= 0 && (final || clock_us(CLOCK_MONOTONIC) - a->seg_opened_us >= a->seg_max_age_us))
+        seg_close(a);
+    return max_fill > a->ring_cap / 4;
+}
+
+static void *thread_main(void *arg)
+{
+    struct sl_alog *a = arg;
+    pthread_mutex_lock(&a->mu);
+    while (!a->stop_requested) {
+        pthread_mutex_unlock(&a->mu);
+        bool busy = run_cycle(a, false);
+        /* The workers never signal: under heavy load the thread just comes back sooner. */
+        uint64_t wait_ms = busy ? a->flush_interval_ms / 8 : a->flush_interval_ms;
+        if (wait_ms == 0)
+            wait_ms = 1;
+        struct timespec dl;
+        clock_gettime(CLOCK_MONOTONIC, &dl);
+        dl.tv_sec += (time_t)(wait_ms / 1000);
+        dl.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) {
+            dl.tv_sec++;
+            dl.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&a->mu);
+        while (!a->stop_requested && pthread_cond_timedwait(&a->cond, &a->mu, &dl) == 0) {
+        }
+    }
+    pthread_mutex_unlock(&a->mu);
+    run_cycle(a, true);
+    return NULL;
+}
+
+/* ---- set-up and lifecycle -------------------------------------------------------------- */
+
+/* Removes temporary segments whose writer is gone (its pid is ours, or no longer exists).
+ * Their content ends at an arbitrary point; finishing them would need a decoder pass. */
+static unsigned remove_leftovers(const char *dir, int self)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    unsigned removed = 0;
+    size_t plen = strlen(TMP_PREFIX), slen = strlen(TMP_SUFFIX);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        const char *name = e->d_name;
+        size_t len = strlen(name);
+        if (len < plen + slen || strncmp(name, TMP_PREFIX, plen) != 0 ||
+            strcmp(name + len - slen, TMP_SUFFIX) != 0)
+            continue;
+        char *end;
+        long pid = strtol(name + plen, &end, 10);
+        if (*end == '-' && pid > 0 && pid != self && pid <= INT_MAX &&
+            (kill((pid_t)pid, 0) == 0 || errno == EPERM))
+            continue; /* a live process is still writing it */
+        if (unlinkat(dirfd(d), name, 0) == 0)
+            removed++;
+    }
+    closedir(d);
+    return removed;
+}
+
+static bool is_redacted(const struct sl_access_log_conf *conf, const char *name)
+{
+    struct sl_slice n = sl_slice_cstr(name);
+    for (size_t i = 0; i < sizeof always_redacted / sizeof always_redacted[0]; i++)
+        if (sl_slice_ieq_cstr(n, always_redacted[i]))
+            return true;
+    for (size_t i = 0; i < conf->redact_header_count; i++)
+        if (conf->redact_headers && conf->redact_headers[i] &&
+            sl_slice_ieq_cstr(n, conf->redact_headers[i]))
+            return true;
+    return false;
+}
+
+static void add_headers(struct sl_alog *a, const struct sl_access_log_conf *conf)
+{
+    for (size_t i = 0; i < conf->header_count; i++) {
+        const char *name = conf->headers ? conf->headers[i] : NULL;
+        if (!name || !*name)
+            continue;
+        size_t len = strlen(name);
+        if (is_redacted(conf, name)) {
+            SL_WARN("access_log.headers: %s is always redacted; it is not recorded", name);
+            continue;
+        }
+        if (len > HDR_NAME_MAX) {
+            SL_WARN("access_log.headers: %.64s...: names past %d bytes are not recorded", name,
+                    HDR_NAME_MAX);
+            continue;
+        }
+        if (match_header(a, sl_slice_make(name, len)) >= 0)
+            continue; /* listed twice */
+        if (a->hdr_count == CONF_HEADERS_MAX) {
+            SL_WARN("access_log.headers: only the first %d headers are recorded", CONF_HEADERS_MAX);
+            break;
+        }
+        for (size_t k = 0; k < len; k++)
+            a->hdr_name[a->hdr_count][k] = sl_ascii_lower(name[k]);
+        a->hdr_name[a->hdr_count][len] = 0;
+        a->hdr_len[a->hdr_count] = (uint8_t)len;
+        a->hdr_count++;
+    }
+}
+
+static uint64_t pow2_at_least(uint64_t v)
+{
+    uint64_t c = RING_MIN;
+    while (c < v && c < (1ull << 40))
+        c <<= 1;
+    return c;
+}
+
+struct sl_alog *sl_alog_new(const struct sl_access_log_conf *conf, unsigned workers, char *err,
+                            size_t err_len)
+{
+    if (!conf || !conf->directory || !conf->directory[0]) {
+        sl_fmt_err(err, err_len, "access_log.directory is not set");
+        return NULL;
+    }
+    if (workers == 0) {
+        sl_fmt_err(err, err_len, "access log: no workers");
+        return NULL;
+    }
+    const char *dir = conf->directory;
+    if (strlen(dir) + 64 >= PATH_MAX) {
+        sl_fmt_err(err, err_len, "access_log.directory: path too long");
+        return NULL;
+    }
+    int rc = mkdir_p(dir);
+    struct stat st;
+    if (rc == 0 && stat(dir, &st) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        sl_fmt_err(err, err_len, "access_log.directory: cannot create %s: %s", dir, strerror(-rc));
+        return NULL;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        sl_fmt_err(err, err_len, "access_log.directory: %s is not a directory", dir);
+        return NULL;
+    }
+    if (access(dir, W_OK | X_OK) < 0) {
+        sl_fmt_err(err, err_len, "access_log.directory: %s is not writable: %s", dir,
+                   strerror(errno));
+        return NULL;
+    }
+
+    size_t asize = (sizeof(struct sl_alog) + 63) & ~(size_t)63;
+    struct sl_alog *a = aligned_alloc(64, asize);
+    if (!a) {
+        sl_fmt_err(err, err_len, "access log: out of memory");
+        return NULL;
+    }
+    memset(a, 0, asize);
+    a->fd = -1;
+    a->tcache_sec = -1;
+    a->pid = (int)getpid();
+    a->seg_max_bytes = conf->segment_max_bytes ? conf->segment_max_bytes : 64ull << 20;
+    a->seg_max_age_us = (conf->segment_max_age_ms ? conf->segment_max_age_ms : 60000) * 1000;
+    a->flush_interval_ms = conf->flush_interval_ms ? conf->flush_interval_ms : 200;
+    a->ring_cap = pow2_at_least(conf->buffer_bytes ? conf->buffer_bytes : 8ull << 20);
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&a->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    add_headers(a, conf);
+
+    a->dir = strdup(dir);
+    a->rings = aligned_alloc(64, workers * sizeof(struct ring));
+    a->cctx = ZSTD_createCCtx();
+    a->json = malloc(JSON_BATCH);
+    a->out_cap = ZSTD_CStreamOutSize();
+    a->out = malloc(a->out_cap);
+    a->rec_buf = aligned_alloc(64, (REC_MAX + 63) & ~(size_t)63);
+    if (!a->dir || !a->rings || !a->cctx || !a->json || !a->out || !a->rec_buf)
+        goto nomem;
+    memset(a->rings, 0, workers * sizeof(struct ring));
+    for (unsigned i = 0; i < workers; i++) {
+        struct ring *r = &a->rings[i];
+        a->ring_count = i + 1; /* so sl_alog_free releases what exists */
+        r->mask = a->ring_cap - 1;
+        r->buf = malloc(a->ring_cap);
+        r->scratch = malloc(REC_MAX);
+        if (!r->buf || !r->scratch)
+            goto nomem;
+    }
+    ZSTD_CCtx_setParameter(a->cctx, ZSTD_c_compressionLevel, 3);
+    ZSTD_CCtx_setParameter(a->cctx, ZSTD_c_checksumFlag, 0); /* seg_salvage relies on it */
+
+    unsigned removed = remove_leftovers(a->dir, a->pid);
+    if (removed)
+        SL_WARN("access log: removed %u unfinished segment%s left in %s by a stopped process",
+                removed, removed == 1 ? "" : "s", a->dir);
+    return a;
+
+nomem:
+    sl_fmt_err(err, err_len, "access log: out of memory");
+    a->stopped = true;
+    sl_alog_free(a);
+    return NULL;
+}
+
+void sl_alog_on_segment(struct sl_alog *a, void (*cb)(const char *path, void *data), void *data)
+{
+    a->on_segment = cb;
+    a->on_segment_data = data;
+}
+
+int sl_alog_start(struct sl_alog *a)
+{
+    if (a->thread_started || a->stopped)
+        return -EALREADY;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&a->thread, NULL, thread_main, a);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0)
+        return -rc;
+    pthread_setname_np(a->thread, "sl-alog");
+    a->thread_started = true;
+    SL_INFO("access log: writing to %s (%u buffers of %" PRIu64 " KiB)", a->dir, a->ring_count,
+            a->ring_cap >> 10);
+    return 0;
+}
+
+void sl_alog_stop(struct sl_alog *a)
+{
+    if (!a || a->stopped)
+        return;
+    a->stopped = true;
+    if (a->thread_started) {
+        pthread_mutex_lock(&a->mu);
+        a->stop_requested = true;
+        pthread_cond_signal(&a->cond);
+        pthread_mutex_unlock(&a->mu);
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_sec += STOP_TIMEOUT_S;
+        int rc = pthread_timedjoin_np(a->thread, NULL, &dl);
+        if (rc != 0) {
+            SL_ERR("access log: the log thread did not finish within %d s (disk stuck?); "
+                   "records still buffered are lost",
+                   STOP_TIMEOUT_S);
+            pthread_detach(a->thread);
+            a->abandoned = true;
+        }
+    } else {
+        run_cycle(a, true);
+    }
+    struct sl_alog_stats s;
+    sl_alog_get_stats(a, &s);
+    SL_INFO("access log: %" PRIu64 " records written in %" PRIu64 " segments, %" PRIu64
+            " dropped (buffer full), %" PRIu64 " dropped (write errors), %" PRIu64
+            " segments failed",
+            s.records_written, s.segments_closed, s.records_dropped_full, s.records_dropped_io,
+            s.segments_failed);
+}
+
+void sl_alog_free(struct sl_alog *a)
+{
+    if (!a)
+        return;
+    sl_alog_stop(a);
+    if (a->abandoned)
+        return; /* its thread may still run; the process is exiting */
+    if (a->fd >= 0)
+        close(a->fd);
+    for (unsigned i = 0; a->rings && i < a->ring_count; i++) {
+        free(a->rings[i].buf);
+        free(a->rings[i].scratch);
+    }
+    free(a->rings);
+    ZSTD_freeCCtx(a->cctx);
+    free(a->json);
+    free(a->out);
+    free(a->rec_buf);
+    free(a->dir);
+    pthread_cond_destroy(&a->cond);
+    pthread_mutex_destroy(&a->mu);
+    free(a);
+}
+
+void sl_alog_get_stats(const struct sl_alog *a, struct sl_alog_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!a)
+        return;
+    for (unsigned i = 0; i < a->ring_count; i++)
+        out->records_dropped_full +=
+            atomic_load_explicit(&a->rings[i].dropped, memory_order_relaxed);
+    out->records_written = atomic_load_explicit(&a->written, memory_order_relaxed);
+    out->records_dropped_io = atomic_load_explicit(&a->dropped_io, memory_order_relaxed);
+    out->bytes_uncompressed = atomic_load_explicit(&a->bytes_unc, memory_order_relaxed);
+    out->bytes_compressed = atomic_load_explicit(&a->bytes_comp, memory_order_relaxed);
+    out->segments_closed = atomic_load_explicit(&a->seg_closed, memory_order_relaxed);
+    out->segments_failed = atomic_load_explicit(&a->seg_failed, memory_order_relaxed);
+}
