@@ -12,6 +12,8 @@
 #include "core/loop.h"
 #include "filters/filter_set.h"
 #include "l4/gateway.h"
+#include "obs/obs.h"
+#include "obs/process.h"
 
 #define SLUICE_VERSION "0.1.0"
 
@@ -29,8 +31,9 @@ static void usage(FILE *out)
                  "  -t, --test         validate the configuration and exit (0 valid, 1 invalid)\n"
                  "  -v, --version      print the version and exit\n"
                  "  -h, --help         print this help and exit\n"
-                 "Signals: SIGTERM/SIGINT drain in-flight requests (drain_timeout) and exit 0;\n"
-                 "a second SIGTERM/SIGINT stops at once.\n");
+                 "Signals: SIGTERM/SIGINT drain (drain.grace, then in-flight requests within\n"
+                 "drain_timeout) and exit 0; a second one stops at once. SIGHUP reloads the\n"
+                 "configuration and certificates.\n");
 }
 
 int main(int argc, char **argv)
@@ -88,7 +91,7 @@ int main(int argc, char **argv)
     }
     sl_log_set_level((int)cfg->log_level);
 
-    /* Signals are taken synchronously by this thread only; workers block them all. */
+    /* Signals are taken synchronously by this thread only; every other thread blocks them. */
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
@@ -97,56 +100,74 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    uint64_t drain_ms = cfg->drain_timeout_ms;
-    char gerr[512];
-    struct sl_gateway *gw = sl_gateway_new(cfg, gerr, sizeof gerr);
-    if (!gw) {
-        SL_ERR("%s", gerr);
+    struct sl_process *proc = sl_process_start(path, cfg, SLUICE_VERSION);
+    if (!proc)
         return EXIT_CONFIG;
-    }
-    if (sl_gateway_start(gw) < 0) {
-        sl_gateway_free(gw);
-        return EXIT_CONFIG;
-    }
+    struct sl_obs *obs = sl_process_obs(proc);
     SL_INFO("sluice %s started (pid %ld, config %s)", SLUICE_VERSION, (long)getpid(), path);
 
     for (;;) {
-        /* Woken at least once a second to notice certificate files that changed. */
+        /* Woken at least once a second for the file watches and the reload watch. */
         struct timespec tick = {1, 0};
         int sig = sigtimedwait(&set, NULL, &tick);
         if (sig < 0) {
-            sl_gateway_reload_tls(gw, false);
+            sl_process_tick(proc);
             continue;
         }
         if (sig == SIGHUP) {
-            SL_INFO("SIGHUP: reloading certificates (configuration reload is not available "
-                    "yet; the rest of the configuration stays)");
-            sl_gateway_reload_tls(gw, true);
+            SL_INFO("SIGHUP: reloading the configuration and certificates");
+            sl_process_reload(proc);
+            sl_gateway_reload_tls(obs->gw, true);
             continue;
         }
         break;
     }
-    SL_INFO("draining: finishing in-flight requests within %llums", (unsigned long long)drain_ms);
-    sl_gateway_drain(gw);
-    /* A second signal during the drain means "stop now". */
-    sigset_t pending;
-    uint64_t deadline = sl_clock_now_ms() + drain_ms;
-    bool done = false;
-    while (!done) {
-        done = sl_gateway_wait(gw, sl_clock_now_ms() + 20 < deadline ? sl_clock_now_ms() + 20
-                                                                     : deadline);
-        if (done || sl_clock_now_ms() >= deadline)
-            break;
-        sigpending(&pending);
-        if (sigismember(&pending, SIGTERM) || sigismember(&pending, SIGINT)) {
-            SL_WARN("second stop signal: stopping now");
-            break;
+    const char *why = sl_process_drain_reason(proc);
+    uint64_t grace_ms = sl_process_grace_ms(proc);
+    uint64_t drain_ms = sl_process_drain_timeout_ms(proc);
+    sl_process_drain_begin(proc);
+    bool stop_now = false;
+    if (grace_ms) {
+        /* Load balancers see /ready fail and stop sending; until then, everything is served. */
+        SL_INFO("draining (%s): /ready answers 503; serving on for the %llums grace period",
+                why ? why : "stop signal", (unsigned long long)grace_ms);
+        uint64_t until = sl_clock_now_ms() + grace_ms;
+        for (uint64_t now = sl_clock_now_ms(); now < until; now = sl_clock_now_ms()) {
+            uint64_t left = until - now < 1000 ? until - now : 1000;
+            struct timespec ts = {(time_t)(left / 1000), (long)(left % 1000) * 1000000L};
+            int sig = sigtimedwait(&set, NULL, &ts);
+            if (sig == SIGTERM || sig == SIGINT) {
+                SL_WARN("second stop signal: stopping now");
+                stop_now = true;
+                break;
+            }
+            if (sig < 0)
+                sl_process_tick(proc);
         }
     }
-    if (!done)
-        SL_WARN("drain timeout reached; closing remaining connections");
-    sl_gateway_log_counters(gw, done);
-    sl_gateway_free(gw);
+    bool done = false;
+    if (!stop_now) {
+        SL_INFO("draining (%s): no new connections; finishing in-flight requests within %llums",
+                why ? why : "stop signal", (unsigned long long)drain_ms);
+        sl_gateway_drain(obs->gw);
+        /* A second signal during the drain means "stop now". */
+        sigset_t pending;
+        uint64_t deadline = sl_clock_now_ms() + drain_ms;
+        while (!done) {
+            done = sl_gateway_wait(
+                obs->gw, sl_clock_now_ms() + 20 < deadline ? sl_clock_now_ms() + 20 : deadline);
+            if (done || sl_clock_now_ms() >= deadline)
+                break;
+            sigpending(&pending);
+            if (sigismember(&pending, SIGTERM) || sigismember(&pending, SIGINT)) {
+                SL_WARN("second stop signal: stopping now");
+                break;
+            }
+        }
+        if (!done)
+            SL_WARN("drain timeout reached; closing remaining connections");
+    }
+    sl_process_stop(proc, done);
     SL_INFO("stopped");
     return EXIT_OK;
 }
