@@ -79,3 +79,70 @@ def test_drain_timeout_bounds_shutdown(gateway, backend):
     assert code == 0, (code, g.diag())
     # The hung request was cut (or answered with an error), not left open.
     assert "resp" not in result or result["resp"].status >= 500, result
+
+
+GRACE_CONFIG = """workers: 2
+drain_timeout: 5s
+drain: {grace: $GRACE}
+admin: {address: 127.0.0.1:$PORT_admin}
+listeners:
+  - name: public
+    address: 127.0.0.1:$PORT_public
+upstreams:
+  - name: app
+    endpoints: [{address: $B1}]
+    timeouts: {response: 10s}
+routes:
+  - {name: all, match: {path_prefix: /}, upstream: app}
+"""
+
+
+def admin_status(g, path):
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", g.ports["admin"], timeout=2)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        return r.status
+    except OSError:
+        return None
+    finally:
+        c.close()
+
+
+def test_sigterm_fails_ready_first_and_serves_through_grace(gateway, backend):
+    b = backend()
+    g = gateway(GRACE_CONFIG, GRACE="1500ms", B1=b.addr)
+    assert admin_status(g, "/ready") == 200
+    t_term = time.monotonic()
+    g.signal(signal.SIGTERM)
+    assert poll(lambda: admin_status(g, "/ready") == 503, 1.0), "/ready did not flip at once"
+    assert time.monotonic() - t_term < 1.0
+    # During the grace period new connections are still accepted and served.
+    served = 0
+    while time.monotonic() - t_term < 1.0:
+        with g.connect(timeout=5) as c:
+            c.send(build_request("GET", "/grace"))
+            assert c.read_response().status == 200
+            served += 1
+    assert served > 0
+    assert poll(lambda: not can_connect(g.port), 3), "still accepting after the grace period"
+    assert time.monotonic() - t_term >= 1.4, "stopped accepting before the grace period ended"
+    assert g.wait_exit(timeout=8) == 0, g.diag()
+
+
+def test_ready_flips_before_inflight_request_finishes(gateway, backend):
+    b = backend("slow", delay="1.5")
+    g = gateway(GRACE_CONFIG, GRACE="0s", B1=b.addr)
+    result = {}
+    t = start_request(g, "/slow", result)
+    assert b.wait_requests(1, timeout=5)
+    g.signal(signal.SIGTERM)
+    assert poll(lambda: admin_status(g, "/ready") in (503, None), 1.0)
+    assert "resp" not in result, "the in-flight request ended before /ready flipped"
+    t.join(15)
+    assert "err" not in result, result
+    assert result["resp"].status == 200
+    assert result["resp"].header("connection") == "close", result["resp"].headers
+    assert g.wait_exit(timeout=8) == 0, g.diag()
