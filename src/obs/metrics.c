@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +16,7 @@
 #include "core/loop.h"
 #include "http/request.h"
 #include "l4/gateway.h"
+#include "obs/access_log.h"
 #include "obs/obs.h"
 #include "proxy/pool.h"
 
@@ -1357,6 +1357,35 @@ static void render_gateway(struct sb *s, struct sl_obs *obs, double *price, bool
     sl_runtime_release(rt);
 }
 
+static void render_access_log(struct sb *s, const struct sl_alog *alog)
+{
+    struct sl_alog_stats st;
+    sl_alog_get_stats(alog, &st);
+    family(s, "sluice_access_log_records_total", "counter",
+           "Access-log records by result: written (in a complete segment), dropped_full (the "
+           "worker's ring had no room), dropped_io (lost to a write error).");
+    struct lbl l = {"result", "written"};
+    sample_u64(s, "sluice_access_log_records_total", &l, 1, st.records_written);
+    l.v = "dropped_full";
+    sample_u64(s, "sluice_access_log_records_total", &l, 1, st.records_dropped_full);
+    l.v = "dropped_io";
+    sample_u64(s, "sluice_access_log_records_total", &l, 1, st.records_dropped_io);
+    family(s, "sluice_access_log_bytes_total", "counter",
+           "Access-log bytes: JSON before compression (uncompressed) and segment bytes written "
+           "(compressed).");
+    struct lbl k = {"stage", "uncompressed"};
+    sample_u64(s, "sluice_access_log_bytes_total", &k, 1, st.bytes_uncompressed);
+    k.v = "compressed";
+    sample_u64(s, "sluice_access_log_bytes_total", &k, 1, st.bytes_compressed);
+    family(s, "sluice_access_log_segments_total", "counter",
+           "Access-log segments: closed (complete, under their final name) and failed (removed "
+           "after a write error).");
+    struct lbl r = {"result", "closed"};
+    sample_u64(s, "sluice_access_log_segments_total", &r, 1, st.segments_closed);
+    r.v = "failed";
+    sample_u64(s, "sluice_access_log_segments_total", &r, 1, st.segments_failed);
+}
+
 char *sl_metrics_render(struct sl_obs *obs, size_t *len)
 {
     struct sb s = {0};
@@ -1370,6 +1399,8 @@ char *sl_metrics_render(struct sl_obs *obs, size_t *len)
         render_gateway(&s, obs, &price, &have_price);
     if (obs->metrics)
         render_metrics_sections(&s, obs->metrics, price, have_price);
+    if (obs->alog)
+        render_access_log(&s, obs->alog);
     if (s.oom) {
         free(s.p);
         return NULL;
