@@ -1066,7 +1066,7 @@ static void add_headers(struct sl_alog *a, const struct sl_access_log_conf *conf
             continue;
         size_t len = strlen(name);
         if (is_redacted(conf, name)) {
-            SL_WARN("access_log.headers: %s is always redacted; it is not recorded", name);
+            SL_WARN("access_log.headers: %s is redacted; it is not recorded", name);
             continue;
         }
         if (len > HDR_NAME_MAX) {
@@ -1113,7 +1113,7 @@ struct sl_alog *sl_alog_new(const struct sl_access_log_conf *conf, unsigned work
         return NULL;
     }
     int rc = mkdir_p(dir);
-    struct stat st;
+    struct stat st = {0};
     if (rc == 0 && stat(dir, &st) < 0)
         rc = -errno;
     if (rc < 0) {

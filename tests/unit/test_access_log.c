@@ -1,0 +1,915 @@
+/* Unit tests for the access-log writer: records made from fake requests are read back by
+ * decompressing every segment with libzstd and parsing each line with jansson. Covered: the
+ * fields and their JSON types, redaction, escaping and truncation, exact drop counts for a
+ * full ring, concurrent producers against the log thread, rotation by size and by age,
+ * segment names and temp-then-rename, a directory that disappears, a write error in the
+ * middle of a segment (earlier batches kept), and leftover temporary segments. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "config/config.h"
+#include "http/request.h"
+#include "obs/access_log.h"
+
+/* ---- helpers ------------------------------------------------------------------------------ */
+
+static uint64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static char *make_dir(void)
+{
+    char *d = strdup("/tmp/sl-alog-test-XXXXXX");
+    assert_non_null(d);
+    assert_non_null(mkdtemp(d));
+    return d;
+}
+
+static void remove_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL)
+            if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+                unlinkat(dirfd(d), e->d_name, 0);
+        closedir(d);
+    }
+    rmdir(dir);
+}
+
+static struct sl_access_log_conf base_conf(char *dir)
+{
+    return (struct sl_access_log_conf){
+        .directory = dir,
+        .buffer_bytes = 1u << 20,
+        .segment_max_bytes = 64u << 20,
+        .segment_max_age_ms = 60000,
+        .flush_interval_ms = 10,
+    };
+}
+
+/* A request as the front-end and the exchange leave it at its end. */
+struct fake {
+    struct sl_request req;
+    struct sl_h1_header hdrs[16];
+    char rid[48];
+    char path[64];
+};
+
+static struct sl_slice S(const char *s) {
+    return sl_slice_cstr(s);
+}
+
+static void
+fake_init(struct fake *f, unsigned i)
+{
+    memset(f, 0, sizeof *f);
+    snprintf(f->rid, sizeof f->rid, "req-%08u", i);
+    snprintf(f->path, sizeof f->path, "/items/%u", i * 7919u % 100003u);
+    struct sl_request *r = &f->req;
+    r->request_id = S(f->rid);
+    r->client_ip = S("10.1.2.3");
+    r->method = S("GET");
+    r->host = S("api.example.com");
+    r->path = S(f->path);
+    r->query = S("token=querysecret");
+    r->log.route = "items";
+    r->log.upstream = "app";
+    r->log.endpoint = "127.0.0.1:8080";
+    r->log.status = 200;
+    r->log.bytes_in = 120 + i;
+    r->log.bytes_out = 4096;
+    uint64_t now = mono_us();
+    r->log.start_us = now - 5000;
+    r->log.upstream_start_us = now - 4000;
+    r->log.upstream_end_us = now - 1500; /* 2.5 ms */
+    r->log.end_us = now - 1000;          /* 4 ms */
+    r->log.cpu_ns = 12345;
+}
+
+/* Every segment in `dir`, sorted by name, decompressed and parsed: a JSON array of the
+ * records in order. Fails when a temporary file remains, a name does not have the final
+ * form, a frame does not end, or a line is not JSON. `raw` (may be NULL) gets all the
+ * decompressed text (caller frees), `nseg` the segment count. */
+static int cmp_str(const void *x, const void *y)
+{
+    return strcmp(*(char *const *)x, *(char *const *)y);
+}
+
+static json_t *read_all(const char *dir, char **raw, size_t *nseg)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    char *names[4096];
+    size_t n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        if (e->d_name[0] == '.') {
+            print_error("temporary file left: %s\n", e->d_name);
+            fail();
+        }
+        assert_true(n < 4096);
+        names[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    qsort(names, n, sizeof names[0], cmp_str);
+
+    json_t *all = json_array();
+    size_t tlen = 0, tcap = 1 << 16;
+    char *text = malloc(tcap);
+    assert_non_null(text);
+    for (size_t i = 0; i < n; i++) {
+        /* sluice-YYYYMMDDTHHMMSS.mmmZ-<pid>-<seq>.jsonl.zst */
+        unsigned y, mo, dd, h, mi, s, ms;
+        int pid;
+        char tail[32] = "";
+        assert_int_equal(sscanf(names[i], "sluice-%4u%2u%2uT%2u%2u%2u.%3uZ-%d-%*u%31s", &y, &mo,
+                                &dd, &h, &mi, &s, &ms, &pid, tail),
+                         9);
+        assert_string_equal(tail, ".jsonl.zst");
+        assert_int_equal(pid, (int)getpid());
+
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        int fd = open(path, O_RDONLY);
+        assert_true(fd >= 0);
+        struct stat st;
+        assert_int_equal(fstat(fd, &st), 0);
+        char *comp = malloc((size_t)st.st_size + 1);
+        assert_non_null(comp);
+        assert_int_equal(read(fd, comp, (size_t)st.st_size), st.st_size);
+        close(fd);
+
+        ZSTD_DStream *ds = ZSTD_createDStream();
+        ZSTD_inBuffer in = {comp, (size_t)st.st_size, 0};
+        size_t ret = 1;
+        size_t seg_start = tlen;
+        while (in.pos < in.size) {
+            if (tcap - tlen < 1 << 16) {
+                tcap *= 2;
+                text = realloc(text, tcap);
+                assert_non_null(text);
+            }
+            ZSTD_outBuffer out = {text + tlen, tcap - tlen, 0};
+            ret = ZSTD_decompressStream(ds, &out, &in);
+            assert_false(ZSTD_isError(ret));
+            tlen += out.pos;
+        }
+        assert_int_equal(ret, 0); /* the frame ended */
+        ZSTD_freeDStream(ds);
+        free(comp);
+        assert_true(tlen > seg_start); /* no empty segment */
+
+        free(names[i]);
+    }
+    char *p = text, *end = text + tlen;
+    while (p < end) {
+        char *nl = memchr(p, '\n', (size_t)(end - p));
+        assert_non_null(nl);
+        json_error_t jerr;
+        json_t *rec = json_loadb(p, (size_t)(nl - p), 0, &jerr);
+        if (!rec) {
+            print_error("bad JSON (%s): %.*s\n", jerr.text, (int)(nl - p), p);
+            fail();
+        }
+        json_array_append_new(all, rec);
+        p = nl + 1;
+    }
+    if (raw) {
+        text = realloc(text, tlen + 1);
+        text[tlen] = 0;
+        *raw = text;
+    } else {
+        free(text);
+    }
+    if (nseg)
+        *nseg = n;
+    return all;
+}
+
+static const char *jstr(json_t *o, const char *key)
+{
+    json_t *v = json_object_get(o, key);
+    if (!json_is_string(v)) {
+        print_error("%s is not a string\n", key);
+        fail();
+    }
+    return json_string_value(v);
+}
+
+static void record_n(struct sl_alog *a, unsigned worker, unsigned from, unsigned n)
+{
+    struct fake f;
+    for (unsigned i = from; i < from + n; i++) {
+        fake_init(&f, i);
+        sl_alog_record(a, worker, &f.req);
+    }
+}
+
+static struct sl_alog *new_alog(struct sl_access_log_conf *c, unsigned workers)
+{
+    char err[256] = "";
+    struct sl_alog *a = sl_alog_new(c, workers, err, sizeof err);
+    if (!a) {
+        print_error("sl_alog_new: %s\n", err);
+        fail();
+    }
+    return a;
+}
+
+static bool poll_until(bool (*cond)(struct sl_alog *), struct sl_alog *a, unsigned timeout_ms)
+{
+    uint64_t deadline = mono_us() + timeout_ms * 1000ull;
+    while (!cond(a)) {
+        if (mono_us() > deadline)
+            return false;
+        sleep_ms(2);
+    }
+    return true;
+}
+
+/* ---- fields ------------------------------------------------------------------------------- */
+
+static void test_fields(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    char *headers[] = {"X-Trace", "User-Agent", "authorization", "X-Secret", "Cookie"};
+    char *redact[] = {"x-secret"};
+    c.headers = headers;
+    c.header_count = 5;
+    c.redact_headers = redact;
+    c.redact_header_count = 1;
+    struct sl_alog *a = new_alog(&c, 2);
+
+    struct fake f;
+    fake_init(&f, 1);
+    f.hdrs[0] = (struct sl_h1_header){S("Authorization"), S("Bearer topsecret1")};
+    f.hdrs[1] = (struct sl_h1_header){S("Cookie"), S("sid=topsecret2")};
+    f.hdrs[2] = (struct sl_h1_header){S("X-Api-Key"), S("topsecret3")};
+    f.hdrs[3] = (struct sl_h1_header){S("X-SECRET"), S("topsecret4")};
+    f.hdrs[4] = (struct sl_h1_header){S("x-trace"), S("abc")};
+    f.hdrs[5] = (struct sl_h1_header){S("User-Agent"), S("curl/8")};
+    f.hdrs[6] = (struct sl_h1_header){S("X-Trace"), S("def")};
+    f.hdrs[7] = (struct sl_h1_header){S("Proxy-Authorization"), S("Basic topsecret5")};
+    f.req.headers = f.hdrs;
+    f.req.header_count = 8;
+    sl_alog_record(a, 0, &f.req);
+
+    /* a gateway answer: no upstream, a filter's error, TLS, a consumer, an abort */
+    fake_init(&f, 2);
+    f.req.method = S("POST");
+    f.req.consumer = S("mobile-app");
+    f.req.secure = true;
+    f.req.log.route = NULL;
+    f.req.log.upstream = NULL;
+    f.req.log.endpoint = NULL;
+    f.req.log.upstream_start_us = f.req.log.upstream_end_us = 0;
+    f.req.log.error = "rate_limited";
+    f.req.log.filter = "rate_limit";
+    f.req.log.status = 429;
+    f.req.log.retries = 2;
+    f.req.log.aborted = true;
+    sl_alog_record(a, 1, &f.req);
+
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    assert_int_equal(st.records_written, 2);
+    assert_int_equal(st.segments_closed, 1);
+    assert_int_equal(st.records_dropped_full + st.records_dropped_io, 0);
+    assert_true(st.bytes_compressed > 0 && st.bytes_uncompressed > 0);
+
+    char *raw;
+    json_t *all = read_all(dir, &raw, NULL);
+    assert_int_equal(json_array_size(all), 2);
+    for (int k = 1; k <= 5; k++) { /* never recorded, whatever the config says */
+        char secret[32];
+        snprintf(secret, sizeof secret, "topsecret%d", k);
+        assert_null(strstr(raw, secret));
+    }
+    assert_null(strstr(raw, "querysecret"));
+    assert_null(strstr(raw, "token="));
+
+    json_t *r = json_array_get(all, 0);
+    const char *t = jstr(r, "time"); /* 2024-05-01T12:34:56.789Z, about 5 ms ago */
+    assert_int_equal(strlen(t), 24);
+    assert_true(t[4] == '-' && t[10] == 'T' && t[19] == '.' && t[23] == 'Z');
+    struct tm tm = {0};
+    assert_non_null(strptime(t, "%Y-%m-%dT%H:%M:%S", &tm));
+    long long age = (long long)time(NULL) - (long long)timegm(&tm);
+    assert_true(age >= -1 && age <= 5);
+    assert_string_equal(jstr(r, "request_id"), "req-00000001");
+    assert_string_equal(jstr(r, "client"), "10.1.2.3");
+    assert_string_equal(jstr(r, "method"), "GET");
+    assert_string_equal(jstr(r, "host"), "api.example.com");
+    assert_string_equal(jstr(r, "path"), "/items/7919");
+    assert_int_equal(json_integer_value(json_object_get(r, "status")), 200);
+    assert_int_equal(json_integer_value(json_object_get(r, "bytes_in")), 121);
+    assert_int_equal(json_integer_value(json_object_get(r, "bytes_out")), 4096);
+    assert_string_equal(jstr(r, "route"), "items");
+    assert_true(json_is_null(json_object_get(r, "consumer")));
+    assert_string_equal(jstr(r, "upstream"), "app");
+    assert_string_equal(jstr(r, "endpoint"), "127.0.0.1:8080");
+    assert_true(json_real_value(json_object_get(r, "upstream_ms")) == 2.5);
+    assert_true(json_real_value(json_object_get(r, "total_ms")) == 4.0);
+    assert_int_equal(json_integer_value(json_object_get(r, "retries")), 0);
+    assert_true(json_is_null(json_object_get(r, "error")));
+    assert_null(json_object_get(r, "filter"));
+    assert_true(json_real_value(json_object_get(r, "cpu_us")) == 12.345);
+    assert_true(json_is_false(json_object_get(r, "tls")));
+    assert_null(json_object_get(r, "client_subject"));
+    assert_null(json_object_get(r, "aborted"));
+    assert_null(json_object_get(r, "truncated"));
+    json_t *h = json_object_get(r, "headers");
+    assert_true(json_is_object(h));
+    assert_int_equal(json_object_size(h), 2);
+    assert_string_equal(jstr(h, "x-trace"), "abc, def");
+    assert_string_equal(jstr(h, "user-agent"), "curl/8");
+
+    r = json_array_get(all, 1);
+    assert_string_equal(jstr(r, "method"), "POST");
+    assert_string_equal(jstr(r, "consumer"), "mobile-app");
+    assert_true(json_is_null(json_object_get(r, "route")));
+    assert_true(json_is_null(json_object_get(r, "upstream")));
+    assert_true(json_is_null(json_object_get(r, "endpoint")));
+    assert_true(json_is_null(json_object_get(r, "upstream_ms")));
+    assert_string_equal(jstr(r, "error"), "rate_limited");
+    assert_string_equal(jstr(r, "filter"), "rate_limit");
+    assert_int_equal(json_integer_value(json_object_get(r, "status")), 429);
+    assert_int_equal(json_integer_value(json_object_get(r, "retries")), 2);
+    assert_true(json_is_true(json_object_get(r, "tls")));
+    assert_true(json_is_true(json_object_get(r, "aborted")));
+    assert_int_equal(json_object_size(json_object_get(r, "headers")), 0);
+
+    json_decref(all);
+    free(raw);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* Without configured headers there is no "headers" key at all. */
+static void test_no_headers_key(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    struct fake f;
+    fake_init(&f, 1);
+    f.hdrs[0] = (struct sl_h1_header){S("X-Trace"), S("abc")};
+    f.req.headers = f.hdrs;
+    f.req.header_count = 1;
+    sl_alog_record(a, 0, &f.req);
+    sl_alog_free(a);
+    json_t *all = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(all), 1);
+    assert_null(json_object_get(json_array_get(all, 0), "headers"));
+    json_decref(all);
+    remove_dir(dir);
+    free(dir);
+}
+
+static void test_escaping(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    char *headers[] = {"X-Odd"};
+    c.headers = headers;
+    c.header_count = 1;
+    struct sl_alog *a = new_alog(&c, 1);
+
+    /* quote, backslash, controls, DEL, valid UTF-8 (2 and 4 bytes), then invalid: a stray
+     * 0xff, an overlong '/', a surrogate, a sequence cut by the end */
+    static const char path[] = "/a\"b\\c\x01\n\t\x7f"
+                               "\xc3\xa9\xf0\x9f\x98\x80"
+                               "\xffx\xc0\xaf\xed\xa0\x80\xc3";
+    /* what a JSON parser makes of it: each invalid byte became the code point of its value */
+    static const char expect[] = "/a\"b\\c\x01\n\t\x7f"
+                                 "\xc3\xa9\xf0\x9f\x98\x80"
+                                 "\xc3\xbfx\xc3\x80\xc2\xaf\xc3\xad\xc2\xa0\xc2\x80\xc3\x83";
+    struct fake f;
+    fake_init(&f, 1);
+    f.req.path = sl_slice_make(path, sizeof path - 1);
+    f.req.host = S("h\"ost\r");
+    f.hdrs[0] = (struct sl_h1_header){S("x-odd"), S("v\\al\"ue\x1f")};
+    f.req.headers = f.hdrs;
+    f.req.header_count = 1;
+    sl_alog_record(a, 0, &f.req);
+    sl_alog_free(a);
+
+    char *raw;
+    json_t *all = read_all(dir, &raw, NULL);
+    json_t *r = json_array_get(all, 0);
+    assert_string_equal(jstr(r, "path"), expect);
+    assert_string_equal(jstr(r, "host"), "h\"ost\r");
+    assert_string_equal(jstr(json_object_get(r, "headers"), "x-odd"), "v\\al\"ue\x1f");
+    /* the escapes themselves, as written */
+    assert_non_null(strstr(raw, "\"/a\\\"b\\\\c\\u0001\\n\\t\\u007f\xc3\xa9"));
+    assert_non_null(strstr(raw, "\\u00ffx\\u00c0\\u00af\\u00ed\\u00a0\\u0080\\u00c3\""));
+    json_decref(all);
+    free(raw);
+    remove_dir(dir);
+    free(dir);
+}
+
+static void test_truncation(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    char *longp = malloc(5000);
+    assert_non_null(longp);
+    memset(longp, 'p', 5000);
+    struct fake f;
+    fake_init(&f, 1);
+    f.req.path = sl_slice_make(longp, 5000);
+    sl_alog_record(a, 0, &f.req);
+    fake_init(&f, 2);
+    sl_alog_record(a, 0, &f.req);
+    sl_alog_free(a);
+    json_t *all = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(all), 2);
+    json_t *r = json_array_get(all, 0);
+    assert_int_equal(strlen(jstr(r, "path")), 2048);
+    assert_true(json_is_true(json_object_get(r, "truncated")));
+    assert_null(json_object_get(json_array_get(all, 1), "truncated"));
+    json_decref(all);
+    free(longp);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* ---- ring ------------------------------------------------------------------------------- */
+
+/* No consumer runs: a 4 KiB ring takes what fits, every other record is counted. */
+static void test_ring_full_counted(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.buffer_bytes = 4096;
+    struct sl_alog *a = new_alog(&c, 2);
+    record_n(a, 0, 0, 300);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    uint64_t dropped = st.records_dropped_full;
+    assert_true(dropped > 0 && dropped < 300);
+    assert_int_equal(st.records_written, 0);
+    sl_alog_stop(a);
+    sl_alog_get_stats(a, &st);
+    assert_int_equal(st.records_dropped_full, dropped);
+    assert_int_equal(st.records_dropped_io, 0);
+    json_t *all = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(all), 300 - dropped);
+    assert_int_equal(st.records_written, 300 - dropped);
+    /* the first ones are kept, in order */
+    for (size_t i = 0; i < json_array_size(all); i++) {
+        char rid[32];
+        snprintf(rid, sizeof rid, "req-%08zu", i);
+        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
+    }
+    json_decref(all);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+struct producer {
+    struct sl_alog *a;
+    unsigned worker, n;
+};
+
+static void *produce(void *arg)
+{
+    struct producer *p = arg;
+    struct fake f;
+    for (unsigned i = 0; i < p->n; i++) {
+        fake_init(&f, p->worker * 1000000u + i);
+        sl_alog_record(p->a, p->worker, &f.req);
+        if (i % 64 == 0)
+            sched_yield();
+    }
+    return NULL;
+}
+
+/* Two workers record while the log thread drains: every record is either written, in its
+ * worker's order, or counted as dropped. */
+static void test_concurrent_producers(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.buffer_bytes = 64 * 1024;
+    c.flush_interval_ms = 1;
+    struct sl_alog *a = new_alog(&c, 2);
+    assert_int_equal(sl_alog_start(a), 0);
+    enum { N = 20000 };
+    struct producer p[2] = {{a, 0, N}, {a, 1, N}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&t[i], NULL, produce, &p[i]), 0);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    json_t *all = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(all), st.records_written);
+    assert_int_equal(st.records_written + st.records_dropped_full, 2 * N);
+    assert_int_equal(st.records_dropped_io, 0);
+    long last[2] = {-1, -1};
+    for (size_t i = 0; i < json_array_size(all); i++) {
+        unsigned id = (unsigned)strtoul(jstr(json_array_get(all, i), "request_id") + 4, NULL, 10);
+        unsigned w = id / 1000000u;
+        assert_true(w < 2);
+        assert_true((long)(id % 1000000u) > last[w]);
+        last[w] = id % 1000000u;
+    }
+    json_decref(all);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+static bool drained_more(struct sl_alog *a)
+{
+    static uint64_t last;
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    if (st.bytes_uncompressed == last)
+        return false;
+    last = st.bytes_uncompressed;
+    return true;
+}
+
+/* One record at a time through a 4 KiB ring, each drained before the next: the positions
+ * go round the ring many times and records straddle its end; none is lost or garbled. */
+static void test_ring_wraps(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.buffer_bytes = 4096;
+    c.flush_interval_ms = 1;
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(sl_alog_start(a), 0);
+    drained_more(a);
+    enum { N = 200 };
+    struct fake f;
+    for (unsigned i = 0; i < N; i++) {
+        fake_init(&f, i);
+        f.req.consumer = sl_slice_make("abcdefghijklmnopqrstuvwxyz", i % 27); /* sizes vary */
+        sl_alog_record(a, 0, &f.req);
+        assert_true(poll_until(drained_more, a, 2000));
+    }
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    assert_int_equal(st.records_written, N);
+    assert_int_equal(st.records_dropped_full, 0);
+    json_t *all = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(all), N);
+    for (size_t i = 0; i < N; i++) {
+        json_t *r = json_array_get(all, i);
+        char rid[32];
+        snprintf(rid, sizeof rid, "req-%08zu", i);
+        assert_string_equal(jstr(r, "request_id"), rid);
+        json_t *cons = json_object_get(r, "consumer");
+        if (i % 27 == 0)
+            assert_true(json_is_null(cons));
+        else
+            assert_int_equal(strlen(json_string_value(cons)), i % 27);
+        assert_string_equal(jstr(r, "host"), "api.example.com");
+    }
+    json_decref(all);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* ---- segments ----------------------------------------------------------------------------- */
+
+static unsigned hook_calls;
+static char hook_last[512];
+
+static void on_segment(const char *path, void *data)
+{
+    (void)data;
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0); /* already under its final name */
+    assert_true(strcmp(path, hook_last) > 0);
+    snprintf(hook_last, sizeof hook_last, "%s", path);
+    hook_calls++;
+}
+
+static void test_rotation_by_size(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.buffer_bytes = 8u << 20;
+    c.segment_max_bytes = 4096;
+    struct sl_alog *a = new_alog(&c, 1);
+    hook_calls = 0;
+    hook_last[0] = 0;
+    sl_alog_on_segment(a, on_segment, NULL);
+    enum { N = 6000 };
+    record_n(a, 0, 0, N);
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    assert_true(st.segments_closed >= 3);
+    assert_int_equal(hook_calls, st.segments_closed);
+    assert_int_equal(st.records_written, N);
+
+    size_t nseg;
+    json_t *all = read_all(dir, NULL, &nseg);
+    assert_int_equal(nseg, st.segments_closed);
+    assert_int_equal(json_array_size(all), N);
+    /* sorted by name, the segments hold the records in the order they were made */
+    for (size_t i = 0; i < N; i++) {
+        char rid[32];
+        snprintf(rid, sizeof rid, "req-%08zu", i);
+        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
+    }
+    /* each closed for its size: all but the last reached max_bytes */
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *e;
+    size_t small = 0;
+    while ((e = readdir(d)) != NULL) {
+        struct stat fs;
+        if (e->d_name[0] == '.')
+            continue;
+        assert_int_equal(fstatat(dirfd(d), e->d_name, &fs, 0), 0);
+        if (fs.st_size < 4096)
+            small++;
+    }
+    closedir(d);
+    assert_true(small <= 1);
+    json_decref(all);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+static bool one_closed(struct sl_alog *a)
+{
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    return st.segments_closed >= 1;
+}
+
+static void test_rotation_by_age(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.segment_max_age_ms = 100;
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(sl_alog_start(a), 0);
+    record_n(a, 0, 0, 10);
+    uint64_t t0 = mono_us();
+    assert_true(poll_until(one_closed, a, 3000)); /* closed by age while running */
+    assert_true(mono_us() - t0 >= 90 * 1000);
+    record_n(a, 0, 10, 10);
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    assert_int_equal(st.segments_closed, 2);
+    size_t nseg;
+    json_t *all = read_all(dir, NULL, &nseg);
+    assert_int_equal(nseg, 2);
+    assert_int_equal(json_array_size(all), 20);
+    json_decref(all);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* An idle writer leaves no file behind; stop is idempotent. */
+static void test_idle_no_segment(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(sl_alog_start(a), 0);
+    sleep_ms(30); /* a few empty cycles */
+    sl_alog_stop(a);
+    sl_alog_stop(a);
+    size_t nseg;
+    json_t *all = read_all(dir, NULL, &nseg);
+    assert_int_equal(nseg, 0);
+    json_decref(all);
+    sl_alog_record(NULL, 0, NULL);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* The directory goes away while running (a path that is now a file): every record is
+ * counted as dropped_io, nothing crashes, the process keeps going. */
+static void test_directory_unwritable(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(sl_alog_start(a), 0);
+    assert_int_equal(rmdir(dir), 0);
+    int fd = open(dir, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    assert_true(fd >= 0);
+    close(fd);
+    record_n(a, 0, 0, 50);
+    sleep_ms(30);
+    record_n(a, 0, 50, 50);
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    assert_int_equal(st.records_dropped_io, 100);
+    assert_int_equal(st.records_written, 0);
+    assert_int_equal(st.segments_closed, 0);
+    sl_alog_free(a);
+    unlink(dir);
+
+    /* at start-up, a path that cannot be a directory is refused with a message */
+    char err[256] = "";
+    c.directory = "/proc/version/logs";
+    assert_null(sl_alog_new(&c, 1, err, sizeof err));
+    assert_non_null(strstr(err, "access_log.directory"));
+    free(dir);
+}
+
+static bool io_dropped(struct sl_alog *a)
+{
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    return st.records_dropped_io > 0;
+}
+
+static bool some_written(struct sl_alog *a)
+{
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    return st.bytes_compressed > 0;
+}
+
+/* A write fails in the middle of a segment (the file-size limit stands in for a full disk):
+ * that batch is dropped and counted, the batches already in the segment are kept in a
+ * complete frame, and writing resumes with a new segment. */
+static void test_write_error_keeps_earlier_batches(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.flush_interval_ms = 5;
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(sl_alog_start(a), 0);
+    record_n(a, 0, 0, 100);
+    assert_true(poll_until(some_written, a, 3000));
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+
+    struct rlimit old, lim;
+    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+    void (*old_handler)(int) = signal(SIGXFSZ, SIG_IGN);
+    lim = old;
+    lim.rlim_cur = st.bytes_compressed + 16;
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    record_n(a, 0, 100, 3000);
+    bool failed = poll_until(io_dropped, a, 3000);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, old_handler);
+    assert_true(failed);
+
+    record_n(a, 0, 10000, 10); /* after the disk "recovered" */
+    sl_alog_stop(a);
+    sl_alog_get_stats(a, &st);
+    assert_true(st.records_dropped_io > 0);
+    assert_int_equal(st.records_written + st.records_dropped_io, 3110);
+    size_t nseg;
+    json_t *all = read_all(dir, NULL, &nseg);
+    assert_int_equal(json_array_size(all), st.records_written);
+    assert_true(nseg >= 2);
+    /* the first 100 survived the failure, and the last 10 were written after it */
+    for (size_t i = 0; i < 100; i++) {
+        char rid[32];
+        snprintf(rid, sizeof rid, "req-%08zu", i);
+        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
+    }
+    assert_string_equal(jstr(json_array_get(all, json_array_size(all) - 1), "request_id"),
+                        "req-00010009");
+    json_decref(all);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* Temporary segments of a process that is gone (or of our own pid, from a previous life)
+ * are removed at start-up; one of a live process is left alone. */
+static void test_leftovers_removed(void **state)
+{
+    (void)state;
+    char *dir = make_dir();
+    char p1[512], p2[512], p3[512], p4[512];
+    snprintf(p1, sizeof p1, "%s/.sluice-2147483000-000001.jsonl.zst.tmp", dir);
+    snprintf(p2, sizeof p2, "%s/.sluice-%d-000003.jsonl.zst.tmp", dir, (int)getpid());
+    snprintf(p3, sizeof p3, "%s/.sluice-1-000002.jsonl.zst.tmp", dir); /* init: alive */
+    snprintf(p4, sizeof p4, "%s/notes.txt", dir);
+    const char *all[] = {p1, p2, p3, p4};
+    for (int i = 0; i < 4; i++) {
+        int fd = open(all[i], O_WRONLY | O_CREAT, 0600);
+        assert_true(fd >= 0);
+        close(fd);
+    }
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(access(p1, F_OK), -1);
+    assert_int_equal(access(p2, F_OK), -1);
+    assert_int_equal(access(p3, F_OK), 0);
+    assert_int_equal(access(p4, F_OK), 0);
+    sl_alog_free(a);
+    remove_dir(dir);
+    free(dir);
+}
+
+/* A missing directory is created, parents included. */
+static void test_directory_created(void **state)
+{
+    (void)state;
+    char *base = make_dir();
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/a/b", base);
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    record_n(a, 0, 0, 3);
+    sl_alog_free(a);
+    json_t *recs = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(recs), 3);
+    json_decref(recs);
+    remove_dir(dir);
+    char mid[512];
+    snprintf(mid, sizeof mid, "%s/a", base);
+    rmdir(mid);
+    rmdir(base);
+    free(base);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fields),
+        cmocka_unit_test(test_no_headers_key),
+        cmocka_unit_test(test_escaping),
+        cmocka_unit_test(test_truncation),
+        cmocka_unit_test(test_ring_full_counted),
+        cmocka_unit_test(test_ring_wraps),
+        cmocka_unit_test(test_concurrent_producers),
+        cmocka_unit_test(test_rotation_by_size),
+        cmocka_unit_test(test_rotation_by_age),
+        cmocka_unit_test(test_idle_no_segment),
+        cmocka_unit_test(test_directory_unwritable),
+        cmocka_unit_test(test_write_error_keeps_earlier_batches),
+        cmocka_unit_test(test_leftovers_removed),
+        cmocka_unit_test(test_directory_created),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
