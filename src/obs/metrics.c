@@ -581,9 +581,20 @@ static void sb_double(struct sb *s, double v)
         sb_puts(s, v > 0 ? "+Inf" : "-Inf");
         return;
     }
+    /* the shortest of 15..17 digits that reads back as the same double: 0.0181, not
+     * 0.018100000000000001 */
     char tmp[40];
-    int n = snprintf(tmp, sizeof tmp, "%.10g", v);
-    if (n > 0 && (size_t)n < sizeof tmp)
+    int n = 0;
+    for (int prec = 15; prec <= 17; prec++) {
+        n = snprintf(tmp, sizeof tmp, "%.*g", prec, v);
+        if (n <= 0 || (size_t)n >= sizeof tmp) {
+            n = 0;
+            break;
+        }
+        if (strtod(tmp, NULL) == v)
+            break;
+    }
+    if (n > 0)
         sb_put(s, tmp, (size_t)n);
     else
         sb_putc(s, '0');
@@ -727,8 +738,6 @@ static void render_process(struct sb *s, struct sl_obs *obs, struct sl_metrics *
         start = m->start_unix_s;
         pthread_mutex_unlock(&m->lock);
     }
-    if (obs->started_unix_ms)
-        start = (double)obs->started_unix_ms / 1000.0;
     family(s, "sluice_build_info", "gauge", "Always 1; the version in a label.");
     struct lbl v = {"version", version};
     sample_u64(s, "sluice_build_info", &v, 1, 1);
@@ -755,7 +764,13 @@ static void render_process(struct sb *s, struct sl_obs *obs, struct sl_metrics *
 
     family(s, "sluice_process_start_time_seconds", "gauge",
            "Start time of the process, seconds since the Unix epoch.");
-    sample_double(s, "sluice_process_start_time_seconds", NULL, 0, start);
+    if (obs->started_unix_ms) {
+        series(s, "sluice_process_start_time_seconds", NULL, NULL, 0, NULL);
+        sb_fixed(s, obs->started_unix_ms, 3);
+        sb_putc(s, '\n');
+    } else {
+        sample_double(s, "sluice_process_start_time_seconds", NULL, 0, start);
+    }
     family(s, "sluice_process_cpu_seconds_total", "counter",
            "User and system CPU time of the whole process (getrusage).");
     sample_double(s, "sluice_process_cpu_seconds_total", NULL, 0, process_cpu_seconds());
