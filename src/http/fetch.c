@@ -1052,8 +1052,10 @@ int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err
         char err2[ERR_LEN];
         c->err = err2;
         c->err_len = sizeof err2;
-        if (read_response(c, rq, out) == 0)
+        if (read_response(c, rq, out) == 0) {
             rc = 0;
+            sl_fmt_err(err, err_len, "%s", "");
+        }
         c->err = err;
         c->err_len = err_len;
         goto out;
