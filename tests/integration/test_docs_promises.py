@@ -79,14 +79,43 @@ def hvals(doc, name):
 
 
 @pytest.fixture
-def quickstart(gateway):
+def quickstart(gateway, tmp_path):
     with open(os.path.join(REPO, "examples", "quickstart.yaml")) as f:
         text = f.read()
     assert "127.0.0.1:8080" in text and "127.0.0.1:8081" in text
+    assert "127.0.0.1:9901" in text and "/tmp/sluice-quickstart-logs" in text
     text = text.replace("$", "$$")
     text = text.replace("127.0.0.1:8080", "127.0.0.1:$PORT_public")
     text = text.replace("127.0.0.1:8081", "127.0.0.1:$PORT_demo")
-    return gateway(text)
+    text = text.replace("127.0.0.1:9901", "127.0.0.1:$PORT_admin")
+    text = text.replace("/tmp/sluice-quickstart-logs", str(tmp_path / "logs"))
+    g = gateway(text)
+    g.log_dir = str(tmp_path / "logs")
+    return g
+
+
+def test_quickstart_status_page_metrics_and_access_log(quickstart):
+    # quickstart.yaml: the status page and metrics on 127.0.0.1:9901, the access log in
+    # /tmp/sluice-quickstart-logs, read with zstdcat | jq.
+    import http.client
+    import glob
+    assert quickstart.request("GET", "/healthz").status == 200
+    c = http.client.HTTPConnection("127.0.0.1", quickstart.ports["admin"], timeout=5)
+    c.request("GET", "/")
+    r = c.getresponse()
+    page = r.read()
+    assert r.status == 200 and b"<html" in page.lower()
+    c.request("GET", "/metrics")
+    r = c.getresponse()
+    text = r.read().decode()
+    c.close()
+    assert r.status == 200 and 'sluice_requests_total{route="healthz",code="2xx"} 1' in text, \
+        text[:2000]
+    assert quickstart.stop() == 0
+    segs = glob.glob(os.path.join(quickstart.log_dir, "*.jsonl.zst"))
+    assert segs, os.listdir(quickstart.log_dir)
+    out = subprocess.run(["zstdcat"] + sorted(segs), capture_output=True, timeout=10).stdout
+    assert b'"path":"/healthz"' in out, out[:500]
 
 
 def test_quickstart_file_is_valid(tmp_path):
