@@ -339,6 +339,7 @@ void sl_edge_accept(struct sl_gw_listener *gl, int fd, const struct sockaddr *pe
         close(fd);
         return;
     }
+    count(&lr->stats->accepted);
     if (!lr->pp_trusted && !lr->tls) {
         struct sl_transport tr;
         sl_tcp_transport_init(&tr, fd);

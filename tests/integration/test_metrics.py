@@ -407,3 +407,81 @@ def test_access_log_counters(gateway, tmp_path):
                                                           "dropped_io"}
     assert recs.value(result="dropped_full") == 0 and recs.value(result="dropped_io") == 0
     assert "sluice_access_log_segments_total" in fams
+
+
+def wait_closed(s):
+    """Reads until the gateway closes (or resets) a connection it refused."""
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+def test_listener_tls_and_proxy_protocol_counters(gateway, tmp_path):
+    import ssl
+
+    from filter_peers import tls_files
+
+    ca, cert, key = tls_files(tmp_path)
+    text = """workers: 2
+drain_timeout: 3s
+admin: {address: 127.0.0.1:$PORT_admin}
+listeners:
+  - name: secure
+    address: 127.0.0.1:$PORT_secure
+    tls: {certificates: [{cert: %s, key: %s}]}
+  - name: pp
+    address: 127.0.0.1:$PORT_pp
+    proxy_protocol: {accept: true, trusted: [127.0.0.1/32]}
+routes:
+  - name: hello
+    match: {path_prefix: /}
+    direct_response: {status: 200, body: "hi"}
+""" % (cert, key)
+    g = gateway(text)
+    ctx = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(("127.0.0.1", g.ports["secure"]), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(build_request("GET", "/", headers=[("Connection", "close")]))
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", g.ports["secure"]), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a TLS record: a failed handshake
+        wait_closed(s)
+    with socket.create_connection(("127.0.0.1", g.ports["pp"]), timeout=5) as s:
+        s.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 4321 80\r\n" +
+                  build_request("GET", "/", headers=[("Connection", "close")]))
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", g.ports["pp"]), timeout=5) as s:
+        s.sendall(b"PROXY TCP4 not-an-address\r\n")
+        wait_closed(s)
+
+    # The start-up readiness probe connects to each listener and closes at once, which the
+    # gateway may count as a failed handshake or a missing PROXY header: hence ">=" for
+    # those, and exact counts for what only this test's connections can produce.
+    def counted():
+        f = scrape(g)
+        return (f["sluice_tls_handshake_failures_total"].value(listener="secure",
+                                                               reason="failed") >= 1
+                and f["sluice_proxy_protocol_total"].value(listener="pp",
+                                                           result="malformed") >= 1) and f
+
+    fams = poll(counted, 5)
+    assert fams, scrape_raw(g)
+    hs = fams["sluice_tls_handshakes_total"]
+    assert hs.value(listener="secure", resumed="false") == 1
+    assert hs.value(listener="secure", resumed="true") == 0
+    assert hs.find(listener="pp") == []  # a plain listener has no TLS series
+    assert fams["sluice_tls_handshake_failures_total"].value(listener="secure",
+                                                             reason="timeout") == 0
+    assert fams["sluice_tls_certificate_reloads_total"].value(listener="secure",
+                                                              result="ok") == 0
+    ppc = fams["sluice_proxy_protocol_total"]
+    assert ppc.value(listener="pp", result="accepted") == 1
+    assert ppc.find(listener="secure") == []
+    # every connection that passed the accept path (before TLS or PROXY) is counted
+    acc = fams["sluice_listener_connections_accepted_total"]
+    assert acc.value(listener="secure") >= 2
+    assert acc.value(listener="pp") >= 2
+    refused = fams["sluice_listener_connections_refused_total"]
+    assert refused.value(listener="pp", reason="denied") == 0
