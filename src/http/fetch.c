@@ -264,6 +264,7 @@ struct conn {
     int fd;
     SSL *ssl;
     uint64_t deadline_ms;
+    int cancel_fd; /* -1 = none */
     char *err;
     size_t err_len;
     /* a memory "server" instead of the socket (sl__fetch_parse_response) */
@@ -284,15 +285,19 @@ static int remaining_ms(const struct conn *c)
     return left > INT32_MAX ? INT32_MAX : (int)left;
 }
 
-/* Waits for `events` on the socket until the deadline. 0, -ETIMEDOUT or -errno. */
+/* Waits for `events` on the socket until the deadline or a cancel. 0, -ETIMEDOUT,
+ * -ECANCELED or -errno. */
 static int wait_fd(struct conn *c, short events)
 {
     for (;;) {
         int left = remaining_ms(c);
         if (left == 0)
             return -ETIMEDOUT;
-        struct pollfd pfd = {.fd = c->fd, .events = events};
-        int r = poll(&pfd, 1, left);
+        struct pollfd pfd[2] = {{.fd = c->fd, .events = events},
+                                {.fd = c->cancel_fd, .events = POLLIN}};
+        int r = poll(pfd, c->cancel_fd >= 0 ? 2 : 1, left);
+        if (r > 0 && c->cancel_fd >= 0 && pfd[1].revents)
+            return -ECANCELED;
         if (r > 0)
             return 0; /* readiness or an error: the next I/O call reports which */
         if (r == 0)
@@ -300,6 +305,17 @@ static int wait_fd(struct conn *c, short events)
         if (errno != EINTR)
             return -errno;
     }
+}
+
+static bool is_cancelled(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return fd >= 0 && poll(&p, 1, 0) > 0;
+}
+
+static const char *wait_error(int e)
+{
+    return e == -ETIMEDOUT ? "timed out" : e == -ECANCELED ? "cancelled" : strerror(-e);
 }
 
 static void ssl_err(struct conn *c, const char *what)
@@ -337,8 +353,8 @@ static int ssl_wait(struct conn *c, int ret, const char *what)
             ssl_err(c, what);
         return -EPROTO;
     }
-    if (r == -ETIMEDOUT)
-        sl_fmt_err(c->err, c->err_len, "%s: timed out", what);
+    if (r < 0)
+        sl_fmt_err(c->err, c->err_len, "%s: %s", what, wait_error(r));
     return r;
 }
 
@@ -385,10 +401,10 @@ static int conn_connect(struct conn *c, const struct sl_fetch_url *u)
             break;
         }
         rc = r;
-        sl_fmt_err(c->err, c->err_len, "connect: %s", strerror(-r));
+        sl_fmt_err(c->err, c->err_len, "connect: %s", wait_error(r));
         close(fd);
         c->fd = -1;
-        if (r == -ETIMEDOUT)
+        if (r == -ETIMEDOUT || r == -ECANCELED)
             break;
     }
     freeaddrinfo(res);
@@ -460,8 +476,7 @@ static int conn_write_all(struct conn *c, const char *p, size_t n)
                 if (errno == EAGAIN || errno == EWOULDBLOCK) {
                     int e = wait_fd(c, POLLOUT);
                     if (e < 0) {
-                        sl_fmt_err(c->err, c->err_len, "write: %s",
-                                   e == -ETIMEDOUT ? "timed out" : strerror(-e));
+                        sl_fmt_err(c->err, c->err_len, "write: %s", wait_error(e));
                         return e;
                     }
                     continue;
@@ -538,8 +553,7 @@ static int conn_fill(struct conn *c)
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 int e = wait_fd(c, POLLIN);
                 if (e < 0) {
-                    sl_fmt_err(c->err, c->err_len, "read: %s",
-                               e == -ETIMEDOUT ? "timed out" : strerror(-e));
+                    sl_fmt_err(c->err, c->err_len, "read: %s", wait_error(e));
                     return e;
                 }
                 continue;
@@ -1029,9 +1043,15 @@ int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err
         goto out;
     }
     c->fd = -1;
+    c->cancel_fd = rq->cancel_fd ? *rq->cancel_fd : -1;
     c->deadline_ms = sl_clock_now_ms() + (rq->timeout_ms ? rq->timeout_ms : DEFAULT_TIMEOUT_MS);
     c->err = err;
     c->err_len = err_len;
+    if (is_cancelled(c->cancel_fd)) {
+        sl_fmt_err(err, err_len, "cancelled");
+        rc = -ECANCELED;
+        goto out;
+    }
     rc = conn_connect(c, &u);
     if (rc < 0)
         goto out;
@@ -1046,7 +1066,7 @@ int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err
         rc = send_file(c, rq->body_file, &file_failed);
     else if (rc == 0 && rq->body && rq->body_len)
         rc = conn_write_all(c, rq->body, rq->body_len);
-    if (rc < 0 && rc != -ETIMEDOUT && !file_failed) {
+    if (rc < 0 && rc != -ETIMEDOUT && rc != -ECANCELED && !file_failed) {
         /* The server may have answered and closed before taking the whole body (413, 401):
          * its status says more than our write error. */
         char err2[ERR_LEN];
@@ -1088,6 +1108,7 @@ int sl__fetch_parse_response(const char *data, size_t len, size_t piece,
         return -ENOMEM;
     }
     c->fd = -1;
+    c->cancel_fd = -1;
     c->err = err;
     c->err_len = err_len;
     c->mem = data ? data : "";

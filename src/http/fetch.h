@@ -78,6 +78,8 @@ struct sl_fetch_req {
     const char *ca_file;                        /* only when tls is NULL; NULL = system store */
     sl_fetch_header_cb on_header;               /* or NULL */
     void *header_data;
+    const int *cancel_fd; /* when this fd is readable the exchange stops (-ECANCELED); NULL =
+                             none. An eventfd written once by the thread that wants out. */
 };
 
 /* The answer. */
@@ -99,7 +101,8 @@ struct sl_fetch_resp {
  * query string or header values): -EINVAL (bad URL, method or extra_headers), -EHOSTUNREACH
  * (name resolution), -ECONNREFUSED and other connect errors, -ETIMEDOUT (the deadline passed),
  * -EPROTO (TLS failure or malformed response), -EFBIG (2xx body too large, or head over 16 KiB
- * as -E2BIG), -EIO (the body file shrank or could not be read), -ENOMEM. On failure `out`
+ * as -E2BIG), -EIO (the body file shrank or could not be read), -ECANCELED (cancel_fd became
+ * readable, checked before connecting and at every wait), -ENOMEM. On failure `out`
  * holds nothing to dispose of. Blocks; safe on any thread that may block.
  */
 int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err, size_t err_len);

@@ -15,6 +15,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -289,6 +290,49 @@ static void test_timeout_silent_server(void **state)
     uint64_t took = sl_clock_now_ms() - t0;
     assert_true(took >= 290 && took < 3000);
     assert_non_null(strstr(err, "timed out"));
+    srv_stop(s);
+}
+
+struct canceller {
+    struct srv *s;
+    int efd;
+};
+
+/* Cancels once the server holds the request, so the client is known to be waiting. */
+static void *cancel_main(void *arg)
+{
+    struct canceller *k = arg;
+    uint64_t deadline = sl_clock_now_ms() + 5000;
+    while (atomic_load(&k->s->requests) < 1 && sl_clock_now_ms() < deadline)
+        poll(NULL, 0, 2);
+    uint64_t one = 1;
+    assert_int_equal(write(k->efd, &one, sizeof one), (ssize_t)sizeof one);
+    return NULL;
+}
+
+static void test_cancel(void **state)
+{
+    (void)state;
+    struct srv *s = srv_start("");
+    s->hang = true;
+    char url[128], err[256] = "";
+    srv_url(s, "/", url, sizeof url);
+    int efd = eventfd(0, EFD_CLOEXEC);
+    assert_true(efd >= 0);
+    struct sl_fetch_req rq = {.url = url, .timeout_ms = 20000, .cancel_fd = &efd};
+    struct sl_fetch_resp r;
+    struct canceller k = {.s = s, .efd = efd};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, cancel_main, &k), 0);
+    uint64_t t0 = sl_clock_now_ms();
+    assert_int_equal(sl_fetch(&rq, &r, err, sizeof err), -ECANCELED);
+    assert_true(sl_clock_now_ms() - t0 < 10000); /* long before the 20 s deadline */
+    assert_non_null(strstr(err, "cancelled"));
+    pthread_join(t, NULL);
+    /* still readable: the next exchange does not even connect */
+    assert_int_equal(sl_fetch(&rq, &r, err, sizeof err), -ECANCELED);
+    assert_int_equal(atomic_load(&s->requests), 1);
+    close(efd);
     srv_stop(s);
 }
 
@@ -570,12 +614,19 @@ static void test_parse_head_cap(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_content_length),   cmocka_unit_test(test_chunked),
-        cmocka_unit_test(test_to_eof),           cmocka_unit_test(test_oversized_body),
-        cmocka_unit_test(test_error_body_cut),   cmocka_unit_test(test_timeout_silent_server),
-        cmocka_unit_test(test_garbage_response), cmocka_unit_test(test_refused_and_bad_requests),
-        cmocka_unit_test(test_header_callback),  cmocka_unit_test(test_put_body_from_file),
-        cmocka_unit_test(test_early_answer),     cmocka_unit_test(test_parse_split_independent),
+        cmocka_unit_test(test_content_length),
+        cmocka_unit_test(test_chunked),
+        cmocka_unit_test(test_to_eof),
+        cmocka_unit_test(test_oversized_body),
+        cmocka_unit_test(test_error_body_cut),
+        cmocka_unit_test(test_timeout_silent_server),
+        cmocka_unit_test(test_cancel),
+        cmocka_unit_test(test_garbage_response),
+        cmocka_unit_test(test_refused_and_bad_requests),
+        cmocka_unit_test(test_header_callback),
+        cmocka_unit_test(test_put_body_from_file),
+        cmocka_unit_test(test_early_answer),
+        cmocka_unit_test(test_parse_split_independent),
         cmocka_unit_test(test_parse_head_cap),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
