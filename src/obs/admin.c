@@ -892,6 +892,9 @@ static void post_drain(struct sl_admin *a, struct sl_request *req)
     }
     SL_INFO("admin: drain requested through the admin API (client %.*s)", (int)req->client_ip.len,
             req->client_ip.ptr);
+    /* /ready turns 503 before this answer leaves, not when the main thread gets to it: a
+     * script that drains and then watches /ready sees the change at once. */
+    atomic_store(&obs->draining, true);
     obs->request_drain(obs, "admin API");
     respond_json(req, 202, json_pack("{s:s}", "status", "draining"));
 }
