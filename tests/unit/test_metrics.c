@@ -305,13 +305,13 @@ static void test_bytes_retries_rejections(void **state)
                                  .error = i < 2 ? reason_a : reason_b,
                                  .bytes_in = 100,
                                  .bytes_out = 250});
-    record(f, 0, r, (struct req_spec){.status = 401, .filter = "jwt", .error = "jwt_expired"});
+    record(f, 0, r, (struct req_spec){.status = 401, .filter = "jwt", .error = "token_expired"});
     record(f, 1, r, (struct req_spec){.status = 200, .retries = 2, .upstream_us = 10});
     const char *t = render(f);
     assert_true(value(t, "sluice_rejections_total{route=\"r\",filter=\"rate_limit\",reason=\""
                          "rate_limited\"}") == 4);
     assert_true(
-        value(t, "sluice_rejections_total{route=\"r\",filter=\"jwt\",reason=\"jwt_expired\"}") ==
+        value(t, "sluice_rejections_total{route=\"r\",filter=\"jwt\",reason=\"token_expired\"}") ==
         1);
     assert_false(has_prefix_line(t, "sluice_gateway_errors_total{"));
     assert_true(value(t, "sluice_request_bytes_total{route=\"r\",direction=\"in\"}") == 400);
