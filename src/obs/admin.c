@@ -987,10 +987,11 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
         json_decref(j);
         return;
     }
+    bool has_zone = jzone && json_is_string(jzone);
     ep.address = strdup(canon);
-    ep.zone = jzone && json_is_string(jzone) ? strdup(json_string_value(jzone)) : NULL;
+    ep.zone = has_zone ? strdup(json_string_value(jzone)) : NULL;
     json_decref(j);
-    if (!ep.address || (jzone && json_is_string(jzone) && !ep.zone)) {
+    if (!ep.address || (has_zone && !ep.zone)) {
         admin_ep_dispose(&ep);
         respond_error(req, 503, "out_of_memory", "out of memory");
         return;
