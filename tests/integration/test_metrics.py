@@ -6,6 +6,7 @@ appear when cost.vcpu_hour_usd is set. The first tests check promparse itself.""
 
 import http.client
 import os
+import re
 import signal
 import socket
 import string
@@ -485,3 +486,39 @@ routes:
     assert acc.value(listener="pp") >= 2
     refused = fams["sluice_listener_connections_refused_total"]
     assert refused.value(listener="pp", reason="denied") == 0
+
+
+def documented_families():
+    """{family: (type, {labels})} from the tables of docs/metrics.md."""
+    from helpers import REPO
+
+    out = {}
+    with open(os.path.join(REPO, "docs", "metrics.md")) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) != 4 or not cells[0].startswith("`sluice_"):
+                continue
+            labels = set(re.findall(r"`([a-z_]+)`", cells[2]))
+            for name in re.findall(r"`(sluice_[a-z_]+)`", cells[0]):
+                out[name] = (cells[1], labels)
+    return out
+
+
+def test_docs_list_every_family_with_its_type_and_labels(gateway, tmp_path):
+    routes = """\
+  - name: hello
+    match: {path_prefix: /}
+    direct_response: {status: 200, body: "hi"}
+"""
+    top = "cost: {vcpu_hour_usd: 0.02}\naccess_log: {directory: %s}" % (tmp_path / "alog")
+    g = gateway(config(routes, top=top))
+    get(g, "/", 2)
+    fams = wait_total(g, {"hello": {"2xx": 2}})
+    docs = documented_families()
+    assert set(fams) == set(docs), (sorted(set(fams) - set(docs)), sorted(set(docs) - set(fams)))
+    for name, fam in fams.items():
+        typ, labels = docs[name]
+        assert fam.type == typ, (name, fam.type, typ)
+        for s in fam.samples:
+            extra = set(s.labels) - labels - {"le"}
+            assert not extra, (name, extra)
