@@ -39,9 +39,10 @@ void sl_admin_stop(struct sl_admin *a);
 /*
  * A new config generation `rt` went live: gives each of its pools the endpoints the admin
  * API added to the upstream of that name, and forgets the lists of upstreams `rt` no longer
- * has. Call after every swap, from any thread except from inside an admin request (it takes
- * the admin's list lock, which a request does not hold while it asks for a reload). NULL `a`
- * is a no-op. `rt` stays the caller's.
+ * has. Call after every swap (reloads and rollbacks), from any thread, the admin thread
+ * included: POST /reload holds no admin lock while it waits for the reload, so the reload may
+ * call this from inside it. Takes the admin's list lock, then the pools' publisher locks.
+ * NULL `a` is a no-op. `rt` stays the caller's.
  */
 void sl_admin_on_reload(struct sl_admin *a, struct sl_runtime *rt);
 
