@@ -1,0 +1,543 @@
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config/config.h"
+#include "core/loop.h"
+#include "obs/log_ship.h"
+
+#define WAIT_MS 20000u
+#define MAX_RECS 512
+
+/* ---- a collector: records every request, answers 503 to the first `fail_first`, or never
+ * answers when `hang` ---------------------------------------------------------------------- */
+
+struct rec {
+    char head[1024];
+    char *body;
+    size_t body_len;
+    uint64_t at_ms;
+    bool file_existed; /* the segment was still on disk when its request arrived */
+};
+
+struct collector {
+    int lfd;
+    uint16_t port;
+    pthread_t thread;
+    atomic_bool stop;
+    pthread_mutex_t mu;
+    const char *dir;
+    int fail_first;
+    bool hang;
+    struct rec recs[MAX_RECS];
+    atomic_int count;
+    int hung[8];
+    int hung_count;
+};
+
+static void send_all(int fd, const char *p)
+{
+    size_t n = strlen(p);
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0)
+            return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Reads head and Content-Length body; false when the client went away first. */
+static bool read_req(int fd, struct rec *r)
+{
+    size_t cap = 4096, len = 0, need = 0, head_len = 0;
+    char *buf = malloc(cap + 1);
+    assert_non_null(buf);
+    uint64_t deadline = sl_clock_now_ms() + 10000;
+    while (!need || len < need) {
+        if (len == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap + 1);
+            assert_non_null(buf);
+        }
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 100) <= 0) {
+            if (sl_clock_now_ms() > deadline)
+                break;
+            continue;
+        }
+        ssize_t got = recv(fd, buf + len, cap - len, 0);
+        if (got <= 0)
+            break;
+        len += (size_t)got;
+        buf[len] = '\0';
+        char *end = need ? NULL : strstr(buf, "\r\n\r\n");
+        if (end) {
+            head_len = (size_t)(end - buf) + 4;
+            const char *cl = strcasestr(buf, "\r\nContent-Length: ");
+            need = head_len + (cl && cl < end ? strtoul(cl + 18, NULL, 10) : 0);
+        }
+    }
+    if (!need || len < need) {
+        free(buf);
+        return false;
+    }
+    snprintf(r->head, sizeof r->head, "%.*s", (int)head_len, buf);
+    r->body_len = need - head_len;
+    r->body = malloc(r->body_len + 1);
+    assert_non_null(r->body);
+    memcpy(r->body, buf + head_len, r->body_len);
+    free(buf);
+    return true;
+}
+
+/* The segment name a request is about: the last path component (PUT) or the header (POST). */
+static void seg_name(const struct rec *r, char *out, size_t cap)
+{
+    const char *h = strstr(r->head, "\r\nX-Sluice-Segment: ");
+    if (h) {
+        h += 20;
+        snprintf(out, cap, "%.*s", (int)strcspn(h, "\r"), h);
+        return;
+    }
+    const char *sp = strchr(r->head, ' ');
+    const char *end = sp ? strchr(sp + 1, ' ') : NULL;
+    assert_non_null(end);
+    const char *slash = sp;
+    for (const char *p = sp; p < end; p++)
+        if (*p == '/')
+            slash = p;
+    snprintf(out, cap, "%.*s", (int)(end - slash - 1), slash + 1);
+}
+
+static void *collector_main(void *arg)
+{
+    struct collector *c = arg;
+    while (!atomic_load(&c->stop)) {
+        struct pollfd p = {.fd = c->lfd, .events = POLLIN};
+        if (poll(&p, 1, 20) <= 0)
+            continue;
+        int fd = accept(c->lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        struct rec r = {0};
+        if (!read_req(fd, &r)) {
+            close(fd);
+            continue;
+        }
+        r.at_ms = sl_clock_now_ms();
+        char name[256], path[512];
+        seg_name(&r, name, sizeof name);
+        snprintf(path, sizeof path, "%s/%s", c->dir, name);
+        r.file_existed = access(path, F_OK) == 0;
+        pthread_mutex_lock(&c->mu);
+        int n = atomic_load(&c->count);
+        bool fail = n < c->fail_first;
+        bool hang = c->hang && c->hung_count < 8;
+        if (hang)
+            c->hung[c->hung_count++] = fd;
+        if (n < MAX_RECS) {
+            c->recs[n] = r;
+            atomic_store(&c->count, n + 1);
+        } else {
+            free(r.body);
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (hang)
+            continue;
+        send_all(fd, fail ? "HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
+                          : "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
+        close(fd);
+    }
+    return NULL;
+}
+
+static struct collector *collector_start(const char *dir, int fail_first)
+{
+    struct collector *c = calloc(1, sizeof *c);
+    assert_non_null(c);
+    pthread_mutex_init(&c->mu, NULL);
+    c->dir = dir;
+    c->fail_first = fail_first;
+    c->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(c->lfd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(c->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(c->lfd, 64), 0);
+    socklen_t al = sizeof a;
+    assert_int_equal(getsockname(c->lfd, (struct sockaddr *)&a, &al), 0);
+    c->port = ntohs(a.sin_port);
+    assert_int_equal(pthread_create(&c->thread, NULL, collector_main, c), 0);
+    return c;
+}
+
+static void collector_stop(struct collector *c)
+{
+    atomic_store(&c->stop, true);
+    pthread_join(c->thread, NULL);
+    for (int i = 0; i < c->hung_count; i++)
+        close(c->hung[i]);
+    for (int i = 0; i < atomic_load(&c->count); i++)
+        free(c->recs[i].body);
+    close(c->lfd);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* ---- helpers -------------------------------------------------------------------------------- */
+
+struct seg {
+    char name[64];
+    char path[512];
+    unsigned char *data;
+    size_t len;
+};
+
+static void make_seg(const char *dir, const char *name, size_t len, unsigned seed, struct seg *s)
+{
+    snprintf(s->name, sizeof s->name, "%s", name);
+    snprintf(s->path, sizeof s->path, "%s/%s", dir, name);
+    s->len = len;
+    s->data = malloc(len ? len : 1);
+    assert_non_null(s->data);
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < len; i++) {
+        x = x * 1103515245u + 12345u;
+        s->data[i] = (unsigned char)(x >> 16);
+    }
+    /* written aside and renamed, as the access log does: a segment appears complete */
+    char tmp[600];
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
+    FILE *f = fopen(tmp, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(s->data, 1, len, f), len);
+    fclose(f);
+    assert_int_equal(rename(tmp, s->path), 0);
+}
+
+static bool exists(const char *path)
+{
+    return access(path, F_OK) == 0;
+}
+
+static void conf_for(struct sl_access_log_conf *conf, char *dir, char *url, uint16_t port,
+                     const char *path, int method)
+{
+    memset(conf, 0, sizeof *conf);
+    snprintf(url, 128, "http://127.0.0.1:%u%s", (unsigned)port, path);
+    conf->directory = dir;
+    conf->ship_url = url;
+    conf->ship_method = method;
+    conf->ship_timeout_ms = 2000;
+    conf->ship_backoff_max_ms = 10000;
+}
+
+static bool wait_stat(struct sl_log_ship *s, size_t field, uint64_t want)
+{
+    uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
+    for (;;) {
+        struct sl_log_ship_stats st;
+        sl_log_ship_get_stats(s, &st);
+        if (*(uint64_t *)((char *)&st + field) >= want)
+            return true;
+        if (sl_clock_now_ms() > deadline)
+            return false;
+        poll(NULL, 0, 5);
+    }
+}
+
+#define WAIT_SHIPPED(s, n) wait_stat(s, offsetof(struct sl_log_ship_stats, shipped), n)
+#define WAIT_FAILURES(s, n) wait_stat(s, offsetof(struct sl_log_ship_stats, failures), n)
+
+static void rm_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *e;
+    char p[1024];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        unlink(p);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+/* ---- tests ---------------------------------------------------------------------------------- */
+
+/*
+ * Segments left by an earlier run go first, oldest first; the collector refuses twice: the
+ * first segment is retried after a growing backoff and stays on disk until accepted; then
+ * each arrives byte-exact with its headers and is deleted. A segment enqueued later follows.
+ */
+static void test_ship_in_order_after_failures(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice_ship_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct seg segs[4];
+    make_seg(dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 200000, 2, &segs[1]);
+    make_seg(dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 1000, 1, &segs[0]);
+    make_seg(dir, "sluice-20260101T000003.000Z-1-000003.jsonl.zst", 0, 3, &segs[2]);
+    struct seg other;
+    make_seg(dir, ".sluice-20260101T000004.000Z-1-000004.jsonl.zst.tmp", 10, 4, &other);
+    struct collector *c = collector_start(dir, 2);
+    struct sl_access_log_conf conf;
+    char url[128], err[256] = "";
+    conf_for(&conf, dir, url, c->port, "/ingest", SL_SHIP_PUT);
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(s);
+    assert_int_equal(sl_log_ship_start(s), 0);
+
+    assert_true(WAIT_FAILURES(s, 1));
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.shipped, 0);
+    assert_true(exists(segs[0].path)); /* a refused segment stays */
+
+    assert_true(WAIT_SHIPPED(s, 3));
+    make_seg(dir, "sluice-20260101T000005.000Z-1-000005.jsonl.zst", 5000, 5, &segs[3]);
+    sl_log_ship_enqueue(s, segs[3].path);
+    assert_true(WAIT_SHIPPED(s, 4));
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.failures, 2);
+    assert_int_equal(st.bytes, 1000 + 200000 + 0 + 5000);
+    assert_int_equal(st.queued, 0);
+
+    pthread_mutex_lock(&c->mu);
+    assert_int_equal(atomic_load(&c->count), 6);
+    static const int order[] = {0, 0, 0, 1, 2, 3};
+    for (int i = 0; i < 6; i++) {
+        const struct rec *r = &c->recs[i];
+        const struct seg *sg = &segs[order[i]];
+        char want[256];
+        snprintf(want, sizeof want, "PUT /ingest/%s HTTP/1.1\r\n", sg->name);
+        assert_true(strncmp(r->head, want, strlen(want)) == 0);
+        assert_non_null(strstr(r->head, "\r\nContent-Type: application/x-ndjson\r\n"));
+        assert_non_null(strstr(r->head, "\r\nContent-Encoding: zstd\r\n"));
+        snprintf(want, sizeof want, "\r\nContent-Length: %zu\r\n", sg->len);
+        assert_non_null(strstr(r->head, want));
+        assert_int_equal(r->body_len, sg->len);
+        assert_memory_equal(r->body, sg->data, sg->len);
+        assert_true(r->file_existed);
+    }
+    /* backoff: about 1 s, then about 2 s (each minus up to a quarter of jitter) */
+    uint64_t gap1 = c->recs[1].at_ms - c->recs[0].at_ms;
+    uint64_t gap2 = c->recs[2].at_ms - c->recs[1].at_ms;
+    assert_true(gap1 >= 740);
+    assert_true(gap2 >= 1490);
+    assert_true(gap2 > gap1);
+    pthread_mutex_unlock(&c->mu);
+
+    for (int i = 0; i < 4; i++) {
+        assert_false(exists(segs[i].path));
+        free(segs[i].data);
+    }
+    assert_true(exists(other.path)); /* not a closed segment: never touched */
+    free(other.data);
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    sl_log_ship_free(s);
+    collector_stop(c);
+    rm_dir(dir);
+}
+
+/* POST sends to the URL itself (query kept) and names the segment in a header. */
+static void test_post_method(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice_ship_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct collector *c = collector_start(dir, 0);
+    struct sl_access_log_conf conf;
+    char url[128], err[256] = "";
+    conf_for(&conf, dir, url, c->port, "/logs?stream=edge", SL_SHIP_POST);
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(s);
+    assert_int_equal(sl_log_ship_start(s), 0);
+    struct seg sg;
+    make_seg(dir, "sluice-20260101T000001.000Z-7-000001.jsonl.zst", 777, 9, &sg);
+    sl_log_ship_enqueue(s, sg.path);
+    sl_log_ship_enqueue(s, sg.path); /* twice: sent once */
+    assert_true(WAIT_SHIPPED(s, 1));
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    pthread_mutex_lock(&c->mu);
+    assert_int_equal(atomic_load(&c->count), 1);
+    const struct rec *r = &c->recs[0];
+    assert_true(strncmp(r->head, "POST /logs?stream=edge HTTP/1.1\r\n", 33) == 0);
+    assert_non_null(strstr(r->head, "\r\nX-Sluice-Segment: " /* the name */));
+    assert_non_null(strstr(r->head, sg.name));
+    assert_int_equal(r->body_len, 777);
+    assert_memory_equal(r->body, sg.data, 777);
+    pthread_mutex_unlock(&c->mu);
+    assert_false(exists(sg.path));
+    free(sg.data);
+    sl_log_ship_free(s);
+    collector_stop(c);
+    rm_dir(dir);
+}
+
+/* A collector that keeps refusing: stop gives up at its deadline and leaves every file. */
+static void test_stop_deadline_leaves_files(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice_ship_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct seg a, b;
+    make_seg(dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
+    make_seg(dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 100, 2, &b);
+    struct collector *c = collector_start(dir, 1000);
+    struct sl_access_log_conf conf;
+    char url[128], err[256] = "";
+    conf_for(&conf, dir, url, c->port, "/ingest/", SL_SHIP_PUT);
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(s);
+    assert_int_equal(sl_log_ship_start(s), 0);
+    assert_true(WAIT_FAILURES(s, 1));
+    uint64_t t0 = sl_clock_now_ms();
+    sl_log_ship_stop(s, t0 + 300);
+    uint64_t took = sl_clock_now_ms() - t0;
+    assert_true(took < 1500);
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.shipped, 0);
+    assert_int_equal(st.queued, 2);
+    assert_true(exists(a.path));
+    assert_true(exists(b.path));
+    pthread_mutex_lock(&c->mu);
+    /* a trailing slash in the URL is not doubled */
+    assert_true(strncmp(c->recs[0].head, "PUT /ingest/sluice-", 19) == 0);
+    pthread_mutex_unlock(&c->mu);
+    sl_log_ship_free(s);
+    collector_stop(c);
+    free(a.data);
+    free(b.data);
+    rm_dir(dir);
+}
+
+/* An attempt hanging on a silent collector is cut at the stop deadline, not its timeout. */
+static void test_stop_cancels_attempt(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice_ship_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct seg a;
+    make_seg(dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
+    struct collector *c = collector_start(dir, 0);
+    c->hang = true;
+    struct sl_access_log_conf conf;
+    char url[128], err[256] = "";
+    conf_for(&conf, dir, url, c->port, "/ingest", SL_SHIP_PUT);
+    conf.ship_timeout_ms = 60000;
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(s);
+    assert_int_equal(sl_log_ship_start(s), 0);
+    uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
+    while (atomic_load(&c->count) < 1 && sl_clock_now_ms() < deadline)
+        poll(NULL, 0, 5);
+    assert_int_equal(atomic_load(&c->count), 1);
+    uint64_t t0 = sl_clock_now_ms();
+    sl_log_ship_stop(s, t0 + 200);
+    assert_true(sl_clock_now_ms() - t0 < 1500);
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.failures, 0); /* a cancel is not a collector failure */
+    assert_true(exists(a.path));
+    sl_log_ship_free(s);
+    collector_stop(c);
+    free(a.data);
+    rm_dir(dir);
+}
+
+/* More segments than the queue holds: all shipped, in order, none lost. */
+static void test_more_than_the_queue(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice_ship_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    enum { N = 300 };
+    for (int i = 0; i < N; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "sluice-20260101T%06d.000Z-1-000001.jsonl.zst", i);
+        struct seg sg;
+        make_seg(dir, name, 10, (unsigned)i, &sg);
+        free(sg.data);
+    }
+    struct collector *c = collector_start(dir, 0);
+    struct sl_access_log_conf conf;
+    char url[128], err[256] = "";
+    conf_for(&conf, dir, url, c->port, "/ingest", SL_SHIP_PUT);
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(s);
+    assert_int_equal(sl_log_ship_start(s), 0);
+    /* and a burst of hand-overs racing the scan */
+    for (int i = N - 1; i >= 0; i -= 7) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/sluice-20260101T%06d.000Z-1-000001.jsonl.zst", dir, i);
+        sl_log_ship_enqueue(s, path);
+    }
+    assert_true(WAIT_SHIPPED(s, N));
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    pthread_mutex_lock(&c->mu);
+    assert_int_equal(atomic_load(&c->count), N);
+    for (int i = 0; i < N; i++) {
+        char want[128];
+        snprintf(want, sizeof want, "PUT /ingest/sluice-20260101T%06d.000Z", i);
+        if (strncmp(c->recs[i].head, want, strlen(want)) != 0)
+            fail_msg("request %d: %.60s", i, c->recs[i].head);
+    }
+    pthread_mutex_unlock(&c->mu);
+    sl_log_ship_free(s);
+    collector_stop(c);
+    rm_dir(dir);
+}
+
+static void test_bad_config(void **state)
+{
+    (void)state;
+    struct sl_access_log_conf conf = {0};
+    char err[256] = "";
+    conf.directory = "/tmp";
+    assert_null(sl_log_ship_new(&conf, err, sizeof err));
+    assert_true(err[0] != '\0');
+    conf.ship_url = "http://user@127.0.0.1/x";
+    err[0] = '\0';
+    assert_null(sl_log_ship_new(&conf, err, sizeof err));
+    assert_non_null(strstr(err, "user information"));
+    /* never started: stop and free are fine */
+    conf.ship_url = "http://127.0.0.1:1/x";
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(s);
+    sl_log_ship_stop(s, 0);
+    sl_log_ship_free(s);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ship_in_order_after_failures),
+        cmocka_unit_test(test_post_method),
+        cmocka_unit_test(test_stop_deadline_leaves_files),
+        cmocka_unit_test(test_stop_cancels_attempt),
+        cmocka_unit_test(test_more_than_the_queue),
+        cmocka_unit_test(test_bad_config),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
