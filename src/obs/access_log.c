@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -112,6 +113,10 @@ _Static_assert(6 * (STR_CAP_TOTAL + HDR_TOTAL_CAP) + HDR_ENTRIES_MAX * (6 * HDR_
 static const char *const always_redacted[] = {"authorization", "proxy-authorization", "cookie",
                                               "set-cookie", "x-api-key"};
 
+/* An empty last block (last-block bit, raw, size 0): ends a zstd frame after any whole block.
+ * Frames carry no content checksum, so a frame may end at any batch boundary. */
+static const unsigned char end_block[3] = {1, 0, 0};
+
 #define TMP_PREFIX ".sluice-"
 #define TMP_SUFFIX ".jsonl.zst.tmp"
 
@@ -171,8 +176,9 @@ struct sl_alog {
     int fd;
     char tmp_path[PATH_MAX];
     uint64_t seg_seq, seg_wall_ms, seg_opened_us;
-    uint64_t seg_bytes; /* written to the file */
-    uint64_t seg_good;  /* file size at the last complete flush */
+    uint64_t seg_good;    /* end of the frame's blocks after the last complete batch */
+    uint64_t seg_pos;     /* where the compressor's next bytes go */
+    uint64_t seg_counted; /* file bytes already counted in bytes_comp */
     uint64_t seg_records;
 
     /* counters: written by the log thread only, read by anyone */
@@ -412,6 +418,19 @@ static char *esc_byte(char *o, unsigned c)
     return o;
 }
 
+/* 1 for the bytes that cannot be copied into a JSON string as they are: controls, quote,
+ * backslash, DEL, and every non-ASCII byte (those go through UTF-8 validation). */
+static const uint8_t needs_care[256] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+};
+
 /*
  * Escapes for a JSON string: quote, backslash and control bytes escaped, valid UTF-8 kept,
  * and each byte of an invalid sequence written as \u00XX (the code point of that byte's
@@ -422,17 +441,12 @@ static char *esc(char *o, const char *src, size_t n)
     const unsigned char *s = (const unsigned char *)src;
     size_t i = 0;
     while (i < n) {
-        size_t j = i;
-        while (j < n && s[j] >= 0x20 && s[j] < 0x7f && s[j] != '"' && s[j] != '\\')
-            j++;
-        if (j > i) {
-            memcpy(o, s + i, j - i);
-            o += j - i;
-            i = j;
-            if (i == n)
-                break;
-        }
         unsigned c = s[i];
+        if (!needs_care[c]) { /* the common case: one table load per byte */
+            *o++ = (char)c;
+            i++;
+            continue;
+        }
         if (c < 0x80) {
             switch (c) {
             case '"':
@@ -685,11 +699,11 @@ static int mkdir_p(const char *dir)
     return 0;
 }
 
-static int write_all(int fd, const void *buf, size_t len, off_t at, bool positioned)
+static int pwrite_all(int fd, const void *buf, size_t len, uint64_t at)
 {
     const char *p = buf;
     while (len) {
-        ssize_t n = positioned ? pwrite(fd, p, len, at) : write(fd, p, len);
+        ssize_t n = pwrite(fd, p, len, (off_t)at);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -699,7 +713,7 @@ static int write_all(int fd, const void *buf, size_t len, off_t at, bool positio
             return -EIO;
         p += n;
         len -= (size_t)n;
-        at += n;
+        at += (uint64_t)n;
     }
     return 0;
 }
@@ -722,10 +736,19 @@ static void log_io_error(struct sl_alog *a, const char *what, const char *path, 
     a->err_suppressed = 0;
 }
 
+/* The file grew to `size`: count what was not counted yet. */
+static void account(struct sl_alog *a, uint64_t size)
+{
+    if (size > a->seg_counted) {
+        count(&a->bytes_comp, size - a->seg_counted);
+        a->seg_counted = size;
+    }
+}
+
 static void seg_reset(struct sl_alog *a)
 {
     a->fd = -1;
-    a->seg_bytes = a->seg_good = a->seg_records = 0;
+    a->seg_pos = a->seg_good = a->seg_records = a->seg_counted = 0;
     a->tmp_path[0] = 0;
 }
 
@@ -764,7 +787,7 @@ static int seg_open(struct sl_alog *a)
         }
         a->fd = fd;
         a->seg_seq = seq;
-        a->seg_bytes = a->seg_good = a->seg_records = 0;
+        a->seg_pos = a->seg_good = a->seg_records = a->seg_counted = 0;
         a->seg_opened_us = clock_us(CLOCK_MONOTONIC);
         /* names sort by time: never go back, even when the wall clock steps back */
         uint64_t ms = clock_us(CLOCK_REALTIME) / 1000;
@@ -778,6 +801,7 @@ static int seg_open(struct sl_alog *a)
     return -EEXIST;
 }
 
+/* Compresses `src` (with `mode`) and writes the output at seg_pos, advancing it. */
 static int compress_write(struct sl_alog *a, const void *src, size_t len, ZSTD_EndDirective mode)
 {
     ZSTD_inBuffer in = {src, len, 0};
@@ -789,14 +813,37 @@ static int compress_write(struct sl_alog *a, const void *src, size_t len, ZSTD_E
             return -EIO;
         }
         if (out.pos) {
-            int rc = write_all(a->fd, a->out, out.pos, 0, false);
+            int rc = pwrite_all(a->fd, a->out, out.pos, a->seg_pos);
             if (rc < 0)
                 return rc;
-            a->seg_bytes += out.pos;
+            a->seg_pos += out.pos;
         }
         if (left == 0 && in.pos == in.size)
             return 0;
     }
+}
+
+/* `dir`/sluice-<YYYYMMDDTHHMMSS.mmm>Z-<pid>-<seq>.jsonl.zst */
+static void final_name(char *out, size_t cap, const char *dir, uint64_t wall_ms, long pid,
+                       uint64_t seq)
+{
+    char stamp[16];
+    *put_civil(stamp, (time_t)(wall_ms / 1000), false) = 0;
+    snprintf(out, cap, "%s/sluice-%s.%03uZ-%ld-%06" PRIu64 ".jsonl.zst", dir, stamp,
+             (unsigned)(wall_ms % 1000), pid, seq);
+}
+
+/* Renames without ever replacing a segment (two processes with one pid, in two containers,
+ * may share the directory). 0 or -errno. */
+static int rename_new(const char *from, const char *to)
+{
+    if (renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0)
+        return 0;
+    if (errno != EINVAL) /* EINVAL: the file system cannot promise it */
+        return -errno;
+    if (access(to, F_OK) == 0)
+        return -EEXIST;
+    return rename(from, to) == 0 ? 0 : -errno;
 }
 
 /* fsync, close, rename to the final name, then the hook. The segment's records count as
@@ -810,17 +857,11 @@ static void seg_finish(struct sl_alog *a)
     }
     close(a->fd);
     a->fd = -1;
-    char final[PATH_MAX], stamp[16];
-    char *e = put_civil(stamp, (time_t)(a->seg_wall_ms / 1000), false);
-    *e = 0;
+    char final[PATH_MAX];
     int rc = -EEXIST;
     for (int tries = 0; tries < 100 && rc == -EEXIST; tries++) {
-        snprintf(final, sizeof final, "%s/sluice-%s.%03uZ-%d-%06" PRIu64 ".jsonl.zst", a->dir,
-                 stamp, (unsigned)(a->seg_wall_ms % 1000), a->pid, a->seg_seq);
-        /* never replace a segment: two processes with one pid may share the directory */
-        rc = renameat2(AT_FDCWD, a->tmp_path, AT_FDCWD, final, RENAME_NOREPLACE) == 0 ? 0 : -errno;
-        if (rc == -EINVAL) /* the file system cannot promise it; the names still differ */
-            rc = rename(a->tmp_path, final) == 0 ? 0 : -errno;
+        final_name(final, sizeof final, a->dir, a->seg_wall_ms, a->pid, a->seg_seq);
+        rc = rename_new(a->tmp_path, final);
         if (rc == -EEXIST)
             a->seg_seq = ++a->seq;
     }
@@ -842,26 +883,24 @@ static void seg_finish(struct sl_alog *a)
 }
 
 /*
- * After a failed write: keep what earlier batches put in the segment. Each batch ended with a
- * flush, so the file up to seg_good is a valid frame prefix of whole blocks; cutting it there
- * and appending an empty last block (3 bytes: last, raw, size 0) ends the frame. The frame
- * has no content checksum, so nothing else refers to the lost bytes.
+ * After a failed write: close the segment with the batches it held before. The file is
+ * [frame up to seg_good][end block] before each batch, and the batch's bytes overwrote the
+ * end block and went on from there; cutting the file at seg_good + 3 and writing the end
+ * block back at seg_good restores it. Both stay inside space the file already had, so this
+ * works on a full disk (or at a file-size limit) as well.
  */
 static void seg_salvage(struct sl_alog *a)
 {
-    static const unsigned char last_block[3] = {1, 0, 0};
     ZSTD_CCtx_reset(a->cctx, ZSTD_reset_session_only);
     if (a->seg_records == 0) {
         seg_discard(a);
         return;
     }
-    if (ftruncate(a->fd, (off_t)a->seg_good) < 0 ||
-        write_all(a->fd, last_block, sizeof last_block, (off_t)a->seg_good, true) < 0) {
+    if (ftruncate(a->fd, (off_t)(a->seg_good + sizeof end_block)) < 0 ||
+        pwrite_all(a->fd, end_block, sizeof end_block, a->seg_good) < 0) {
         seg_discard(a);
         return;
     }
-    a->seg_bytes = a->seg_good + sizeof last_block;
-    count(&a->bytes_comp, sizeof last_block);
     seg_finish(a);
 }
 
@@ -874,21 +913,28 @@ static void io_failed(struct sl_alog *a, const char *what, int rc, uint64_t reco
         seg_salvage(a);
 }
 
+/* Ends the frame for real (the compressor's own last block replaces the end block). */
 static void seg_close(struct sl_alog *a)
 {
+    a->seg_pos = a->seg_good;
     int rc = compress_write(a, NULL, 0, ZSTD_e_end);
+    if (rc == 0 && ftruncate(a->fd, (off_t)a->seg_pos) < 0)
+        rc = -errno;
     if (rc < 0) {
         log_io_error(a, "ending", a->tmp_path, rc);
         seg_salvage(a);
         return;
     }
-    count(&a->bytes_comp, a->seg_bytes - a->seg_good);
-    a->seg_good = a->seg_bytes;
+    account(a, a->seg_pos);
     seg_finish(a);
 }
 
-/* Compresses and writes the formatted batch, ending with a flush so it is on disk promptly
- * and the file stays a decodable prefix. Rotates by size. */
+/*
+ * Compresses and writes the formatted batch, ending with a flush so it is on disk promptly,
+ * then an empty last block, so the file on disk is a complete zstd frame after every batch:
+ * readable while open, recoverable after a crash, and cut back to it after a failed write.
+ * The next batch overwrites that end block. Rotates by size.
+ */
 static void flush_batch(struct sl_alog *a)
 {
     if (!a->batch_records)
@@ -902,7 +948,10 @@ static void flush_batch(struct sl_alog *a)
         io_failed(a, "creating a segment in", rc, records);
         return;
     }
+    a->seg_pos = a->seg_good;
     rc = compress_write(a, a->json, len, ZSTD_e_flush);
+    if (rc == 0)
+        rc = pwrite_all(a->fd, end_block, sizeof end_block, a->seg_pos);
     if (rc < 0) {
         io_failed(a, "writing", rc, records);
         return;
@@ -912,12 +961,161 @@ static void flush_batch(struct sl_alog *a)
                 atomic_load_explicit(&a->dropped_io, memory_order_relaxed));
         a->io_failing = false;
     }
+    a->seg_good = a->seg_pos;
+    account(a, a->seg_good + sizeof end_block);
     count(&a->bytes_unc, len);
-    count(&a->bytes_comp, a->seg_bytes - a->seg_good);
-    a->seg_good = a->seg_bytes;
     a->seg_records += records;
-    if (a->seg_bytes >= a->seg_max_bytes)
+    if (a->seg_good >= a->seg_max_bytes)
         seg_close(a);
+}
+
+/*
+ * Length of the longest prefix of `p` that is a zstd frame header plus at least one whole
+ * block, and whether a last block closed the frame (*ended); 0 when there is none. Frames
+ * written here declare no content size and no checksum; a header that does is not cut.
+ * RFC 8878 section 3.1.1.
+ */
+static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended)
+{
+    *ended = false;
+    if (n < 6 || ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                  (uint32_t)p[3] << 24) != ZSTD_MAGICNUMBER)
+        return 0;
+    unsigned desc = p[4];
+    bool single = desc & 0x20;
+    if ((desc >> 6) != 0 || single || (desc & 0x08) || (desc & 0x04))
+        return 0; /* content size, single segment, reserved bit, checksum */
+    static const size_t did_size[4] = {0, 1, 2, 4};
+    size_t off = 4 + 1 + 1 + did_size[desc & 3], good = 0;
+    while (off <= n && n - off >= 3) {
+        uint32_t bh = (uint32_t)p[off] | (uint32_t)p[off + 1] << 8 | (uint32_t)p[off + 2] << 16;
+        unsigned type = (bh >> 1) & 3;
+        size_t size = bh >> 3;
+        size_t payload = type == 1 ? 1 : size; /* RLE: one byte repeated `size` times */
+        if (type == 3 || size > ZSTD_BLOCKSIZE_MAX || n - off - 3 < payload)
+            break; /* garbage or cut short: the frame ends at the previous block */
+        off += 3 + payload;
+        good = off;
+        if (bh & 1) {
+            *ended = true;
+            break;
+        }
+    }
+    return good;
+}
+
+/* Makes a temporary segment whose writer died a complete one: cut after its last whole block
+ * and end the frame there. 1 when it now has a final name (in `final`), 0 when it held no
+ * whole block (removed), -errno on an I/O error (left as it is). */
+static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, uint64_t seq,
+                       char *final, size_t cap)
+{
+    int fd = openat(dfd, name, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc;
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    size_t n = (size_t)st.st_size, good = 0;
+    bool ended = false;
+    if (n >= 3) {
+        void *m = mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m == MAP_FAILED) {
+            rc = -errno;
+            goto out;
+        }
+        good = whole_blocks(m, n, &ended);
+        munmap(m, n);
+    }
+    if (good == 0) {
+        rc = unlinkat(dfd, name, 0) == 0 ? 0 : -errno;
+        goto out;
+    }
+    if (!ended) {
+        if (ftruncate(fd, (off_t)(good + sizeof end_block)) < 0) {
+            rc = -errno;
+            goto out;
+        }
+        if ((rc = pwrite_all(fd, end_block, sizeof end_block, good)) < 0)
+            goto out;
+    } else if (good < n && ftruncate(fd, (off_t)good) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if (fsync(fd) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    /* named by its last write: later than anything its writer closed, earlier than ours */
+    uint64_t ms = (uint64_t)st.st_mtim.tv_sec * 1000 + (uint64_t)st.st_mtim.tv_nsec / 1000000;
+    char from[PATH_MAX];
+    snprintf(from, sizeof from, "%s/%s", a->dir, name);
+    rc = -EEXIST;
+    for (unsigned k = 0; k < 100 && rc == -EEXIST; k++) {
+        final_name(final, cap, a->dir, ms, pid, seq + k * 1000000);
+        rc = rename_new(from, final);
+    }
+    if (rc == 0)
+        rc = 1;
+out:
+    close(fd);
+    return rc;
+}
+
+/*
+ * Temporary segments in the directory whose writer is gone (its pid no longer exists, or is
+ * ours: a previous life): each batch left a complete frame on disk, so a crash loses at most
+ * the batch being written. Each is cut back to its last whole block, ended and renamed (then
+ * handed to the hook like any closed segment); one with nothing whole in it is removed.
+ * Runs on the log thread before its first pass.
+ */
+static void recover_leftovers(struct sl_alog *a)
+{
+    DIR *d = opendir(a->dir);
+    if (!d)
+        return;
+    unsigned recovered = 0, removed = 0, failed = 0;
+    size_t plen = strlen(TMP_PREFIX), slen = strlen(TMP_SUFFIX);
+    struct dirent *e;
+    char final[PATH_MAX];
+    while ((e = readdir(d)) != NULL) {
+        const char *name = e->d_name;
+        size_t len = strlen(name);
+        if (len < plen + slen || strncmp(name, TMP_PREFIX, plen) != 0 ||
+            strcmp(name + len - slen, TMP_SUFFIX) != 0)
+            continue;
+        char *end;
+        long pid = strtol(name + plen, &end, 10);
+        uint64_t seq = 0;
+        if (*end == '-')
+            seq = strtoull(end + 1, NULL, 10);
+        else
+            pid = 0;
+        if (pid > 0 && pid != a->pid && pid <= INT_MAX &&
+            (kill((pid_t)pid, 0) == 0 || errno == EPERM))
+            continue; /* a live process is still writing it */
+        int rc = recover_one(a, dirfd(d), name, pid, seq, final, sizeof final);
+        if (rc == 1) {
+            recovered++;
+            if (a->on_segment)
+                a->on_segment(final, a->on_segment_data);
+        } else if (rc == 0) {
+            removed++;
+        } else {
+            failed++;
+            SL_WARN("access log: cannot finish %s/%s left by a stopped process: %s", a->dir, name,
+                    strerror(-rc));
+        }
+    }
+    closedir(d);
+    if (recovered || removed)
+        SL_WARN("access log: %u unfinished segment%s left by a stopped process finished and "
+                "renamed, %u with no whole block removed",
+                recovered, recovered == 1 ? "" : "s", removed);
+    (void)failed;
 }
 
 /* ---- the log thread -------------------------------------------------------------------- */
@@ -990,6 +1188,7 @@ static bool run_cycle(struct sl_alog *a, bool final)
 static void *thread_main(void *arg)
 {
     struct sl_alog *a = arg;
+    recover_leftovers(a);
     pthread_mutex_lock(&a->mu);
     while (!a->stop_requested) {
         pthread_mutex_unlock(&a->mu);
@@ -1016,34 +1215,6 @@ static void *thread_main(void *arg)
 }
 
 /* ---- set-up and lifecycle -------------------------------------------------------------- */
-
-/* Removes temporary segments whose writer is gone (its pid is ours, or no longer exists).
- * Their content ends at an arbitrary point; finishing them would need a decoder pass. */
-static unsigned remove_leftovers(const char *dir, int self)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return 0;
-    unsigned removed = 0;
-    size_t plen = strlen(TMP_PREFIX), slen = strlen(TMP_SUFFIX);
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        const char *name = e->d_name;
-        size_t len = strlen(name);
-        if (len < plen + slen || strncmp(name, TMP_PREFIX, plen) != 0 ||
-            strcmp(name + len - slen, TMP_SUFFIX) != 0)
-            continue;
-        char *end;
-        long pid = strtol(name + plen, &end, 10);
-        if (*end == '-' && pid > 0 && pid != self && pid <= INT_MAX &&
-            (kill((pid_t)pid, 0) == 0 || errno == EPERM))
-            continue; /* a live process is still writing it */
-        if (unlinkat(dirfd(d), name, 0) == 0)
-            removed++;
-    }
-    closedir(d);
-    return removed;
-}
 
 static bool is_redacted(const struct sl_access_log_conf *conf, const char *name)
 {
@@ -1171,13 +1342,8 @@ struct sl_alog *sl_alog_new(const struct sl_access_log_conf *conf, unsigned work
         if (!r->buf || !r->scratch)
             goto nomem;
     }
-    ZSTD_CCtx_setParameter(a->cctx, ZSTD_c_compressionLevel, 3);
-    ZSTD_CCtx_setParameter(a->cctx, ZSTD_c_checksumFlag, 0); /* seg_salvage relies on it */
-
-    unsigned removed = remove_leftovers(a->dir, a->pid);
-    if (removed)
-        SL_WARN("access log: removed %u unfinished segment%s left in %s by a stopped process",
-                removed, removed == 1 ? "" : "s", a->dir);
+    ZSTD_CCtx_setParameter(a->cctx, ZSTD_c_compressionLevel, 1);
+    ZSTD_CCtx_setParameter(a->cctx, ZSTD_c_checksumFlag, 0); /* see end_block */
     return a;
 
 nomem:

@@ -802,8 +802,8 @@ static void test_write_error_keeps_earlier_batches(void **state)
     struct sl_access_log_conf c = base_conf(dir);
     c.flush_interval_ms = 5;
     struct sl_alog *a = new_alog(&c, 1);
+    record_n(a, 0, 0, 100); /* all in the first batch */
     assert_int_equal(sl_alog_start(a), 0);
-    record_n(a, 0, 0, 100);
     assert_true(poll_until(some_written, a, 3000));
     struct sl_alog_stats st;
     sl_alog_get_stats(a, &st);
@@ -843,30 +843,160 @@ static void test_write_error_keeps_earlier_batches(void **state)
     free(dir);
 }
 
-/* Temporary segments of a process that is gone (or of our own pid, from a previous life)
- * are removed at start-up; one of a live process is left alone. */
-static void test_leftovers_removed(void **state)
+/* The whole text of one zstd file; fails unless every frame in it is complete. */
+static char *decode_file(const char *path, size_t *len)
+{
+    int fd = open(path, O_RDONLY);
+    assert_true(fd >= 0);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    char *comp = malloc((size_t)st.st_size + 1);
+    assert_non_null(comp);
+    assert_int_equal(read(fd, comp, (size_t)st.st_size), st.st_size);
+    close(fd);
+    size_t cap = 1 << 16, n = 0;
+    char *text = malloc(cap + 1);
+    assert_non_null(text);
+    ZSTD_DStream *ds = ZSTD_createDStream();
+    ZSTD_inBuffer in = {comp, (size_t)st.st_size, 0};
+    size_t ret = 1;
+    while (in.pos < in.size) {
+        if (cap - n < 1 << 15) {
+            cap *= 2;
+            text = realloc(text, cap + 1);
+            assert_non_null(text);
+        }
+        ZSTD_outBuffer out = {text + n, cap - n, 0};
+        ret = ZSTD_decompressStream(ds, &out, &in);
+        assert_false(ZSTD_isError(ret));
+        n += out.pos;
+    }
+    assert_int_equal(ret, 0);
+    ZSTD_freeDStream(ds);
+    free(comp);
+    text[n] = 0;
+    *len = n;
+    return text;
+}
+
+static size_t count_lines(const char *path)
+{
+    size_t len, lines = 0;
+    char *text = decode_file(path, &len);
+    for (size_t i = 0; i < len; i++)
+        lines += text[i] == '\n';
+    free(text);
+    return lines;
+}
+
+static void copy_file(const char *from, const char *to, size_t cut, const void *extra,
+                      size_t extra_len)
+{
+    size_t len;
+    int fd = open(from, O_RDONLY);
+    assert_true(fd >= 0);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    char *buf = malloc((size_t)st.st_size + extra_len);
+    assert_non_null(buf);
+    assert_int_equal(read(fd, buf, (size_t)st.st_size), st.st_size);
+    close(fd);
+    len = (size_t)st.st_size - cut;
+    if (extra_len)
+        memcpy(buf + len, extra, extra_len);
+    fd = open(to, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, buf, len + extra_len), (ssize_t)(len + extra_len));
+    close(fd);
+    free(buf);
+}
+
+/* The path of the one entry of `dir` whose name contains `part`, or fails. */
+static void find_one(const char *dir, const char *part, char *out, size_t cap)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *e;
+    int found = 0;
+    while ((e = readdir(d)) != NULL) {
+        if (strstr(e->d_name, part)) {
+            snprintf(out, cap, "%s/%s", dir, e->d_name);
+            found++;
+        }
+    }
+    closedir(d);
+    assert_int_equal(found, 1);
+}
+
+/*
+ * An open segment is a complete zstd frame after every batch, so a writer that dies leaves a
+ * readable file. At the next start, temporary segments of processes that are gone (or of our
+ * own pid: a previous life) are finished and renamed (cut after their last whole block when
+ * the writer died inside a batch) and handed to the hook; one with no whole block is
+ * removed; one of a live process is left alone.
+ */
+static bool two_hooked(struct sl_alog *a)
+{
+    (void)a;
+    return hook_calls >= 2;
+}
+
+static void test_leftovers_recovered(void **state)
 {
     (void)state;
     char *dir = make_dir();
-    char p1[512], p2[512], p3[512], p4[512];
-    snprintf(p1, sizeof p1, "%s/.sluice-2147483000-000001.jsonl.zst.tmp", dir);
-    snprintf(p2, sizeof p2, "%s/.sluice-%d-000003.jsonl.zst.tmp", dir, (int)getpid());
-    snprintf(p3, sizeof p3, "%s/.sluice-1-000002.jsonl.zst.tmp", dir); /* init: alive */
-    snprintf(p4, sizeof p4, "%s/notes.txt", dir);
-    const char *all[] = {p1, p2, p3, p4};
-    for (int i = 0; i < 4; i++) {
-        int fd = open(all[i], O_WRONLY | O_CREAT, 0600);
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    record_n(a, 0, 0, 30);
+    assert_int_equal(sl_alog_start(a), 0);
+    assert_true(poll_until(some_written, a, 3000));
+    char live[512];
+    find_one(dir, ".sluice-", live, sizeof live);
+    assert_int_equal(count_lines(live), 30); /* readable while still open */
+
+    char dead1[512], dead2[512], junk[512], empty[512], alive[512];
+    snprintf(dead1, sizeof dead1, "%s/.sluice-2147483000-000001.jsonl.zst.tmp", dir);
+    snprintf(dead2, sizeof dead2, "%s/.sluice-2147483001-000002.jsonl.zst.tmp", dir);
+    snprintf(junk, sizeof junk, "%s/.sluice-2147483002-000001.jsonl.zst.tmp", dir);
+    snprintf(empty, sizeof empty, "%s/.sluice-%d-000009.jsonl.zst.tmp", dir, (int)getpid());
+    snprintf(alive, sizeof alive, "%s/.sluice-1-000002.jsonl.zst.tmp", dir); /* init */
+    copy_file(live, dead1, 0, NULL, 0); /* died between batches */
+    /* died inside a batch: the end block overwritten by the start of a 1000-byte block */
+    static const unsigned char partial[] = {0x44, 0x1f, 0x00, 'x', 'y', 'z'};
+    copy_file(live, dead2, 3, partial, sizeof partial);
+    copy_file(live, junk, 0, NULL, 0);
+    int fd = open(junk, O_WRONLY);
+    assert_int_equal(pwrite(fd, "garbage!", 8, 0), 8);
+    close(fd);
+    const char *made[] = {empty, alive};
+    for (int i = 0; i < 2; i++) {
+        fd = open(made[i], O_WRONLY | O_CREAT, 0600);
         assert_true(fd >= 0);
         close(fd);
     }
-    struct sl_access_log_conf c = base_conf(dir);
-    struct sl_alog *a = new_alog(&c, 1);
-    assert_int_equal(access(p1, F_OK), -1);
-    assert_int_equal(access(p2, F_OK), -1);
-    assert_int_equal(access(p3, F_OK), 0);
-    assert_int_equal(access(p4, F_OK), 0);
     sl_alog_free(a);
+
+    hook_calls = 0;
+    hook_last[0] = 0;
+    a = new_alog(&c, 1);
+    sl_alog_on_segment(a, on_segment, NULL);
+    assert_int_equal(sl_alog_start(a), 0);
+    assert_true(poll_until(two_hooked, a, 3000));
+    sl_alog_free(a);
+    assert_int_equal(hook_calls, 2);
+
+    const char *gone[] = {dead1, dead2, junk, empty};
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(access(gone[i], F_OK), -1);
+    assert_int_equal(access(alive, F_OK), 0);
+    char path[512];
+    find_one(dir, "-2147483000-000001.jsonl.zst", path, sizeof path);
+    assert_int_equal(strstr(path, "/sluice-") != NULL, 1); /* a final name */
+    assert_int_equal(count_lines(path), 30);
+    find_one(dir, "-2147483001-000002.jsonl.zst", path, sizeof path);
+    assert_int_equal(strstr(path, "/sluice-") != NULL, 1);
+    assert_int_equal(count_lines(path), 30); /* the whole batches before the cut */
+    unlink(alive);
     remove_dir(dir);
     free(dir);
 }
@@ -908,7 +1038,7 @@ int main(void)
         cmocka_unit_test(test_idle_no_segment),
         cmocka_unit_test(test_directory_unwritable),
         cmocka_unit_test(test_write_error_keeps_earlier_batches),
-        cmocka_unit_test(test_leftovers_removed),
+        cmocka_unit_test(test_leftovers_recovered),
         cmocka_unit_test(test_directory_created),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
