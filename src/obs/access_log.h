@@ -33,21 +33,26 @@ struct sl_alog_stats {
 /*
  * Builds the writer: `workers` rings of conf->buffer_bytes each (rounded up to a power of
  * two), the compressor and the batch buffers. Creates conf->directory (and its parents) when
- * missing, fails when it is not a writable directory, and removes temporary segments left
- * there by a process that is gone (logged with their count). Copies what it needs from
- * `conf`. Returns the writer (caller owns; release with sl_alog_free()), or NULL with a
- * message in `err`. Start-up only: it makes system calls and allocates.
+ * missing and fails when it is not a writable directory. Copies what it needs from `conf`.
+ * Returns the writer (caller owns; release with sl_alog_free()), or NULL with a message in
+ * `err`. Start-up only: it makes system calls and allocates.
  */
 struct sl_alog *sl_alog_new(const struct sl_access_log_conf *conf, unsigned workers, char *err,
                             size_t err_len);
 
 /*
  * Sets the function called on the log thread with the final path of each segment, once it
- * is complete and renamed (`path` is valid during the call only). Set before sl_alog_start().
+ * is complete and renamed (`path` is valid during the call only), including segments left
+ * unfinished by a process that died and finished at start. Set before sl_alog_start().
  */
 void sl_alog_on_segment(struct sl_alog *a, void (*cb)(const char *path, void *data), void *data);
 
-/* Starts the log thread (it takes no signals). Returns 0, or -errno. */
+/*
+ * Starts the log thread (it takes no signals). Before its first pass, the thread finishes
+ * the temporary segments that processes which are gone left in the directory (cut after their
+ * last whole block and renamed; one with nothing readable is removed; logged with counts).
+ * Returns 0, or -errno.
+ */
 int sl_alog_start(struct sl_alog *a);
 
 /*
