@@ -33,10 +33,6 @@
 #include "obs/status_page.h"
 #include "proxy/pool.h"
 
-#ifndef SLUICE_VERSION
-#define SLUICE_VERSION "0.1.0"
-#endif
-
 /* Small limits: the admin API takes small JSON bodies and short heads only. */
 #define ADMIN_BUF_BYTES (16 * 1024)
 #define ADMIN_HEAD_BYTES (8 * 1024)
@@ -518,7 +514,7 @@ static json_t *status_json(struct sl_admin *a)
     char when[40];
     uint64_t now = sl_clock_now_ms();
     uint64_t up_ms = now > obs->started_mono_ms ? now - obs->started_mono_ms : 0;
-    json_object_set_new(o, "version", json_string(SLUICE_VERSION));
+    json_object_set_new(o, "version", json_string(obs->version ? obs->version : ""));
     json_object_set_new(o, "pid", json_integer(getpid()));
     json_object_set_new(o, "uptime_s", json_u64(up_ms / 1000));
     json_object_set_new(o, "uptime_ms", json_u64(up_ms));

@@ -268,6 +268,7 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
     obs->started_unix_ms = wall_ms();
     obs->started_mono_ms = sl_clock_now_ms();
     obs->generation = 1;
+    obs->version = version;
     char err[2048];
     int rc = read_file(path, &p->text, &p->text_len);
     obs->config_path = strdup(path);

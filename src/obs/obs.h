@@ -27,6 +27,7 @@ struct sl_obs {
     struct sl_metrics *metrics; /* always present */
     struct sl_admin *admin;     /* NULL when there is no admin listener */
     char *config_path;          /* owned */
+    const char *version;        /* the program's version string (static) */
     uint64_t started_unix_ms;   /* wall clock at start */
     uint64_t started_mono_ms;   /* sl_clock_now_ms() at start */
     _Atomic bool draining;      /* a drain began: /ready answers 503 from then on */

@@ -63,7 +63,6 @@ struct sl_endpoint {
     uint32_t weight;
     char *zone;      /* or NULL */
     bool local;      /* zone equals this instance's zone */
-    uint8_t sources; /* bit per enum sl_pool_source that lists it (publisher-side only) */
     /* passive health / per-endpoint breaker */
     _Atomic int state; /* enum sl_ep_state */
     _Atomic uint32_t consecutive_failures;
