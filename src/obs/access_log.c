@@ -431,6 +431,18 @@ static const uint8_t needs_care[256] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
 
+#define ONES 0x0101010101010101ull
+#define HIGHS 0x8080808080808080ull
+#define HAS_ZERO(v) (((v)-ONES) & ~(v)&HIGHS)
+
+/* True when one of the 8 bytes of `w` is a control byte, '"', '\\', DEL or non-ASCII. */
+static inline bool word_needs_care(uint64_t w)
+{
+    uint64_t ctl = (w - 0x20 * ONES) & ~w & HIGHS; /* below 0x20, or borrowed through */
+    return (ctl | (w & HIGHS) | HAS_ZERO(w ^ ('"' * ONES)) | HAS_ZERO(w ^ ('\\' * ONES)) |
+            HAS_ZERO(w ^ (0x7f * ONES))) != 0;
+}
+
 /*
  * Escapes for a JSON string: quote, backslash and control bytes escaped, valid UTF-8 kept,
  * and each byte of an invalid sequence written as \u00XX (the code point of that byte's
@@ -441,8 +453,20 @@ static char *esc(char *o, const char *src, size_t n)
     const unsigned char *s = (const unsigned char *)src;
     size_t i = 0;
     while (i < n) {
+        /* eight plain bytes at a time (request ids, paths): copied with one store */
+        while (n - i >= 8) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (word_needs_care(w))
+                break;
+            memcpy(o, &w, 8);
+            o += 8;
+            i += 8;
+        }
+        if (i == n)
+            break;
         unsigned c = s[i];
-        if (!needs_care[c]) { /* the common case: one table load per byte */
+        if (!needs_care[c]) { /* one table load per byte */
             *o++ = (char)c;
             i++;
             continue;

@@ -448,6 +448,82 @@ static void test_escaping(void **state)
     free(dir);
 }
 
+/*
+ * Random strings built from tokens (plain ASCII, specials, controls, valid 2/3/4-byte UTF-8,
+ * bytes that are never valid UTF-8, a cut sequence, a stray continuation byte), 8-byte runs
+ * included, at every alignment: the JSON parser gives back the expected string each time
+ * (valid UTF-8 kept, every invalid byte as the code point of its value).
+ */
+struct token {
+    const char *in, *out;
+};
+
+static void test_escaping_random(void **state)
+{
+    (void)state;
+    static const struct token tokens[] = {
+        {"a", "a"},
+        {"abcdefgh", "abcdefgh"},
+        {"/0123456789ABCDEF", "/0123456789ABCDEF"},
+        {"\"", "\""},
+        {"\\", "\\"},
+        {"\x01", "\x01"},
+        {"\x1f", "\x1f"},
+        {"\n\r\t", "\n\r\t"},
+        {"\x7f", "\x7f"},
+        {" ~", " ~"},
+        {"\xc3\xa9", "\xc3\xa9"},
+        {"\xe2\x82\xac", "\xe2\x82\xac"},
+        {"\xf0\x9f\x98\x80", "\xf0\x9f\x98\x80"},
+        {"\xff", "\xc3\xbf"},
+        {"\xfe", "\xc3\xbe"},
+        {"\xc0", "\xc3\x80"},
+        {"\xc1", "\xc3\x81"},
+        {"\xf5", "\xc3\xb5"},
+        {"\xe2\x82"
+         "A",
+         "\xc3\xa2\xc2\x82"
+         "A"},
+        {"A\x80", "A\xc2\x80"},
+        {"\xed\xa0\x80", "\xc3\xad\xc2\xa0\xc2\x80"},
+    };
+    enum { N = 1500, NT = sizeof tokens / sizeof tokens[0] };
+    char *dir = make_dir();
+    struct sl_access_log_conf c = base_conf(dir);
+    c.buffer_bytes = 16u << 20;
+    struct sl_alog *a = new_alog(&c, 1);
+    char(*want)[512] = malloc(N * sizeof *want);
+    assert_non_null(want);
+    srand(12345);
+    for (unsigned i = 0; i < N; i++) {
+        char in[512];
+        size_t il = 0, ol = 0;
+        unsigned k = (unsigned)rand() % 24;
+        for (unsigned t = 0; t < k; t++) {
+            const struct token *tk = &tokens[(unsigned)rand() % NT];
+            size_t a1 = strlen(tk->in), a2 = strlen(tk->out);
+            memcpy(in + il, tk->in, a1);
+            memcpy(want[i] + ol, tk->out, a2);
+            il += a1;
+            ol += a2;
+        }
+        want[i][ol] = 0;
+        struct fake f;
+        fake_init(&f, i);
+        f.req.path = sl_slice_make(in, il);
+        sl_alog_record(a, 0, &f.req);
+    }
+    sl_alog_free(a);
+    json_t *all = read_all(dir, NULL, NULL);
+    assert_int_equal(json_array_size(all), N);
+    for (unsigned i = 0; i < N; i++)
+        assert_string_equal(jstr(json_array_get(all, i), "path"), want[i]);
+    json_decref(all);
+    free(want);
+    remove_dir(dir);
+    free(dir);
+}
+
 static void test_truncation(void **state)
 {
     (void)state;
@@ -1029,6 +1105,7 @@ int main(void)
         cmocka_unit_test(test_fields),
         cmocka_unit_test(test_no_headers_key),
         cmocka_unit_test(test_escaping),
+        cmocka_unit_test(test_escaping_random),
         cmocka_unit_test(test_truncation),
         cmocka_unit_test(test_ring_full_counted),
         cmocka_unit_test(test_ring_wraps),
