@@ -233,8 +233,8 @@ static void destroy(struct sl_notice *n)
 struct sl_notice *sl_notice_start(const struct sl_drain_conf *conf, sl_notice_cb on_notice,
                                   void *data, char *err, size_t err_len)
 {
-    if (!conf->notice_url) {
-        sl_fmt_err(err, err_len, "no drain.notice_url");
+    if (!conf->notice_url || !on_notice) {
+        sl_fmt_err(err, err_len, "no drain.notice_url or no callback");
         return NULL;
     }
     struct sl_notice *n = calloc(1, sizeof *n);
