@@ -1066,9 +1066,10 @@ int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err
         rc = send_file(c, rq->body_file, &file_failed);
     else if (rc == 0 && rq->body && rq->body_len)
         rc = conn_write_all(c, rq->body, rq->body_len);
-    if (rc < 0 && rc != -ETIMEDOUT && rc != -ECANCELED && !file_failed) {
+    if (rc < 0 && rc != -ETIMEDOUT && rc != -ECANCELED && !file_failed && !c->ssl) {
         /* The server may have answered and closed before taking the whole body (413, 401):
-         * its status says more than our write error. */
+         * its status says more than our write error. Not over TLS: OpenSSL forbids I/O on a
+         * connection after a fatal error. */
         char err2[ERR_LEN];
         c->err = err2;
         c->err_len = sizeof err2;

@@ -95,15 +95,15 @@ struct sl_fetch_resp {
  * file) is sent with Content-Length; PUT, POST and PATCH without one send `Content-Length: 0`.
  * A 2xx body over max_body_bytes is an error; any other status's body is only kept up to that
  * size (it is diagnostic), so that an error page never hides the status. A server that answers
- * before taking the whole request body (413, 401...) still yields its status.
+ * before taking the whole request body (413, 401...) still yields its status (plain HTTP only).
  *
  * Returns 0 whatever the HTTP status, or -errno with a reason in `err` (never containing the
- * query string or header values): -EINVAL (bad URL, method or extra_headers), -EHOSTUNREACH
- * (name resolution), -ECONNREFUSED and other connect errors, -ETIMEDOUT (the deadline passed),
- * -EPROTO (TLS failure or malformed response), -EFBIG (2xx body too large, or head over 16 KiB
- * as -E2BIG), -EIO (the body file shrank or could not be read), -ECANCELED (cancel_fd became
- * readable, checked before connecting and at every wait), -ENOMEM. On failure `out`
- * holds nothing to dispose of. Blocks; safe on any thread that may block.
+ * query string or header values): -EINVAL (bad URL, method, extra_headers or CA file),
+ * -EHOSTUNREACH (name resolution), -ECONNREFUSED and other connect errors, -ETIMEDOUT (the
+ * deadline passed), -EPROTO (TLS failure or malformed response), -EFBIG (a 2xx body too
+ * large), -E2BIG (a head over 16 KiB), -EIO (the body file shrank or could not be read),
+ * -ECANCELED (cancel_fd became readable; checked before connecting and at every wait),
+ * -ENOMEM. On failure `out` holds nothing to dispose of. Blocks; for threads that may block.
  */
 int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err, size_t err_len);
 
