@@ -17,6 +17,7 @@
 #include "http/request.h"
 #include "l4/gateway.h"
 #include "obs/access_log.h"
+#include "obs/log_ship.h"
 #include "obs/obs.h"
 #include "proxy/pool.h"
 
@@ -103,6 +104,7 @@ struct sl_metrics {
     uint64_t bind_seq;
     double vcpu_hour_usd;
     char version[64];
+    _Atomic(const struct sl_log_ship *) ship;
     double start_unix_s;
     /* the previous worker CPU sample, for utilisation */
     uint64_t util_mono_ns;
@@ -193,6 +195,12 @@ void sl_metrics_set_version(struct sl_metrics *m, const char *version)
     pthread_mutex_lock(&m->lock);
     snprintf(m->version, sizeof m->version, "%s", version);
     pthread_mutex_unlock(&m->lock);
+}
+
+void sl_metrics_set_log_ship(struct sl_metrics *m, const struct sl_log_ship *ship)
+{
+    if (m)
+        atomic_store_explicit(&m->ship, ship, memory_order_release);
 }
 
 /* ---- route slots ---------------------------------------------------------------------------- */
@@ -1401,6 +1409,24 @@ static void render_access_log(struct sb *s, const struct sl_alog *alog)
     sample_u64(s, "sluice_access_log_segments_total", &r, 1, st.segments_failed);
 }
 
+static void render_log_ship(struct sb *s, const struct sl_log_ship *ship)
+{
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(ship, &st);
+    family(s, "sluice_access_log_shipped_segments_total", "counter",
+           "Access-log segments the collector accepted (2xx); each is then deleted.");
+    sample_u64(s, "sluice_access_log_shipped_segments_total", NULL, 0, st.shipped);
+    family(s, "sluice_access_log_shipped_bytes_total", "counter",
+           "File bytes of the access-log segments shipped.");
+    sample_u64(s, "sluice_access_log_shipped_bytes_total", NULL, 0, st.bytes);
+    family(s, "sluice_access_log_ship_failures_total", "counter",
+           "Shipping attempts that failed (connect error, timeout, non-2xx); retried later.");
+    sample_u64(s, "sluice_access_log_ship_failures_total", NULL, 0, st.failures);
+    family(s, "sluice_access_log_ship_queued_segments", "gauge",
+           "Closed segments waiting to be shipped, the one in flight included.");
+    sample_u64(s, "sluice_access_log_ship_queued_segments", NULL, 0, st.queued);
+}
+
 char *sl_metrics_render(struct sl_obs *obs, size_t *len)
 {
     struct sb s = {0};
@@ -1416,6 +1442,10 @@ char *sl_metrics_render(struct sl_obs *obs, size_t *len)
         render_metrics_sections(&s, obs->metrics, price, have_price);
     if (obs->alog)
         render_access_log(&s, obs->alog);
+    const struct sl_log_ship *ship =
+        obs->metrics ? atomic_load_explicit(&obs->metrics->ship, memory_order_acquire) : NULL;
+    if (ship)
+        render_log_ship(&s, ship);
     if (s.oom) {
         free(s.p);
         return NULL;

@@ -57,6 +57,15 @@ void sl_metrics_free(struct sl_metrics *m);
  */
 void sl_metrics_set_version(struct sl_metrics *m, const char *version);
 
+struct sl_log_ship;
+
+/*
+ * The access-log shipper whose counters the exposition shows (NULL: none, the default). Any
+ * thread; the shipper must outlive every render that may see it, so set NULL before freeing
+ * it (a render already running finishes with the old pointer: stop the admin thread first).
+ */
+void sl_metrics_set_log_ship(struct sl_metrics *m, const struct sl_log_ship *ship);
+
 /*
  * Main thread, before `cfg` goes live (start and every reload): sets each route's
  * `metrics_slot` by route name (an unnamed route is "route<index>"), so a route whose name

@@ -13,6 +13,7 @@
 
 #include "config/config.h"
 #include "http/request.h"
+#include "obs/log_ship.h"
 #include "obs/metrics.h"
 #include "obs/obs.h"
 
@@ -454,6 +455,29 @@ static void test_bad_worker_and_null(void **state)
     assert_true(value(t, "sluice_build_info{version=\"1.2.3\"}") == 1);
 }
 
+static void test_log_ship_section(void **state)
+{
+    struct fixture *f = *state;
+    const char *t = render(f);
+    assert_false(has_prefix_line(t, "# TYPE sluice_access_log_shipped_segments_total"));
+    struct sl_access_log_conf conf = {.directory = "/nonexistent-sluice-test",
+                                      .ship_url = "http://127.0.0.1:9/ingest"};
+    char err[256];
+    struct sl_log_ship *ship = sl_log_ship_new(&conf, err, sizeof err);
+    assert_non_null(ship);
+    sl_metrics_set_log_ship(f->m, ship);
+    t = render(f);
+    assert_true(has_line(t, "# TYPE sluice_access_log_shipped_segments_total counter"));
+    assert_true(value(t, "sluice_access_log_shipped_segments_total") == 0);
+    assert_true(value(t, "sluice_access_log_shipped_bytes_total") == 0);
+    assert_true(value(t, "sluice_access_log_ship_failures_total") == 0);
+    assert_true(value(t, "sluice_access_log_ship_queued_segments") == 0);
+    sl_metrics_set_log_ship(f->m, NULL);
+    sl_log_ship_free(ship);
+    t = render(f);
+    assert_false(has_prefix_line(t, "# TYPE sluice_access_log_shipped_segments_total"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -465,6 +489,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_route_cap_and_unbound, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cost, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_worker_and_null, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_log_ship_section, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
