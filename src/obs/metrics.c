@@ -93,7 +93,8 @@ struct wctr {
 
 struct sl_metrics {
     unsigned workers;
-    struct wctr **w; /* [workers], each its own allocation */
+    struct wctr **w;                          /* [workers], each its own allocation */
+    _Atomic(const struct sl_log_ship *) ship; /* or NULL */
     /* Everything below is guarded by `lock`: taken by bind (main thread), render and totals
      * (admin thread), never by a worker. */
     pthread_mutex_t lock;
@@ -104,7 +105,6 @@ struct sl_metrics {
     uint64_t bind_seq;
     double vcpu_hour_usd;
     char version[64];
-    _Atomic(const struct sl_log_ship *) ship;
     double start_unix_s;
     /* the previous worker CPU sample, for utilisation */
     uint64_t util_mono_ns;
