@@ -62,9 +62,12 @@ static inline void charge_settle(struct sl_loop *loop)
     }
 }
 
-uint64_t sl_loop_take_max_lag(struct sl_loop *loop)
+uint64_t sl_loop_take_max_lag(const struct sl_loop *loop)
 {
-    return atomic_exchange_explicit(&loop->stats.lag_max_us, 0, memory_order_relaxed);
+    /* The stats are the reader's to reset: a const loop only promises the loop itself is not
+     * changed. */
+    struct sl_loop_stats *st = (struct sl_loop_stats *)&loop->stats;
+    return atomic_exchange_explicit(&st->lag_max_us, 0, memory_order_relaxed);
 }
 
 static void record_lag(struct sl_loop *loop, uint64_t lag_us)

@@ -134,7 +134,7 @@ uint64_t sl_clock_now_ns(void);
 void sl_loop_charge(struct sl_loop *loop, uint64_t *acc);
 
 /* The largest lag seen since the previous call (microseconds), resetting it. Any thread. */
-uint64_t sl_loop_take_max_lag(struct sl_loop *loop);
+uint64_t sl_loop_take_max_lag(const struct sl_loop *loop);
 
 /* Monotonic clock in milliseconds (CLOCK_MONOTONIC_COARSE is not used: 1-4 ms jitter). */
 uint64_t sl_clock_now_ms(void);

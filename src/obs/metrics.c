@@ -1310,9 +1310,7 @@ static void render_workers(struct sb *s, struct sl_gateway *gw, struct sl_metric
     for (unsigned i = 0; i < n; i++) {
         if (!loops[i])
             continue;
-        /* Taking the maximum resets it: the loop object is shared state written by atomics,
-         * not something this reader owns, so the const of the accessor does not apply. */
-        uint64_t max_us = sl_loop_take_max_lag((struct sl_loop *)loops[i]);
+        uint64_t max_us = sl_loop_take_max_lag(loops[i]); /* and resets it */
         struct lbl l = {"worker", names[i]};
         series(s, "sluice_event_loop_lag_max_seconds", NULL, &l, 1, NULL);
         sb_fixed(s, max_us, 6);

@@ -61,8 +61,8 @@ struct sl_endpoint {
     struct sockaddr_storage addr;
     socklen_t addr_len;
     uint32_t weight;
-    char *zone;      /* or NULL */
-    bool local;      /* zone equals this instance's zone */
+    char *zone; /* or NULL */
+    bool local; /* zone equals this instance's zone */
     /* passive health / per-endpoint breaker */
     _Atomic int state; /* enum sl_ep_state */
     _Atomic uint32_t consecutive_failures;
