@@ -2156,9 +2156,29 @@ static const char *check_http_url(const char *s, size_t len, char *buf, size_t c
 {
     (void)buf;
     (void)cap;
-    if ((len > 7 && strncmp(s, "http://", 7) == 0) || (len > 8 && strncmp(s, "https://", 8) == 0))
-        return NULL;
-    return "must be an http:// or https:// URL";
+    size_t off = 0;
+    if (len > 7 && strncmp(s, "http://", 7) == 0)
+        off = 7;
+    else if (len > 8 && strncmp(s, "https://", 8) == 0)
+        off = 8;
+    else
+        return "must be an http:// or https:// URL";
+    /* What the fetch client cannot use is refused here, at load, not at start. */
+    for (size_t i = off; i < len; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch <= ' ' || ch >= 0x7f || ch == '#')
+            return "must be an http(s) URL without spaces, control bytes or a #fragment";
+        if (ch == '/' || ch == '?')
+            break;
+        if (ch == '@')
+            return "must not carry credentials (user@host)";
+    }
+    if (off == len || s[off] == '/' || s[off] == ':' || s[off] == '?')
+        return "needs a host";
+    for (size_t i = off; i < len; i++)
+        if ((unsigned char)s[i] <= ' ' || s[i] == '#' || (unsigned char)s[i] >= 0x7f)
+            return "must be an http(s) URL without spaces, control bytes or a #fragment";
+    return NULL;
 }
 
 static bool addr_is_loopback(const struct sockaddr_storage *ss)

@@ -21,7 +21,9 @@
 #include "l4/gateway.h"
 #include "obs/access_log.h"
 #include "obs/admin.h"
+#include "obs/log_ship.h"
 #include "obs/metrics.h"
+#include "obs/notice.h"
 #include "obs/process.h"
 
 /* What only main and this file see of the process. */
@@ -41,6 +43,8 @@ struct sl_process {
     _Atomic bool drain_requested;
     char drain_why[128];
     uint64_t last_tick_ms;
+    struct sl_log_ship *ship; /* NULL unless access_log.ship */
+    struct sl_notice *notice; /* NULL unless drain.notice_url */
 };
 
 void sl_obs_on_request_done(struct sl_request *req, void *data)
@@ -253,6 +257,14 @@ static void watch_reload(struct sl_process *p, uint64_t now)
     pthread_mutex_unlock(&obs->lock);
 }
 
+/* The notice thread saw an interruption notice: the same drain as SIGTERM. */
+static void on_notice(void *data, const char *what)
+{
+    struct sl_obs *obs = data;
+    SL_WARN("spot interruption notice: %s; draining", what ? what : "");
+    obs->request_drain(obs, "spot interruption notice");
+}
+
 struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, const char *version)
 {
     struct sl_process *p = calloc(1, sizeof *p);
@@ -298,6 +310,18 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
             SL_ERR("access_log: %s", err);
             goto fail;
         }
+        if (p->boot->access_log.ship_url) {
+            if (!(p->ship = sl_log_ship_new(&p->boot->access_log, err, sizeof err))) {
+                SL_ERR("access_log.ship: %s", err);
+                goto fail;
+            }
+            sl_alog_on_segment(obs->alog, sl_log_ship_on_segment, p->ship);
+            if ((rc = sl_log_ship_start(p->ship)) < 0) {
+                SL_ERR("access_log.ship: cannot start: %s", strerror(-rc));
+                goto fail;
+            }
+            sl_metrics_set_log_ship(obs->metrics, p->ship);
+        }
         if ((rc = sl_alog_start(obs->alog)) < 0) {
             SL_ERR("access_log: cannot start the log thread: %s", strerror(-rc));
             goto fail;
@@ -308,6 +332,11 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
     if (p->boot->admin.address &&
         !(obs->admin = sl_admin_start(obs, &p->boot->admin, err, sizeof err))) {
         SL_ERR("%s", err);
+        goto fail;
+    }
+    if (p->boot->drain.notice_url &&
+        !(p->notice = sl_notice_start(&p->boot->drain, on_notice, obs, err, sizeof err))) {
+        SL_ERR("drain.notice_url: %s", err);
         goto fail;
     }
     atomic_store(&obs->started, true);
@@ -361,6 +390,8 @@ void sl_process_stop(struct sl_process *p, bool workers_exited)
     if (!p)
         return;
     struct sl_obs *obs = &p->obs;
+    sl_notice_stop(p->notice);
+    p->notice = NULL;
     sl_admin_stop(obs->admin);
     obs->admin = NULL;
     if (obs->gw) {
@@ -378,6 +409,20 @@ void sl_process_stop(struct sl_process *p, bool workers_exited)
                 (unsigned long long)st.records_dropped_io, (unsigned long long)st.segments_closed);
         sl_alog_free(obs->alog);
         obs->alog = NULL;
+    }
+    if (p->ship) {
+        /* The last segments go out if the collector takes them soon; what is left stays on
+         * disk for the next start. */
+        sl_metrics_set_log_ship(obs->metrics, NULL);
+        sl_log_ship_stop(p->ship, sl_clock_now_ms() + 5000);
+        struct sl_log_ship_stats ss;
+        sl_log_ship_get_stats(p->ship, &ss);
+        if (ss.queued)
+            SL_WARN("access log: %llu segments not shipped yet; they stay in the directory and "
+                    "go out at the next start",
+                    (unsigned long long)ss.queued);
+        sl_log_ship_free(p->ship);
+        p->ship = NULL;
     }
     sl_metrics_free(obs->metrics);
     sl_config_free(p->boot);

@@ -146,3 +146,61 @@ def test_ready_flips_before_inflight_request_finishes(gateway, backend):
     assert result["resp"].status == 200
     assert result["resp"].header("connection") == "close", result["resp"].headers
     assert g.wait_exit(timeout=8) == 0, g.diag()
+
+
+class NoticeServer:
+    """A stand-in for the instance metadata endpoint: 404 until `notice()`, then 200."""
+
+    def __init__(self):
+        import http.server
+        owner = self
+        self.polls = 0
+        self.active = False
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                owner.polls += 1
+                if owner.active:
+                    body = b'{"action": "terminate", "time": "2026-11-28T20:00:00Z"}'
+                    self.send_response(200)
+                else:
+                    body = b"not found"
+                    self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_spot_interruption_notice_starts_the_drain(gateway, backend):
+    b = backend()
+    ns = NoticeServer()
+    try:
+        cfg = GRACE_CONFIG.replace(
+            "drain: {grace: $GRACE}",
+            "drain: {grace: $GRACE, notice_url: "
+            "'http://127.0.0.1:$NP/latest/meta-data/spot/instance-action', "
+            "notice_interval: 200ms}")
+        g = gateway(cfg, GRACE="500ms", NP=ns.port, B1=b.addr)
+        assert poll(lambda: ns.polls >= 2, 5), "the notice URL is not polled"
+        assert admin_status(g, "/ready") == 200 and g.alive()
+        with g.connect(timeout=5) as c:
+            c.send(build_request("GET", "/before"))
+            assert c.read_response().status == 200
+        ns.active = True
+        assert poll(lambda: admin_status(g, "/ready") in (503, None), 3), g.diag()
+        assert g.wait_exit(timeout=10) == 0, g.diag()
+        assert "spot interruption notice" in g.stderr_text()
+    finally:
+        ns.stop()

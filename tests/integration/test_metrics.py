@@ -531,8 +531,6 @@ SHIP_FAMILIES = {"sluice_access_log_shipped_segments_total", "sluice_access_log_
                  "sluice_access_log_ship_failures_total", "sluice_access_log_ship_queued_segments"}
 
 
-@pytest.mark.xfail(strict=True, reason="the process does not hand its shipper to "
-                   "sl_metrics_set_log_ship yet; drop this mark when it does")
 def test_log_ship_counters(gateway, tmp_path):
     from test_log_ship import Collector
 

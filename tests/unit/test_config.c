@@ -1099,6 +1099,80 @@ static void test_err_alpn_not_spoken(void **state)
                   "http/1.1 only (h2 comes with HTTP/2)\n");
 }
 
+/* The operations sections: every key lands where the process reads it. */
+static void test_operations_sections(void **state)
+{
+    (void)state;
+    struct sl_config *cfg =
+        load_ok("listeners: [{name: l, address: 127.0.0.1:1}]\n"
+                "admin: {address: 127.0.0.1:9901}\n"
+                "access_log:\n"
+                "  directory: /var/lib/sluice/logs\n"
+                "  buffer: 1MiB\n"
+                "  segment: {max_bytes: 1MiB, max_age: 5s}\n"
+                "  ship: {url: 'https://collector.example/ingest', method: POST, timeout: 2s}\n"
+                "  headers: [User-Agent]\n"
+                "  redact_headers: [X-Secret]\n"
+                "drain: {grace: 5s, notice_url: 'http://169.254.169.254/latest/meta-data/spot/"
+                "instance-action', notice_interval: 2s}\n"
+                "reload: {rollback_on_5xx_ratio: 0.05, window: 10s, min_requests: 50}\n"
+                "cost: {vcpu_hour_usd: 0.0181}\n");
+    assert_string_equal(cfg->admin.address, "127.0.0.1:9901");
+    assert_true(cfg->admin.loopback);
+    assert_null(cfg->admin.token_file);
+    assert_string_equal(cfg->access_log.directory, "/var/lib/sluice/logs");
+    assert_int_equal(cfg->access_log.buffer_bytes, 1 << 20);
+    assert_int_equal(cfg->access_log.segment_max_bytes, 1 << 20);
+    assert_int_equal(cfg->access_log.segment_max_age_ms, 5000);
+    assert_int_equal(cfg->access_log.flush_interval_ms, 200);
+    assert_string_equal(cfg->access_log.ship_url, "https://collector.example/ingest");
+    assert_int_equal(cfg->access_log.ship_method, SL_SHIP_POST);
+    assert_int_equal(cfg->access_log.ship_timeout_ms, 2000);
+    assert_int_equal(cfg->access_log.ship_backoff_max_ms, 60000);
+    assert_int_equal(cfg->access_log.header_count, 1);
+    assert_int_equal(cfg->access_log.redact_header_count, 1);
+    assert_int_equal(cfg->drain.grace_ms, 5000);
+    assert_int_equal(cfg->drain.notice_interval_ms, 2000);
+    assert_non_null(cfg->drain.notice_url);
+    assert_int_equal(cfg->reload.rollback_permille, 50);
+    assert_int_equal(cfg->reload.window_ms, 10000);
+    assert_int_equal(cfg->reload.min_requests, 50);
+    assert_true(cfg->vcpu_hour_usd > 0.0180 && cfg->vcpu_hour_usd < 0.0182);
+    sl_config_free(cfg);
+    /* absent sections: everything off */
+    cfg = load_ok("listeners: [{name: l, address: 127.0.0.1:1}]\n");
+    assert_null(cfg->admin.address);
+    assert_null(cfg->access_log.directory);
+    assert_int_equal(cfg->drain.grace_ms, 0);
+    assert_null(cfg->drain.notice_url);
+    assert_int_equal(cfg->reload.rollback_permille, 0);
+    assert_true(cfg->vcpu_hour_usd == 0);
+    sl_config_free(cfg);
+}
+
+static void test_err_operations(void **state)
+{
+    (void)state;
+    expect_errors("listeners: [{name: l, address: 127.0.0.1:1}]\n"
+                  "admin: {address: 0.0.0.0:9901}\n",
+                  "t.yaml:2:18: admin.address: an admin listener off loopback needs token_file "
+                  "(a bearer token)\n");
+    expect_errors("listeners: [{name: l, address: 127.0.0.1:1}]\n"
+                  "access_log: {directory: /tmp/x, ship: {url: 'ftp://h/x'}}\n"
+                  "drain: {notice_url: 'http://user@h/x'}\n"
+                  "cost: {vcpu_hour_usd: cheap}\n"
+                  "reload: {rollback_on_5xx_ratio: 2}\n",
+                  "t.yaml:2:45: access_log.ship.url: must be an http:// or https:// URL\n"
+                  "t.yaml:3:21: drain.notice_url: must not carry credentials (user@host)\n"
+                  "t.yaml:4:23: cost.vcpu_hour_usd: expected a price per vCPU-hour in USD from 0 "
+                  "to 1000, got \"cheap\"\n"
+                  "t.yaml:5:33: reload.rollback_on_5xx_ratio: expected a ratio from 0 to 1 (like "
+                  "0.5 or \"50%\"), got \"2\"\n");
+    expect_errors("listeners: [{name: l, address: 127.0.0.1:1}]\n"
+                  "access_log: {buffer: 1MiB}\n",
+                  "t.yaml:2:13: access_log: missing required key \"directory\"\n");
+}
+
 int main(void)
 {
     sl_filters_register_config();
@@ -1146,6 +1220,8 @@ int main(void)
         cmocka_unit_test(test_err_edge),
         cmocka_unit_test(test_err_tcp_listener_tls_upstream),
         cmocka_unit_test(test_err_alpn_not_spoken),
+        cmocka_unit_test(test_operations_sections),
+        cmocka_unit_test(test_err_operations),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
