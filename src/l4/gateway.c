@@ -267,9 +267,13 @@ static struct sl_runtime *runtime_build(struct sl_gateway *gw, struct sl_config 
     for (size_t i = 0; i < cfg->listener_count; i++)
         if (!(rt->routers[i] = sl_router_new(cfg, cfg->listeners[i].name)))
             goto fail;
-    for (size_t i = 0; i < cfg->upstream_count; i++)
+    for (size_t i = 0; i < cfg->upstream_count; i++) {
         if (!(rt->pools[i] = sl_pool_new(&cfg->upstreams[i], cfg->zone, workers, err, err_len)))
             goto fail;
+        for (size_t j = 0; prev && j < prev->cfg->upstream_count; j++)
+            if (!strcmp(prev->cfg->upstreams[j].name, cfg->upstreams[i].name))
+                sl_pool_inherit(rt->pools[i], prev->pools[j], sl_clock_now_ms());
+    }
     if (sl_filter_set_build(cfg, &rt->filters, err, err_len) != 0)
         goto fail;
     return rt;

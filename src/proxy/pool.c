@@ -390,6 +390,49 @@ fail:
     return NULL;
 }
 
+void sl_pool_inherit(struct sl_pool *p, struct sl_pool *old, uint64_t now_ms)
+{
+    const struct sl_discovery_conf *d = &p->conf->discovery, *od = &old->conf->discovery;
+    if (d->kind != SL_DISCOVERY_NONE && d->kind == od->kind && same_str(d->name, od->name)) {
+        pthread_mutex_lock(&old->lock);
+        struct sl_endpoint_spec *copy =
+            specs_copy(old->src[SL_POOL_SRC_DISCOVERY], old->src_count[SL_POOL_SRC_DISCOVERY]);
+        size_t n = copy ? old->src_count[SL_POOL_SRC_DISCOVERY] : 0;
+        pthread_mutex_unlock(&old->lock);
+        if (copy && n)
+            sl_pool_set_source(p, SL_POOL_SRC_DISCOVERY, copy, n);
+        specs_free(copy, n);
+    }
+    struct sl_endpoint_set *was = sl_pool_acquire_set(old);
+    struct sl_endpoint_set *now = sl_pool_acquire_set(p);
+    for (size_t i = 0; now && was && i < now->count; i++) {
+        struct sl_endpoint *e = now->eps[i];
+        for (size_t j = 0; j < was->count; j++) {
+            struct sl_endpoint *o = was->eps[j];
+            if (strcmp(o->address, e->address) != 0)
+                continue;
+            atomic_store(&e->active_down, atomic_load(&o->active_down));
+            int st = atomic_load(&o->state);
+            if (st != SL_EP_CLOSED) {
+                /* A half-open endpoint's probes were the old generation's: it is open again,
+                 * with its time up, so the next pick sends a fresh probe. */
+                uint64_t until = atomic_load(&o->open_until_ms);
+                atomic_store(&e->open_until_ms, st == SL_EP_HALF_OPEN ? now_ms : until);
+                atomic_store(&e->ejections, atomic_load(&o->ejections));
+                atomic_store(&e->state, SL_EP_OPEN);
+                atomic_fetch_add_explicit(&p->ejected, 1, RELAXED);
+            }
+            atomic_store(&e->consecutive_failures, atomic_load(&o->consecutive_failures));
+            atomic_store(&e->restored_ms, atomic_load(&o->restored_ms));
+            break;
+        }
+    }
+    if (now)
+        atomic_fetch_add_explicit(&p->health_gen, 1, RELAXED);
+    sl_endpoint_set_unref(now);
+    sl_endpoint_set_unref(was);
+}
+
 void sl_pool_free(struct sl_pool *p)
 {
     if (!p)

@@ -227,3 +227,43 @@ def test_safe_reload_rolls_back_on_5xx(gateway, backend, tmp_path):
                 "rolled back" in g.stderr_text(), 5), g.diag()
     assert poll(lambda: get(g.port, "/after")[0] == 200, 5), "still failing after rollback"
     assert "/after" in a.paths()
+
+
+def test_reload_keeps_endpoint_health(gateway, backend):
+    """An endpoint ejected before a reload stays ejected after it: the new generation does not
+    send requests to a backend the old one knew to be down."""
+    import json
+    a = backend()
+    dead = "127.0.0.1:9"
+    cfg = """workers: 1
+admin: {address: 127.0.0.1:$PORT_admin}
+listeners:
+  - name: public
+    address: 127.0.0.1:$PORT_public
+upstreams:
+  - name: app
+    balance: round_robin
+    endpoints: [{address: $A}, {address: $D}]
+    health: {passive: {consecutive_failures: 1, ejection: 60s}}
+    retries: {attempts: 1, on: [connect_failure]}
+routes:
+  - {name: r, match: {path_prefix: /}, upstream: app$EXTRA}
+"""
+
+    def state():
+        c = http.client.HTTPConnection("127.0.0.1", g.ports["admin"], timeout=5)
+        c.request("GET", "/upstreams")
+        us = json.loads(c.getresponse().read())
+        c.close()
+        return {e["address"]: e["state"] for e in us[0]["endpoints"]}
+
+    g = gateway(cfg, A=a.addr, D=dead, EXTRA="")
+    for i in range(4):
+        assert get(g.port, "/warm%d" % i)[0] == 200
+    assert poll(lambda: state().get(dead) == "open", 5), state()
+    write_config(g, subst(g, cfg, A=a.addr, D=dead,
+                          EXTRA=", response_headers: {add: {X-Gen: two}}"))
+    reload_and_wait(g, 2)
+    st, _, hdrs = get(g.port, "/after")
+    assert st == 200 and hdrs.get("X-Gen") == "two", hdrs
+    assert state() == {a.addr: "closed", dead: "open"}, state()
