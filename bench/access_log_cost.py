@@ -7,7 +7,9 @@ then drives it with `wrk -t1 -cC -dD` (or, without wrk, a Python load generator 
 keep-alive connections) and reads the process's CPU time (utime + stime of every thread,
 /proc/PID/stat) over the measured window: CPU-microseconds per request. The log thread is
 part of the process, so formatting, compression and writes are counted too; its own share
-is reported separately (/proc/PID/task/TID/stat of the thread named sl-alog).
+is reported separately (/proc/PID/task/TID/stat of the thread named sl-alog). Where `perf`
+works, instructions and cycles per request (perf stat on the process) are reported too: on a
+busy machine they move much less than CPU time.
 
 The route is a direct response by default (the cheapest request, so the largest relative
 cost); `--mode proxy` puts bench/backend.c behind it. sluice runs on CPU 0, the load (and the
@@ -147,6 +149,37 @@ def run_python(port, conns, duration):
     return sum(counts)
 
 
+def start_perf(pid):
+    """`perf stat` on the process (every thread) for the measured window: instructions and
+    cycles per request do not move with the other load on the machine the way CPU time does."""
+    return subprocess.Popen(["perf", "stat", "-x", ",", "-e", "instructions,cycles", "-p",
+                             str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def stop_perf(perf):
+    perf.send_signal(signal.SIGINT)
+    try:
+        _, err = perf.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        perf.kill()
+        return {}
+    counts = {}
+    for line in err.splitlines():
+        f = line.split(",")
+        if len(f) > 2 and f[0].isdigit():
+            counts[f[2].split(":")[0]] = int(f[0])
+    return counts
+
+
+def perf_works():
+    if not shutil.which("perf"):
+        return False
+    r = subprocess.run(["perf", "stat", "-x", ",", "-e", "instructions", "true"],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and any(ln.split(",")[0].isdigit() for ln in r.stderr.splitlines())
+
+
 def measure(args, with_log, backend_port, work_dir, sl_cpus, load_cpus):
     port = free_port()
     logdir = os.path.join(work_dir, "logs-%d" % time.monotonic_ns()) if with_log else None
@@ -164,11 +197,13 @@ def measure(args, with_log, backend_port, work_dir, sl_cpus, load_cpus):
             (lambda d: run_python(port, args.conns, d))
         load(1)  # warm-up: connections, caches, the first segment
         tid = log_thread(proc.pid) if with_log else None
+        perf = start_perf(proc.pid) if args.perf else None
         c0 = cpu_ticks(proc.pid)
         l0 = cpu_ticks(proc.pid, tid) if tid else 0
         n = load(args.duration)
         c1 = cpu_ticks(proc.pid)
         l1 = cpu_ticks(proc.pid, tid) if tid else 0
+        counts = stop_perf(perf) if perf else {}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -179,6 +214,10 @@ def measure(args, with_log, backend_port, work_dir, sl_cpus, load_cpus):
     tick_us = 1e6 / CLK_TCK
     res = {"requests": n, "rps": n / args.duration, "cpu_us": (c1 - c0) * tick_us / n,
            "log_thread_us": (l1 - l0) * tick_us / n if with_log else 0.0}
+    if "instructions" in counts:
+        res["kinstr"] = counts["instructions"] / n / 1000
+    if "cycles" in counts:
+        res["kcycles"] = counts["cycles"] / n / 1000
     if with_log:
         m = SUMMARY.search(open(err_path).read())
         if m:
@@ -199,6 +238,7 @@ def main():
     ap.add_argument("--logdir", default=None, help="where segments go (default: a temp dir)")
     args = ap.parse_args()
     args.wrk = shutil.which("wrk") is not None
+    args.perf = perf_works()
     if not os.access(args.sluice, os.X_OK):
         sys.exit("no sluice binary at %s (make -j2)" % args.sluice)
 
@@ -226,8 +266,9 @@ def main():
             for which in order:
                 res = measure(args, which == "on", backend_port, work_dir, sl_cpus, load_cpus)
                 rows[which].append(res)
-                log("run %d %-3s  %8.0f req/s  %6.2f CPU-us/req%s" % (
+                log("run %d %-3s  %8.0f req/s  %6.2f CPU-us/req  %s%s" % (
                     r + 1, which, res["rps"], res["cpu_us"],
+                    ("%.1f k-instructions/req" % res["kinstr"]) if "kinstr" in res else "",
                     ("  (log thread %.2f, %.1f B/record, written %s, dropped %s+%s)" % (
                         res["log_thread_us"], res.get("bytes_per_record", 0),
                         res.get("written"), res.get("dropped_full"), res.get("dropped_io")))
@@ -245,12 +286,22 @@ def main():
     ratio = med["on"] / med["off"]
     print("\naccess log cost, %s route, 1 worker, %d runs x %ds, %d connections (%s)"
           % (args.mode, args.runs, args.duration, args.conns, "wrk" if args.wrk else "Python"))
-    print("| access_log | CPU-us/request (median) | req/s (median) |")
-    print("|---|---|---|")
-    print("| off | %.2f | %.0f |" % (med["off"], rps["off"]))
-    print("| on  | %.2f (log thread %.2f) | %.0f |" % (med["on"], lt, rps["on"]))
+    rest = statistics.median(x["cpu_us"] - x["log_thread_us"] for x in rows["on"])
+    print("| access_log | CPU-us/request | of which the log thread | the rest (workers) "
+          "| req/s |")
+    print("|---|---|---|---|---|")
+    print("| off | %.2f | - | %.2f | %.0f |" % (med["off"], med["off"], rps["off"]))
+    print("| on  | %.2f | %.2f | %.2f | %.0f |" % (med["on"], lt, rest, rps["on"]))
+    print("(medians; CPU-us per request = utime+stime of the whole process / requests)")
     print("ratio on/off: %.3f (%+.1f%%); target < 1.05: %s"
           % (ratio, (ratio - 1) * 100, "met" if ratio < 1.05 else "NOT met"))
+    if all("kinstr" in x for v in rows.values() for x in v):
+        ki = {k: statistics.median(x["kinstr"] for x in v) for k, v in rows.items()}
+        kc = {k: statistics.median(x.get("kcycles", 0) for x in v) for k, v in rows.items()}
+        print("instructions per request (perf stat, all threads, user + kernel): off %.1f k, "
+              "on %.1f k, ratio %.3f (%+.1f%%); cycles: off %.1f k, on %.1f k, ratio %.3f"
+              % (ki["off"], ki["on"], ki["on"] / ki["off"], (ki["on"] / ki["off"] - 1) * 100,
+                 kc["off"], kc["on"], kc["on"] / kc["off"] if kc["off"] else 0))
 
 
 if __name__ == "__main__":
