@@ -122,7 +122,7 @@ def run_wrk(port, conns, duration, cpu_list):
     if not m:
         raise RuntimeError("wrk output not understood:\n" + out)
     if bad or errs:
-        log("wrk reported problems:", (bad.group(0) if bad else ""), (errs.group(0) if errs else ""))
+        log("wrk reported problems:", bad.group(0) if bad else "", errs.group(0) if errs else "")
     return int(m.group(1))
 
 

@@ -15,6 +15,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import ssl
 import string
 import subprocess
 import threading
@@ -314,3 +316,69 @@ def test_full_disk_never_fails_a_request(gateway, small_disk):
     records, _, _ = read_records(logdir)  # every remaining segment decodes completely
     assert len(records) + removed_records == s["written"]
     assert {"/after/%d" % i for i in range(20)} <= {r["path"] for r in records}
+
+
+def _openssl(cwd, *args):
+    subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_pki(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN=alog-client)."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _openssl(d, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=alog test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign")
+    for serial, name, use, san in ((11, "server", "serverAuth", "subjectAltName=IP:127.0.0.1\n"),
+                                   (12, "client", "clientAuth", "")):
+        with open(os.path.join(d, name + ".ext"), "w") as f:
+            f.write(san + "basicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n" % use)
+        _openssl(d, "req", *ec, "-keyout", name + ".key", "-out", name + ".csr", "-subj",
+                 "/CN=alog-" + name)
+        _openssl(d, "x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-set_serial", str(serial), "-days", "2", "-extfile",
+                 name + ".ext", "-out", name + ".pem")
+    return {n: os.path.join(d, n) for n in ("ca.pem", "server.pem", "server.key", "client.pem",
+                                            "client.key")}
+
+
+def tls_get(port, ctx):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"GET /secure HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_tls_and_client_subject(gateway, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make certificates")
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    pki = make_pki(str(pki_dir))
+    logdir = str(tmp_path / "logs")
+    tls = json.dumps({"certificates": [{"cert": pki["server.pem"], "key": pki["server.key"]}],
+                      "client_ca": pki["ca.pem"], "client_auth": "optional"})
+    text = alog_config(logdir).replace(
+        "    address: 127.0.0.1:$PORT_public\n",
+        "    address: 127.0.0.1:$PORT_public\n    tls: %s\n" % tls)
+    gw = gateway(text)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki["ca.pem"])
+    plain_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain_ctx.load_verify_locations(pki["ca.pem"])
+    ctx.load_cert_chain(pki["client.pem"], pki["client.key"])
+    assert tls_get(gw.port, ctx) == 200
+    assert tls_get(gw.port, plain_ctx) == 200
+    stop_ok(gw)
+    records, _, _ = read_records(logdir)
+    assert len(records) == 2
+    with_cert = [r for r in records if "client_subject" in r]
+    assert len(with_cert) == 1
+    assert with_cert[0]["client_subject"] == "CN=alog-client"
+    assert all(r["tls"] is True and r["path"] == "/secure" for r in records)
