@@ -116,8 +116,10 @@ int main(int argc, char **argv)
         }
         if (sig == SIGHUP) {
             SL_INFO("SIGHUP: reloading the configuration and certificates");
-            sl_process_reload(proc);
-            sl_gateway_reload_tls(obs->gw, true);
+            /* A reload re-reads the certificates with everything else; when it is refused,
+             * the certificates are still re-read on their own. */
+            if (sl_process_reload(proc) < 0)
+                sl_gateway_reload_tls(obs->gw, true);
             continue;
         }
         break;

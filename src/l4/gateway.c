@@ -64,7 +64,10 @@ static uint64_t tls_files_signature(const struct sl_listener_tls_conf *t)
     return file_signature(sig, t->client_ca);
 }
 
-static struct sl_tls_ctx *build_tls(const struct sl_listener_conf *l, char *err, size_t err_len)
+/* Builds listener `l`'s TLS context. `keys` is the listener's ticket key ring: reused when
+ * *keys is set (a reload keeps tickets valid), else made here; the caller owns the result. */
+static struct sl_tls_ctx *build_tls(const struct sl_listener_conf *l,
+                                    struct sl_tls_ticket_keys **keys_io, char *err, size_t err_len)
 {
     const struct sl_listener_tls_conf *t = &l->tls;
     struct sl_tls_cert_desc *certs = calloc(t->certificate_count, sizeof *certs);
@@ -98,20 +101,18 @@ static struct sl_tls_ctx *build_tls(const struct sl_listener_conf *l, char *err,
         d.alpn_count = 1;
     }
     char terr[512] = "";
-    struct sl_tls_ticket_keys *keys = NULL;
     struct sl_tls_ctx *ctx = NULL;
     /* One ticket key ring per listener, shared by its workers: a ticket resumes on any worker
      * of this listener but never on another listener (which may verify clients differently). */
-    if (t->session_tickets &&
-        !(keys = sl_tls_ticket_keys_new(t->ticket_rotation_ms, 0, terr, sizeof terr))) {
+    if (t->session_tickets && !*keys_io &&
+        !(*keys_io = sl_tls_ticket_keys_new(t->ticket_rotation_ms, 0, terr, sizeof terr))) {
         snprintf(err, err_len, "listener %s: tls: %s", l->name, terr);
         goto out;
     }
-    d.ticket_keys = keys;
+    d.ticket_keys = t->session_tickets ? *keys_io : NULL;
     if (!(ctx = sl_tls_ctx_new(&d, terr, sizeof terr)))
         snprintf(err, err_len, "listener %s: tls: %s", l->name, terr);
 out:
-    sl_tls_ticket_keys_free(keys); /* the context keeps its own reference */
     free(certs);
     return ctx;
 }
@@ -190,7 +191,11 @@ static int listener_rt_init(struct sl_gateway *gw, struct sl_listener_rt *lr,
     }
     if (l->tls.enabled) {
         lr->tls_files_sig = tls_files_signature(&l->tls);
-        if (!(lr->tls = build_tls(l, err, err_len)))
+        /* A kept listener keeps its ticket keys: tickets issued before a reload resume. */
+        if (prev && prev->ticket_keys && l->tls.session_tickets &&
+            prev->conf->tls.ticket_rotation_ms == l->tls.ticket_rotation_ms)
+            lr->ticket_keys = sl_tls_ticket_keys_ref(prev->ticket_keys);
+        if (!(lr->tls = build_tls(l, &lr->ticket_keys, err, err_len)))
             return -1;
     }
     return 0;
@@ -202,6 +207,7 @@ static void listener_rt_dispose(struct sl_listener_rt *lr)
     sl_cidr_set_free(lr->deny);
     sl_cidr_set_free(lr->pp_trusted);
     sl_tls_ctx_free(lr->tls);
+    sl_tls_ticket_keys_free(lr->ticket_keys);
     stats_unref(lr->stats);
 }
 
@@ -1095,6 +1101,18 @@ int sl_gateway_reload(struct sl_gateway *gw, struct sl_config *cfg, char *err, s
     }
     sl_control_stop(gw->control);
     gw->control = control;
+    /* Certificates that changed came in with the configuration: counted like a reload of
+     * the certificates alone. */
+    for (size_t i = 0; i < rt->cfg->listener_count; i++)
+        for (size_t j = 0; rt->listeners[i].tls && j < old->cfg->listener_count; j++)
+            if (old->listeners[j].tls &&
+                same_listener(&old->cfg->listeners[j], &rt->cfg->listeners[i]) &&
+                old->listeners[j].tls_files_sig != rt->listeners[i].tls_files_sig) {
+                atomic_fetch_add_explicit(&rt->listeners[i].stats->tls_reloads, 1,
+                                          memory_order_relaxed);
+                SL_INFO("listener %s: certificates reloaded with the configuration",
+                        rt->cfg->listeners[i].name);
+            }
     sl_runtime_release(old); /* the gateway's reference */
     rc = 0;
     SL_INFO("configuration generation %llu is live (%zu listeners, %zu routes, %zu upstreams)",

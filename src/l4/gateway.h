@@ -23,6 +23,7 @@ struct sl_filter_set;
 struct sl_tcp_proxy;
 struct sl_ip_limit;
 struct sl_tls_ctx;
+struct sl_tls_ticket_keys;
 struct sl_listener_conf;
 
 /*
@@ -54,12 +55,13 @@ struct sl_listener_stats {
 /* Per listener of one config generation: who may connect, its TLS context, its counters. */
 struct sl_listener_rt {
     const struct sl_listener_conf *conf;
-    struct sl_cidr_set *allow;       /* NULL = everyone */
-    struct sl_cidr_set *deny;        /* NULL = no one */
-    struct sl_cidr_set *pp_trusted;  /* PROXY headers accepted from these; NULL = off */
-    struct sl_ip_limit *ip_limit;    /* per-IP cap and rate; NULL = none (shared with the
-                                        generation before when the listener was kept) */
-    struct sl_tls_ctx *tls;          /* NULL = plain */
+    struct sl_cidr_set *allow;              /* NULL = everyone */
+    struct sl_cidr_set *deny;               /* NULL = no one */
+    struct sl_cidr_set *pp_trusted;         /* PROXY headers accepted from these; NULL = off */
+    struct sl_ip_limit *ip_limit;           /* per-IP cap and rate; NULL = none (shared with the
+                                               generation before when the listener was kept) */
+    struct sl_tls_ctx *tls;                 /* NULL = plain */
+    struct sl_tls_ticket_keys *ticket_keys; /* a reference; kept across reloads */
     uint64_t tls_files_sig;          /* stat() signature of the certificate files, for watch */
     struct sl_listener_stats *stats; /* a reference; never NULL */
 };

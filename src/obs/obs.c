@@ -307,7 +307,7 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
     obs->gw->on_request_done_data = obs;
     if (p->boot->access_log.directory) {
         if (!(obs->alog = sl_alog_new(&p->boot->access_log, workers, err, sizeof err))) {
-            SL_ERR("access_log: %s", err);
+            SL_ERR("%s", err);
             goto fail;
         }
         if (p->boot->access_log.ship_url) {
@@ -400,13 +400,7 @@ void sl_process_stop(struct sl_process *p, bool workers_exited)
         obs->gw = NULL;
     }
     if (obs->alog) {
-        sl_alog_stop(obs->alog);
-        struct sl_alog_stats st;
-        sl_alog_get_stats(obs->alog, &st);
-        SL_INFO("access log: %llu records written, %llu dropped (buffer full), %llu dropped "
-                "(write errors), %llu segments",
-                (unsigned long long)st.records_written, (unsigned long long)st.records_dropped_full,
-                (unsigned long long)st.records_dropped_io, (unsigned long long)st.segments_closed);
+        sl_alog_stop(obs->alog); /* logs its own summary line */
         sl_alog_free(obs->alog);
         obs->alog = NULL;
     }
