@@ -655,24 +655,30 @@ static const struct sl__schema_section protection_section = {
  * certificates move together), and the file must be readable now, so that a typo is a located
  * error rather than a failed start.
  */
+/* A relative path is taken from the config file's directory. False on OOM (reported). */
+static bool resolve_relative(struct sl__config_ctx *c, const struct sl_yaml_node *map, char **path)
+{
+    if (!*path || (*path)[0] == '/' || !c->file_dir)
+        return true;
+    size_t dl = strlen(c->file_dir), pl = strlen(*path);
+    char *full = malloc(dl + pl + 2);
+    if (!full) {
+        sl__config_error(c, map, "out of memory");
+        return false;
+    }
+    memcpy(full, c->file_dir, dl);
+    full[dl] = '/';
+    memcpy(full + dl + 1, *path, pl + 1);
+    free(*path);
+    *path = full;
+    return true;
+}
+
 static void resolve_file(struct sl__config_ctx *c, const struct sl_yaml_node *map, const char *key,
                          char **path)
 {
-    if (!*path)
+    if (!*path || !resolve_relative(c, map, path))
         return;
-    if ((*path)[0] != '/' && c->file_dir) {
-        size_t dl = strlen(c->file_dir), pl = strlen(*path);
-        char *full = malloc(dl + pl + 2);
-        if (!full) {
-            sl__config_error(c, map, "out of memory");
-            return;
-        }
-        memcpy(full, c->file_dir, dl);
-        full[dl] = '/';
-        memcpy(full + dl + 1, *path, pl + 1);
-        free(*path);
-        *path = full;
-    }
     if (access(*path, R_OK) != 0) {
         char msg[4200];
         snprintf(msg, sizeof msg, "cannot read %s: %s", *path, strerror(errno));
@@ -2285,19 +2291,8 @@ static const struct sl__schema_section segment_section = {
 static void access_log_check(struct sl__config_ctx *c, const struct sl_yaml_node *map, void *elem)
 {
     struct sl_access_log_conf *a = elem;
-    if (a->directory && a->directory[0] != '/' && c->file_dir) {
-        size_t dl = strlen(c->file_dir), pl = strlen(a->directory);
-        char *full = malloc(dl + pl + 2);
-        if (!full) {
-            sl__config_error(c, map, "out of memory");
-            return;
-        }
-        memcpy(full, c->file_dir, dl);
-        full[dl] = '/';
-        memcpy(full + dl + 1, a->directory, pl + 1);
-        free(a->directory);
-        a->directory = full;
-    }
+    /* Created at start when missing: only made absolute here. */
+    resolve_relative(c, map, &a->directory);
 }
 
 static const struct sl__schema_key access_log_keys[] = {

@@ -99,15 +99,8 @@ int sl_h1_server_init(struct sl_h1_server *srv, struct sl_worker *w, const char 
     memset(srv, 0, sizeof *srv);
     srv->worker = w;
     srv->loop = &w->loop;
-    srv->limits = limits;
     srv->handler = handler;
-    srv->name = name;
-    srv->parse_limits.max_head_bytes = (size_t)limits->max_header_bytes;
-    srv->parse_limits.max_headers = (size_t)limits->max_header_count;
-    srv->parse_limits.max_uri_bytes = (size_t)limits->max_uri_bytes;
-    srv->scratch_cap = (size_t)limits->max_header_count + 1;
-    srv->scratch = calloc(srv->scratch_cap, sizeof *srv->scratch);
-    if (!srv->scratch)
+    if (sl_h1_server_set_limits(srv, name, limits) < 0)
         return -ENOMEM;
     sl_slab_init(&srv->conn_slab, sizeof(struct sl_server_conn));
     if (getrandom(&srv->rng, sizeof srv->rng, 0) != sizeof srv->rng || srv->rng == 0)
