@@ -23,149 +23,64 @@
 #include "http/fetch.h"
 #include "http/fetch_internal.h"
 
+#include "stub_http.h"
+
 /* ---- a scripted HTTP server: reads one request (head + Content-Length body), answers with
  * canned bytes, closes ----------------------------------------------------------------------- */
 
 struct srv {
-    int lfd;
-    uint16_t port;
-    pthread_t thread;
-    atomic_bool stop;
+    struct stub_http http; /* http.mu guards the fields below */
     atomic_int requests;
-    pthread_mutex_t mu;
     const char *answer; /* written as is */
     size_t answer_len;  /* 0 = strlen(answer) */
     bool hang;          /* read the request, never answer */
     bool answer_early;  /* answer after the head, without reading the body */
     char *req;          /* the last request received (head + body), malloc'd */
     size_t req_len;
-    int hung[4];
-    int hung_count;
 };
 
-static void write_all(int fd, const char *p, size_t n)
+static void on_conn(struct stub_http *h, int fd)
 {
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static size_t content_length(const char *head)
-{
-    const char *p = strcasestr(head, "\r\nContent-Length: ");
-    return p ? strtoul(p + 18, NULL, 10) : 0;
-}
-
-/* Reads a request into a malloc'd buffer; the body only unless `head_only`. */
-static char *read_request(int fd, size_t *len_out, bool head_only)
-{
-    size_t cap = 8192, len = 0, need = 0;
-    char *buf = malloc(cap + 1);
-    assert_non_null(buf);
-    uint64_t deadline = sl_clock_now_ms() + 5000;
-    for (;;) {
-        if (need == 0) {
-            buf[len] = '\0';
-            char *end = strstr(buf, "\r\n\r\n");
-            if (end) {
-                size_t head = (size_t)(end - buf) + 4;
-                need = head + (head_only ? 0 : content_length(buf));
-            }
-        }
-        if (need && len >= need)
-            break;
-        if (len == cap) {
-            cap *= 2;
-            buf = realloc(buf, cap + 1);
-            assert_non_null(buf);
-        }
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 100) <= 0) {
-            if (sl_clock_now_ms() > deadline)
-                break;
-            continue;
-        }
-        ssize_t r = recv(fd, buf + len, cap - len, 0);
-        if (r <= 0)
-            break;
-        len += (size_t)r;
-    }
-    buf[len] = '\0';
-    *len_out = len;
-    return buf;
-}
-
-static void *srv_main(void *arg)
-{
-    struct srv *s = arg;
-    while (!atomic_load(&s->stop)) {
-        struct pollfd p = {.fd = s->lfd, .events = POLLIN};
-        if (poll(&p, 1, 20) <= 0)
-            continue;
-        int fd = accept(s->lfd, NULL, NULL);
-        if (fd < 0)
-            continue;
-        pthread_mutex_lock(&s->mu);
-        bool early = s->answer_early;
-        pthread_mutex_unlock(&s->mu);
-        size_t len;
-        char *req = read_request(fd, &len, early);
-        pthread_mutex_lock(&s->mu);
-        free(s->req);
-        s->req = req;
-        s->req_len = len;
-        bool hang = s->hang && s->hung_count < 4;
-        if (hang)
-            s->hung[s->hung_count++] = fd;
-        const char *answer = s->answer;
-        size_t alen = s->answer_len ? s->answer_len : strlen(answer);
-        pthread_mutex_unlock(&s->mu);
-        atomic_fetch_add(&s->requests, 1);
-        if (hang)
-            continue;
-        write_all(fd, answer, alen);
-        close(fd);
-    }
-    return NULL;
+    struct srv *s = h->data;
+    pthread_mutex_lock(&h->mu);
+    bool early = s->answer_early;
+    pthread_mutex_unlock(&h->mu);
+    struct stub_http_req rq;
+    stub_http_read(fd, early, &rq);
+    pthread_mutex_lock(&h->mu);
+    free(s->req);
+    s->req = rq.buf;
+    s->req_len = rq.len;
+    bool held = s->hang && stub_http_hold(h, fd);
+    const char *answer = s->answer;
+    size_t alen = s->answer_len ? s->answer_len : strlen(answer);
+    pthread_mutex_unlock(&h->mu);
+    atomic_fetch_add(&s->requests, 1);
+    if (held)
+        return;
+    stub_http_write_all(fd, answer, alen);
+    close(fd);
 }
 
 static struct srv *srv_start(const char *answer)
 {
     struct srv *s = calloc(1, sizeof *s);
     assert_non_null(s);
-    pthread_mutex_init(&s->mu, NULL);
     s->answer = answer;
-    s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(s->lfd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(s->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(s->lfd, 16), 0);
-    socklen_t al = sizeof a;
-    assert_int_equal(getsockname(s->lfd, (struct sockaddr *)&a, &al), 0);
-    s->port = ntohs(a.sin_port);
-    assert_int_equal(pthread_create(&s->thread, NULL, srv_main, s), 0);
+    stub_http_start(&s->http, on_conn, s);
     return s;
 }
 
 static void srv_stop(struct srv *s)
 {
-    atomic_store(&s->stop, true);
-    pthread_join(s->thread, NULL);
-    for (int i = 0; i < s->hung_count; i++)
-        close(s->hung[i]);
-    close(s->lfd);
+    stub_http_stop(&s->http);
     free(s->req);
-    pthread_mutex_destroy(&s->mu);
     free(s);
 }
 
 static void srv_url(const struct srv *s, const char *path, char *out, size_t cap)
 {
-    snprintf(out, cap, "http://127.0.0.1:%u%s", (unsigned)s->port, path);
+    stub_http_url(&s->http, path, out, cap);
 }
 
 /* A GET of `path` with default options. */
@@ -196,7 +111,7 @@ static void test_content_length(void **state)
     assert_non_null(s->req);
     assert_true(strncmp(s->req, "GET /a?x=1 HTTP/1.1\r\n", 21) == 0);
     char host[64];
-    snprintf(host, sizeof host, "\r\nHost: 127.0.0.1:%u\r\n", (unsigned)s->port);
+    snprintf(host, sizeof host, "\r\nHost: 127.0.0.1:%u\r\n", (unsigned)s->http.port);
     assert_non_null(strstr(s->req, host));
     assert_non_null(strstr(s->req, "\r\nConnection: close\r\n"));
     assert_null(strcasestr(s->req, "Content-Length")); /* a GET without a body */
@@ -454,14 +369,14 @@ static void test_put_body_from_file(void **state)
     assert_int_equal(r.status, 204);
     assert_int_equal(r.body_len, 0); /* 204 has no body whatever the head says */
     sl_fetch_resp_dispose(&r);
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->http.mu);
     assert_true(strncmp(s->req, "PUT /ingest/seg-1 HTTP/1.1\r\n", 28) == 0);
     assert_non_null(strstr(s->req, "\r\nContent-Type: application/x-ndjson\r\n"));
     assert_non_null(strstr(s->req, "\r\nContent-Length: 3145728\r\n"));
     char *body = strstr(s->req, "\r\n\r\n") + 4;
     assert_int_equal(s->req_len - (size_t)(body - s->req), n);
     assert_memory_equal(body, data, n);
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->http.mu);
 
     /* a file shorter than announced is an error of ours, not a network one */
     bf.len = n + 10;
@@ -472,9 +387,9 @@ static void test_put_body_from_file(void **state)
     struct sl_fetch_req post = {.method = "POST", .url = url};
     assert_int_equal(sl_fetch(&post, &r, err, sizeof err), 0);
     sl_fetch_resp_dispose(&r);
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->http.mu);
     assert_non_null(strstr(s->req, "\r\nContent-Length: 0\r\n"));
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->http.mu);
     free(data);
     close(fd);
     srv_stop(s);

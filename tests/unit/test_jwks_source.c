@@ -8,14 +8,11 @@
 
 #include <cmocka.h>
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -28,6 +25,8 @@
 #include "filters/jwks_source.h"
 #include "filters/jwks_source_internal.h"
 #include "filters/jws.h"
+
+#include "stub_http.h"
 
 #define DEADLINE_MS 10000u
 
@@ -96,19 +95,13 @@ enum srv_mode {
 };
 
 struct srv {
-    int lfd;
-    uint16_t port;
-    pthread_t thread;
-    atomic_bool stop;
-    atomic_int requests;
-    pthread_mutex_t mu;
-    char *body; /* owned */
+    struct stub_http http; /* http.mu guards the fields below */
+    atomic_int requests;   /* the well-formed ones */
+    char *body;            /* owned */
     enum srv_mode mode;
     char cache_control[64];
     int delay_ms;
     size_t pad_bytes; /* an X-Pad header of this many bytes in SRV_LENGTH responses */
-    int hung[8];
-    int hung_count;
 };
 
 static uint64_t now_ms(void)
@@ -116,44 +109,9 @@ static uint64_t now_ms(void)
     return sl_clock_now_ms();
 }
 
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static bool read_request(int fd)
-{
-    char buf[4096];
-    size_t len = 0;
-    uint64_t deadline = now_ms() + 5000;
-    while (len < sizeof buf - 1) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 100) <= 0) {
-            if (now_ms() > deadline)
-                return false;
-            continue;
-        }
-        ssize_t r = recv(fd, buf + len, sizeof buf - 1 - len, 0);
-        if (r <= 0)
-            return false;
-        len += (size_t)r;
-        buf[len] = '\0';
-        if (strstr(buf, "\r\n\r\n"))
-            return strncmp(buf, "GET /jwks HTTP/1.1\r\n", 20) == 0 &&
-                   strstr(buf, "\r\nHost: 127.0.0.1:") && strstr(buf, "\r\nConnection: close");
-    }
-    return false;
-}
-
 static void respond(struct srv *s, int fd)
 {
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->http.mu);
     enum srv_mode mode = s->mode;
     char *body = strdup(s->body ? s->body : "");
     char cc[96] = "";
@@ -161,7 +119,7 @@ static void respond(struct srv *s, int fd)
         snprintf(cc, sizeof cc, "Cache-Control: %s\r\n", s->cache_control);
     int delay = s->delay_ms;
     size_t pad = s->pad_bytes;
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->http.mu);
     if (delay > 0)
         poll(NULL, 0, delay); /* the server's behaviour under test, not a wait in the test */
     char head[512];
@@ -178,20 +136,20 @@ static void respond(struct srv *s, int fd)
             memcpy(p, "X-Pad: ", 7);
             memset(p + 7, 'p', pad);
             memcpy(p + 7 + pad, "\r\n", 2);
-            write_all(fd, head, (size_t)n - 2); /* before the blank line */
-            write_all(fd, p, pad + 9);
-            write_all(fd, "\r\n", 2);
+            stub_http_write_all(fd, head, (size_t)n - 2); /* before the blank line */
+            stub_http_write_all(fd, p, pad + 9);
+            stub_http_write_all(fd, "\r\n", 2);
             free(p);
         } else {
-            write_all(fd, head, (size_t)n);
+            stub_http_write_all(fd, head, (size_t)n);
         }
-        write_all(fd, body, blen);
+        stub_http_write_all(fd, body, blen);
         break;
     }
     case SRV_CLOSE: {
         int n = snprintf(head, sizeof head, "HTTP/1.1 200 OK\r\n%s\r\n", cc);
-        write_all(fd, head, (size_t)n);
-        write_all(fd, body, blen);
+        stub_http_write_all(fd, head, (size_t)n);
+        stub_http_write_all(fd, body, blen);
         break;
     }
     case SRV_CHUNKED: {
@@ -200,25 +158,25 @@ static void respond(struct srv *s, int fd)
                          "HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
                          "HTTP/1.1 200 OK\r\n%sTransfer-Encoding: chunked\r\n\r\n",
                          cc);
-        write_all(fd, head, (size_t)n);
+        stub_http_write_all(fd, head, (size_t)n);
         for (size_t off = 0; off < blen; off += 37) {
             size_t piece = blen - off < 37 ? blen - off : 37;
             n = snprintf(head, sizeof head, "%zx;ext=1\r\n", piece);
-            write_all(fd, head, (size_t)n);
-            write_all(fd, body + off, piece);
-            write_all(fd, "\r\n", 2);
+            stub_http_write_all(fd, head, (size_t)n);
+            stub_http_write_all(fd, body + off, piece);
+            stub_http_write_all(fd, "\r\n", 2);
         }
-        write_all(fd, "0\r\nX-Trailer: 1\r\n\r\n", 20);
+        stub_http_write_all(fd, "0\r\nX-Trailer: 1\r\n\r\n", 20);
         break;
     }
     case SRV_500: {
         const char *r = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\noops!";
-        write_all(fd, r, strlen(r));
+        stub_http_write_all(fd, r, strlen(r));
         break;
     }
     case SRV_GARBAGE: {
         const char *r = "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot json!";
-        write_all(fd, r, strlen(r));
+        stub_http_write_all(fd, r, strlen(r));
         break;
     }
     case SRV_HANG:
@@ -227,80 +185,60 @@ static void respond(struct srv *s, int fd)
     free(body);
 }
 
-static void *srv_main(void *arg)
+static void on_conn(struct stub_http *h, int fd)
 {
-    struct srv *s = arg;
-    while (!atomic_load(&s->stop)) {
-        struct pollfd p = {.fd = s->lfd, .events = POLLIN};
-        if (poll(&p, 1, 20) <= 0)
-            continue;
-        int fd = accept(s->lfd, NULL, NULL);
-        if (fd < 0)
-            continue;
-        if (!read_request(fd)) {
-            close(fd);
-            continue;
-        }
-        atomic_fetch_add(&s->requests, 1);
-        pthread_mutex_lock(&s->mu);
-        bool hang = s->mode == SRV_HANG && s->hung_count < 8;
-        if (hang)
-            s->hung[s->hung_count++] = fd;
-        pthread_mutex_unlock(&s->mu);
-        if (hang)
-            continue;
-        respond(s, fd);
+    struct srv *s = h->data;
+    struct stub_http_req rq;
+    /* only the request a source should send is answered */
+    bool ok = stub_http_read(fd, true, &rq) && strncmp(rq.buf, "GET /jwks HTTP/1.1\r\n", 20) == 0 &&
+              strstr(rq.buf, "\r\nHost: 127.0.0.1:") && strstr(rq.buf, "\r\nConnection: close");
+    free(rq.buf);
+    if (!ok) {
         close(fd);
+        return;
     }
-    return NULL;
+    atomic_fetch_add(&s->requests, 1);
+    pthread_mutex_lock(&h->mu);
+    bool held = s->mode == SRV_HANG && stub_http_hold(h, fd);
+    pthread_mutex_unlock(&h->mu);
+    if (held)
+        return;
+    respond(s, fd);
+    close(fd);
 }
 
 static void srv_set(struct srv *s, enum srv_mode mode, char *body_take, const char *cc)
 {
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->http.mu);
     s->mode = mode;
     if (body_take) {
         free(s->body);
         s->body = body_take;
     }
     snprintf(s->cache_control, sizeof s->cache_control, "%s", cc ? cc : "");
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->http.mu);
 }
 
 static struct srv *srv_start(enum srv_mode mode, char *body_take)
 {
     struct srv *s = calloc(1, sizeof *s);
     assert_non_null(s);
-    pthread_mutex_init(&s->mu, NULL);
     s->mode = mode;
     s->body = body_take;
-    s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(s->lfd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(s->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(s->lfd, 64), 0);
-    socklen_t al = sizeof a;
-    assert_int_equal(getsockname(s->lfd, (struct sockaddr *)&a, &al), 0);
-    s->port = ntohs(a.sin_port);
-    assert_int_equal(pthread_create(&s->thread, NULL, srv_main, s), 0);
+    stub_http_start(&s->http, on_conn, s);
     return s;
 }
 
 static void srv_stop(struct srv *s)
 {
-    atomic_store(&s->stop, true);
-    pthread_join(s->thread, NULL);
-    for (int i = 0; i < s->hung_count; i++)
-        close(s->hung[i]);
-    close(s->lfd);
+    stub_http_stop(&s->http);
     free(s->body);
-    pthread_mutex_destroy(&s->mu);
     free(s);
 }
 
 static void srv_url(const struct srv *s, char *out, size_t cap)
 {
-    snprintf(out, cap, "http://127.0.0.1:%u/jwks", (unsigned)s->port);
+    stub_http_url(&s->http, "/jwks", out, cap);
 }
 
 /* ---- polling ------------------------------------------------------------------------------- */
@@ -512,9 +450,9 @@ static void test_single_flight(void **state)
     struct sl_jwks_source *src = sl_jwks_source_new_url(url, &o, err, sizeof err);
     assert_non_null(src);
     assert_int_equal(atomic_load(&s->requests), 1);
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->http.mu);
     s->delay_ms = 400; /* keeps the fetch in flight while every racer calls */
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->http.mu);
     /* let the 1 ms interval pass (polled, cheap) */
     uint64_t t = now_ms() + 2;
     while (now_ms() < t)
@@ -722,9 +660,9 @@ static void test_head_limit(void **state)
     static const size_t pads[] = {12000, 16200, 17000, 40000};
     static const bool ok[] = {true, true, false, false};
     for (size_t i = 0; i < sizeof pads / sizeof pads[0]; i++) {
-        pthread_mutex_lock(&s->mu);
+        pthread_mutex_lock(&s->http.mu);
         s->pad_bytes = pads[i];
-        pthread_mutex_unlock(&s->mu);
+        pthread_mutex_unlock(&s->http.mu);
         uint64_t t0 = now_ms();
         struct sl_jwks_source *src = sl_jwks_source_new_url(url, NULL, err, sizeof err);
         assert_non_null(src);

@@ -8,19 +8,18 @@
 
 #include <cmocka.h>
 
-#include <arpa/inet.h>
 #include <dirent.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "config/config.h"
 #include "core/loop.h"
 #include "obs/log_ship.h"
+
+#include "stub_http.h"
 
 #define WAIT_MS 20000u
 #define MAX_RECS 512
@@ -37,74 +36,28 @@ struct rec {
 };
 
 struct collector {
-    int lfd;
-    uint16_t port;
-    pthread_t thread;
-    atomic_bool stop;
-    pthread_mutex_t mu;
+    struct stub_http http; /* http.mu guards the fields below */
     const char *dir;
     int fail_first;
     bool hang;
     struct rec recs[MAX_RECS];
     atomic_int count;
-    int hung[8];
-    int hung_count;
 };
-
-static void send_all(int fd, const char *p)
-{
-    size_t n = strlen(p);
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
 
 /* Reads head and Content-Length body; false when the client went away first. */
 static bool read_req(int fd, struct rec *r)
 {
-    size_t cap = 4096, len = 0, need = 0, head_len = 0;
-    char *buf = malloc(cap + 1);
-    assert_non_null(buf);
-    uint64_t deadline = sl_clock_now_ms() + 10000;
-    while (!need || len < need) {
-        if (len == cap) {
-            cap *= 2;
-            buf = realloc(buf, cap + 1);
-            assert_non_null(buf);
-        }
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 100) <= 0) {
-            if (sl_clock_now_ms() > deadline)
-                break;
-            continue;
-        }
-        ssize_t got = recv(fd, buf + len, cap - len, 0);
-        if (got <= 0)
-            break;
-        len += (size_t)got;
-        buf[len] = '\0';
-        char *end = need ? NULL : strstr(buf, "\r\n\r\n");
-        if (end) {
-            head_len = (size_t)(end - buf) + 4;
-            const char *cl = strcasestr(buf, "\r\nContent-Length: ");
-            need = head_len + (cl && cl < end ? strtoul(cl + 18, NULL, 10) : 0);
-        }
+    struct stub_http_req rq;
+    bool whole = stub_http_read(fd, false, &rq);
+    if (whole) {
+        snprintf(r->head, sizeof r->head, "%.*s", (int)rq.head_len, rq.buf);
+        r->body_len = rq.body_len;
+        r->body = malloc(r->body_len + 1);
+        assert_non_null(r->body);
+        memcpy(r->body, rq.buf + rq.head_len, r->body_len);
     }
-    if (!need || len < need) {
-        free(buf);
-        return false;
-    }
-    snprintf(r->head, sizeof r->head, "%.*s", (int)head_len, buf);
-    r->body_len = need - head_len;
-    r->body = malloc(r->body_len + 1);
-    assert_non_null(r->body);
-    memcpy(r->body, buf + head_len, r->body_len);
-    free(buf);
-    return true;
+    free(rq.buf);
+    return whole;
 }
 
 /* The segment name a request is about: the last path component (PUT) or the header (POST). */
@@ -126,77 +79,53 @@ static void seg_name(const struct rec *r, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)(end - slash - 1), slash + 1);
 }
 
-static void *collector_main(void *arg)
+static void on_conn(struct stub_http *h, int fd)
 {
-    struct collector *c = arg;
-    while (!atomic_load(&c->stop)) {
-        struct pollfd p = {.fd = c->lfd, .events = POLLIN};
-        if (poll(&p, 1, 20) <= 0)
-            continue;
-        int fd = accept(c->lfd, NULL, NULL);
-        if (fd < 0)
-            continue;
-        struct rec r = {0};
-        if (!read_req(fd, &r)) {
-            close(fd);
-            continue;
-        }
-        r.at_ms = sl_clock_now_ms();
-        char name[256], path[512];
-        seg_name(&r, name, sizeof name);
-        snprintf(path, sizeof path, "%s/%s", c->dir, name);
-        r.file_existed = access(path, F_OK) == 0;
-        pthread_mutex_lock(&c->mu);
-        int n = atomic_load(&c->count);
-        bool fail = n < c->fail_first;
-        bool hang = c->hang && c->hung_count < 8;
-        if (hang)
-            c->hung[c->hung_count++] = fd;
-        if (n < MAX_RECS) {
-            c->recs[n] = r;
-            atomic_store(&c->count, n + 1);
-        } else {
-            free(r.body);
-        }
-        pthread_mutex_unlock(&c->mu);
-        if (hang)
-            continue;
-        send_all(fd, fail ? "HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
-                          : "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
+    struct collector *c = h->data;
+    struct rec r = {0};
+    if (!read_req(fd, &r)) {
         close(fd);
+        return;
     }
-    return NULL;
+    r.at_ms = sl_clock_now_ms();
+    char name[256], path[512];
+    seg_name(&r, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", c->dir, name);
+    r.file_existed = access(path, F_OK) == 0;
+    pthread_mutex_lock(&h->mu);
+    int n = atomic_load(&c->count);
+    bool fail = n < c->fail_first;
+    bool held = c->hang && stub_http_hold(h, fd);
+    if (n < MAX_RECS) {
+        c->recs[n] = r;
+        atomic_store(&c->count, n + 1);
+    } else {
+        free(r.body);
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (held)
+        return;
+    const char *answer = fail ? "HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
+                              : "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
+    stub_http_write_all(fd, answer, strlen(answer));
+    close(fd);
 }
 
 static struct collector *collector_start(const char *dir, int fail_first)
 {
     struct collector *c = calloc(1, sizeof *c);
     assert_non_null(c);
-    pthread_mutex_init(&c->mu, NULL);
     c->dir = dir;
     c->fail_first = fail_first;
-    c->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(c->lfd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(c->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(c->lfd, 64), 0);
-    socklen_t al = sizeof a;
-    assert_int_equal(getsockname(c->lfd, (struct sockaddr *)&a, &al), 0);
-    c->port = ntohs(a.sin_port);
-    assert_int_equal(pthread_create(&c->thread, NULL, collector_main, c), 0);
+    stub_http_start(&c->http, on_conn, c);
     return c;
 }
 
 static void collector_stop(struct collector *c)
 {
-    atomic_store(&c->stop, true);
-    pthread_join(c->thread, NULL);
-    for (int i = 0; i < c->hung_count; i++)
-        close(c->hung[i]);
+    stub_http_stop(&c->http);
     for (int i = 0; i < atomic_load(&c->count); i++)
         free(c->recs[i].body);
-    close(c->lfd);
-    pthread_mutex_destroy(&c->mu);
     free(c);
 }
 
@@ -236,18 +165,6 @@ static bool exists(const char *path)
     return access(path, F_OK) == 0;
 }
 
-static void conf_for(struct sl_access_log_conf *conf, char *dir, char *url, uint16_t port,
-                     const char *path, int method)
-{
-    memset(conf, 0, sizeof *conf);
-    snprintf(url, 128, "http://127.0.0.1:%u%s", (unsigned)port, path);
-    conf->directory = dir;
-    conf->ship_url = url;
-    conf->ship_method = method;
-    conf->ship_timeout_ms = 2000;
-    conf->ship_backoff_max_ms = 10000;
-}
-
 static bool wait_stat(struct sl_log_ship *s, size_t field, uint64_t want)
 {
     uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
@@ -281,6 +198,50 @@ static void rm_dir(const char *dir)
     rmdir(dir);
 }
 
+/* One test's directory, the collector and the shipper between them. */
+struct rig {
+    char dir[32];
+    char url[128];
+    struct sl_access_log_conf conf;
+    struct collector *c;
+    struct sl_log_ship *s;
+};
+
+/* Makes the directory and starts a collector that refuses the first `fail_first` requests. */
+static void rig_open(struct rig *g, int fail_first)
+{
+    memset(g, 0, sizeof *g);
+    snprintf(g->dir, sizeof g->dir, "/tmp/sluice_ship_XXXXXX");
+    assert_non_null(mkdtemp(g->dir));
+    g->c = collector_start(g->dir, fail_first);
+}
+
+/* Starts a shipper of the directory to the collector's `path` with `method` and an attempt
+ * timeout of `timeout_ms`. */
+static struct sl_log_ship *rig_ship(struct rig *g, const char *path, int method,
+                                    uint64_t timeout_ms)
+{
+    stub_http_url(&g->c->http, path, g->url, sizeof g->url);
+    g->conf.directory = g->dir;
+    g->conf.ship_url = g->url;
+    g->conf.ship_method = method;
+    g->conf.ship_timeout_ms = timeout_ms;
+    g->conf.ship_backoff_max_ms = 10000;
+    char err[256] = "";
+    g->s = sl_log_ship_new(&g->conf, err, sizeof err);
+    if (!g->s)
+        fail_msg("sl_log_ship_new: %s", err);
+    assert_int_equal(sl_log_ship_start(g->s), 0);
+    return g->s;
+}
+
+static void rig_close(struct rig *g)
+{
+    sl_log_ship_free(g->s);
+    collector_stop(g->c);
+    rm_dir(g->dir);
+}
+
 /* ---- tests ---------------------------------------------------------------------------------- */
 
 /*
@@ -291,21 +252,16 @@ static void rm_dir(const char *dir)
 static void test_ship_in_order_after_failures(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/sluice_ship_XXXXXX";
-    assert_non_null(mkdtemp(dir));
+    struct rig g;
+    rig_open(&g, 2);
+    struct collector *c = g.c;
     struct seg segs[4];
-    make_seg(dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 200000, 2, &segs[1]);
-    make_seg(dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 1000, 1, &segs[0]);
-    make_seg(dir, "sluice-20260101T000003.000Z-1-000003.jsonl.zst", 0, 3, &segs[2]);
+    make_seg(g.dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 200000, 2, &segs[1]);
+    make_seg(g.dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 1000, 1, &segs[0]);
+    make_seg(g.dir, "sluice-20260101T000003.000Z-1-000003.jsonl.zst", 0, 3, &segs[2]);
     struct seg other;
-    make_seg(dir, ".sluice-20260101T000004.000Z-1-000004.jsonl.zst.tmp", 10, 4, &other);
-    struct collector *c = collector_start(dir, 2);
-    struct sl_access_log_conf conf;
-    char url[128], err[256] = "";
-    conf_for(&conf, dir, url, c->port, "/ingest", SL_SHIP_PUT);
-    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
-    assert_non_null(s);
-    assert_int_equal(sl_log_ship_start(s), 0);
+    make_seg(g.dir, ".sluice-20260101T000004.000Z-1-000004.jsonl.zst.tmp", 10, 4, &other);
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 2000);
 
     assert_true(WAIT_FAILURES(s, 1));
     struct sl_log_ship_stats st;
@@ -314,7 +270,7 @@ static void test_ship_in_order_after_failures(void **state)
     assert_true(exists(segs[0].path)); /* a refused segment stays */
 
     assert_true(WAIT_SHIPPED(s, 3));
-    make_seg(dir, "sluice-20260101T000005.000Z-1-000005.jsonl.zst", 5000, 5, &segs[3]);
+    make_seg(g.dir, "sluice-20260101T000005.000Z-1-000005.jsonl.zst", 5000, 5, &segs[3]);
     sl_log_ship_enqueue(s, segs[3].path);
     assert_true(WAIT_SHIPPED(s, 4));
     sl_log_ship_get_stats(s, &st);
@@ -322,7 +278,7 @@ static void test_ship_in_order_after_failures(void **state)
     assert_int_equal(st.bytes, 1000 + 200000 + 0 + 5000);
     assert_int_equal(st.queued, 0);
 
-    pthread_mutex_lock(&c->mu);
+    pthread_mutex_lock(&c->http.mu);
     assert_int_equal(atomic_load(&c->count), 6);
     static const int order[] = {0, 0, 0, 1, 2, 3};
     for (int i = 0; i < 6; i++) {
@@ -345,7 +301,7 @@ static void test_ship_in_order_after_failures(void **state)
     assert_true(gap1 >= 740);
     assert_true(gap2 >= 1490);
     assert_true(gap2 > gap1);
-    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->http.mu);
 
     for (int i = 0; i < 4; i++) {
         assert_false(exists(segs[i].path));
@@ -354,31 +310,24 @@ static void test_ship_in_order_after_failures(void **state)
     assert_true(exists(other.path)); /* not a closed segment: never touched */
     free(other.data);
     sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
-    sl_log_ship_free(s);
-    collector_stop(c);
-    rm_dir(dir);
+    rig_close(&g);
 }
 
 /* POST sends to the URL itself (query kept) and names the segment in a header. */
 static void test_post_method(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/sluice_ship_XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    struct collector *c = collector_start(dir, 0);
-    struct sl_access_log_conf conf;
-    char url[128], err[256] = "";
-    conf_for(&conf, dir, url, c->port, "/logs?stream=edge", SL_SHIP_POST);
-    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
-    assert_non_null(s);
-    assert_int_equal(sl_log_ship_start(s), 0);
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
+    struct sl_log_ship *s = rig_ship(&g, "/logs?stream=edge", SL_SHIP_POST, 2000);
     struct seg sg;
-    make_seg(dir, "sluice-20260101T000001.000Z-7-000001.jsonl.zst", 777, 9, &sg);
+    make_seg(g.dir, "sluice-20260101T000001.000Z-7-000001.jsonl.zst", 777, 9, &sg);
     sl_log_ship_enqueue(s, sg.path);
     sl_log_ship_enqueue(s, sg.path); /* twice: sent once */
     assert_true(WAIT_SHIPPED(s, 1));
     sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
-    pthread_mutex_lock(&c->mu);
+    pthread_mutex_lock(&c->http.mu);
     assert_int_equal(atomic_load(&c->count), 1);
     const struct rec *r = &c->recs[0];
     assert_true(strncmp(r->head, "POST /logs?stream=edge HTTP/1.1\r\n", 33) == 0);
@@ -386,30 +335,23 @@ static void test_post_method(void **state)
     assert_non_null(strstr(r->head, sg.name));
     assert_int_equal(r->body_len, 777);
     assert_memory_equal(r->body, sg.data, 777);
-    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->http.mu);
     assert_false(exists(sg.path));
     free(sg.data);
-    sl_log_ship_free(s);
-    collector_stop(c);
-    rm_dir(dir);
+    rig_close(&g);
 }
 
 /* A collector that keeps refusing: stop gives up at its deadline and leaves every file. */
 static void test_stop_deadline_leaves_files(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/sluice_ship_XXXXXX";
-    assert_non_null(mkdtemp(dir));
+    struct rig g;
+    rig_open(&g, 1000);
+    struct collector *c = g.c;
     struct seg a, b;
-    make_seg(dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
-    make_seg(dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 100, 2, &b);
-    struct collector *c = collector_start(dir, 1000);
-    struct sl_access_log_conf conf;
-    char url[128], err[256] = "";
-    conf_for(&conf, dir, url, c->port, "/ingest/", SL_SHIP_PUT);
-    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
-    assert_non_null(s);
-    assert_int_equal(sl_log_ship_start(s), 0);
+    make_seg(g.dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
+    make_seg(g.dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 100, 2, &b);
+    struct sl_log_ship *s = rig_ship(&g, "/ingest/", SL_SHIP_PUT, 2000);
     assert_true(WAIT_FAILURES(s, 1));
     uint64_t t0 = sl_clock_now_ms();
     sl_log_ship_stop(s, t0 + 300);
@@ -421,34 +363,26 @@ static void test_stop_deadline_leaves_files(void **state)
     assert_int_equal(st.queued, 2);
     assert_true(exists(a.path));
     assert_true(exists(b.path));
-    pthread_mutex_lock(&c->mu);
+    pthread_mutex_lock(&c->http.mu);
     /* a trailing slash in the URL is not doubled */
     assert_true(strncmp(c->recs[0].head, "PUT /ingest/sluice-", 19) == 0);
-    pthread_mutex_unlock(&c->mu);
-    sl_log_ship_free(s);
-    collector_stop(c);
+    pthread_mutex_unlock(&c->http.mu);
     free(a.data);
     free(b.data);
-    rm_dir(dir);
+    rig_close(&g);
 }
 
 /* An attempt hanging on a silent collector is cut at the stop deadline, not its timeout. */
 static void test_stop_cancels_attempt(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/sluice_ship_XXXXXX";
-    assert_non_null(mkdtemp(dir));
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
     struct seg a;
-    make_seg(dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
-    struct collector *c = collector_start(dir, 0);
+    make_seg(g.dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
     c->hang = true;
-    struct sl_access_log_conf conf;
-    char url[128], err[256] = "";
-    conf_for(&conf, dir, url, c->port, "/ingest", SL_SHIP_PUT);
-    conf.ship_timeout_ms = 60000;
-    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
-    assert_non_null(s);
-    assert_int_equal(sl_log_ship_start(s), 0);
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 60000);
     uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
     while (atomic_load(&c->count) < 1 && sl_clock_now_ms() < deadline)
         poll(NULL, 0, 5);
@@ -460,42 +394,35 @@ static void test_stop_cancels_attempt(void **state)
     sl_log_ship_get_stats(s, &st);
     assert_int_equal(st.failures, 0); /* a cancel is not a collector failure */
     assert_true(exists(a.path));
-    sl_log_ship_free(s);
-    collector_stop(c);
     free(a.data);
-    rm_dir(dir);
+    rig_close(&g);
 }
 
 /* More segments than the queue holds: all shipped, in order, none lost. */
 static void test_more_than_the_queue(void **state)
 {
     (void)state;
-    char dir[] = "/tmp/sluice_ship_XXXXXX";
-    assert_non_null(mkdtemp(dir));
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
     enum { N = 300 };
     for (int i = 0; i < N; i++) {
         char name[64];
         snprintf(name, sizeof name, "sluice-20260101T%06d.000Z-1-000001.jsonl.zst", i);
         struct seg sg;
-        make_seg(dir, name, 10, (unsigned)i, &sg);
+        make_seg(g.dir, name, 10, (unsigned)i, &sg);
         free(sg.data);
     }
-    struct collector *c = collector_start(dir, 0);
-    struct sl_access_log_conf conf;
-    char url[128], err[256] = "";
-    conf_for(&conf, dir, url, c->port, "/ingest", SL_SHIP_PUT);
-    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
-    assert_non_null(s);
-    assert_int_equal(sl_log_ship_start(s), 0);
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 2000);
     /* and a burst of hand-overs racing the scan */
     for (int i = N - 1; i >= 0; i -= 7) {
         char path[512];
-        snprintf(path, sizeof path, "%s/sluice-20260101T%06d.000Z-1-000001.jsonl.zst", dir, i);
+        snprintf(path, sizeof path, "%s/sluice-20260101T%06d.000Z-1-000001.jsonl.zst", g.dir, i);
         sl_log_ship_enqueue(s, path);
     }
     assert_true(WAIT_SHIPPED(s, N));
     sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
-    pthread_mutex_lock(&c->mu);
+    pthread_mutex_lock(&c->http.mu);
     assert_int_equal(atomic_load(&c->count), N);
     for (int i = 0; i < N; i++) {
         char want[128];
@@ -503,10 +430,8 @@ static void test_more_than_the_queue(void **state)
         if (strncmp(c->recs[i].head, want, strlen(want)) != 0)
             fail_msg("request %d: %.60s", i, c->recs[i].head);
     }
-    pthread_mutex_unlock(&c->mu);
-    sl_log_ship_free(s);
-    collector_stop(c);
-    rm_dir(dir);
+    pthread_mutex_unlock(&c->http.mu);
+    rig_close(&g);
 }
 
 static void test_bad_config(void **state)

@@ -8,17 +8,15 @@
 
 #include <cmocka.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdatomic.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "config/config.h"
 #include "core/loop.h"
 #include "obs/notice.h"
+
+#include "stub_http.h"
 
 #define WAIT_MS 10000u
 #define TOKEN "AQAEAExampleToken_0123456789=="
@@ -32,50 +30,13 @@ enum mode {
 };
 
 struct imds {
-    int lfd;
-    uint16_t port;
-    pthread_t thread;
-    atomic_bool stop;
+    struct stub_http http;
     enum mode mode;
     int not_found;
     atomic_int gets;       /* every GET */
     atomic_int token_puts; /* PUT /latest/api/token with a TTL header */
     atomic_int gets_with_token;
 };
-
-static void send_all(int fd, const char *p)
-{
-    size_t n = strlen(p);
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return;
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-static bool read_head(int fd, char *buf, size_t cap)
-{
-    size_t len = 0;
-    uint64_t deadline = sl_clock_now_ms() + 5000;
-    while (len + 1 < cap) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 50) <= 0) {
-            if (sl_clock_now_ms() > deadline)
-                return false;
-            continue;
-        }
-        ssize_t r = recv(fd, buf + len, cap - 1 - len, 0);
-        if (r <= 0)
-            return false;
-        len += (size_t)r;
-        buf[len] = '\0';
-        if (strstr(buf, "\r\n\r\n"))
-            return true;
-    }
-    return false;
-}
 
 static const char *answer(struct imds *m, const char *req)
 {
@@ -102,22 +63,15 @@ static const char *answer(struct imds *m, const char *req)
            "{\"action\":\"terminate\",\"time\":\"2026-11-28T20:00:00Z\"}";
 }
 
-static void *imds_main(void *arg)
+static void on_conn(struct stub_http *h, int fd)
 {
-    struct imds *m = arg;
-    while (!atomic_load(&m->stop)) {
-        struct pollfd p = {.fd = m->lfd, .events = POLLIN};
-        if (poll(&p, 1, 20) <= 0)
-            continue;
-        int fd = accept(m->lfd, NULL, NULL);
-        if (fd < 0)
-            continue;
-        char req[4096];
-        if (read_head(fd, req, sizeof req))
-            send_all(fd, answer(m, req));
-        close(fd);
+    struct stub_http_req rq;
+    if (stub_http_read(fd, true, &rq)) {
+        const char *a = answer(h->data, rq.buf);
+        stub_http_write_all(fd, a, strlen(a));
     }
-    return NULL;
+    free(rq.buf);
+    close(fd);
 }
 
 static struct imds *imds_start(enum mode mode, int not_found)
@@ -126,23 +80,13 @@ static struct imds *imds_start(enum mode mode, int not_found)
     assert_non_null(m);
     m->mode = mode;
     m->not_found = not_found;
-    m->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(m->lfd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(m->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(m->lfd, 16), 0);
-    socklen_t al = sizeof a;
-    assert_int_equal(getsockname(m->lfd, (struct sockaddr *)&a, &al), 0);
-    m->port = ntohs(a.sin_port);
-    assert_int_equal(pthread_create(&m->thread, NULL, imds_main, m), 0);
+    stub_http_start(&m->http, on_conn, m);
     return m;
 }
 
 static void imds_stop(struct imds *m)
 {
-    atomic_store(&m->stop, true);
-    pthread_join(m->thread, NULL);
-    close(m->lfd);
+    stub_http_stop(&m->http);
     free(m);
 }
 
@@ -171,13 +115,32 @@ static bool wait_calls(struct seen *s, int n)
     return true;
 }
 
-static void conf_for(struct sl_drain_conf *c, char *url, size_t cap, uint16_t port,
-                     uint64_t interval_ms)
+/* One test's metadata service, the poller's configuration and what its callback saw. */
+struct rig {
+    struct imds *m;
+    char url[160];
+    struct sl_drain_conf conf;
+    struct seen seen;
+};
+
+/* Starts a metadata service (`mode`, `not_found`) and points a 100 ms poll at it. */
+static void rig_open(struct rig *g, enum mode mode, int not_found)
 {
-    snprintf(url, cap, "http://127.0.0.1:%u/latest/meta-data/spot/instance-action", (unsigned)port);
-    memset(c, 0, sizeof *c);
-    c->notice_url = url;
-    c->notice_interval_ms = interval_ms;
+    memset(g, 0, sizeof *g);
+    g->m = imds_start(mode, not_found);
+    stub_http_url(&g->m->http, "/latest/meta-data/spot/instance-action", g->url, sizeof g->url);
+    g->conf.notice_url = g->url;
+    g->conf.notice_interval_ms = 100;
+}
+
+/* Starts a poller with the rig's configuration, reporting into g->seen. */
+static struct sl_notice *rig_poll(struct rig *g)
+{
+    char err[256] = "";
+    struct sl_notice *n = sl_notice_start(&g->conf, on_notice, &g->seen, err, sizeof err);
+    if (!n)
+        fail_msg("sl_notice_start: %s", err);
+    return n;
 }
 
 /* ---- tests --------------------------------------------------------------------------------- */
@@ -186,73 +149,61 @@ static void conf_for(struct sl_drain_conf *c, char *url, size_t cap, uint16_t po
 static void test_notice_after_two_404(void **state)
 {
     (void)state;
-    struct imds *m = imds_start(MODE_SPOT, 2);
-    struct sl_drain_conf conf;
-    char url[160], err[256] = "";
-    conf_for(&conf, url, sizeof url, m->port, 100);
-    struct seen seen = {0};
-    struct sl_notice *n = sl_notice_start(&conf, on_notice, &seen, err, sizeof err);
-    assert_non_null(n);
-    assert_true(wait_calls(&seen, 1));
-    assert_string_equal(seen.what, "{\"action\":\"terminate\",\"time\":\"2026-11-28T20:00:00Z\"}");
+    struct rig g;
+    rig_open(&g, MODE_SPOT, 2);
+    struct sl_notice *n = rig_poll(&g);
+    assert_true(wait_calls(&g.seen, 1));
+    assert_string_equal(g.seen.what,
+                        "{\"action\":\"terminate\",\"time\":\"2026-11-28T20:00:00Z\"}");
     sl_notice_stop(n); /* joins: nothing can poll or call back after this */
-    assert_int_equal(atomic_load(&seen.calls), 1);
-    assert_int_equal(atomic_load(&m->gets), 3);
-    assert_int_equal(atomic_load(&m->token_puts), 0); /* IMDSv1 answers: no token asked */
-    imds_stop(m);
+    assert_int_equal(atomic_load(&g.seen.calls), 1);
+    assert_int_equal(atomic_load(&g.m->gets), 3);
+    assert_int_equal(atomic_load(&g.m->token_puts), 0); /* IMDSv1 answers: no token asked */
+    imds_stop(g.m);
 }
 
 /* An instance that requires IMDSv2 tokens: one token, then every GET carries it. */
 static void test_imdsv2_token(void **state)
 {
     (void)state;
-    struct imds *m = imds_start(MODE_IMDSV2, 2);
-    struct sl_drain_conf conf;
-    char url[160], err[256] = "";
-    conf_for(&conf, url, sizeof url, m->port, 100);
-    struct seen seen = {0};
-    struct sl_notice *n = sl_notice_start(&conf, on_notice, &seen, err, sizeof err);
-    assert_non_null(n);
-    assert_true(wait_calls(&seen, 1));
+    struct rig g;
+    rig_open(&g, MODE_IMDSV2, 2);
+    struct sl_notice *n = rig_poll(&g);
+    assert_true(wait_calls(&g.seen, 1));
     sl_notice_stop(n);
-    assert_int_equal(atomic_load(&seen.calls), 1);
-    assert_int_equal(atomic_load(&m->token_puts), 1);
-    assert_int_equal(atomic_load(&m->gets_with_token), 3);
-    assert_int_equal(atomic_load(&m->gets), 4); /* the first, refused, plus three */
-    imds_stop(m);
+    assert_int_equal(atomic_load(&g.seen.calls), 1);
+    assert_int_equal(atomic_load(&g.m->token_puts), 1);
+    assert_int_equal(atomic_load(&g.m->gets_with_token), 3);
+    assert_int_equal(atomic_load(&g.m->gets), 4); /* the first, refused, plus three */
+    imds_stop(g.m);
 }
 
 /* Errors are "no notice"; stop is prompt even with a long interval. */
 static void test_errors_are_no_notice(void **state)
 {
     (void)state;
-    struct imds *m = imds_start(MODE_500, 0);
-    struct sl_drain_conf conf;
-    char url[160], err[256] = "";
-    conf_for(&conf, url, sizeof url, m->port, 100);
-    struct seen seen = {0};
-    struct sl_notice *n = sl_notice_start(&conf, on_notice, &seen, err, sizeof err);
-    assert_non_null(n);
+    struct rig g;
+    rig_open(&g, MODE_500, 0);
+    struct sl_notice *n = rig_poll(&g);
     uint64_t deadline = sl_clock_now_ms() + WAIT_MS;
-    while (atomic_load(&m->gets) < 3 && sl_clock_now_ms() < deadline)
+    while (atomic_load(&g.m->gets) < 3 && sl_clock_now_ms() < deadline)
         poll(NULL, 0, 5);
-    assert_true(atomic_load(&m->gets) >= 3);
+    assert_true(atomic_load(&g.m->gets) >= 3);
     sl_notice_stop(n);
-    assert_int_equal(atomic_load(&seen.calls), 0);
+    assert_int_equal(atomic_load(&g.seen.calls), 0);
 
     /* an hour between polls: stop does not wait for the next one */
-    conf.notice_interval_ms = 3600000;
-    int before = atomic_load(&m->gets);
-    n = sl_notice_start(&conf, on_notice, &seen, err, sizeof err);
-    assert_non_null(n);
+    g.conf.notice_interval_ms = 3600000;
+    int before = atomic_load(&g.m->gets);
+    n = rig_poll(&g);
     deadline = sl_clock_now_ms() + WAIT_MS;
-    while (atomic_load(&m->gets) <= before && sl_clock_now_ms() < deadline)
+    while (atomic_load(&g.m->gets) <= before && sl_clock_now_ms() < deadline)
         poll(NULL, 0, 5);
     uint64_t t0 = sl_clock_now_ms();
     sl_notice_stop(n);
     assert_true(sl_clock_now_ms() - t0 < 1000);
-    assert_int_equal(atomic_load(&seen.calls), 0);
-    imds_stop(m);
+    assert_int_equal(atomic_load(&g.seen.calls), 0);
+    imds_stop(g.m);
 }
 
 static void test_bad_config(void **state)
