@@ -67,6 +67,20 @@ static void remove_dir(const char *dir)
     rmdir(dir);
 }
 
+/* Each test gets a fresh directory as its state, removed after it even when it fails. */
+static int dir_setup(void **state)
+{
+    *state = make_dir();
+    return 0;
+}
+
+static int dir_teardown(void **state)
+{
+    remove_dir(*state);
+    free(*state);
+    return 0;
+}
+
 static struct sl_access_log_conf base_conf(char *dir)
 {
     return (struct sl_access_log_conf){
@@ -117,6 +131,42 @@ fake_init(struct fake *f, unsigned i)
     r->log.cpu_ns = 12345;
 }
 
+/* The whole text of one zstd file; fails unless every frame in it is complete. */
+static char *decode_file(const char *path, size_t *len)
+{
+    int fd = open(path, O_RDONLY);
+    assert_true(fd >= 0);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    char *comp = malloc((size_t)st.st_size + 1);
+    assert_non_null(comp);
+    assert_int_equal(read(fd, comp, (size_t)st.st_size), st.st_size);
+    close(fd);
+    size_t cap = 1 << 16, n = 0;
+    char *text = malloc(cap + 1);
+    assert_non_null(text);
+    ZSTD_DStream *ds = ZSTD_createDStream();
+    ZSTD_inBuffer in = {comp, (size_t)st.st_size, 0};
+    size_t ret = 1;
+    while (in.pos < in.size) {
+        if (cap - n < 1 << 15) {
+            cap *= 2;
+            text = realloc(text, cap + 1);
+            assert_non_null(text);
+        }
+        ZSTD_outBuffer out = {text + n, cap - n, 0};
+        ret = ZSTD_decompressStream(ds, &out, &in);
+        assert_false(ZSTD_isError(ret));
+        n += out.pos;
+    }
+    assert_int_equal(ret, 0);
+    ZSTD_freeDStream(ds);
+    free(comp);
+    text[n] = 0;
+    *len = n;
+    return text;
+}
+
 /* Every segment in `dir`, sorted by name, decompressed and parsed: a JSON array of the
  * records in order. Fails when a temporary file remains, a name does not have the final
  * form, a frame does not end, or a line is not JSON. `raw` (may be NULL) gets all the
@@ -163,35 +213,16 @@ static json_t *read_all(const char *dir, char **raw, size_t *nseg)
 
         char path[512];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-        int fd = open(path, O_RDONLY);
-        assert_true(fd >= 0);
-        struct stat st;
-        assert_int_equal(fstat(fd, &st), 0);
-        char *comp = malloc((size_t)st.st_size + 1);
-        assert_non_null(comp);
-        assert_int_equal(read(fd, comp, (size_t)st.st_size), st.st_size);
-        close(fd);
-
-        ZSTD_DStream *ds = ZSTD_createDStream();
-        ZSTD_inBuffer in = {comp, (size_t)st.st_size, 0};
-        size_t ret = 1;
-        size_t seg_start = tlen;
-        while (in.pos < in.size) {
-            if (tcap - tlen < 1 << 16) {
-                tcap *= 2;
-                text = realloc(text, tcap);
-                assert_non_null(text);
-            }
-            ZSTD_outBuffer out = {text + tlen, tcap - tlen, 0};
-            ret = ZSTD_decompressStream(ds, &out, &in);
-            assert_false(ZSTD_isError(ret));
-            tlen += out.pos;
-        }
-        assert_int_equal(ret, 0); /* the frame ended */
-        ZSTD_freeDStream(ds);
-        free(comp);
-        assert_true(tlen > seg_start); /* no empty segment */
-
+        size_t len;
+        char *seg = decode_file(path, &len);
+        assert_true(len > 0); /* no empty segment */
+        while (tcap - tlen < len)
+            tcap *= 2;
+        text = realloc(text, tcap);
+        assert_non_null(text);
+        memcpy(text + tlen, seg, len);
+        tlen += len;
+        free(seg);
         free(names[i]);
     }
     char *p = text, *end = text + tlen;
@@ -229,6 +260,16 @@ static const char *jstr(json_t *o, const char *key)
     return json_string_value(v);
 }
 
+/* Records 0 to n-1 of `all` are the fakes 0 to n-1, in that order. */
+static void assert_ids_in_order(json_t *all, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        char rid[32];
+        snprintf(rid, sizeof rid, "req-%08zu", i);
+        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
+    }
+}
+
 static void record_n(struct sl_alog *a, unsigned worker, unsigned from, unsigned n)
 {
     struct fake f;
@@ -264,8 +305,7 @@ static bool poll_until(bool (*cond)(struct sl_alog *), struct sl_alog *a, unsign
 
 static void test_fields(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     char *headers[] = {"X-Trace", "User-Agent", "authorization", "X-Secret", "Cookie"};
     char *redact[] = {"x-secret"};
@@ -378,15 +418,12 @@ static void test_fields(void **state)
     json_decref(all);
     free(raw);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 /* Without configured headers there is no "headers" key at all. */
 static void test_no_headers_key(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     struct sl_alog *a = new_alog(&c, 1);
     struct fake f;
@@ -400,14 +437,11 @@ static void test_no_headers_key(void **state)
     assert_int_equal(json_array_size(all), 1);
     assert_null(json_object_get(json_array_get(all, 0), "headers"));
     json_decref(all);
-    remove_dir(dir);
-    free(dir);
 }
 
 static void test_escaping(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     char *headers[] = {"X-Odd"};
     c.headers = headers;
@@ -444,8 +478,6 @@ static void test_escaping(void **state)
     assert_non_null(strstr(raw, "\\u00ffx\\u00c0\\u00af\\u00ed\\u00a0\\u0080\\u00c3\""));
     json_decref(all);
     free(raw);
-    remove_dir(dir);
-    free(dir);
 }
 
 /*
@@ -460,7 +492,6 @@ struct token {
 
 static void test_escaping_random(void **state)
 {
-    (void)state;
     static const struct token tokens[] = {
         {"a", "a"},
         {"abcdefgh", "abcdefgh"},
@@ -488,7 +519,7 @@ static void test_escaping_random(void **state)
         {"\xed\xa0\x80", "\xc3\xad\xc2\xa0\xc2\x80"},
     };
     enum { N = 1500, NT = sizeof tokens / sizeof tokens[0] };
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.buffer_bytes = 16u << 20;
     struct sl_alog *a = new_alog(&c, 1);
@@ -520,14 +551,11 @@ static void test_escaping_random(void **state)
         assert_string_equal(jstr(json_array_get(all, i), "path"), want[i]);
     json_decref(all);
     free(want);
-    remove_dir(dir);
-    free(dir);
 }
 
 static void test_truncation(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     struct sl_alog *a = new_alog(&c, 1);
     char *longp = malloc(5000);
@@ -548,8 +576,6 @@ static void test_truncation(void **state)
     assert_null(json_object_get(json_array_get(all, 1), "truncated"));
     json_decref(all);
     free(longp);
-    remove_dir(dir);
-    free(dir);
 }
 
 /* ---- ring ------------------------------------------------------------------------------- */
@@ -557,8 +583,7 @@ static void test_truncation(void **state)
 /* No consumer runs: a 4 KiB ring takes what fits, every other record is counted. */
 static void test_ring_full_counted(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.buffer_bytes = 4096;
     struct sl_alog *a = new_alog(&c, 2);
@@ -576,15 +601,9 @@ static void test_ring_full_counted(void **state)
     assert_int_equal(json_array_size(all), 300 - dropped);
     assert_int_equal(st.records_written, 300 - dropped);
     /* the first ones are kept, in order */
-    for (size_t i = 0; i < json_array_size(all); i++) {
-        char rid[32];
-        snprintf(rid, sizeof rid, "req-%08zu", i);
-        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
-    }
+    assert_ids_in_order(all, json_array_size(all));
     json_decref(all);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 struct producer {
@@ -609,8 +628,7 @@ static void *produce(void *arg)
  * worker's order, or counted as dropped. */
 static void test_concurrent_producers(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.buffer_bytes = 64 * 1024;
     c.flush_interval_ms = 1;
@@ -640,8 +658,6 @@ static void test_concurrent_producers(void **state)
     }
     json_decref(all);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 static bool drained_more(struct sl_alog *a)
@@ -659,8 +675,7 @@ static bool drained_more(struct sl_alog *a)
  * go round the ring many times and records straddle its end; none is lost or garbled. */
 static void test_ring_wraps(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.buffer_bytes = 4096;
     c.flush_interval_ms = 1;
@@ -682,11 +697,9 @@ static void test_ring_wraps(void **state)
     assert_int_equal(st.records_dropped_full, 0);
     json_t *all = read_all(dir, NULL, NULL);
     assert_int_equal(json_array_size(all), N);
+    assert_ids_in_order(all, N);
     for (size_t i = 0; i < N; i++) {
         json_t *r = json_array_get(all, i);
-        char rid[32];
-        snprintf(rid, sizeof rid, "req-%08zu", i);
-        assert_string_equal(jstr(r, "request_id"), rid);
         json_t *cons = json_object_get(r, "consumer");
         if (i % 27 == 0)
             assert_true(json_is_null(cons));
@@ -696,8 +709,6 @@ static void test_ring_wraps(void **state)
     }
     json_decref(all);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 /* ---- segments ----------------------------------------------------------------------------- */
@@ -717,8 +728,7 @@ static void on_segment(const char *path, void *data)
 
 static void test_rotation_by_size(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.buffer_bytes = 8u << 20;
     c.segment_max_bytes = 4096;
@@ -740,11 +750,7 @@ static void test_rotation_by_size(void **state)
     assert_int_equal(nseg, st.segments_closed);
     assert_int_equal(json_array_size(all), N);
     /* sorted by name, the segments hold the records in the order they were made */
-    for (size_t i = 0; i < N; i++) {
-        char rid[32];
-        snprintf(rid, sizeof rid, "req-%08zu", i);
-        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
-    }
+    assert_ids_in_order(all, N);
     /* each closed for its size: all but the last reached max_bytes */
     DIR *d = opendir(dir);
     assert_non_null(d);
@@ -762,8 +768,6 @@ static void test_rotation_by_size(void **state)
     assert_true(small <= 1);
     json_decref(all);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 static bool one_closed(struct sl_alog *a)
@@ -775,8 +779,7 @@ static bool one_closed(struct sl_alog *a)
 
 static void test_rotation_by_age(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.segment_max_age_ms = 100;
     struct sl_alog *a = new_alog(&c, 1);
@@ -796,15 +799,12 @@ static void test_rotation_by_age(void **state)
     assert_int_equal(json_array_size(all), 20);
     json_decref(all);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 /* An idle writer leaves no file behind; stop is idempotent. */
 static void test_idle_no_segment(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     struct sl_alog *a = new_alog(&c, 1);
     assert_int_equal(sl_alog_start(a), 0);
@@ -817,16 +817,13 @@ static void test_idle_no_segment(void **state)
     json_decref(all);
     sl_alog_record(NULL, 0, NULL);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
 }
 
 /* The directory goes away while running (a path that is now a file): every record is
  * counted as dropped_io, nothing crashes, the process keeps going. */
 static void test_directory_unwritable(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     struct sl_alog *a = new_alog(&c, 1);
     assert_int_equal(sl_alog_start(a), 0);
@@ -851,7 +848,6 @@ static void test_directory_unwritable(void **state)
     c.directory = "/proc/version/logs";
     assert_null(sl_alog_new(&c, 1, err, sizeof err));
     assert_non_null(strstr(err, "access_log.directory"));
-    free(dir);
 }
 
 static bool io_dropped(struct sl_alog *a)
@@ -873,8 +869,7 @@ static bool some_written(struct sl_alog *a)
  * complete frame, and writing resumes with a new segment. */
 static void test_write_error_keeps_earlier_batches(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     c.flush_interval_ms = 5;
     struct sl_alog *a = new_alog(&c, 1);
@@ -906,53 +901,11 @@ static void test_write_error_keeps_earlier_batches(void **state)
     assert_int_equal(json_array_size(all), st.records_written);
     assert_true(nseg >= 2);
     /* the first 100 survived the failure, and the last 10 were written after it */
-    for (size_t i = 0; i < 100; i++) {
-        char rid[32];
-        snprintf(rid, sizeof rid, "req-%08zu", i);
-        assert_string_equal(jstr(json_array_get(all, i), "request_id"), rid);
-    }
+    assert_ids_in_order(all, 100);
     assert_string_equal(jstr(json_array_get(all, json_array_size(all) - 1), "request_id"),
                         "req-00010009");
     json_decref(all);
     sl_alog_free(a);
-    remove_dir(dir);
-    free(dir);
-}
-
-/* The whole text of one zstd file; fails unless every frame in it is complete. */
-static char *decode_file(const char *path, size_t *len)
-{
-    int fd = open(path, O_RDONLY);
-    assert_true(fd >= 0);
-    struct stat st;
-    assert_int_equal(fstat(fd, &st), 0);
-    char *comp = malloc((size_t)st.st_size + 1);
-    assert_non_null(comp);
-    assert_int_equal(read(fd, comp, (size_t)st.st_size), st.st_size);
-    close(fd);
-    size_t cap = 1 << 16, n = 0;
-    char *text = malloc(cap + 1);
-    assert_non_null(text);
-    ZSTD_DStream *ds = ZSTD_createDStream();
-    ZSTD_inBuffer in = {comp, (size_t)st.st_size, 0};
-    size_t ret = 1;
-    while (in.pos < in.size) {
-        if (cap - n < 1 << 15) {
-            cap *= 2;
-            text = realloc(text, cap + 1);
-            assert_non_null(text);
-        }
-        ZSTD_outBuffer out = {text + n, cap - n, 0};
-        ret = ZSTD_decompressStream(ds, &out, &in);
-        assert_false(ZSTD_isError(ret));
-        n += out.pos;
-    }
-    assert_int_equal(ret, 0);
-    ZSTD_freeDStream(ds);
-    free(comp);
-    text[n] = 0;
-    *len = n;
-    return text;
 }
 
 static size_t count_lines(const char *path)
@@ -1019,8 +972,7 @@ static bool two_hooked(struct sl_alog *a)
 
 static void test_leftovers_recovered(void **state)
 {
-    (void)state;
-    char *dir = make_dir();
+    char *dir = *state;
     struct sl_access_log_conf c = base_conf(dir);
     struct sl_alog *a = new_alog(&c, 1);
     record_n(a, 0, 0, 30);
@@ -1073,15 +1025,12 @@ static void test_leftovers_recovered(void **state)
     assert_int_equal(strstr(path, "/sluice-") != NULL, 1);
     assert_int_equal(count_lines(path), 30); /* the whole batches before the cut */
     unlink(alive);
-    remove_dir(dir);
-    free(dir);
 }
 
 /* A missing directory is created, parents included. */
 static void test_directory_created(void **state)
 {
-    (void)state;
-    char *base = make_dir();
+    char *base = *state;
     char dir[512];
     snprintf(dir, sizeof dir, "%s/a/b", base);
     struct sl_access_log_conf c = base_conf(dir);
@@ -1095,28 +1044,28 @@ static void test_directory_created(void **state)
     char mid[512];
     snprintf(mid, sizeof mid, "%s/a", base);
     rmdir(mid);
-    rmdir(base);
-    free(base);
 }
+
+#define DIR_TEST(f) cmocka_unit_test_setup_teardown(f, dir_setup, dir_teardown)
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_fields),
-        cmocka_unit_test(test_no_headers_key),
-        cmocka_unit_test(test_escaping),
-        cmocka_unit_test(test_escaping_random),
-        cmocka_unit_test(test_truncation),
-        cmocka_unit_test(test_ring_full_counted),
-        cmocka_unit_test(test_ring_wraps),
-        cmocka_unit_test(test_concurrent_producers),
-        cmocka_unit_test(test_rotation_by_size),
-        cmocka_unit_test(test_rotation_by_age),
-        cmocka_unit_test(test_idle_no_segment),
-        cmocka_unit_test(test_directory_unwritable),
-        cmocka_unit_test(test_write_error_keeps_earlier_batches),
-        cmocka_unit_test(test_leftovers_recovered),
-        cmocka_unit_test(test_directory_created),
+        DIR_TEST(test_fields),
+        DIR_TEST(test_no_headers_key),
+        DIR_TEST(test_escaping),
+        DIR_TEST(test_escaping_random),
+        DIR_TEST(test_truncation),
+        DIR_TEST(test_ring_full_counted),
+        DIR_TEST(test_ring_wraps),
+        DIR_TEST(test_concurrent_producers),
+        DIR_TEST(test_rotation_by_size),
+        DIR_TEST(test_rotation_by_age),
+        DIR_TEST(test_idle_no_segment),
+        DIR_TEST(test_directory_unwritable),
+        DIR_TEST(test_write_error_keeps_earlier_batches),
+        DIR_TEST(test_leftovers_recovered),
+        DIR_TEST(test_directory_created),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
