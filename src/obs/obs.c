@@ -329,6 +329,8 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
     }
     if (sl_gateway_start(obs->gw) < 0)
         goto fail;
+    /* Listeners are open and workers run: ready from the admin listener's first answer. */
+    atomic_store(&obs->started, true);
     if (p->boot->admin.address &&
         !(obs->admin = sl_admin_start(obs, &p->boot->admin, err, sizeof err))) {
         SL_ERR("%s", err);
@@ -339,7 +341,6 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
         SL_ERR("drain.notice_url: %s", err);
         goto fail;
     }
-    atomic_store(&obs->started, true);
     return p;
 fail:
     sl_process_stop(p, false);
