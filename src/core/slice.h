@@ -33,6 +33,12 @@ static inline char sl_ascii_lower(char c)
     return (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
 }
 
+/* HTTP optional white space (OWS, RFC 9110): a space or a horizontal tab. */
+static inline bool sl_ascii_is_ows(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
 /* ASCII case-insensitive equality (header names, tokens). */
 static inline bool sl_slice_ieq(struct sl_slice a, struct sl_slice b)
 {

@@ -17,6 +17,7 @@
 
 #include "core/fmt.h"
 #include "core/log.h"
+#include "core/slice.h"
 #include "filters/jwks_source_internal.h"
 #include "http/fetch.h"
 
@@ -94,27 +95,6 @@ static void init_conds(void)
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-static bool is_ows(char c)
-{
-    return c == ' ' || c == '\t';
-}
-
-static char lower(char c)
-{
-    return (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
-}
-
-static bool ieq(const char *a, size_t alen, const char *b)
-{
-    size_t blen = strlen(b);
-    if (alen != blen)
-        return false;
-    for (size_t i = 0; i < alen; i++)
-        if (lower(a[i]) != lower(b[i]))
-            return false;
-    return true;
-}
-
 static void fill_defaults(struct sl_jwks_source_opts *o, const struct sl_jwks_source_opts *in)
 {
     memset(o, 0, sizeof *o);
@@ -146,19 +126,19 @@ int64_t sl__jwks_cache_max_age(const char *v, size_t len)
     size_t i = 0;
     while (i < len) {
         /* one directive: token [ "=" ( token / quoted-string ) ] */
-        while (i < len && (is_ows(v[i]) || v[i] == ','))
+        while (i < len && (sl_ascii_is_ows(v[i]) || v[i] == ','))
             i++;
         size_t name = i;
-        while (i < len && v[i] != '=' && v[i] != ',' && !is_ows(v[i]))
+        while (i < len && v[i] != '=' && v[i] != ',' && !sl_ascii_is_ows(v[i]))
             i++;
         size_t name_len = i - name;
-        while (i < len && is_ows(v[i]))
+        while (i < len && sl_ascii_is_ows(v[i]))
             i++;
         if (i >= len || v[i] != '=') {
             continue; /* a directive without a value (or the end) */
         }
         i++;
-        while (i < len && is_ows(v[i]))
+        while (i < len && sl_ascii_is_ows(v[i]))
             i++;
         bool quoted = i < len && v[i] == '"';
         size_t val = quoted ? ++i : i;
@@ -166,13 +146,13 @@ int64_t sl__jwks_cache_max_age(const char *v, size_t len)
             while (i < len && v[i] != '"')
                 i += (v[i] == '\\' && i + 1 < len) ? 2 : 1;
         } else {
-            while (i < len && v[i] != ',' && !is_ows(v[i]))
+            while (i < len && v[i] != ',' && !sl_ascii_is_ows(v[i]))
                 i++;
         }
         size_t val_end = i < len ? i : len;
         if (quoted && i < len)
             i++; /* closing quote */
-        if (!ieq(v + name, name_len, "max-age"))
+        if (!sl_slice_ieq_cstr(sl_slice_make(v + name, name_len), "max-age"))
             continue;
         if (val_end == val)
             return -1;
@@ -272,7 +252,7 @@ static void on_fetch_header(void *data, const char *name, size_t name_len, const
                             size_t value_len)
 {
     int64_t *max_age = data;
-    if (*max_age < 0 && ieq(name, name_len, "cache-control"))
+    if (*max_age < 0 && sl_slice_ieq_cstr(sl_slice_make(name, name_len), "cache-control"))
         *max_age = sl__jwks_cache_max_age(value, value_len);
 }
 

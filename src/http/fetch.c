@@ -16,6 +16,7 @@
 
 #include "core/fmt.h"
 #include "core/loop.h"
+#include "core/slice.h"
 #include "http/fetch_internal.h"
 
 #define DEFAULT_TIMEOUT_MS 5000u
@@ -34,25 +35,10 @@ struct sl_fetch_tls {
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-static bool is_ows(char c)
-{
-    return c == ' ' || c == '\t';
-}
-
-static char lower(char c)
-{
-    return (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
-}
-
+/* The parser holds names and values as pointer + length. */
 static bool ieq(const char *a, size_t alen, const char *b)
 {
-    size_t blen = strlen(b);
-    if (alen != blen)
-        return false;
-    for (size_t i = 0; i < alen; i++)
-        if (lower(a[i]) != lower(b[i]))
-            return false;
-    return true;
+    return sl_slice_ieq_cstr(sl_slice_make(a, alen), b);
 }
 
 /* RFC 9110 tchar */
@@ -686,7 +672,7 @@ static int parse_hex(const char *s, size_t n, uint64_t *out)
     if (n == 0)
         return -1;
     for (size_t i = 0; i < n; i++) {
-        char ch = lower(s[i]);
+        char ch = sl_ascii_lower(s[i]);
         unsigned d;
         if (ch >= '0' && ch <= '9')
             d = (unsigned)(ch - '0');
@@ -713,7 +699,7 @@ static int read_chunked(struct conn *c, struct body *b)
             return n;
         size_t digits = strspn(line, "0123456789abcdefABCDEF");
         size_t k = digits;
-        while (k < (size_t)n && is_ows(line[k]))
+        while (k < (size_t)n && sl_ascii_is_ows(line[k]))
             k++;
         uint64_t size;
         if (parse_hex(line, digits, &size) < 0 || (k < (size_t)n && line[k] != ';')) {
@@ -779,22 +765,22 @@ static int read_head(struct conn *c, const struct sl_fetch_req *rq, int *status,
             if (n == 0)
                 break;
             char *colon = memchr(line, ':', (size_t)n);
-            if (!colon || colon == line || is_ows(line[0])) {
+            if (!colon || colon == line || sl_ascii_is_ows(line[0])) {
                 sl_fmt_err(c->err, c->err_len, "bad header line");
                 return -EPROTO;
             }
             size_t name_len = (size_t)(colon - line);
             for (size_t i = 0; i < name_len; i++) {
-                if (is_ows(line[i])) {
+                if (sl_ascii_is_ows(line[i])) {
                     sl_fmt_err(c->err, c->err_len, "bad header name");
                     return -EPROTO;
                 }
             }
             const char *v = colon + 1;
             const char *end = line + n;
-            while (v < end && is_ows(*v))
+            while (v < end && sl_ascii_is_ows(*v))
                 v++;
-            while (end > v && is_ows(end[-1]))
+            while (end > v && sl_ascii_is_ows(end[-1]))
                 end--;
             size_t vlen = (size_t)(end - v);
             if (ieq(line, name_len, "content-length")) {
