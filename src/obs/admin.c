@@ -452,6 +452,36 @@ static struct sl_runtime *acquire_rt(struct sl_admin *a)
     return a->obs->gw ? sl_gateway_runtime_acquire(a->obs->gw) : NULL;
 }
 
+/* What an endpoint change works on: the running configuration, the upstream in it and the
+ * admin API's list for that upstream. */
+struct admin_target {
+    struct sl_runtime *rt;  /* held until target_unlock; NULL when the gateway is not running */
+    ssize_t ui;             /* the upstream's index in rt->cfg; -1 when unknown */
+    struct admin_list **pp; /* the list's link in a->lists, where a new list goes */
+    struct admin_list *l;   /* NULL while the admin API lists nothing for the upstream */
+};
+
+/* Takes a->lock and looks `upstream` up into `t`. 0, or the status that ends the request
+ * before any change: 503 (the gateway is not running) or 404 (no such upstream). The caller
+ * calls target_unlock whatever this returns. */
+static int target_lock(struct sl_admin *a, const char *upstream, struct admin_target *t)
+{
+    pthread_mutex_lock(&a->lock);
+    t->rt = acquire_rt(a);
+    t->ui = t->rt ? upstream_index(t->rt->cfg, upstream) : -1;
+    t->pp = find_list(a, upstream);
+    t->l = *t->pp;
+    return !t->rt ? 503 : t->ui < 0 ? 404 : 0;
+}
+
+/* Drops a->lock and the runtime; t->rt stays set, to tell "not running" apart afterwards. */
+static void target_unlock(struct sl_admin *a, const struct admin_target *t)
+{
+    pthread_mutex_unlock(&a->lock);
+    if (t->rt)
+        sl_runtime_release(t->rt);
+}
+
 static const char *protocol_name(int p)
 {
     return p == SL_LISTENER_TCP ? "tcp" : "http";
@@ -993,21 +1023,12 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
         return;
     }
 
-    int status = 0;
-    pthread_mutex_lock(&a->lock);
-    struct sl_runtime *rt = acquire_rt(a);
-    ssize_t ui = rt ? upstream_index(rt->cfg, upstream) : -1;
-    struct admin_list **pp = find_list(a, upstream);
-    struct admin_list *l = *pp;
-    if (!rt) {
-        status = 503;
-    } else if (ui < 0) {
-        status = 404;
-    } else {
-        for (size_t i = 0; l && i < l->count; i++)
-            if (same_sockaddr(&l->eps[i].addr, &ep.addr))
-                status = 409;
-    }
+    struct admin_target t;
+    int status = target_lock(a, upstream, &t);
+    struct admin_list *l = t.l;
+    for (size_t i = 0; !status && l && i < l->count; i++)
+        if (same_sockaddr(&l->eps[i].addr, &ep.addr))
+            status = 409;
     if (!status && !l) {
         l = calloc(1, sizeof *l);
         if (l && !(l->upstream = strdup(upstream))) {
@@ -1015,7 +1036,7 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
             l = NULL;
         }
         if (l)
-            *pp = l;
+            *t.pp = l;
         else
             status = 503;
     }
@@ -1031,7 +1052,7 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
     }
     if (!status) {
         l->eps[l->count++] = ep;
-        if (apply_list(rt->pools[ui], l) < 0) {
+        if (apply_list(t.rt->pools[t.ui], l) < 0) {
             l->count--;
             status = 503;
         } else {
@@ -1042,9 +1063,7 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
         *find_list(a, upstream) = l->next;
         admin_list_free(l);
     }
-    pthread_mutex_unlock(&a->lock);
-    if (rt)
-        sl_runtime_release(rt);
+    target_unlock(a, &t);
 
     if (status == 201) {
         SL_INFO("admin: endpoint %s (weight %u%s%s) added to upstream %s", ep.address, ep.weight,
@@ -1065,7 +1084,7 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
                       "upstream %s already has %s from the admin API (DELETE it first to change "
                       "its weight or zone)",
                       upstream, ep.address);
-    else if (!rt)
+    else if (!t.rt)
         respond_error(req, 503, "not_running", "the gateway is not running");
     else
         respond_error(req, 503, "out_of_memory", "out of memory");
@@ -1079,25 +1098,18 @@ static void delete_endpoint(struct sl_admin *a, struct sl_request *req, const ch
     socklen_t sslen = 0;
     char canon[INET6_ADDRSTRLEN + 16];
     bool parsed = parse_ip_port(address, &ss, &sslen, canon, sizeof canon) == NULL;
-    int status = 0;
     unsigned others = 0; /* sources other than the admin that list it */
-    pthread_mutex_lock(&a->lock);
-    struct sl_runtime *rt = acquire_rt(a);
-    ssize_t ui = rt ? upstream_index(rt->cfg, upstream) : -1;
-    struct admin_list **pp = find_list(a, upstream);
-    struct admin_list *l = *pp;
-    if (!rt) {
-        status = 503;
-    } else if (ui < 0) {
-        status = 404;
-    } else {
+    struct admin_target t;
+    int status = target_lock(a, upstream, &t);
+    struct admin_list *l = t.l;
+    if (!status) {
         size_t at = SIZE_MAX;
         for (size_t i = 0; parsed && l && i < l->count && at == SIZE_MAX; i++)
             if (same_sockaddr(&l->eps[i].addr, &ss))
                 at = i;
         if (at == SIZE_MAX) {
             status = 404;
-            struct sl_pool *p = rt->pools[ui];
+            struct sl_pool *p = t.rt->pools[t.ui];
             pthread_mutex_lock(&p->lock);
             for (int s = 0; s < SL_POOL_SRC_ADMIN; s++)
                 for (size_t i = 0; i < p->src_count[s]; i++) {
@@ -1111,7 +1123,7 @@ static void delete_endpoint(struct sl_admin *a, struct sl_request *req, const ch
             struct admin_ep gone = l->eps[at];
             memmove(&l->eps[at], &l->eps[at + 1], (l->count - at - 1) * sizeof *l->eps);
             l->count--;
-            if (apply_list(rt->pools[ui], l) < 0) {
+            if (apply_list(t.rt->pools[t.ui], l) < 0) {
                 /* put it back where it was: the pool still has it */
                 memmove(&l->eps[at + 1], &l->eps[at], (l->count - at) * sizeof *l->eps);
                 l->eps[at] = gone;
@@ -1121,24 +1133,22 @@ static void delete_endpoint(struct sl_admin *a, struct sl_request *req, const ch
                 admin_ep_dispose(&gone);
                 status = 204;
                 if (l->count == 0) {
-                    *pp = l->next;
+                    *t.pp = l->next;
                     admin_list_free(l);
                 }
             }
         }
     }
-    pthread_mutex_unlock(&a->lock);
-    if (rt)
-        sl_runtime_release(rt);
+    target_unlock(a, &t);
     if (status == 204) {
         SL_INFO("admin: endpoint %s removed from upstream %s", canon, upstream);
         respond_raw(req, 204, "application/json", COMMON_HEADERS, "", 0);
     } else if (status == 503) {
-        if (!rt)
+        if (!t.rt)
             respond_error(req, 503, "not_running", "the gateway is not running");
         else
             respond_error(req, 503, "out_of_memory", "out of memory");
-    } else if (ui < 0) {
+    } else if (t.ui < 0) {
         respond_error(req, 404, "unknown_upstream", "there is no upstream named '%s'", upstream);
     } else if (others & (1u << SL_POOL_SRC_CONFIG)) {
         respond_error(req, 404, "not_admin_endpoint",
