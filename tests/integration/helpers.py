@@ -8,6 +8,7 @@ arguments (backend addresses and the like).
 """
 
 import contextlib
+import http.client
 import os
 import re
 import signal
@@ -91,6 +92,23 @@ def stalled_listener():
         for s in fillers:
             s.close()
         srv.close()
+
+
+def http_get(port, path, headers=None, timeout=5.0):
+    """One GET of `path` from 127.0.0.1:`port` on a connection of its own: (status, body,
+    {header: value}). Connection errors propagate (OSError)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read(), dict(r.getheaders())
+    finally:
+        c.close()
+
+
+def admin_get(g, path, timeout=5.0):
+    """http_get of `path` from gateway `g`'s admin listener."""
+    return http_get(g.ports["admin"], path, timeout=timeout)
 
 
 def can_connect(port, timeout=0.2):

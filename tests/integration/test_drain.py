@@ -6,7 +6,7 @@ import threading
 import time
 
 from client import build_request
-from helpers import can_connect, poll, proxy_config
+from helpers import admin_get, can_connect, poll, proxy_config
 
 
 def start_request(gw, target, result, timeout=15):
@@ -98,17 +98,11 @@ routes:
 
 
 def admin_status(g, path):
-    import http.client
-    c = http.client.HTTPConnection("127.0.0.1", g.ports["admin"], timeout=2)
+    """The admin API's status for `path`; None once the gateway no longer answers."""
     try:
-        c.request("GET", path)
-        r = c.getresponse()
-        r.read()
-        return r.status
+        return admin_get(g, path, timeout=2)[0]
     except OSError:
         return None
-    finally:
-        c.close()
 
 
 def test_sigterm_fails_ready_first_and_serves_through_grace(gateway, backend):

@@ -169,6 +169,21 @@ def gw(gateway, backend):
     return g
 
 
+HELLO = """\
+  - name: hello
+    match: {path_prefix: /}
+    direct_response: {status: 200, body: "hi"}
+"""
+
+
+def hello_metrics(gateway, top, n):
+    """Starts a gateway whose one route, `hello`, answers by itself, with `top` added to its
+    config; sends it `n` requests and returns the /metrics parse once they are counted."""
+    g = gateway(config(HELLO, top=top))
+    get(g, "/", n)
+    return wait_total(g, {"hello": {"2xx": n}})
+
+
 def test_metrics_parse_before_any_request(gw):
     fams = scrape(gw)
     for name in ("sluice_requests_total", "sluice_request_duration_seconds",
@@ -363,14 +378,7 @@ def test_route_series_continue_across_reload(gateway):
 
 
 def test_cost_metrics_when_priced(gateway):
-    routes = """\
-  - name: hello
-    match: {path_prefix: /}
-    direct_response: {status: 200, body: "hi"}
-"""
-    g = gateway(config(routes, top="cost: {vcpu_hour_usd: 0.0181}"))
-    get(g, "/", 10)
-    fams = wait_total(g, {"hello": {"2xx": 10}})
+    fams = hello_metrics(gateway, "cost: {vcpu_hour_usd: 0.0181}", 10)
     assert promparse.value(fams, "sluice_vcpu_hour_usd") == 0.0181
     per_req = promparse.value(fams, "sluice_cpu_seconds_per_request")
     assert per_req > 0
@@ -394,15 +402,7 @@ def test_no_cost_metrics_without_price(gw):
 
 
 def test_access_log_counters(gateway, tmp_path):
-    routes = """\
-  - name: hello
-    match: {path_prefix: /}
-    direct_response: {status: 200, body: "hi"}
-"""
-    top = "access_log: {directory: %s}" % (tmp_path / "alog")
-    g = gateway(config(routes, top=top))
-    get(g, "/", 3)
-    fams = wait_total(g, {"hello": {"2xx": 3}})
+    fams = hello_metrics(gateway, "access_log: {directory: %s}" % (tmp_path / "alog"), 3)
     recs = fams["sluice_access_log_records_total"]
     assert {s.labels["result"] for s in recs.samples} == {"written", "dropped_full",
                                                           "dropped_io"}
@@ -505,15 +505,8 @@ def documented_families():
 
 
 def test_docs_list_every_family_with_its_type_and_labels(gateway, tmp_path):
-    routes = """\
-  - name: hello
-    match: {path_prefix: /}
-    direct_response: {status: 200, body: "hi"}
-"""
     top = "cost: {vcpu_hour_usd: 0.02}\naccess_log: {directory: %s}" % (tmp_path / "alog")
-    g = gateway(config(routes, top=top))
-    get(g, "/", 2)
-    fams = wait_total(g, {"hello": {"2xx": 2}})
+    fams = hello_metrics(gateway, top, 2)
     docs = documented_families()
     # the shipper's families need a collector: test_log_ship_counters covers them
     missing = set(docs) - set(fams) - SHIP_FAMILIES
@@ -536,15 +529,10 @@ def test_log_ship_counters(gateway, tmp_path):
 
     col = Collector()
     try:
-        routes = """\
-  - name: hello
-    match: {path_prefix: /}
-    direct_response: {status: 200, body: "hi"}
-"""
         top = ("access_log:\n  directory: %s\n  segment: {max_age: 500ms}\n"
                "  flush_interval: 50ms\n  ship: {url: http://127.0.0.1:%d/ingest}"
                % (tmp_path / "alog", col.port))
-        g = gateway(config(routes, top=top))
+        g = gateway(config(HELLO, top=top))
         get(g, "/", 3)
 
         def shipped():

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from helpers import can_connect, poll
+from helpers import admin_get, can_connect, http_get, poll
 
 BASE = """workers: 2
 drain_timeout: 5s
@@ -49,29 +49,19 @@ def subst(g, text, **kw):
     return string.Template(text).substitute(m)
 
 
-def get(port, path, headers=None, timeout=5):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request("GET", path, headers=headers or {})
-        r = c.getresponse()
-        return r.status, r.read(), dict(r.getheaders())
-    finally:
-        c.close()
-
-
 def test_sighup_adds_and_removes_routes(gateway, backend):
     a, b = backend(), backend()
     cfg1 = BASE + "  - {name: ra, match: {path_prefix: /a}, upstream: a}\n"
     g = gateway(cfg1, A=a.addr, B=b.addr)
-    assert get(g.port, "/a/1")[0] == 200
-    assert get(g.port, "/b/1")[0] == 404
+    assert http_get(g.port, "/a/1")[0] == 200
+    assert http_get(g.port, "/b/1")[0] == 404
     cfg2 = BASE + "  - {name: rb, match: {path_prefix: /b}, upstream: b}\n"
     write_config(g, subst(g, cfg2, A=a.addr, B=b.addr))
     reload_and_wait(g, 2)
     assert "reload rejected" not in g.stderr_text(), g.diag()
-    st, body, _ = get(g.port, "/b/1")
+    st, body, _ = http_get(g.port, "/b/1")
     assert st == 200 and b.paths() == ["/b/1"], (st, body)
-    assert get(g.port, "/a/2")[0] == 404, "the removed route still answers"
+    assert http_get(g.port, "/a/2")[0] == 404, "the removed route still answers"
 
 
 def test_invalid_config_is_rejected_and_old_one_serves(gateway, backend):
@@ -85,7 +75,7 @@ def test_invalid_config_is_rejected_and_old_one_serves(gateway, backend):
     err = g.stderr_text()
     # the error names the file, line and column of the bad key
     assert g.config_path + ":" in err and "upstream" in err and "nowhere" in err, err[-2000:]
-    assert get(g.port, "/a/still")[0] == 200
+    assert http_get(g.port, "/a/still")[0] == 200
     assert g.alive()
 
 
@@ -98,7 +88,7 @@ def test_inflight_request_finishes_on_old_config(gateway, backend):
 
     def slow():
         try:
-            result["r"] = get(g.port, "/inflight", timeout=15)
+            result["r"] = http_get(g.port, "/inflight", timeout=15)
         except Exception as e:  # noqa: BLE001 - asserted below
             result["err"] = repr(e)
 
@@ -109,7 +99,7 @@ def test_inflight_request_finishes_on_old_config(gateway, backend):
     write_config(g, subst(g, cfg2, A=a.addr, B=b.addr))
     reload_and_wait(g, 2)
     # new requests go to b while the old one is still running on a
-    assert get(g.port, "/new")[0] == 200
+    assert http_get(g.port, "/new")[0] == 200
     assert b.paths() == ["/new"]
     t.join(15)
     assert "err" not in result, result
@@ -144,11 +134,11 @@ def test_listener_added_and_removed(gateway, backend):
     write_config(g, subst(g, with_extra, A=a.addr, B=b.addr))
     reload_and_wait(g, 2)
     assert poll(lambda: can_connect(extra), 5), g.diag()
-    assert get(extra, "/via-extra")[0] == 200
+    assert http_get(extra, "/via-extra")[0] == 200
     write_config(g, subst(g, cfg1, A=a.addr, B=b.addr))
     reload_and_wait(g, 3)
     assert poll(lambda: not can_connect(extra), 5), "removed listener still accepts"
-    assert get(g.port, "/main")[0] == 200
+    assert http_get(g.port, "/main")[0] == 200
 
 
 def test_reload_under_load_fails_no_request(gateway, backend):
@@ -216,16 +206,16 @@ def test_safe_reload_rolls_back_on_5xx(gateway, backend, tmp_path):
                                    "min_requests: 10}\nroutes:")
     cfg1 = head + "  - {name: r, match: {path_prefix: /}, upstream: a}\n"
     g = gateway(cfg1, A=a.addr, B=dead)
-    assert get(g.port, "/before")[0] == 200
+    assert http_get(g.port, "/before")[0] == 200
     cfg2 = head + "  - {name: r, match: {path_prefix: /}, upstream: b}\n"
     write_config(g, subst(g, cfg2, A=a.addr, B=dead))
     reload_and_wait(g, 2)
-    statuses = [get(g.port, "/bad%d" % i)[0] for i in range(12)]
+    statuses = [http_get(g.port, "/bad%d" % i)[0] for i in range(12)]
     assert any(s >= 500 for s in statuses), statuses
     assert poll(lambda: "rolling back" in g.stderr_text(), 5), g.diag()
     assert poll(lambda: "configuration generation 3 is live" in g.stderr_text() or
                 "rolled back" in g.stderr_text(), 5), g.diag()
-    assert poll(lambda: get(g.port, "/after")[0] == 200, 5), "still failing after rollback"
+    assert poll(lambda: http_get(g.port, "/after")[0] == 200, 5), "still failing after rollback"
     assert "/after" in a.paths()
 
 
@@ -251,19 +241,16 @@ routes:
 """
 
     def state():
-        c = http.client.HTTPConnection("127.0.0.1", g.ports["admin"], timeout=5)
-        c.request("GET", "/upstreams")
-        us = json.loads(c.getresponse().read())
-        c.close()
+        us = json.loads(admin_get(g, "/upstreams")[1])
         return {e["address"]: e["state"] for e in us[0]["endpoints"]}
 
     g = gateway(cfg, A=a.addr, D=dead, EXTRA="")
     for i in range(4):
-        assert get(g.port, "/warm%d" % i)[0] == 200
+        assert http_get(g.port, "/warm%d" % i)[0] == 200
     assert poll(lambda: state().get(dead) == "open", 5), state()
     write_config(g, subst(g, cfg, A=a.addr, D=dead,
                           EXTRA=", response_headers: {add: {X-Gen: two}}"))
     reload_and_wait(g, 2)
-    st, _, hdrs = get(g.port, "/after")
+    st, _, hdrs = http_get(g.port, "/after")
     assert st == 200 and hdrs.get("X-Gen") == "two", hdrs
     assert state() == {a.addr: "closed", dead: "open"}, state()
