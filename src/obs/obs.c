@@ -137,6 +137,32 @@ static void request_drain(struct sl_obs *obs, const char *why)
     }
 }
 
+static bool str_differs(const char *a, const char *b)
+{
+    return (a == NULL) != (b == NULL) || (a && strcmp(a, b) != 0);
+}
+
+/* Settings read once at start: a reload that changes them says they wait for a restart. */
+static void warn_boot_only(const struct sl_config *boot, const struct sl_config *cfg)
+{
+    const struct sl_access_log_conf *x = &boot->access_log, *y = &cfg->access_log;
+    if (str_differs(boot->admin.address, cfg->admin.address) ||
+        str_differs(boot->admin.token_file, cfg->admin.token_file))
+        SL_WARN("reload: `admin` changes at the next restart");
+    if (str_differs(x->directory, y->directory) || str_differs(x->ship_url, y->ship_url) ||
+        x->buffer_bytes != y->buffer_bytes || x->segment_max_bytes != y->segment_max_bytes ||
+        x->segment_max_age_ms != y->segment_max_age_ms ||
+        x->flush_interval_ms != y->flush_interval_ms || x->ship_method != y->ship_method ||
+        x->ship_timeout_ms != y->ship_timeout_ms || x->header_count != y->header_count ||
+        x->redact_header_count != y->redact_header_count)
+        SL_WARN("reload: `access_log` changes at the next restart");
+    if (boot->drain.grace_ms != cfg->drain.grace_ms ||
+        str_differs(boot->drain.notice_url, cfg->drain.notice_url) ||
+        boot->drain.notice_interval_ms != cfg->drain.notice_interval_ms ||
+        boot->drain_timeout_ms != cfg->drain_timeout_ms)
+        SL_WARN("reload: `drain` and `drain_timeout` change at the next restart");
+}
+
 /* Applies config text `text` (taking it). 0, or -1 with the errors in `msg`. Holds obs->lock. */
 static int apply(struct sl_process *p, char *text, size_t len, bool rollback, char *msg, size_t cap)
 {
@@ -146,6 +172,8 @@ static int apply(struct sl_process *p, char *text, size_t len, bool rollback, ch
         free(text);
         return -1;
     }
+    if (!rollback)
+        warn_boot_only(p->boot, cfg);
     uint32_t permille = cfg->reload.rollback_permille;
     uint64_t window = cfg->reload.window_ms;
     uint32_t min_req = cfg->reload.min_requests;

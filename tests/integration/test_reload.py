@@ -254,3 +254,18 @@ routes:
     st, _, hdrs = http_get(g.port, "/after")
     assert st == 200 and hdrs.get("X-Gen") == "two", hdrs
     assert state() == {a.addr: "closed", dead: "open"}, state()
+
+
+def test_reload_names_settings_that_wait_for_a_restart(gateway, backend):
+    a, b = backend(), backend()
+    cfg1 = BASE + "  - {name: r, match: {path_prefix: /}, upstream: a}\n"
+    g = gateway(cfg1, A=a.addr, B=b.addr)
+    cfg2 = cfg1.replace("workers: 2", "workers: 1").replace(
+        "drain_timeout: 5s", "drain_timeout: 6s")
+    write_config(g, subst(g, cfg2, A=a.addr, B=b.addr))
+    reload_and_wait(g, 2)
+    err = g.stderr_text()
+    assert "reload rejected" not in err, err[-2000:]
+    assert "reload: `workers` changes at the next restart" in err, err[-2000:]
+    assert "reload: `drain` and `drain_timeout` change at the next restart" in err, err[-2000:]
+    assert http_get(g.port, "/still")[0] == 200
