@@ -142,6 +142,16 @@ static bool str_differs(const char *a, const char *b)
     return (a == NULL) != (b == NULL) || (a && strcmp(a, b) != 0);
 }
 
+static bool list_differs(char **a, size_t an, char **b, size_t bn)
+{
+    if (an != bn)
+        return true;
+    for (size_t i = 0; i < an; i++)
+        if (str_differs(a[i], b[i]))
+            return true;
+    return false;
+}
+
 /* Settings read once at start: a reload that changes them says they wait for a restart. */
 static void warn_boot_only(const struct sl_config *boot, const struct sl_config *cfg)
 {
@@ -153,8 +163,11 @@ static void warn_boot_only(const struct sl_config *boot, const struct sl_config 
         x->buffer_bytes != y->buffer_bytes || x->segment_max_bytes != y->segment_max_bytes ||
         x->segment_max_age_ms != y->segment_max_age_ms ||
         x->flush_interval_ms != y->flush_interval_ms || x->ship_method != y->ship_method ||
-        x->ship_timeout_ms != y->ship_timeout_ms || x->header_count != y->header_count ||
-        x->redact_header_count != y->redact_header_count)
+        x->ship_timeout_ms != y->ship_timeout_ms ||
+        x->ship_backoff_max_ms != y->ship_backoff_max_ms ||
+        list_differs(x->headers, x->header_count, y->headers, y->header_count) ||
+        list_differs(x->redact_headers, x->redact_header_count, y->redact_headers,
+                     y->redact_header_count))
         SL_WARN("reload: `access_log` changes at the next restart");
     if (boot->drain.grace_ms != cfg->drain.grace_ms ||
         str_differs(boot->drain.notice_url, cfg->drain.notice_url) ||

@@ -366,12 +366,19 @@ static size_t tls_pending(const struct sl_transport *bt)
     return SSL_has_pending(t->ssl) ? 1 : 0;
 }
 
+static size_t tls_peer_subject_op(const struct sl_transport *bt, char *buf, size_t cap);
+
 static int tls_handshake_op(struct sl_transport *bt)
 {
     struct sl_tls_transport *t = tls_of(bt);
     enum sl_status st = sl_tls_handshake(t);
-    if (st == SL_OK)
+    if (st == SL_OK) {
+        /* A client's verified subject is formatted now, once per connection, so that no
+         * request (its header, its access-log record) pays the allocations later. */
+        if ((t->flags & F_SERVER) && !(t->flags & F_SUBJECT))
+            tls_peer_subject_op(bt, NULL, 0);
         return 0;
+    }
     return st == SL_AGAIN ? -EAGAIN : (bt->err ? bt->err : -EPROTO);
 }
 
@@ -382,8 +389,9 @@ static unsigned tls_want_op(const struct sl_transport *bt)
 
 /*
  * Formatting a subject costs a BIO and its allocations, and it cannot change on a connection:
- * it is formatted on the first ask (after the handshake) and kept until close, so a request
- * costs a copy. The cache is not part of the transport's observable state, hence the cast.
+ * it is formatted once (when the server-side handshake completes, or on the first ask) and
+ * kept until close, so a request costs a copy. The cache is not part of the transport's observable
+ * state, hence the cast.
  */
 static size_t tls_peer_subject_op(const struct sl_transport *bt, char *buf, size_t cap)
 {
