@@ -841,7 +841,7 @@ static int read_response(struct conn *c, const struct sl_fetch_req *rq, struct s
     int rc = read_head(c, rq, &status, &chunked, &has_cl, &cl);
     if (rc < 0)
         return rc;
-    struct body b = {.max = max_body(rq), .cut_ok = status < 200 || status > 299};
+    struct body b = {.max = max_body(rq), .cut_ok = rq->cut_body || status < 200 || status > 299};
     /* RFC 9112 §6.3: these never have a body, whatever the head says. */
     bool bodiless = is_head_method(rq) || status < 200 || status == 204 || status == 304;
     if (bodiless) {

@@ -74,9 +74,12 @@ struct sl_fetch_req {
     const struct sl_fetch_body_file *body_file; /* instead of `body`, or NULL */
     uint64_t timeout_ms;                        /* the whole exchange; default 5 s */
     size_t max_body_bytes;                      /* largest response body kept; default 1 MiB */
-    const struct sl_fetch_tls *tls;             /* HTTPS roots; NULL = built from ca_file */
-    const char *ca_file;                        /* only when tls is NULL; NULL = system store */
-    sl_fetch_header_cb on_header;               /* or NULL */
+    bool cut_body; /* a body of any status over max_body_bytes is cut there (body_truncated)
+                      instead of a 2xx one failing with -EFBIG: for callers to whom the body
+                      is only diagnostic and the status is the answer */
+    const struct sl_fetch_tls *tls; /* HTTPS roots; NULL = built from ca_file */
+    const char *ca_file;            /* only when tls is NULL; NULL = system store */
+    sl_fetch_header_cb on_header;   /* or NULL */
     void *header_data;
     const int *cancel_fd; /* when this fd is readable the exchange stops (-ECANCELED); NULL =
                              none. An eventfd written once by the thread that wants out. */
@@ -87,22 +90,24 @@ struct sl_fetch_resp {
     int status;          /* 101, or 200..599 */
     char *body;          /* malloc'd and NUL-terminated (also when empty) */
     size_t body_len;     /* without the NUL */
-    bool body_truncated; /* a non-2xx body longer than max_body_bytes was cut there */
+    bool body_truncated; /* a body longer than max_body_bytes was cut there (non-2xx, or any
+                            status with rq->cut_body) */
 };
 
 /*
  * Runs one exchange and fills `out` (which the caller disposes of). A request body (memory or
  * file) is sent with Content-Length; PUT, POST and PATCH without one send `Content-Length: 0`.
- * A 2xx body over max_body_bytes is an error; any other status's body is only kept up to that
- * size (it is diagnostic), so that an error page never hides the status. A server that answers
- * before taking the whole request body (413, 401...) still yields its status (plain HTTP only).
+ * A 2xx body over max_body_bytes is an error unless rq->cut_body; any other status's body is
+ * only kept up to that size (it is diagnostic), so that an error page never hides the status.
+ * A server that answers before taking the whole request body (413, 401...) still yields its
+ * status (plain HTTP only).
  *
  * Returns 0 whatever the HTTP status, or -errno with a reason in `err` (never containing the
  * query string or header values): -EINVAL (bad URL, method, extra_headers or CA file),
  * -EHOSTUNREACH (name resolution), -ECONNREFUSED and other connect errors, -ETIMEDOUT (the
- * deadline passed), -EPROTO (TLS failure or malformed response), -EFBIG (a 2xx body too
- * large), -E2BIG (a head over 16 KiB), -EIO (the body file shrank or could not be read),
- * -ECANCELED (cancel_fd became readable; checked before connecting and at every wait),
+ * deadline passed), -EPROTO (TLS failure or malformed response), -EFBIG (a 2xx body too large,
+ * without cut_body), -E2BIG (a head over 16 KiB), -EIO (the body file shrank or could not be
+ * read), -ECANCELED (cancel_fd became readable; checked before connecting and at every wait),
  * -ENOMEM. On failure `out` holds nothing to dispose of. Blocks; for threads that may block.
  */
 int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err, size_t err_len);

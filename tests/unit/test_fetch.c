@@ -174,6 +174,50 @@ static void test_oversized_body(void **state)
     }
 }
 
+/* With cut_body, a 2xx body over the cap is cut there and marked, in each framing, over the
+ * network and over memory in every piece size (the shipper's and the notice poller's case: a
+ * 200 with a long body is still a 200). */
+static void test_cut_body_2xx(void **state)
+{
+    (void)state;
+    static const char *answers[] = {
+        "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n0123456789a",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: "
+        "chunked\r\n\r\n6\r\n012345\r\n5\r\n6789a\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\n\r\n0123456789a",
+    };
+    for (size_t i = 0; i < sizeof answers / sizeof answers[0]; i++) {
+        struct srv *s = srv_start(answers[i]);
+        char url[128], err[256] = "";
+        srv_url(s, "/", url, sizeof url);
+        struct sl_fetch_req rq = {
+            .url = url, .timeout_ms = 3000, .max_body_bytes = 10, .cut_body = true};
+        struct sl_fetch_resp r;
+        assert_int_equal(sl_fetch(&rq, &r, err, sizeof err), 0);
+        assert_int_equal(r.status, 200);
+        assert_string_equal(r.body, "0123456789");
+        assert_true(r.body_truncated);
+        sl_fetch_resp_dispose(&r);
+        rq.max_body_bytes = 11; /* exactly at the cap: whole, not marked */
+        assert_int_equal(sl_fetch(&rq, &r, err, sizeof err), 0);
+        assert_string_equal(r.body, "0123456789a");
+        assert_false(r.body_truncated);
+        sl_fetch_resp_dispose(&r);
+        srv_stop(s);
+
+        size_t len = strlen(answers[i]);
+        for (size_t piece = 0; piece <= len; piece++) {
+            struct sl_fetch_req mem = {.max_body_bytes = 10, .cut_body = true};
+            assert_int_equal(
+                sl__fetch_parse_response(answers[i], len, piece, &mem, &r, err, sizeof err), 0);
+            assert_int_equal(r.status, 200);
+            assert_int_equal(r.body_len, 10);
+            assert_true(r.body_truncated);
+            sl_fetch_resp_dispose(&r);
+        }
+    }
+}
+
 /* An error page over the cap is cut, not refused: the status is what matters. */
 static void test_error_body_cut(void **state)
 {
@@ -533,6 +577,7 @@ int main(void)
         cmocka_unit_test(test_chunked),
         cmocka_unit_test(test_to_eof),
         cmocka_unit_test(test_oversized_body),
+        cmocka_unit_test(test_cut_body_2xx),
         cmocka_unit_test(test_error_body_cut),
         cmocka_unit_test(test_timeout_silent_server),
         cmocka_unit_test(test_cancel),
