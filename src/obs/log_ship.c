@@ -24,7 +24,7 @@
 
 #define QUEUE_CAP 256u
 #define BACKOFF_FIRST_MS 1000u
-#define RESP_MAX_BYTES 1024u /* the collector's answer is only diagnostic */
+#define RESP_MAX_BYTES 1024u /* the collector's answer is only diagnostic: cut there */
 #define ERR_LEN 256u
 #define SEG_PREFIX "sluice-"
 #define SEG_SUFFIX ".jsonl.zst"
@@ -260,6 +260,7 @@ static enum outcome ship_one(struct sl_log_ship *s, const char *path, uint64_t t
         .body_file = &bf,
         .timeout_ms = timeout_ms,
         .max_body_bytes = RESP_MAX_BYTES,
+        .cut_body = true, /* a 2xx with a long body is still an acceptance */
         .tls = s->tls,
         .cancel_fd = &s->cancel_fd,
     };

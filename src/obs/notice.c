@@ -22,7 +22,7 @@
 
 #define ATTEMPT_MAX_MS 2000u
 #define EXCERPT_MAX 200u
-#define RESP_MAX_BYTES 4096u
+#define RESP_MAX_BYTES 4096u /* of the notice's body; only an excerpt is used */
 #define TOKEN_MAX 512u
 #define TOKEN_TTL_S 21600u /* what the AWS documentation uses: 6 h */
 #define TOKEN_RENEW_MS (TOKEN_TTL_S * 1000ull - 10ull * 60 * 1000) /* 10 min of slack */
@@ -131,6 +131,7 @@ static enum poll_result poll_once(struct sl_notice *n, char *what, size_t what_c
                               .extra_headers = hdr[0] ? hdr : NULL,
                               .timeout_ms = n->timeout_ms,
                               .max_body_bytes = RESP_MAX_BYTES,
+                              .cut_body = true, /* a 200 with a long body is still a notice */
                               .tls = n->tls,
                               .cancel_fd = &n->stop_fd};
     struct sl_fetch_resp r;

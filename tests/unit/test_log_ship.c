@@ -40,6 +40,7 @@ struct collector {
     const char *dir;
     int fail_first;
     bool hang;
+    const char *accept; /* the 2xx answer; NULL = a 201 without a body */
     struct rec recs[MAX_RECS];
     atomic_int count;
 };
@@ -105,8 +106,9 @@ static void on_conn(struct stub_http *h, int fd)
     pthread_mutex_unlock(&h->mu);
     if (held)
         return;
-    const char *answer = fail ? "HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
-                              : "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
+    const char *answer = fail        ? "HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
+                         : c->accept ? c->accept
+                                     : "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
     stub_http_write_all(fd, answer, strlen(answer));
     close(fd);
 }
@@ -341,6 +343,39 @@ static void test_post_method(void **state)
     rig_close(&g);
 }
 
+/* A collector whose 2xx answer has a body past what the shipper keeps (1 KiB): each segment
+ * is still accepted once and deleted, not retried as a failure. */
+static void test_long_2xx_answer_accepted(void **state)
+{
+    (void)state;
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
+    enum { BODY = 8000 };
+    char *answer = malloc(BODY + 128);
+    assert_non_null(answer);
+    int n = snprintf(answer, 128, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", BODY);
+    memset(answer + n, 'x', BODY);
+    answer[n + BODY] = '\0';
+    c->accept = answer;
+    struct seg a, b;
+    make_seg(g.dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
+    make_seg(g.dir, "sluice-20260101T000002.000Z-1-000002.jsonl.zst", 100, 2, &b);
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 2000);
+    assert_true(WAIT_SHIPPED(s, 2));
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.failures, 0);
+    assert_int_equal(atomic_load(&c->count), 2); /* each once */
+    assert_false(exists(a.path));
+    assert_false(exists(b.path));
+    free(a.data);
+    free(b.data);
+    rig_close(&g);
+    free(answer);
+}
+
 /* A collector that keeps refusing: stop gives up at its deadline and leaves every file. */
 static void test_stop_deadline_leaves_files(void **state)
 {
@@ -459,6 +494,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ship_in_order_after_failures),
         cmocka_unit_test(test_post_method),
+        cmocka_unit_test(test_long_2xx_answer_accepted),
         cmocka_unit_test(test_stop_deadline_leaves_files),
         cmocka_unit_test(test_stop_cancels_attempt),
         cmocka_unit_test(test_more_than_the_queue),

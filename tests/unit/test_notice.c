@@ -27,12 +27,14 @@ enum mode {
     MODE_SPOT,   /* 404 `not_found` times, then 200 with the notice */
     MODE_IMDSV2, /* as SPOT, but GETs without the session token get 401 */
     MODE_500,    /* always 500 */
+    MODE_LONG,   /* 200 at once, with `long_answer` (a body past what the poller keeps) */
 };
 
 struct imds {
     struct stub_http http;
     enum mode mode;
     int not_found;
+    const char *long_answer;
     atomic_int gets;       /* every GET */
     atomic_int token_puts; /* PUT /latest/api/token with a TTL header */
     atomic_int gets_with_token;
@@ -51,6 +53,8 @@ static const char *answer(struct imds *m, const char *req)
     int n = atomic_fetch_add(&m->gets, 1);
     if (m->mode == MODE_500)
         return "HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n";
+    if (m->mode == MODE_LONG)
+        return m->long_answer;
     if (m->mode == MODE_IMDSV2) {
         if (!strstr(req, "\r\nX-aws-ec2-metadata-token: " TOKEN "\r\n"))
             return "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
@@ -162,6 +166,31 @@ static void test_notice_after_two_404(void **state)
     imds_stop(g.m);
 }
 
+/* A 200 whose body is longer than the poller keeps (4 KiB) is still a notice, reported with
+ * the start of the body. */
+static void test_long_notice(void **state)
+{
+    (void)state;
+    enum { BODY = 10000 };
+    static const char json[] = "{\"action\":\"stop\",\"time\":\"2026-11-28T20:00:00Z\"}";
+    char *a = malloc(BODY + 128);
+    assert_non_null(a);
+    int n = snprintf(a, 128, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", BODY, json);
+    memset(a + n, ' ', BODY - (sizeof json - 1));
+    a[n + BODY - (sizeof json - 1)] = '\0';
+    struct rig g;
+    rig_open(&g, MODE_LONG, 0);
+    g.m->long_answer = a;
+    struct sl_notice *nt = rig_poll(&g);
+    assert_true(wait_calls(&g.seen, 1));
+    sl_notice_stop(nt);
+    assert_int_equal(atomic_load(&g.seen.calls), 1);
+    assert_int_equal(atomic_load(&g.m->gets), 1);
+    assert_true(strncmp(g.seen.what, json, sizeof json - 1) == 0);
+    imds_stop(g.m);
+    free(a);
+}
+
 /* An instance that requires IMDSv2 tokens: one token, then every GET carries it. */
 static void test_imdsv2_token(void **state)
 {
@@ -224,9 +253,8 @@ static void test_bad_config(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_notice_after_two_404),
-        cmocka_unit_test(test_imdsv2_token),
-        cmocka_unit_test(test_errors_are_no_notice),
+        cmocka_unit_test(test_notice_after_two_404), cmocka_unit_test(test_long_notice),
+        cmocka_unit_test(test_imdsv2_token),         cmocka_unit_test(test_errors_are_no_notice),
         cmocka_unit_test(test_bad_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
