@@ -1060,8 +1060,21 @@ int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err
         c->err = err2;
         c->err_len = sizeof err2;
         if (read_response(c, rq, out) == 0) {
-            rc = 0;
-            sl_fmt_err(err, err_len, "%s", "");
+            if (out->status >= 200 && out->status <= 299) {
+                /* A success for a body the server never took whole cannot be one (an upload
+                 * would be taken as stored): the write error stands. */
+                snprintf(err2, sizeof err2, "%s", err);
+                sl_fmt_err(err, err_len,
+                           "%s (the server answered %d before taking the whole "
+                           "request body)",
+                           err2, out->status);
+                sl_fetch_resp_dispose(out);
+                memset(out, 0, sizeof *out);
+            } else {
+                rc = 0;
+                out->request_cut = true;
+                sl_fmt_err(err, err_len, "%s", "");
+            }
         }
         c->err = err;
         c->err_len = err_len;

@@ -92,6 +92,8 @@ struct sl_fetch_resp {
     size_t body_len;     /* without the NUL */
     bool body_truncated; /* a body longer than max_body_bytes was cut there (non-2xx, or any
                             status with rq->cut_body) */
+    bool request_cut;    /* the server answered (not 2xx) before the whole request body was
+                            sent: the status is its early refusal */
 };
 
 /*
@@ -100,15 +102,18 @@ struct sl_fetch_resp {
  * A 2xx body over max_body_bytes is an error unless rq->cut_body; any other status's body is
  * only kept up to that size (it is diagnostic), so that an error page never hides the status.
  * A server that answers before taking the whole request body (413, 401...) still yields its
- * status (plain HTTP only).
+ * status, with request_cut set (plain HTTP only); such an early answer with a 2xx status is
+ * not one (the body was not taken) and sl_fetch fails with the write's error instead.
  *
  * Returns 0 whatever the HTTP status, or -errno with a reason in `err` (never containing the
  * query string or header values): -EINVAL (bad URL, method, extra_headers or CA file),
  * -EHOSTUNREACH (name resolution), -ECONNREFUSED and other connect errors, -ETIMEDOUT (the
- * deadline passed), -EPROTO (TLS failure or malformed response), -EFBIG (a 2xx body too large,
- * without cut_body), -E2BIG (a head over 16 KiB), -EIO (the body file shrank or could not be
- * read), -ECANCELED (cancel_fd became readable; checked before connecting and at every wait),
- * -ENOMEM. On failure `out` holds nothing to dispose of. Blocks; for threads that may block.
+ * deadline passed), -EPIPE / -ECONNRESET and other send errors (also when a 2xx answer came
+ * before the whole request body was sent), -EPROTO (TLS failure or malformed response),
+ * -EFBIG (a 2xx body too large, without cut_body), -E2BIG (a head over 16 KiB), -EIO (the body
+ * file shrank or could not be read), -ECANCELED (cancel_fd became readable; checked before
+ * connecting and at every wait), -ENOMEM. On failure `out` holds nothing to dispose of.
+ * Blocks; for threads that may block.
  */
 int sl_fetch(const struct sl_fetch_req *rq, struct sl_fetch_resp *out, char *err, size_t err_len);
 

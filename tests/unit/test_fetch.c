@@ -457,9 +457,36 @@ static void test_early_answer(void **state)
     /* Whether the answer survives the reset depends on timing; never a hang or a crash. */
     if (rc == 0) {
         assert_int_equal(r.status, 413);
+        assert_true(r.request_cut);
         sl_fetch_resp_dispose(&r);
     } else {
         assert_true(rc == -EPIPE || rc == -ECONNRESET || rc == -EPROTO);
+    }
+    free(data);
+    srv_stop(s);
+}
+
+/* A server that reads the head, answers 200 and closes never took the body: that is a failed
+ * send, not a success (an uploader would delete what the server did not store). */
+static void test_early_2xx_is_a_failure(void **state)
+{
+    (void)state;
+    struct srv *s = srv_start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    s->answer_early = true;
+    size_t n = 32u << 20;
+    char *data = calloc(1, n);
+    assert_non_null(data);
+    char url[128], err[256] = "";
+    srv_url(s, "/", url, sizeof url);
+    struct sl_fetch_req rq = {
+        .method = "PUT", .url = url, .body = data, .body_len = n, .timeout_ms = 5000};
+    for (int i = 0; i < 3; i++) {
+        struct sl_fetch_resp r;
+        int rc = sl_fetch(&rq, &r, err, sizeof err);
+        if (rc == 0)
+            fail_msg("an early 200 taken as success (attempt %d)", i);
+        assert_true(rc == -EPIPE || rc == -ECONNRESET || rc == -EPROTO);
+        assert_null(r.body);
     }
     free(data);
     srv_stop(s);
@@ -586,6 +613,7 @@ int main(void)
         cmocka_unit_test(test_header_callback),
         cmocka_unit_test(test_put_body_from_file),
         cmocka_unit_test(test_early_answer),
+        cmocka_unit_test(test_early_2xx_is_a_failure),
         cmocka_unit_test(test_parse_split_independent),
         cmocka_unit_test(test_parse_head_cap),
     };
