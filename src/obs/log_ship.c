@@ -273,9 +273,13 @@ static enum outcome ship_one(struct sl_log_ship *s, const char *path, uint64_t t
     if (rc < 0)
         return FAILED;
     int status = resp.status;
+    bool cut = resp.request_cut;
     sl_fetch_resp_dispose(&resp);
-    if (status < 200 || status > 299) {
-        sl_fmt_err(err, err_len, "HTTP status %d", status);
+    if (status < 200 || status > 299 || cut) {
+        /* (sl_fetch never reports an early 2xx as one; `cut` is checked all the same, as an
+         * answer to part of the segment must never delete it) */
+        sl_fmt_err(err, err_len, "HTTP status %d%s", status,
+                   cut ? " before the whole segment was sent" : "");
         return FAILED;
     }
     /* Accepted: only now may the local copy go. */

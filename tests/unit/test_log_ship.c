@@ -41,6 +41,7 @@ struct collector {
     int fail_first;
     bool hang;
     const char *accept; /* the 2xx answer; NULL = a 201 without a body */
+    int early_first;    /* the first ones get a 200 right after the head, the body unread */
     struct rec recs[MAX_RECS];
     atomic_int count;
 };
@@ -84,6 +85,21 @@ static void on_conn(struct stub_http *h, int fd)
 {
     struct collector *c = h->data;
     struct rec r = {0};
+    pthread_mutex_lock(&h->mu);
+    bool early = c->early_first > 0;
+    if (early)
+        c->early_first--;
+    pthread_mutex_unlock(&h->mu);
+    if (early) {
+        /* takes the head only, says yes and closes: the rest of the body is never read */
+        struct stub_http_req rq;
+        stub_http_read(fd, true, &rq);
+        free(rq.buf);
+        static const char ok[] = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        stub_http_write_all(fd, ok, sizeof ok - 1);
+        close(fd);
+        return;
+    }
     if (!read_req(fd, &r)) {
         close(fd);
         return;
@@ -376,6 +392,37 @@ static void test_long_2xx_answer_accepted(void **state)
     free(answer);
 }
 
+/* A collector that answers 200 after the head and closes without reading the body did not
+ * store the segment: that attempt is a failure, the file stays, and the next attempt sends
+ * it whole. */
+static void test_early_2xx_not_accepted(void **state)
+{
+    (void)state;
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
+    c->early_first = 1;
+    struct seg a;
+    /* more than the socket buffers on both sides hold, so the send fails */
+    make_seg(g.dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 24u << 20, 1, &a);
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 10000);
+    assert_true(WAIT_FAILURES(s, 1));
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.shipped, 0);
+    assert_true(exists(a.path));
+    assert_true(WAIT_SHIPPED(s, 1));
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    pthread_mutex_lock(&c->http.mu);
+    assert_int_equal(atomic_load(&c->count), 1); /* the whole one */
+    assert_int_equal(c->recs[0].body_len, a.len);
+    assert_memory_equal(c->recs[0].body, a.data, a.len);
+    pthread_mutex_unlock(&c->http.mu);
+    assert_false(exists(a.path));
+    free(a.data);
+    rig_close(&g);
+}
+
 /* A collector that keeps refusing: stop gives up at its deadline and leaves every file. */
 static void test_stop_deadline_leaves_files(void **state)
 {
@@ -495,6 +542,7 @@ int main(void)
         cmocka_unit_test(test_ship_in_order_after_failures),
         cmocka_unit_test(test_post_method),
         cmocka_unit_test(test_long_2xx_answer_accepted),
+        cmocka_unit_test(test_early_2xx_not_accepted),
         cmocka_unit_test(test_stop_deadline_leaves_files),
         cmocka_unit_test(test_stop_cancels_attempt),
         cmocka_unit_test(test_more_than_the_queue),
