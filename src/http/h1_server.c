@@ -280,6 +280,8 @@ static void release_request(struct sl_server_conn *c)
         r->pub.log.aborted = !r->finished || (c->flags & CF_ABORT);
         srv->on_request_done(&r->pub, srv->on_request_done_data);
     }
+    if (r->pub.on_release)
+        r->pub.on_release(&r->pub, r->pub.release_data);
     sl_buf_release(&r->out, conn_pool(c));
     struct sl_arena arena = r->pub.arena; /* r itself lives in the arena */
     sl_arena_reset(&arena);

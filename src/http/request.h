@@ -100,6 +100,12 @@ struct sl_request {
     char *resp_extra;         /* header lines added to the response, in the arena */
     size_t resp_extra_len, resp_extra_cap;
     struct sl_request_log log;
+    /* Set by the handler: called once when the front-end frees the request (after the
+     * response is out or the exchange was aborted, after on_request_done), so that whatever
+     * the request still points into (its route, a direct response's body) is kept until
+     * then. */
+    void (*on_release)(struct sl_request *req, void *data);
+    void *release_data;
 };
 
 /*

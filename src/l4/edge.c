@@ -59,8 +59,11 @@ void sl_edge_release(struct sl_gw_listener *gl, const struct sockaddr *client, u
 {
     (void)gl;
     /* The table the connection was counted in: a reload may have given the listener another. */
-    if (cookie)
-        sl_ip_limit_release((struct sl_ip_limit *)(uintptr_t)cookie, client);
+    if (cookie) {
+        struct sl_ip_limit *t = (struct sl_ip_limit *)(uintptr_t)cookie;
+        sl_ip_limit_release(t, client);
+        sl_ip_limit_free(t); /* the connection's reference */
+    }
 }
 
 /* Applies the per-IP cap and rate to `client`. False (and counted) when refused. */
@@ -75,8 +78,11 @@ static bool ip_admit(struct sl_gw_listener *gl, const struct sockaddr *client, u
         count(why == SL_IP_LIMIT_RATE ? &lr->stats->refused_ip_rate : &lr->stats->refused_ip_conns);
         return false;
     }
-    if (why == SL_IP_LIMIT_OK)
+    if (why == SL_IP_LIMIT_OK) {
+        /* The connection keeps its table alive: a reload may give the listener another. */
+        sl_ip_limit_ref(lr->ip_limit);
         *cookie = (uint64_t)(uintptr_t)lr->ip_limit;
+    }
     return true;
 }
 

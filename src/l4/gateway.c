@@ -140,11 +140,10 @@ static void stats_unref(struct sl_listener_stats *st)
 
 /* Builds listener `l`'s settings for a generation. `prev` is the same listener in the
  * generation before (NULL: a new listener): its counters and, when the limits did not change,
- * its per-IP table carry over. Tables are owned by the gateway (connections point at the one
- * that counted them, whatever generation they outlive). */
-static int listener_rt_init(struct sl_gateway *gw, struct sl_listener_rt *lr,
-                            const struct sl_listener_conf *l, const struct sl_listener_rt *prev,
-                            char *err, size_t err_len)
+ * its per-IP table carry over. Tables are refcounted (connections hold the one that counted
+ * them, whatever generation they outlive). */
+static int listener_rt_init(struct sl_listener_rt *lr, const struct sl_listener_conf *l,
+                            const struct sl_listener_rt *prev, char *err, size_t err_len)
 {
     const struct sl_protection_conf *pc = &l->protection;
     lr->conf = l;
@@ -168,6 +167,7 @@ static int listener_rt_init(struct sl_gateway *gw, struct sl_listener_rt *lr,
     if (pc->max_connections_per_ip || pc->new_connection_period_us) {
         if (prev && prev->ip_limit && same_ip_limits(&prev->conf->protection, pc)) {
             lr->ip_limit = prev->ip_limit;
+            sl_ip_limit_ref(lr->ip_limit);
         } else {
             struct sl_ip_limit_conf ic = {
                 .max_conns = pc->max_connections_per_ip,
@@ -176,17 +176,11 @@ static int listener_rt_init(struct sl_gateway *gw, struct sl_listener_rt *lr,
                 .max_keys = pc->tracked_addresses,
             };
             int ierr = 0;
-            struct sl_ip_limit **grown =
-                realloc(gw->ip_tables, (gw->ip_table_count + 1) * sizeof *grown);
-            if (!grown)
-                return -1;
-            gw->ip_tables = grown;
             if (!(lr->ip_limit = sl_ip_limit_new(&ic, &ierr))) {
                 snprintf(err, err_len, "listener %s: protection: %s", l->name,
                          ierr == -ENOMEM ? "out of memory" : "invalid per-IP limits");
                 return -1;
             }
-            gw->ip_tables[gw->ip_table_count++] = lr->ip_limit;
         }
     }
     if (l->tls.enabled) {
@@ -207,6 +201,7 @@ static void listener_rt_dispose(struct sl_listener_rt *lr)
     sl_cidr_set_free(lr->deny);
     sl_cidr_set_free(lr->pp_trusted);
     sl_tls_ctx_free(lr->tls);
+    sl_ip_limit_free(lr->ip_limit); /* connections counted in it hold their own references */
     sl_tls_ticket_keys_free(lr->ticket_keys);
     stats_unref(lr->stats);
 }
@@ -242,9 +237,8 @@ static void runtime_free(struct sl_runtime *rt)
 }
 
 /* Builds a generation from `cfg` (taking it). `prev` is the running one, or NULL at start. */
-static struct sl_runtime *runtime_build(struct sl_gateway *gw, struct sl_config *cfg,
-                                        const struct sl_runtime *prev, unsigned workers, char *err,
-                                        size_t err_len)
+static struct sl_runtime *runtime_build(struct sl_config *cfg, const struct sl_runtime *prev,
+                                        unsigned workers, char *err, size_t err_len)
 {
     struct sl_runtime *rt = calloc(1, sizeof *rt);
     snprintf(err, err_len, "out of memory building the runtime");
@@ -267,7 +261,7 @@ static struct sl_runtime *runtime_build(struct sl_gateway *gw, struct sl_config 
         for (size_t j = 0; prev && j < prev->cfg->listener_count; j++)
             if (same_listener(&prev->cfg->listeners[j], &cfg->listeners[i]))
                 old = &prev->listeners[j];
-        if (listener_rt_init(gw, &rt->listeners[i], &cfg->listeners[i], old, err, err_len) != 0)
+        if (listener_rt_init(&rt->listeners[i], &cfg->listeners[i], old, err, err_len) != 0)
             goto fail;
     }
     for (size_t i = 0; i < cfg->listener_count; i++)
@@ -434,7 +428,7 @@ struct sl_gateway *sl_gateway_new(struct sl_config *cfg, char *err, size_t err_l
     pthread_mutex_init(&gw->rt_lock, NULL);
     pthread_mutex_init(&gw->reload_lock, NULL);
     unsigned workers = cfg->workers ? cfg->workers : sl_cpu_count();
-    gw->rt = runtime_build(gw, cfg, NULL, workers, err, err_len);
+    gw->rt = runtime_build(cfg, NULL, workers, err, err_len);
     if (!gw->rt) {
         sl_gateway_free(gw);
         return NULL;
@@ -450,7 +444,9 @@ struct sl_gw_gen {
     struct sl_runtime *rt; /* a reference */
     struct sl_proxy_worker pw;
     struct sl_tcp_proxy **tcps; /* made for this generation (by listener index); may be NULL */
+    struct sl_gw_listener **tcp_owner; /* the listener each proxy reports to */
     size_t tcp_count;
+    size_t listener_refs;   /* listeners whose new requests and streams use this generation */
     struct sl_gw_gen *next; /* retired list */
 };
 
@@ -482,12 +478,25 @@ static void on_http_conn_closed(void *data, const struct sockaddr *client, uint6
     sl_edge_release(data, client, cookie);
 }
 
-static bool gen_busy(const struct sl_gw_gen *gen)
+/* Requests of the generation not freed yet, or streams of it still running. */
+static bool gen_active(const struct sl_gw_gen *gen)
 {
     if (gen->pw.inflight)
         return true;
     for (size_t i = 0; i < gen->tcp_count; i++)
         if (gen->tcps[i] && sl_tcp_proxy_conn_count(gen->tcps[i]))
+            return true;
+    return false;
+}
+
+/* A generation's worker state may be freed once it is not active, no listener starts
+ * requests or streams on it any more, and no endpoint-set update for it is queued. */
+static bool gen_busy(const struct sl_gw_gen *gen)
+{
+    if (gen->listener_refs || gen_active(gen))
+        return true;
+    for (size_t i = 0; i < gen->pw.upstream_count; i++)
+        if (sl_upstream_rt_post_pending(&gen->pw.upstreams[i]))
             return true;
     return false;
 }
@@ -505,10 +514,10 @@ void sl_gw_worker_check_drained(struct sl_gw_worker *gw)
      * that noticed (it may still be using them). */
     if (gw->retired || gw->removed)
         sl_defer_queue(&gw->worker->loop, &gw->reap);
-    if (!gw->draining || gw->edge_count || gen_busy(gw->gen))
+    if (!gw->draining || gw->edge_count || gen_active(gw->gen))
         return;
     for (struct sl_gw_gen *g = gw->retired; g; g = g->next)
-        if (gen_busy(g))
+        if (gen_active(g))
             return;
     for (size_t i = 0; i < gw->listener_count; i++)
         if (listener_busy(gw->listeners[i]))
@@ -557,6 +566,7 @@ static void gen_free(struct sl_gw_gen *gen)
     for (size_t i = 0; i < gen->tcp_count; i++)
         sl_tcp_proxy_free(gen->tcps[i]); /* before the upstreams they report to */
     free(gen->tcps);
+    free(gen->tcp_owner);
     struct sl_proxy_worker *pw = &gen->pw;
     if (pw->worker)
         sl_loop_run_deferred(&pw->worker->loop);
@@ -591,7 +601,8 @@ static struct sl_gw_gen *gen_new(struct sl_gw_worker *gw, struct sl_runtime *rt,
     pw->resp_scratch_cap = RESP_MAX_HEADERS;
     pw->resp_scratch = calloc(RESP_MAX_HEADERS, sizeof *pw->resp_scratch);
     gen->tcps = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gen->tcps);
-    if (!pw->upstreams || !pw->resp_scratch || !gen->tcps)
+    gen->tcp_owner = calloc(cfg->listener_count ? cfg->listener_count : 1, sizeof *gen->tcp_owner);
+    if (!pw->upstreams || !pw->resp_scratch || !gen->tcps || !gen->tcp_owner)
         goto fail;
     gen->tcp_count = cfg->listener_count;
     int frc = sl_filter_set_worker_init(rt->filters, w, &pw->filter_wstates);
@@ -620,6 +631,8 @@ static int listener_bind(struct sl_gw_listener *gl, struct sl_gw_gen *gen, size_
     struct sl_runtime *rt = gen->rt;
     const struct sl_config *cfg = rt->cfg;
     const struct sl_listener_conf *lc = &cfg->listeners[i];
+    if (sl_h1_server_set_limits(&gl->http.server, lc->name, &lc->limits) < 0)
+        return -ENOMEM;
     if (lc->protocol == SL_LISTENER_TCP) {
         struct sl_tcp_proxy *tp =
             sl_tcp_proxy_new(gl->gw->worker, lc, &cfg->upstreams[lc->upstream_index],
@@ -633,6 +646,7 @@ static int listener_bind(struct sl_gw_listener *gl, struct sl_gw_gen *gen, size_
             sl_tcp_proxy_drain(gl->tcp); /* its streams finish in the older generation */
         gl->tcp = tp;
         gen->tcps[i] = tp;
+        gen->tcp_owner[i] = gl;
     }
     atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
     sl_runtime_release(gl->rt);
@@ -640,8 +654,26 @@ static int listener_bind(struct sl_gw_listener *gl, struct sl_gw_gen *gen, size_
     gl->lr = &rt->listeners[i];
     gl->http.router = rt->routers[i];
     gl->http.pw = &gen->pw;
-    sl_h1_server_set_limits(&gl->http.server, lc->name, &lc->limits);
+    if (gl->gen)
+        gl->gen->listener_refs--;
+    gl->gen = gen;
+    gen->listener_refs++;
     return 0;
+}
+
+/* Frees the TCP proxies that report to `gl` (all without streams once `gl` is idle), in every
+ * generation of its worker, so that no drain of an older generation calls back into it. */
+static void listener_forget_proxies(struct sl_gw_listener *gl)
+{
+    struct sl_gw_worker *gw = gl->gw;
+    for (struct sl_gw_gen *g = gw->gen; g; g = g == gw->gen ? gw->retired : g->next)
+        for (size_t i = 0; i < g->tcp_count; i++)
+            if (g->tcp_owner[i] == gl) {
+                sl_tcp_proxy_free(g->tcps[i]);
+                g->tcps[i] = NULL;
+                g->tcp_owner[i] = NULL;
+            }
+    gl->tcp = NULL;
 }
 
 static struct sl_gw_listener *listener_new(struct sl_gw_worker *gw, struct sl_gw_gen *gen, size_t i,
@@ -674,11 +706,16 @@ static struct sl_gw_listener *listener_new(struct sl_gw_worker *gw, struct sl_gw
     gl->http.server.on_conn_closed_data = gl;
     gl->http.server.on_request_done = g->on_request_done;
     gl->http.server.on_request_done_data = g->on_request_done_data;
-    if ((rc = listener_bind(gl, gen, i)) < 0 ||
-        (rc = sl_acceptor_start(&gl->acceptor, &gw->worker->loop, fd, on_accept, gl)) < 0) {
+    if ((rc = listener_bind(gl, gen, i)) < 0) {
+        close(fd);
+    } else if ((rc = sl_acceptor_start(&gl->acceptor, &gw->worker->loop, fd, on_accept, gl)) < 0) {
+        /* sl_acceptor_start closed the socket itself */
+    }
+    if (rc < 0) {
         *err = rc;
-        if (gl->acceptor.io.fd < 0)
-            close(fd);
+        listener_forget_proxies(gl);
+        if (gl->gen)
+            gl->gen->listener_refs--;
         sl_h1_server_dispose(&gl->http.server);
         sl_runtime_release(gl->rt);
         free(gl);
@@ -692,6 +729,9 @@ static void listener_free(struct sl_gw_listener *gl)
 {
     sl_acceptor_stop(&gl->acceptor);
     sl_h1_server_dispose(&gl->http.server);
+    listener_forget_proxies(gl);
+    if (gl->gen)
+        gl->gen->listener_refs--;
     sl_runtime_release(gl->rt);
     free(gl);
 }
@@ -711,6 +751,10 @@ static void listener_remove(struct sl_gw_worker *gw, struct sl_gw_listener *gl)
 static void on_reap(struct sl_defer *d)
 {
     struct sl_gw_worker *gw = d->data;
+    /* Freeing runs deferred callbacks, which may ask for a reap again: never nested. */
+    if (gw->reaping)
+        return;
+    gw->reaping = true;
     for (struct sl_gw_listener **pp = &gw->removed; *pp;) {
         struct sl_gw_listener *gl = *pp;
         if (listener_busy(gl)) {
@@ -727,10 +771,20 @@ static void on_reap(struct sl_defer *d)
             continue;
         }
         *pp = gen->next;
-        /* A listener whose current TCP proxy belongs to this generation would have been
-         * rebound: every proxy here is drained and empty. */
+        /* No listener uses it any more: every proxy here is drained and empty. */
         gen_free(gen);
     }
+    gw->reaping = false;
+    /* What is left waits for requests, streams or queued updates: look again soon (an
+     * update that ran does not announce itself). */
+    if ((gw->retired || gw->removed) && !gw->finishing)
+        sl_timer_arm(&gw->worker->loop, &gw->reap_timer, 100);
+}
+
+static void on_reap_timer(struct sl_timer *t)
+{
+    struct sl_gw_worker *gw = t->data;
+    sl_defer_queue(&gw->worker->loop, &gw->reap);
 }
 
 static int worker_init(struct sl_worker *w, void *data)
@@ -746,6 +800,7 @@ static int worker_init(struct sl_worker *w, void *data)
     gw->g = g;
     gw->gate = &g->gate;
     sl_defer_init(&gw->reap, on_reap, gw);
+    sl_timer_init(&gw->reap_timer, on_reap_timer, gw);
     sl_edge_worker_init(gw);
     /* The buffer budget is split evenly: each worker refuses work past its share, with no
      * shared counter on the request path. */
@@ -766,7 +821,7 @@ static int worker_init(struct sl_worker *w, void *data)
             return rc;
         gw->listener_count++;
     }
-    atomic_store(&gw->generation, rt->generation);
+    atomic_store(&g->worker_gen[w->id], rt->generation);
     return 0;
 }
 
@@ -780,7 +835,7 @@ static void worker_reload(struct sl_gw_worker *gw)
     struct sl_runtime *rt = g->rt;
     atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
     pthread_mutex_unlock(&g->rt_lock);
-    if (rt == gw->gen->rt || rt->generation <= atomic_load(&gw->generation)) {
+    if (rt == gw->gen->rt || rt->generation <= gw->gen->rt->generation) {
         sl_runtime_release(rt);
         return;
     }
@@ -835,11 +890,15 @@ static void worker_reload(struct sl_gw_worker *gw)
             ls[n++] = ls[i];
     gw->listeners = ls;
     gw->listener_count = n;
+    /* The old generation serves its requests with the endpoint sets it has: it takes no
+     * more updates, so none can arrive after it is freed. */
+    for (size_t i = 0; i < gw->gen->pw.upstream_count; i++)
+        sl_upstream_rt_detach(&gw->gen->pw.upstreams[i]);
     gw->gen->next = gw->retired;
     gw->retired = gw->gen;
     gw->gen = gen;
     sl_runtime_release(rt);
-    atomic_store(&gw->generation, rt->generation);
+    atomic_store(&g->worker_gen[w->id], rt->generation);
     sl_gw_worker_check_drained(gw);
     if (gw->draining) {
         /* A drain that began before the swap: the new listeners must not accept either. */
@@ -860,6 +919,8 @@ static void worker_command(struct sl_worker *w, unsigned cmds, void *data)
         worker_reload(gw);
     if ((cmds & SL_WORKER_CMD_DRAIN) && !gw->draining) {
         gw->draining = true;
+        /* A draining worker takes no more generations: nobody waits for it to. */
+        atomic_store(&gw->g->worker_gen[w->id], UINT64_MAX);
         for (size_t i = 0; i < gw->listener_count; i++)
             sl_acceptor_stop(&gw->listeners[i]->acceptor);
         sl_edge_drain(gw);
@@ -910,6 +971,7 @@ static void worker_fini(struct sl_worker *w, void *data)
         free(gl);
     }
     sl_defer_cancel(&w->loop, &gw->reap);
+    sl_timer_cancel(&w->loop, &gw->reap_timer);
     free(gw->listeners);
     free(gw);
     w->app = NULL;
@@ -1021,8 +1083,12 @@ int sl_gateway_start(struct sl_gateway *gw)
         SL_ERR("%s", lerr);
         return rc;
     }
+    gw->worker_gen = calloc(n, sizeof *gw->worker_gen);
+    if (!gw->worker_gen)
+        return -ENOMEM;
+    gw->block_bytes = buffer_bytes(cfg);
     int err = 0;
-    gw->workers = sl_workers_start(n, buffer_bytes(cfg), &hooks, gw, &err);
+    gw->workers = sl_workers_start(n, gw->block_bytes, &hooks, gw, &err);
     if (!gw->workers) {
         SL_ERR("cannot start workers: %s", strerror(-err));
         return err;
@@ -1063,7 +1129,17 @@ int sl_gateway_reload(struct sl_gateway *gw, struct sl_config *cfg, char *err, s
     pthread_mutex_lock(&gw->reload_lock);
     struct sl_runtime *old = gw->rt;
     warn_fixed(old->cfg, cfg);
-    struct sl_runtime *rt = runtime_build(gw, cfg, old, gw->worker_count, err, err_len);
+    if (buffer_bytes(cfg) > gw->block_bytes) {
+        /* Buffers are sized at start for the largest head any listener allows. */
+        snprintf(err, err_len,
+                 "a listener's limits.max_header_bytes needs buffers of %zu bytes; this process "
+                 "has %zu: raising it needs a restart",
+                 buffer_bytes(cfg), gw->block_bytes);
+        sl_config_free(cfg);
+        pthread_mutex_unlock(&gw->reload_lock);
+        return -1;
+    }
+    struct sl_runtime *rt = runtime_build(cfg, old, gw->worker_count, err, err_len);
     int rc = -1;
     if (!rt)
         goto out;
@@ -1088,12 +1164,10 @@ int sl_gateway_reload(struct sl_gateway *gw, struct sl_config *cfg, char *err, s
     uint64_t deadline = sl_clock_now_ms() + 5000;
     for (;;) {
         bool all = true;
-        for (unsigned i = 0; i < gw->worker_count; i++) {
-            struct sl_gw_worker *ww = gw->workers[i].app;
-            if (!atomic_load(&gw->workers[i].exited) && ww &&
-                atomic_load(&ww->generation) < rt->generation)
+        for (unsigned i = 0; i < gw->worker_count; i++)
+            if (!atomic_load(&gw->workers[i].exited) &&
+                atomic_load(&gw->worker_gen[i]) < rt->generation)
                 all = false;
-        }
         if (all || sl_clock_now_ms() >= deadline)
             break;
         struct timespec ts = {0, 1000000};
@@ -1156,9 +1230,7 @@ void sl_gateway_free(struct sl_gateway *gw)
         gw->retired = rt->next;
         runtime_free(rt);
     }
-    for (size_t i = 0; i < gw->ip_table_count; i++)
-        sl_ip_limit_free(gw->ip_tables[i]);
-    free(gw->ip_tables);
+    free(gw->worker_gen);
     pthread_mutex_destroy(&gw->rt_lock);
     pthread_mutex_destroy(&gw->reload_lock);
     free(gw);

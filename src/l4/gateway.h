@@ -100,6 +100,7 @@ struct sl_gw_listener {
     struct sl_listener_rt *lr; /* its settings in that generation */
     size_t edge_count;         /* connections in the accept path (PROXY header, handshake) */
     size_t tunnel_count;       /* TCP streams of this listener, in any generation */
+    struct sl_gw_gen *gen;     /* the generation its new requests and streams use */
     bool removed;              /* dropped by a reload: draining, freed once empty */
     struct sl_gw_listener *next_removed;
 };
@@ -118,8 +119,9 @@ struct sl_gw_worker {
     struct sl_slab edge_slab;        /* pending connections (l4/edge.c) */
     struct sl_edge_conn *edge_conns; /* every pending connection */
     size_t edge_count;
-    struct sl_defer reap;        /* frees retired generations and listeners once empty */
-    _Atomic uint64_t generation; /* the generation this worker runs (for the reloading thread) */
+    struct sl_defer reap;       /* frees retired generations and listeners once empty */
+    struct sl_timer reap_timer; /* looks again while some are still in use */
+    bool reaping;
     bool draining;
     bool finishing; /* the worker is freeing everything: no more bookkeeping */
 };
@@ -130,11 +132,11 @@ struct sl_gateway {
     struct sl_runtime *retired; /* replaced generations, freed once nobody holds them */
     struct sl_worker *workers;
     unsigned worker_count;
-    struct sl_control *control;     /* health checks and discovery thread, or NULL */
-    struct sl_conn_gate gate;       /* max_connections across every worker and listener */
-    uint64_t buffer_budget;         /* max_buffer_memory, resolved */
-    struct sl_ip_limit **ip_tables; /* every per-IP table made (connections point at theirs) */
-    size_t ip_table_count;
+    struct sl_control *control;   /* health checks and discovery thread, or NULL */
+    struct sl_conn_gate gate;     /* max_connections across every worker and listener */
+    uint64_t buffer_budget;       /* max_buffer_memory, resolved */
+    _Atomic uint64_t *worker_gen; /* [worker]: the generation each runs (UINT64_MAX: draining) */
+    size_t block_bytes;           /* the workers' buffer size, fixed at start */
     pthread_mutex_t reload_lock;
     /* set before start: every HTTP request's end (access log, metrics) */
     void (*on_request_done)(struct sl_request *req, void *data);

@@ -40,6 +40,7 @@ struct slot {
 };
 
 struct sl_ip_limit {
+    _Atomic uint32_t refs;
     uint64_t sipkey[2];
     size_t mask;
     struct slot *slots;
@@ -131,13 +132,19 @@ struct sl_ip_limit *sl_ip_limit_new(const struct sl_ip_limit_conf *conf, int *er
     atomic_init(&l->refused_rate, 0);
     atomic_init(&l->untracked, 0);
     atomic_init(&l->unmatched, 0);
+    atomic_init(&l->refs, 1);
     *err = 0;
     return l;
 }
 
+void sl_ip_limit_ref(struct sl_ip_limit *l)
+{
+    atomic_fetch_add_explicit(&l->refs, 1, memory_order_relaxed);
+}
+
 void sl_ip_limit_free(struct sl_ip_limit *l)
 {
-    if (!l)
+    if (!l || atomic_fetch_sub_explicit(&l->refs, 1, memory_order_acq_rel) != 1)
         return;
     free(l->slots);
     free(l);

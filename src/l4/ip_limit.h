@@ -70,13 +70,18 @@ struct sl_ip_limit_stats {
 struct sl_ip_limit;
 
 /*
- * Creates the table. Returns NULL with *err set: -EINVAL for a bad conf (bounds above; burst
- * x period_us must stay below 2^42 µs, about 50 days), -ENOMEM. Caller owns; release with
- * sl_ip_limit_free() once no thread uses it.
+ * Creates the table with one reference. Returns NULL with *err set: -EINVAL for a bad conf
+ * (bounds above; burst x period_us must stay below 2^42 µs, about 50 days), -ENOMEM. Caller
+ * owns that reference; release with sl_ip_limit_free().
  */
 struct sl_ip_limit *sl_ip_limit_new(const struct sl_ip_limit_conf *conf, int *err);
 
-/* Frees the table. NULL is fine. */
+/* Adds a reference: the table lives while its creator and every connection it counted
+ * (which hold one each) need it, across configuration reloads. */
+void sl_ip_limit_ref(struct sl_ip_limit *l);
+
+/* Drops a reference (the creator's, from sl_ip_limit_new, or one from sl_ip_limit_ref); the
+ * last one frees the table. NULL is fine. */
 void sl_ip_limit_free(struct sl_ip_limit *l);
 
 /* Number of slots and bytes held by the table. */

@@ -266,7 +266,9 @@ int sl_metrics_bind_routes(struct sl_metrics *m, struct sl_config *cfg)
             snprintf(fallback, sizeof fallback, "route%zu", route->index);
             name = fallback;
         }
-        route->metrics_slot = SLOT_OTHER;
+        /* A config that is live is bound again when a reload is refused: its routes keep
+         * their slots, and a slot is written only when it changes (workers read it). */
+        size_t want = SLOT_OTHER;
         uint32_t pos;
         size_t slot = slot_find(m, name, &pos);
         if (!slot && m->nslots < NSLOTS && rc == 0) {
@@ -281,9 +283,11 @@ int sl_metrics_bind_routes(struct sl_metrics *m, struct sl_config *cfg)
             m->hash[pos] = (uint32_t)slot;
         }
         if (slot) {
-            route->metrics_slot = slot;
+            want = slot;
             m->slot_bind[slot] = m->bind_seq;
         }
+        if (route->metrics_slot != want)
+            route->metrics_slot = want;
     }
     pthread_mutex_unlock(&m->lock);
     return rc;

@@ -197,6 +197,11 @@ static int apply(struct sl_process *p, char *text, size_t len, bool rollback, ch
         return -1;
     }
     if (sl_gateway_reload(obs->gw, cfg, msg, cap) < 0) {
+        /* The refused config's routes were bound: the running ones get their names back
+         * (same slots, so nothing changes under the workers). */
+        struct sl_runtime *cur = sl_gateway_runtime_acquire(obs->gw);
+        sl_metrics_bind_routes(obs->metrics, cur->cfg);
+        sl_runtime_release(cur);
         free(text);
         return -1;
     }

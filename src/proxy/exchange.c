@@ -255,6 +255,14 @@ static void ex_end(struct exchange *ex)
     ex->req->log.retries = ex->retries;
     if (ex->req->log.upstream_start_us && !ex->req->log.upstream_end_us)
         ex->req->log.upstream_end_us = sl_clock_now_ns() / 1000u;
+}
+
+/* The front-end freed the request: only now is nothing of its configuration generation in
+ * use (the response may have been flushed long after ex_end). */
+static void ex_on_release(struct sl_request *req, void *data)
+{
+    (void)req;
+    struct sl_proxy_worker *pw = data;
     pw->inflight--;
     if (pw->on_idle)
         pw->on_idle(pw);
@@ -1278,6 +1286,8 @@ static void h_on_request(struct sl_request *req)
     sl_timer_init(&ex->retry_timer, on_retry_timer, ex);
     req->handler_state = ex;
     ex->pw->inflight++;
+    req->on_release = ex_on_release;
+    req->release_data = ex->pw;
     struct sl_route_input in = {
         .host = req->host_name,
         .path = req->path,

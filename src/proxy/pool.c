@@ -403,6 +403,16 @@ void sl_pool_inherit(struct sl_pool *p, struct sl_pool *old, uint64_t now_ms)
             sl_pool_set_source(p, SL_POOL_SRC_DISCOVERY, copy, n);
         specs_free(copy, n);
     }
+    /* Endpoints the admin API added: in the new pool before it serves a request (the admin
+     * module gives them again after the swap, which then changes nothing). */
+    pthread_mutex_lock(&old->lock);
+    struct sl_endpoint_spec *admin =
+        specs_copy(old->src[SL_POOL_SRC_ADMIN], old->src_count[SL_POOL_SRC_ADMIN]);
+    size_t admin_n = admin ? old->src_count[SL_POOL_SRC_ADMIN] : 0;
+    pthread_mutex_unlock(&old->lock);
+    if (admin && admin_n)
+        sl_pool_set_source(p, SL_POOL_SRC_ADMIN, admin, admin_n);
+    specs_free(admin, admin_n);
     struct sl_endpoint_set *was = sl_pool_acquire_set(old);
     struct sl_endpoint_set *now = sl_pool_acquire_set(p);
     for (size_t i = 0; now && was && i < now->count; i++) {

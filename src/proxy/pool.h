@@ -194,9 +194,9 @@ const char *sl_pool_tls_name(const struct sl_pool *p, const struct sl_endpoint *
  * A reload made `p` to replace `old` (an upstream of the same name): what `old` knows that the
  * new pool would otherwise only learn again is carried over, so that the reload itself fails
  * no request. The endpoints discovery found (when both discover from the same name or file:
- * the new discovery refreshes them on its first run), and the health of every endpoint whose
- * address stays (ejections, active-check verdicts). Call before `p` is handed to workers or
- * to the control thread; `old` may be in use by both.
+ * the new discovery refreshes them on its first run), the endpoints the admin API added, and
+ * the health of every endpoint whose address stays (ejections, active-check verdicts). Call before
+ * `p` is handed to workers or to the control thread; `old` may be in use by both.
  */
 void sl_pool_inherit(struct sl_pool *p, struct sl_pool *old, uint64_t now_ms);
 void sl_pool_free(struct sl_pool *p);

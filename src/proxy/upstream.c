@@ -229,6 +229,17 @@ static void close_idle_of(struct sl_wep *w)
     wep_unuse(w);
 }
 
+void sl_upstream_rt_detach(struct sl_upstream_rt *up)
+{
+    if (up->pool)
+        sl_pool_unregister_worker(up->pool, wid(up));
+}
+
+bool sl_upstream_rt_post_pending(const struct sl_upstream_rt *up)
+{
+    return up->pool && atomic_load_explicit(&up->post.queued, memory_order_acquire);
+}
+
 void sl_upstream_rt_close_idle(struct sl_upstream_rt *up)
 {
     for (size_t i = 0; up->set && i < up->set->count; i++)

@@ -132,6 +132,14 @@ int sl_upstream_rt_init(struct sl_upstream_rt *up, struct sl_pool *pool, struct 
  * must have been released by their users first. */
 void sl_upstream_rt_dispose(struct sl_upstream_rt *up);
 
+/* Stops taking endpoint-set updates from the pool (a configuration generation retired):
+ * requests in flight keep using the current set. Idempotent. */
+void sl_upstream_rt_detach(struct sl_upstream_rt *up);
+
+/* True while an update the pool published is queued on the worker's loop (the view must not
+ * be freed before it ran). */
+bool sl_upstream_rt_post_pending(const struct sl_upstream_rt *up);
+
 /* Closes idle connections (drain). */
 void sl_upstream_rt_close_idle(struct sl_upstream_rt *up);
 
