@@ -53,9 +53,11 @@ struct sl_log_ship {
 
     _Atomic uint64_t shipped, failures, bytes, queued;
 
-    /* the thread's own */
+    /* the thread's own (and sl_log_ship_start's, before the thread exists) */
     uint64_t rand_state;
     unsigned fails_in_row;
+    char **skipped; /* names of segments that cannot be read, sorted: a rescan leaves them */
+    size_t skipped_count, skipped_cap;
 };
 
 /* ---- names and the queue -------------------------------------------------------------------- */
@@ -153,6 +155,38 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+static bool is_skipped(const struct sl_log_ship *s, const char *name)
+{
+    return s->skipped_count &&
+           bsearch(&name, s->skipped, s->skipped_count, sizeof *s->skipped, cmp_str) != NULL;
+}
+
+/* Remembers a segment that cannot be read, so that rescans do not queue it again: with a
+ * queue's worth of them, every rescan would queue the same ones and never reach the files
+ * behind them. Without memory it may be queued again; that costs a retry, not progress. */
+static void skip_add(struct sl_log_ship *s, const char *name)
+{
+    if (is_skipped(s, name))
+        return;
+    if (s->skipped_count == s->skipped_cap) {
+        size_t nc = s->skipped_cap ? s->skipped_cap * 2 : 16;
+        char **ns = realloc(s->skipped, nc * sizeof *ns);
+        if (!ns)
+            return;
+        s->skipped = ns;
+        s->skipped_cap = nc;
+    }
+    char *copy = strdup(name);
+    if (!copy)
+        return;
+    size_t at = 0;
+    while (at < s->skipped_count && strcmp(s->skipped[at], name) < 0)
+        at++;
+    memmove(&s->skipped[at + 1], &s->skipped[at], (s->skipped_count - at) * sizeof *s->skipped);
+    s->skipped[at] = copy;
+    s->skipped_count++;
+}
+
 /* Lists the closed segments in the directory, oldest first, and queues as many as fit. Takes
  * `mu` only to insert. */
 static void rescan_dir(struct sl_log_ship *s)
@@ -166,7 +200,7 @@ static void rescan_dir(struct sl_log_ship *s)
     size_t n = 0, cap = 0;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
-        if (!is_segment_name(e->d_name))
+        if (!is_segment_name(e->d_name) || is_skipped(s, e->d_name))
             continue;
         if (e->d_type != DT_REG && e->d_type != DT_UNKNOWN)
             continue;
@@ -224,19 +258,36 @@ static char *segment_url(const struct sl_log_ship *s, const char *name)
     return u;
 }
 
+/* An open error that a retry cannot cure: permissions, or not a file (O_NOFOLLOW's ELOOP for
+ * a symbolic link). Anything else (EMFILE, ENFILE, ENOMEM, EIO...) may pass. */
+static bool open_error_stays(int e)
+{
+    return e == EACCES || e == EPERM || e == ELOOP || e == ENXIO || e == ENODEV || e == EISDIR;
+}
+
 static enum outcome ship_one(struct sl_log_ship *s, const char *path, uint64_t timeout_ms,
                              uint64_t *size, char *err, size_t err_len)
 {
     const char *name = base_name(path);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO named like a segment must not hang the thread in open() (it has no
+     * effect on a regular file). O_NOFOLLOW: a symbolic link must not upload what it names. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
     if (fd < 0) {
         int e = errno;
-        sl_fmt_err(err, err_len, "%s: %s", path, strerror(e));
-        return e == ENOENT ? GONE : UNREADABLE;
+        sl_fmt_err(err, err_len, "%s: %s", path, e == ELOOP ? "a symbolic link" : strerror(e));
+        if (e == ENOENT)
+            return GONE;
+        return open_error_stays(e) ? UNREADABLE : FAILED;
     }
     struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        sl_fmt_err(err, err_len, "%s: not a readable regular file", path);
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        sl_fmt_err(err, err_len, "%s: %s", path, strerror(e));
+        close(fd);
+        return FAILED;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        sl_fmt_err(err, err_len, "%s: not a regular file", path);
         close(fd);
         return UNREADABLE;
     }
@@ -381,10 +432,11 @@ static void *thread_main(void *arg)
         case GONE: /* removed by someone else, or queued twice: nothing to send */
             break;
         case UNREADABLE:
-            /* Retrying cannot help and would hold back every later segment; it stays on disk
-             * and the next start tries again. */
+            /* Retrying cannot help and would hold back every later segment; it stays on disk,
+             * rescans of this run leave it, and the next start tries again. */
             atomic_fetch_add_explicit(&s->failures, 1, memory_order_relaxed);
             SL_WARN("access log shipping: skipping %s", err);
+            skip_add(s, base_name(path));
             break;
         case FAILED:
             wait = backoff_ms(s, s->fails_in_row + 1);
@@ -533,6 +585,9 @@ void sl_log_ship_free(struct sl_log_ship *s)
     sl_log_ship_stop(s, 0);
     for (size_t i = 0; i < s->count; i++)
         free(s->queue[i]);
+    for (size_t i = 0; i < s->skipped_count; i++)
+        free(s->skipped[i]);
+    free(s->skipped);
     sl_fetch_tls_free(s->tls);
     sl_fetch_url_dispose(&s->parsed);
     if (s->cancel_fd >= 0)

@@ -9,8 +9,11 @@
  * access-log directory) to a collector over HTTP(S), oldest first, and deletes each file once
  * the collector answered 2xx. A failed attempt (connect error, timeout, any other status)
  * leaves the file where it is and retries the same segment after an exponential backoff with
- * jitter (1 s, 2 s, 4 s... up to ship_backoff_max). Nothing is ever deleted unshipped: what
- * is not shipped by the time the process stops stays on disk, and the next start picks it up.
+ * jitter (1 s, 2 s, 4 s... up to ship_backoff_max); so does a file that cannot be opened for
+ * a reason that may pass (out of file descriptors or memory, an I/O error). A segment that can
+ * never be read as it is (permissions, a symbolic link, not a regular file) is skipped, left on
+ * disk and not queued again until the next start. Nothing is ever deleted unshipped: what is
+ * not shipped by the time the process stops stays on disk, and the next start picks it up.
  */
 
 struct sl_access_log_conf;

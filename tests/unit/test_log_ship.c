@@ -9,10 +9,13 @@
 #include <cmocka.h>
 
 #include <dirent.h>
+#include <errno.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "config/config.h"
@@ -516,6 +519,157 @@ static void test_more_than_the_queue(void **state)
     rig_close(&g);
 }
 
+/* Out of file descriptors when the segment is opened: a failure like any other, retried after
+ * the backoff, and the segment is shipped once descriptors are back (not skipped until the
+ * next start). */
+static void test_transient_open_error_retried(void **state)
+{
+    (void)state;
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 2000);
+    struct seg a;
+    make_seg(g.dir, "sluice-20260101T000001.000Z-1-000001.jsonl.zst", 100, 1, &a);
+
+    struct rlimit old, lim;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+    lim = old;
+    if (lim.rlim_cur > 256)
+        lim.rlim_cur = 256;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &lim), 0);
+    int fill[256], nfill = 0;
+    while (nfill < 256) {
+        int fd = dup(2);
+        if (fd < 0)
+            break;
+        fill[nfill++] = fd;
+    }
+    int e = errno;
+    sl_log_ship_enqueue(s, a.path);
+    bool failed = WAIT_FAILURES(s, 1);
+    for (int i = 0; i < nfill; i++)
+        close(fill[i]);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+    assert_int_equal(e, EMFILE);
+    assert_true(failed);
+
+    assert_true(WAIT_SHIPPED(s, 1));
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    assert_int_equal(atomic_load(&c->count), 1);
+    assert_false(exists(a.path));
+    free(a.data);
+    rig_close(&g);
+}
+
+/* A FIFO named like a segment does not hang the thread, and a symbolic link named like one
+ * does not upload the file it points to: both are skipped (and stay), the next segment goes. */
+static void test_fifo_and_symlink_skipped(void **state)
+{
+    (void)state;
+    struct rig g;
+    rig_open(&g, 0);
+    struct collector *c = g.c;
+    struct sl_log_ship *s = rig_ship(&g, "/ingest", SL_SHIP_PUT, 2000);
+    char fifo[512], link[512], secret[64];
+    snprintf(fifo, sizeof fifo, "%s/sluice-20260101T000001.000Z-1-000001.jsonl.zst", g.dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    snprintf(secret, sizeof secret, "/tmp/sluice_ship_secret_XXXXXX");
+    int fd = mkstemp(secret);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, "secret", 6), 6);
+    close(fd);
+    snprintf(link, sizeof link, "%s/sluice-20260101T000002.000Z-1-000002.jsonl.zst", g.dir);
+    assert_int_equal(symlink(secret, link), 0);
+    struct seg a;
+    make_seg(g.dir, "sluice-20260101T000003.000Z-1-000003.jsonl.zst", 100, 3, &a);
+    sl_log_ship_enqueue(s, fifo);
+    sl_log_ship_enqueue(s, link);
+    sl_log_ship_enqueue(s, a.path);
+    assert_true(WAIT_SHIPPED(s, 1));
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    assert_int_equal(st.shipped, 1);
+    assert_int_equal(st.failures, 2);
+    pthread_mutex_lock(&c->http.mu);
+    assert_int_equal(atomic_load(&c->count), 1);
+    char name[256];
+    seg_name(&c->recs[0], name, sizeof name);
+    assert_string_equal(name, a.name);
+    pthread_mutex_unlock(&c->http.mu);
+    assert_true(exists(fifo));
+    assert_true(exists(link));
+    unlink(secret);
+    free(a.data);
+    rig_close(&g);
+}
+
+/* The child of test_many_unreadable: ships `dir` as a user that cannot read the unreadable
+ * files (root reads everything). No cmocka here: a failed check is the exit status. */
+static int many_unreadable_child(const char *dir, int unreadable, int good)
+{
+    if (geteuid() == 0 && (setgid(65534) < 0 || setuid(65534) < 0))
+        return 10;
+    struct collector *c = collector_start(dir, 0);
+    char url[128];
+    stub_http_url(&c->http, "/ingest", url, sizeof url);
+    struct sl_access_log_conf conf = {.directory = (char *)dir,
+                                      .ship_url = url,
+                                      .ship_method = SL_SHIP_PUT,
+                                      .ship_timeout_ms = 2000,
+                                      .ship_backoff_max_ms = 10000};
+    char err[256] = "";
+    struct sl_log_ship *s = sl_log_ship_new(&conf, err, sizeof err);
+    if (!s || sl_log_ship_start(s) != 0)
+        return 11;
+    int rc = 0;
+    if (!WAIT_SHIPPED(s, (uint64_t)good))
+        rc = 12;
+    sl_log_ship_stop(s, sl_clock_now_ms() + 1000);
+    struct sl_log_ship_stats st;
+    sl_log_ship_get_stats(s, &st);
+    if (rc == 0 && st.failures != (uint64_t)unreadable)
+        rc = 13; /* each skipped once: no rescan queued one again */
+    if (rc == 0 && (st.queued != 0 || atomic_load(&c->count) != good))
+        rc = 14;
+    sl_log_ship_free(s);
+    collector_stop(c);
+    return rc;
+}
+
+/* More unreadable segments than the queue holds, oldest first: each is skipped once, and the
+ * rescans that follow reach the readable segments behind them instead of queueing the same
+ * unreadable ones again and again. */
+static void test_many_unreadable(void **state)
+{
+    (void)state;
+    enum { UNREADABLE = 300, GOOD = 3 };
+    char dir[32];
+    snprintf(dir, sizeof dir, "/tmp/sluice_ship_XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(chmod(dir, 0777), 0); /* the child may run as another user */
+    for (int i = 0; i < UNREADABLE + GOOD; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "sluice-20260101T%06d.000Z-1-000001.jsonl.zst", i);
+        struct seg sg;
+        make_seg(dir, name, 10, (unsigned)i, &sg);
+        if (i < UNREADABLE)
+            assert_int_equal(chmod(sg.path, 0), 0);
+        free(sg.data);
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        _exit(many_unreadable_child(dir, UNREADABLE, GOOD));
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    rm_dir(dir);
+}
+
 static void test_bad_config(void **state)
 {
     (void)state;
@@ -546,6 +700,9 @@ int main(void)
         cmocka_unit_test(test_stop_deadline_leaves_files),
         cmocka_unit_test(test_stop_cancels_attempt),
         cmocka_unit_test(test_more_than_the_queue),
+        cmocka_unit_test(test_transient_open_error_retried),
+        cmocka_unit_test(test_fifo_and_symlink_skipped),
+        cmocka_unit_test(test_many_unreadable),
         cmocka_unit_test(test_bad_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
