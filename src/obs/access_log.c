@@ -1401,10 +1401,12 @@ int sl_alog_start(struct sl_alog *a)
     return 0;
 }
 
-void sl_alog_stop(struct sl_alog *a)
+bool sl_alog_stop(struct sl_alog *a)
 {
-    if (!a || a->stopped)
-        return;
+    if (!a)
+        return true;
+    if (a->stopped)
+        return !a->abandoned;
     a->stopped = true;
     if (a->thread_started) {
         pthread_mutex_lock(&a->mu);
@@ -1432,6 +1434,7 @@ void sl_alog_stop(struct sl_alog *a)
             " segments failed",
             s.records_written, s.segments_closed, s.records_dropped_full, s.records_dropped_io,
             s.segments_failed);
+    return !a->abandoned;
 }
 
 void sl_alog_free(struct sl_alog *a)

@@ -1,6 +1,7 @@
 #ifndef SL_OBS_ACCESS_LOG_H
 #define SL_OBS_ACCESS_LOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -70,8 +71,13 @@ void sl_alog_record(struct sl_alog *a, unsigned worker, const struct sl_request 
  * stopped. Idempotent; without sl_alog_start() it does the final drain on the calling
  * thread. Bounded: when the thread does not finish within 5 seconds (a stuck disk) it is
  * abandoned, logged, and sl_alog_free() then leaves the writer's memory to the process exit.
+ *
+ * Returns true when everything finished: the log thread (if any) has ended and will never
+ * call the on_segment hook again. False when the thread was abandoned (this call or an
+ * earlier one): it may still be running and may still call the hook later, so whatever the
+ * hook uses (the shipper) must not be freed either. NULL returns true.
  */
-void sl_alog_stop(struct sl_alog *a);
+bool sl_alog_stop(struct sl_alog *a);
 
 /* Stops the writer if needed, then releases it. NULL is ignored. */
 void sl_alog_free(struct sl_alog *a);

@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -808,15 +809,55 @@ static void test_idle_no_segment(void **state)
     struct sl_access_log_conf c = base_conf(dir);
     struct sl_alog *a = new_alog(&c, 1);
     assert_int_equal(sl_alog_start(a), 0);
-    sleep_ms(30); /* a few empty cycles */
-    sl_alog_stop(a);
-    sl_alog_stop(a);
+    sleep_ms(30);                 /* a few empty cycles */
+    assert_true(sl_alog_stop(a)); /* the thread finished */
+    assert_true(sl_alog_stop(a));
+    assert_true(sl_alog_stop(NULL));
     size_t nseg;
     json_t *all = read_all(dir, NULL, &nseg);
     assert_int_equal(nseg, 0);
     json_decref(all);
     sl_alog_record(NULL, 0, NULL);
     sl_alog_free(a);
+}
+
+/* A log thread stuck in its last segment (the hook stands in for a stuck disk) is abandoned
+ * after 5 s: stop says so, every later stop too, and the abandoned thread may still call the
+ * hook afterwards, which is why the caller must keep what the hook uses. The writer is kept
+ * reachable (its memory is left to the process exit by design). */
+static atomic_bool stuck_release, stuck_entered, stuck_returned;
+static struct sl_alog *stuck_alog;
+
+static void on_segment_stuck(const char *path, void *data)
+{
+    (void)path;
+    (void)data;
+    atomic_store(&stuck_entered, true);
+    uint64_t deadline = mono_us() + 30u * 1000 * 1000;
+    while (!atomic_load(&stuck_release) && mono_us() < deadline)
+        sleep_ms(5);
+    atomic_store(&stuck_returned, true);
+}
+
+static void test_stop_reports_abandoned_thread(void **state)
+{
+    char *dir = *state;
+    struct sl_access_log_conf c = base_conf(dir);
+    stuck_alog = new_alog(&c, 1);
+    sl_alog_on_segment(stuck_alog, on_segment_stuck, NULL);
+    record_n(stuck_alog, 0, 0, 5);
+    assert_int_equal(sl_alog_start(stuck_alog), 0);
+    uint64_t t0 = mono_us();
+    assert_false(sl_alog_stop(stuck_alog)); /* the hook of the final close never returned */
+    assert_true(mono_us() - t0 >= 4u * 1000 * 1000);
+    assert_true(atomic_load(&stuck_entered));
+    assert_false(sl_alog_stop(stuck_alog));
+    sl_alog_free(stuck_alog); /* leaves it: the thread still runs */
+    atomic_store(&stuck_release, true);
+    uint64_t deadline = mono_us() + 10u * 1000 * 1000;
+    while (!atomic_load(&stuck_returned) && mono_us() < deadline)
+        sleep_ms(2);
+    assert_true(atomic_load(&stuck_returned));
 }
 
 /* The directory goes away while running (a path that is now a file): every record is
@@ -1062,6 +1103,7 @@ int main(void)
         DIR_TEST(test_rotation_by_size),
         DIR_TEST(test_rotation_by_age),
         DIR_TEST(test_idle_no_segment),
+        DIR_TEST(test_stop_reports_abandoned_thread),
         DIR_TEST(test_directory_unwritable),
         DIR_TEST(test_write_error_keeps_earlier_batches),
         DIR_TEST(test_leftovers_recovered),
