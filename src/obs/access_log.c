@@ -857,14 +857,27 @@ static void final_name(char *out, size_t cap, const char *dir, uint64_t wall_ms,
              (unsigned)(wall_ms % 1000), pid, seq);
 }
 
-/* Renames without ever replacing a segment (two processes with one pid, in two containers,
- * may share the directory). 0 or -errno. */
+/* Renames without ever replacing a segment (several processes may share the directory).
+ * 0, -EEXIST when `to` exists, or -errno. */
 static int rename_new(const char *from, const char *to)
 {
     if (renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0)
         return 0;
-    if (errno != EINVAL) /* EINVAL: the file system cannot promise it */
+    /* EINVAL: the file system cannot promise it; ENOSYS: an old kernel; EPERM: a seccomp
+     * profile (some container runtimes) refusing the call. A hard link cannot replace either. */
+    if (errno != EINVAL && errno != ENOSYS && errno != EPERM)
         return -errno;
+    if (link(from, to) == 0) {
+        if (unlink(from) == 0)
+            return 0;
+        int e = errno;
+        unlink(to); /* keep one name: the temporary one, which recovery knows */
+        return -e;
+    }
+    if (errno != EPERM && errno != EOPNOTSUPP && errno != ENOSYS)
+        return -errno;
+    /* No hard links here either (FAT, some FUSE): check, then rename, the last resort of a
+     * file system that can do neither (the window between the two cannot be closed). */
     if (access(to, F_OK) == 0)
         return -EEXIST;
     return rename(from, to) == 0 ? 0 : -errno;

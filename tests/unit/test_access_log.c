@@ -18,12 +18,17 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <zstd.h>
@@ -1068,6 +1073,81 @@ static void test_leftovers_recovered(void **state)
     unlink(alive);
 }
 
+/* Makes renameat2 fail with `err` in the calling thread and the threads it starts from now
+ * on (for a child process: it cannot be undone). 0 or -1. */
+static int deny_renameat2(int err)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_renameat2, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ((unsigned)err & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = sizeof f / sizeof f[0], .filter = f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
+/* The child of test_rename_without_noreplace: writes 10 records with renameat2 failing. */
+static int rename_child(char *dir, int err)
+{
+    if (deny_renameat2(err) < 0)
+        return 10;
+    struct sl_access_log_conf c = base_conf(dir);
+    char msg[256];
+    struct sl_alog *a = sl_alog_new(&c, 1, msg, sizeof msg);
+    if (!a)
+        return 11;
+    struct fake f;
+    for (unsigned i = 0; i < 10; i++) {
+        fake_init(&f, i);
+        sl_alog_record(a, 0, &f.req);
+    }
+    if (sl_alog_start(a) != 0)
+        return 12;
+    sl_alog_stop(a);
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    sl_alog_free(a);
+    return st.records_written == 10 && st.segments_closed == 1 && st.segments_failed == 0 ? 0 : 13;
+}
+
+/* Where renameat2 cannot promise not to replace (EINVAL: the file system; ENOSYS: the kernel;
+ * EPERM: a seccomp profile), a segment still gets its final name, through a hard link. */
+static void test_rename_without_noreplace(void **state)
+{
+    char *dir = *state;
+    static const int errs[] = {EINVAL, ENOSYS, EPERM};
+    for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
+        fflush(NULL);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0)
+            _exit(rename_child(dir, errs[i]));
+        int status = 0;
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+        DIR *d = opendir(dir);
+        assert_non_null(d);
+        struct dirent *e;
+        int files = 0;
+        while ((e = readdir(d)) != NULL) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+                continue;
+            files++;
+            assert_int_equal(strncmp(e->d_name, "sluice-", 7), 0); /* final, no temporary */
+            char path[512];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            assert_int_equal(count_lines(path), 10);
+            unlink(path);
+        }
+        closedir(d);
+        assert_int_equal(files, 1);
+    }
+}
+
 /* A missing directory is created, parents included. */
 static void test_directory_created(void **state)
 {
@@ -1107,6 +1187,7 @@ int main(void)
         DIR_TEST(test_directory_unwritable),
         DIR_TEST(test_write_error_keeps_earlier_batches),
         DIR_TEST(test_leftovers_recovered),
+        DIR_TEST(test_rename_without_noreplace),
         DIR_TEST(test_directory_created),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
