@@ -1009,19 +1009,24 @@ static void flush_batch(struct sl_alog *a)
 /*
  * Length of the longest prefix of `p` that is a zstd frame header plus at least one whole
  * block, and whether a last block closed the frame (*ended); 0 when there is none. Frames
- * written here declare no content size and no checksum; a header that does is not cut.
- * RFC 8878 section 3.1.1.
+ * written here declare no content size and no checksum; a file that does not start the way
+ * they do (another magic number, a header with those flags) is not ours to cut: 0 with
+ * *foreign set. RFC 8878 section 3.1.1.
  */
-static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended)
+static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended, bool *foreign)
 {
+    static const unsigned char magic[4] = {0x28, 0xb5, 0x2f, 0xfd};
+    _Static_assert(ZSTD_MAGICNUMBER == 0xFD2FB528, "magic bytes, little-endian");
     *ended = false;
-    if (n < 6 || ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                  (uint32_t)p[3] << 24) != ZSTD_MAGICNUMBER)
-        return 0;
+    *foreign = memcmp(p, magic, n < 4 ? n : 4) != 0;
+    if (*foreign || n < 6)
+        return 0; /* not ours, or a torn start of ours */
     unsigned desc = p[4];
     bool single = desc & 0x20;
-    if ((desc >> 6) != 0 || single || (desc & 0x08) || (desc & 0x04))
-        return 0; /* content size, single segment, reserved bit, checksum */
+    if ((desc >> 6) != 0 || single || (desc & 0x08) || (desc & 0x04)) {
+        *foreign = true; /* content size, single segment, reserved bit, checksum */
+        return 0;
+    }
     static const size_t did_size[4] = {0, 1, 2, 4};
     size_t off = 4 + 1 + 1 + did_size[desc & 3], good = 0;
     while (off <= n && n - off >= 3) {
@@ -1043,7 +1048,8 @@ static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended)
 
 /* Makes a temporary segment whose writer died a complete one: cut after its last whole block
  * and end the frame there. 1 when it now has a final name (in `final`), 0 when it held no
- * whole block (removed), -errno on an I/O error (left as it is). */
+ * whole block (removed), 2 when it does not start as our frames do (left as it is: a reader
+ * may know what it is), -errno on an I/O error (left as it is). */
 static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, uint64_t seq,
                        char *final, size_t cap)
 {
@@ -1057,15 +1063,19 @@ static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, u
         goto out;
     }
     size_t n = (size_t)st.st_size, good = 0;
-    bool ended = false;
-    if (n >= 3) {
+    bool ended = false, foreign = false;
+    if (n > 0) {
         void *m = mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, 0);
         if (m == MAP_FAILED) {
             rc = -errno;
             goto out;
         }
-        good = whole_blocks(m, n, &ended);
+        good = whole_blocks(m, n, &ended, &foreign);
         munmap(m, n);
+    }
+    if (foreign) {
+        rc = 2;
+        goto out;
     }
     if (good == 0) {
         rc = unlinkat(dfd, name, 0) == 0 ? 0 : -errno;
@@ -1095,8 +1105,10 @@ static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, u
         final_name(final, cap, a->dir, ms, pid, seq + k * 1000000);
         rc = rename_new(from, final);
     }
-    if (rc == 0)
+    if (rc == 0) {
+        fsync(dfd); /* the rename, before the segment is handed on as closed */
         rc = 1;
+    }
 out:
     close(fd);
     return rc;
@@ -1141,6 +1153,10 @@ static void recover_leftovers(struct sl_alog *a)
                 a->on_segment(final, a->on_segment_data);
         } else if (rc == 0) {
             removed++;
+        } else if (rc == 2) {
+            SL_WARN("access log: %s/%s is not a segment this version writes (its header differs); "
+                    "left as it is",
+                    a->dir, name);
         } else {
             failed++;
             SL_WARN("access log: cannot finish %s/%s left by a stopped process: %s", a->dir, name,

@@ -51,8 +51,8 @@ void sl_alog_on_segment(struct sl_alog *a, void (*cb)(const char *path, void *da
 /*
  * Starts the log thread (it takes no signals). Before its first pass, the thread finishes
  * the temporary segments that processes which are gone left in the directory (cut after their
- * last whole block and renamed; one with nothing readable is removed; logged with counts).
- * Returns 0, or -errno.
+ * last whole block and renamed; one with nothing readable is removed; one that does not begin
+ * as this writer's segments do is left in place; logged). Returns 0, or -errno.
  */
 int sl_alog_start(struct sl_alog *a);
 

@@ -1008,7 +1008,8 @@ static void find_one(const char *dir, const char *part, char *out, size_t cap)
  * readable file. At the next start, temporary segments of processes that are gone (or of our
  * own pid: a previous life) are finished and renamed (cut after their last whole block when
  * the writer died inside a batch) and handed to the hook; one with no whole block is
- * removed; one of a live process is left alone.
+ * removed; one of a live process is left alone; one that does not start as ours do (another
+ * magic number, a frame declaring its size) is left as it is.
  */
 static bool two_hooked(struct sl_alog *a)
 {
@@ -1028,12 +1029,21 @@ static void test_leftovers_recovered(void **state)
     find_one(dir, ".sluice-", live, sizeof live);
     assert_int_equal(count_lines(live), 30); /* readable while still open */
 
-    char dead1[512], dead2[512], junk[512], empty[512], alive[512];
+    char dead1[512], dead2[512], junk[512], empty[512], alive[512], sized[512];
     snprintf(dead1, sizeof dead1, "%s/.sluice-2147483000-000001.jsonl.zst.tmp", dir);
     snprintf(dead2, sizeof dead2, "%s/.sluice-2147483001-000002.jsonl.zst.tmp", dir);
     snprintf(junk, sizeof junk, "%s/.sluice-2147483002-000001.jsonl.zst.tmp", dir);
     snprintf(empty, sizeof empty, "%s/.sluice-%d-000009.jsonl.zst.tmp", dir, (int)getpid());
     snprintf(alive, sizeof alive, "%s/.sluice-1-000002.jsonl.zst.tmp", dir); /* init */
+    snprintf(sized, sizeof sized, "%s/.sluice-2147483003-000001.jsonl.zst.tmp", dir);
+    static const char line[] = "{\"a\":1}\n";
+    unsigned char frame[256];
+    size_t flen = ZSTD_compress(frame, sizeof frame, line, sizeof line - 1, 1);
+    assert_false(ZSTD_isError(flen)); /* one-shot: the header declares the content size */
+    int sfd = open(sized, O_WRONLY | O_CREAT, 0600);
+    assert_true(sfd >= 0);
+    assert_int_equal(write(sfd, frame, flen), (ssize_t)flen);
+    close(sfd);
     copy_file(live, dead1, 0, NULL, 0); /* died between batches */
     /* died inside a batch: the end block overwritten by the start of a 1000-byte block */
     static const unsigned char partial[] = {0x44, 0x1f, 0x00, 'x', 'y', 'z'};
@@ -1059,10 +1069,16 @@ static void test_leftovers_recovered(void **state)
     sl_alog_free(a);
     assert_int_equal(hook_calls, 2);
 
-    const char *gone[] = {dead1, dead2, junk, empty};
-    for (int i = 0; i < 4; i++)
+    const char *gone[] = {dead1, dead2, empty};
+    for (int i = 0; i < 3; i++)
         assert_int_equal(access(gone[i], F_OK), -1);
     assert_int_equal(access(alive, F_OK), 0);
+    /* not ours to cut or remove: left as they were */
+    struct stat js;
+    assert_int_equal(stat(junk, &js), 0);
+    assert_int_equal(stat(sized, &js), 0);
+    assert_int_equal(js.st_size, (off_t)flen);
+    assert_int_equal(count_lines(sized), 1);
     char path[512];
     find_one(dir, "-2147483000-000001.jsonl.zst", path, sizeof path);
     assert_int_equal(strstr(path, "/sluice-") != NULL, 1); /* a final name */
