@@ -50,7 +50,7 @@ struct exchange {
     enum ex_state state;
     struct sl_wep *wep; /* endpoint of the current attempt (a use held) */
     bool probe;         /* the current attempt is a half-open probe */
-    struct sl_endpoint *tried[SL_PICK_MAX_EXCLUDE];
+    struct sl_endpoint *tried[SL_PICK_MAX_EXCLUDE]; /* each holds a reference */
     size_t tried_count;
     const struct sl_retry_conf *rc;
     unsigned retries;
@@ -251,6 +251,8 @@ static void ex_end(struct exchange *ex)
         ex->counted_request = false;
     }
     ex->state = EX_DONE;
+    while (ex->tried_count)
+        sl_endpoint_unref(ex->tried[--ex->tried_count]);
     ex->req->handler_state = NULL;
     ex->req->log.retries = ex->retries;
     if (ex->req->log.upstream_start_us && !ex->req->log.upstream_end_us)
@@ -697,6 +699,9 @@ static void ex_try_endpoint(struct exchange *ex)
     }
     ex->wep = w;
     ex->probe = probe;
+    /* A reference: a new endpoint set (discovery, the admin API) may drop the endpoint while
+     * this request still compares against it on a retry. */
+    sl_endpoint_ref(w->ep);
     ex->tried[ex->tried_count++] = w->ep;
     /* The endpoint may be freed before the request ends (a new set): the log keeps a copy. */
     ex->req->log.endpoint =
