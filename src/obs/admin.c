@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -365,6 +366,81 @@ static bool authorized(const struct sl_admin *a, const struct sl_request *req)
     unsigned char sha[32];
     sl_sha256(v.ptr + i, end - i, sha);
     return CRYPTO_memcmp(sha, a->token_sha256, sizeof sha) == 0;
+}
+
+/* ---- where a request comes from ---- */
+
+/* True when `h` is "localhost", an IPv4 literal or a bracketed IPv6 literal, with an optional
+ * port: a name a DNS-rebinding page can point at 127.0.0.1 is none of these. */
+static bool host_is_literal(struct sl_slice h)
+{
+    char buf[256];
+    if (h.len == 0 || h.len >= sizeof buf)
+        return false;
+    memcpy(buf, h.ptr, h.len);
+    buf[h.len] = '\0';
+    char *host = buf;
+    char *port = NULL;
+    if (buf[0] == '[') {
+        char *close = strchr(buf, ']');
+        if (!close)
+            return false;
+        *close = '\0';
+        host = buf + 1;
+        if (close[1] == ':')
+            port = close + 2;
+        else if (close[1] != '\0')
+            return false;
+    } else {
+        char *colon = strchr(buf, ':');
+        if (colon) {
+            *colon = '\0';
+            port = colon + 1;
+        }
+    }
+    if (port) {
+        size_t n = strlen(port);
+        if (n == 0 || n > 5 || strspn(port, "0123456789") != n)
+            return false;
+    }
+    unsigned char addr[16];
+    if (host != buf)
+        return inet_pton(AF_INET6, host, addr) == 1;
+    return strcasecmp(host, "localhost") == 0 || inet_pton(AF_INET, host, addr) == 1;
+}
+
+/* True when the request has no Origin, or its Origin is this very Host (http or https): a
+ * browser sends Origin on every cross-site POST, which a page cannot forge. */
+static bool origin_ok(const struct sl_request *req)
+{
+    struct sl_slice o, h;
+    if (!sl_request_header(req, "Origin", &o))
+        return true;
+    if (!sl_request_header(req, "Host", &h) || h.len == 0)
+        return false;
+    static const char *const schemes[] = {"http://", "https://"};
+    for (size_t i = 0; i < 2; i++) {
+        size_t sl = strlen(schemes[i]);
+        if (o.len == sl + h.len &&
+            sl_slice_ieq(sl_slice_make(o.ptr, sl), sl_slice_make(schemes[i], sl)) &&
+            sl_slice_ieq(sl_slice_make(o.ptr + sl, h.len), h))
+            return true;
+    }
+    return false;
+}
+
+/* True when the Content-Type's media type is application/json (parameters allowed). */
+static bool is_json_body(const struct sl_request *req)
+{
+    struct sl_slice v;
+    if (!sl_request_header(req, "Content-Type", &v))
+        return false;
+    size_t n = 0;
+    while (n < v.len && v.ptr[n] != ';')
+        n++;
+    while (n && (v.ptr[n - 1] == ' ' || v.ptr[n - 1] == '\t'))
+        n--;
+    return sl_slice_ieq(sl_slice_make(v.ptr, n), SL_SLICE_LIT("application/json"));
 }
 
 /* ---- the admin endpoint lists ---- */
@@ -1278,6 +1354,20 @@ static void on_request(struct sl_request *req)
             bad = true; /* trailing slash */
     }
 #define IS(k, lit) sl_slice_eq(seg[k], SL_SLICE_LIT(lit))
+    /* A web page in a browser on this host can reach a loopback admin: it cannot set Origin
+     * (so a foreign one is refused) nor, when it got here by DNS rebinding, a Host that is an
+     * address literal (so a name is refused unless a token protects the API anyway). */
+    if (!origin_ok(req)) {
+        respond_error(req, 403, "cross_origin",
+                      "a request from another origin (Origin header) is refused");
+        return;
+    }
+    struct sl_slice host;
+    if (!a->auth && sl_request_header(req, "Host", &host) && !host_is_literal(host)) {
+        respond_error(req, 403, "bad_host",
+                      "without a token the Host header must be an IP address or localhost");
+        return;
+    }
     /* The probes load balancers send, and the page (which holds no data; its script sends
      * the token it was given), need no token. */
     bool public =
@@ -1338,8 +1428,15 @@ static void on_request(struct sl_request *req)
         return;
     }
     if (nseg == 3) {
-        if (method_ok(req, SL_METHOD_POST, "POST"))
-            start_body(a, req, OP_ADD_ENDPOINT, name);
+        if (!method_ok(req, SL_METHOD_POST, "POST"))
+            return;
+        /* A form or a no-cors fetch cannot send application/json without a preflight. */
+        if (!is_json_body(req)) {
+            respond_error(req, 415, "unsupported_media_type",
+                          "the body must be sent as Content-Type: application/json");
+            return;
+        }
+        start_body(a, req, OP_ADD_ENDPOINT, name);
         return;
     }
     char *addr = decode_segment(req, seg[3]);

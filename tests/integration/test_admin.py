@@ -474,3 +474,55 @@ def test_drain_turns_ready_503_then_exits_0(gateway, backend):
     assert admin(g, "GET", "/live").status == 200
     assert g.wait_exit(10) == 0, g.diag()
     assert "admin API" in g.stderr_text()
+
+
+# ---- browsers on the admin's host ----
+
+
+def test_cross_origin_requests_are_refused(gateway, backend, tmp_path):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    evil = [("Origin", "http://evil.example")]
+    assert_error(admin(g, "POST", "/drain", headers=evil), 403, "cross_origin")
+    assert_error(admin(g, "POST", "/upstreams/app/endpoints", {"address": "127.0.0.1:9"},
+                       headers=evil), 403, "cross_origin")
+    assert_error(admin(g, "GET", "/status", headers=[("Origin", "null")]), 403, "cross_origin")
+    # the status page's own fetches come from the same origin
+    same = [("Host", "127.0.0.1:%d" % g.ports["admin"]),
+            ("Origin", "http://127.0.0.1:%d" % g.ports["admin"])]
+    assert admin(g, "GET", "/status", headers=same).status == 200
+    assert get_json(g, "/ready") == {"status": "ready"}
+    # with a token too
+    tok = write_token(tmp_path, TOKEN + "\n")
+    g2 = gateway(config(admin_extra="  token_file: %s\n" % tok), B1=b.addr)
+    assert_error(admin(g2, "GET", "/status", token=TOKEN, headers=evil), 403, "cross_origin")
+
+
+def test_dns_rebinding_host_is_refused_without_token(gateway, backend, tmp_path):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    for host in ("evil.example", "evil.example:%d" % g.ports["admin"], "127.0.0.1.nip.io"):
+        assert_error(admin(g, "GET", "/status", headers=[("Host", host)]), 403, "bad_host")
+    for host in ("127.0.0.1", "127.0.0.1:%d" % g.ports["admin"], "localhost:80", "[::1]:8080",
+                 "[::1]", "LOCALHOST"):
+        assert admin(g, "GET", "/status", headers=[("Host", host)]).status == 200, host
+    # a token already stops a rebinding page, so any name is accepted with it
+    tok = write_token(tmp_path, TOKEN + "\n")
+    g2 = gateway(config(admin_extra="  token_file: %s\n" % tok), B1=b.addr)
+    r = admin(g2, "GET", "/status", token=TOKEN, headers=[("Host", "admin.internal")])
+    assert r.status == 200, r
+
+
+def test_post_endpoint_needs_json_content_type(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    body = json.dumps({"address": "127.0.0.1:9"}).encode()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        assert_error(admin(g, "POST", "/upstreams/app/endpoints", body,
+                           headers=[("Content-Type", ctype)]), 415, "unsupported_media_type")
+    with RawClient(g.ports["admin"], timeout=10) as c:
+        c.send(build_request("POST", "/upstreams/app/endpoints", [], body, host="127.0.0.1"))
+        assert_error(c.read_response(timeout=10), 415)
+    r = admin(g, "POST", "/upstreams/app/endpoints", body,
+              headers=[("Content-Type", "Application/JSON; charset=utf-8")])
+    assert r.status == 201, r
