@@ -754,10 +754,10 @@ static void render_process(struct sb *s, struct sl_obs *obs, struct sl_metrics *
     struct lbl v = {"version", version};
     sample_u64(s, "sluice_build_info", &v, 1, 1);
 
-    pthread_mutex_lock(&obs->lock);
+    pthread_mutex_lock(&obs->hist_lock);
     uint64_t gen = obs->generation, ok = obs->reloads, failed = obs->reload_failures,
              rollbacks = obs->rollbacks;
-    pthread_mutex_unlock(&obs->lock);
+    pthread_mutex_unlock(&obs->hist_lock);
     family(s, "sluice_config_generation", "gauge",
            "Config generation serving now: 1 at start, +1 per reload that took.");
     sample_u64(s, "sluice_config_generation", NULL, 0, gen);

@@ -103,6 +103,21 @@ static int read_file(const char *path, char **out, size_t *out_len)
     return 0;
 }
 
+/* Cuts a string that snprintf may have cut inside a UTF-8 sequence back to its last whole
+ * character, so that the message stays valid text for logs and JSON. */
+static void utf8_trim_tail(char *s)
+{
+    size_t n = strlen(s), i = n;
+    while (i > 0 && ((unsigned char)s[i - 1] & 0xC0) == 0x80)
+        i--; /* continuation bytes */
+    if (i == 0 || (unsigned char)s[i - 1] < 0x80)
+        return;
+    unsigned char lead = (unsigned char)s[i - 1];
+    size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+    if (n - (i - 1) < need)
+        s[i - 1] = '\0';
+}
+
 /* Loads `text` as the config file `path`; on failure the errors go into `msg`. */
 static struct sl_config *load_text(const char *path, const char *text, size_t len, char *msg,
                                    size_t cap)
@@ -121,6 +136,7 @@ static struct sl_config *load_text(const char *path, const char *text, size_t le
             off += (size_t)n < cap - off ? (size_t)n : cap - off - 1;
         }
         sl_config_errors_dispose(&errs);
+        utf8_trim_tail(msg);
         return NULL;
     }
     sl_config_errors_dispose(&errs);
@@ -206,7 +222,9 @@ static int apply(struct sl_process *p, char *text, size_t len, bool rollback, ch
         return -1;
     }
     struct sl_runtime *rt = sl_gateway_runtime_acquire(obs->gw);
+    pthread_mutex_lock(&obs->hist_lock);
     obs->generation = rt->generation;
+    pthread_mutex_unlock(&obs->hist_lock);
     sl_admin_on_reload(obs->admin, rt);
     sl_runtime_release(rt);
     free(p->prev_text);
@@ -245,15 +263,19 @@ static int do_reload(struct sl_obs *obs, char *msg, size_t cap)
     } else {
         rc = apply(p, text, len, false, msg, cap);
     }
+    pthread_mutex_lock(&obs->hist_lock);
     obs->last_reload_unix_ms = wall_ms();
     if (rc == 0) {
         obs->reloads++;
         obs->last_reload_error[0] = '\0';
+        pthread_mutex_unlock(&obs->hist_lock);
         SL_INFO("reload: configuration generation %llu from %s is live",
                 (unsigned long long)obs->generation, obs->config_path);
     } else {
         obs->reload_failures++;
         snprintf(obs->last_reload_error, sizeof obs->last_reload_error, "%s", msg);
+        utf8_trim_tail(obs->last_reload_error);
+        pthread_mutex_unlock(&obs->hist_lock);
         SL_ERR("reload rejected, the running configuration stays:\n%s", msg);
     }
     pthread_mutex_unlock(&obs->lock);
@@ -284,10 +306,12 @@ static void watch_reload(struct sl_process *p, uint64_t now)
         p->prev_text = NULL;
         char msg[2048];
         if (apply(p, text, len, true, msg, sizeof msg) == 0) {
+            pthread_mutex_lock(&obs->hist_lock);
             obs->rollbacks++;
             snprintf(obs->last_reload_error, sizeof obs->last_reload_error,
                      "rolled back: %llu of %llu responses were 5xx", (unsigned long long)bad,
                      (unsigned long long)req);
+            pthread_mutex_unlock(&obs->hist_lock);
             SL_INFO("reload: rolled back; configuration generation %llu is live",
                     (unsigned long long)obs->generation);
         } else {
@@ -323,6 +347,7 @@ struct sl_process *sl_process_start(const char *path, struct sl_config *cfg, con
     obs->reload = do_reload;
     obs->request_drain = request_drain;
     pthread_mutex_init(&obs->lock, NULL);
+    pthread_mutex_init(&obs->hist_lock, NULL);
     obs->started_unix_ms = wall_ms();
     obs->started_mono_ms = sl_clock_now_ms();
     obs->generation = 1;
@@ -471,5 +496,6 @@ void sl_process_stop(struct sl_process *p, bool workers_exited)
     free(p->prev_text);
     free(obs->config_path);
     pthread_mutex_destroy(&obs->lock);
+    pthread_mutex_destroy(&obs->hist_lock);
     free(p);
 }

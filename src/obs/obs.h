@@ -32,8 +32,11 @@ struct sl_obs {
     uint64_t started_mono_ms;   /* sl_clock_now_ms() at start */
     _Atomic bool draining;      /* a drain began: /ready answers 503 from then on */
     _Atomic bool started;       /* listeners open and workers running */
-    /* reload history; `lock` guards it and serializes reloads (never taken on a request path) */
+    /* `lock` serializes reloads (held for a whole reload; never taken on a request path);
+     * `hist_lock` guards the reload history below, held only for a copy, so that readers
+     * (admin, metrics) never wait for a reload. */
     pthread_mutex_t lock;
+    pthread_mutex_t hist_lock;
     uint64_t generation; /* current config generation (1 at start) */
     uint64_t reloads;    /* that took */
     uint64_t reload_failures;
