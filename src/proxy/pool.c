@@ -199,9 +199,15 @@ static struct sl_endpoint_set *build_set(struct sl_pool *p)
     for (int s = 0; s < SL_POOL_SRC_COUNT; s++) {
         for (size_t i = 0; i < p->src_count[s]; i++) {
             const struct sl_endpoint_spec *sp = &p->src[s][i];
+            /* One endpoint per socket address: "localhost:80" from the file and
+             * "127.0.0.1:80" from the admin API are the same backend. */
             bool dup = false;
-            for (size_t j = 0; j < set->count && !dup; j++)
-                dup = set->eps[j] && strcmp(set->eps[j]->address, sp->address) == 0;
+            for (size_t j = 0; j < set->count && !dup; j++) {
+                const struct sl_endpoint *e = set->eps[j];
+                dup = e && (strcmp(e->address, sp->address) == 0 ||
+                            (sp->addr_len && e->addr_len == sp->addr_len &&
+                             memcmp(&e->addr, &sp->addr, sp->addr_len) == 0));
+            }
             if (dup)
                 continue;
             struct sl_endpoint *e = find_same(p->current, sp);

@@ -735,6 +735,31 @@ static void test_set_source_publishes_on_change(void **state)
     free(u);
 }
 
+/* A name and an IP for the same socket address are one endpoint: the first source's. */
+static void test_set_source_dedup_by_socket_address(void **state)
+{
+    (void)state;
+    struct up *u = up_new(1); /* config: 10.0.0.1:80 */
+
+    snprintf(u->addrs[0], sizeof u->addrs[0], "backend.internal:80"); /* resolved to 10.0.0.1 */
+    u->eps[0].weight = 2;
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
+    assert_non_null(p);
+    struct sl_endpoint_spec admin = {0};
+    admin.address = "10.0.0.1:80";
+    admin.addr = u->eps[0].addr;
+    admin.addr_len = u->eps[0].addr_len;
+    admin.weight = 1000;
+    sl_pool_set_source(p, SL_POOL_SRC_ADMIN, &admin, 1);
+    struct sl_endpoint_set *s = sl_pool_acquire_set(p);
+    assert_int_equal(s->count, 1);
+    assert_string_equal(s->eps[0]->address, "backend.internal:80");
+    assert_int_equal(s->eps[0]->weight, 2);
+    sl_endpoint_set_unref(s);
+    sl_pool_free(p);
+    free(u);
+}
+
 static void test_set_source_union(void **state)
 {
     (void)state;
@@ -891,6 +916,7 @@ int main(void)
         cmocka_unit_test(test_retry_budget),
         cmocka_unit_test(test_set_source_publishes_on_change),
         cmocka_unit_test(test_set_source_union),
+        cmocka_unit_test(test_set_source_dedup_by_socket_address),
         cmocka_unit_test(test_set_source_to_workers),
         cmocka_unit_test(test_tls_name),
     };
