@@ -472,7 +472,12 @@ void sl_process_stop(struct sl_process *p, bool workers_exited)
         obs->gw = NULL;
     }
     if (obs->alog) {
-        sl_alog_stop(obs->alog); /* logs its own summary line */
+        /* Logs its own summary line. False: the log thread was given up on (a stuck disk)
+         * and may still hand a segment to the shipper, which must then outlive us. */
+        if (!sl_alog_stop(obs->alog)) {
+            sl_metrics_set_log_ship(obs->metrics, NULL);
+            p->ship = NULL;
+        }
         sl_alog_free(obs->alog);
         obs->alog = NULL;
     }
