@@ -42,6 +42,9 @@
 #define RELOAD_MSG_BYTES 8192
 #define TOKEN_FILE_MAX 4096
 #define ZONE_MAX 128
+/* Open admin connections at most: beyond, a new one is closed at once, so a client that opens
+ * connections without end cannot take the process's descriptors from the gateway. */
+#define ADMIN_MAX_CONNS 64
 
 /* One endpoint the admin API added to an upstream. */
 struct admin_ep {
@@ -76,6 +79,10 @@ struct sl_admin {
      * made while a reload swaps generations reaches the new pools too. */
     pthread_mutex_t lock;
     struct admin_list *lists;
+    /* Admin thread only: connections closed at accept for the cap, and whether the current
+     * stretch of refusals has been logged. */
+    uint64_t conns_refused;
+    uint64_t stretch_refused;
 };
 
 /* What a request needs between its head and its body (in the request's arena). */
@@ -663,6 +670,10 @@ static json_t *status_json(struct sl_admin *a)
                             json_integer(sl_gateway_open_connections(obs->gw)));
     }
     json_object_set_new(o, "requests", requests_json(obs));
+    json_t *adm = json_object();
+    json_object_set_new(adm, "open_connections", json_u64(a->srv.conn_count));
+    json_object_set_new(adm, "refused_connections", json_u64(a->conns_refused));
+    json_object_set_new(o, "admin", adm);
     struct sl_runtime *rt = acquire_rt(a);
     if (rt) {
         json_object_set_new(o, "listeners", listeners_json(rt->cfg));
@@ -1475,6 +1486,19 @@ static void on_accept(struct sl_acceptor *acc, int fd, const struct sockaddr *pe
                       socklen_t peer_len)
 {
     struct sl_admin *a = acc->data;
+    if (a->srv.conn_count >= ADMIN_MAX_CONNS) {
+        close(fd);
+        a->conns_refused++;
+        if (a->stretch_refused++ == 0)
+            SL_WARN("admin: %d connections are open; closing new ones until one ends",
+                    ADMIN_MAX_CONNS);
+        return;
+    }
+    if (a->stretch_refused) {
+        SL_INFO("admin: accepting connections again (%llu closed at once meanwhile)",
+                (unsigned long long)a->stretch_refused);
+        a->stretch_refused = 0;
+    }
     sl_h1_server_accept(&a->srv, fd, peer, peer_len);
 }
 

@@ -526,3 +526,26 @@ def test_post_endpoint_needs_json_content_type(gateway, backend):
     r = admin(g, "POST", "/upstreams/app/endpoints", body,
               headers=[("Content-Type", "Application/JSON; charset=utf-8")])
     assert r.status == 201, r
+
+
+def test_admin_connections_are_capped(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    held = []
+    try:
+        for _ in range(64):
+            held.append(socket.create_connection(("127.0.0.1", g.ports["admin"]), timeout=10))
+        # the 64 held connections were accepted first (accept takes them in order)
+        for _ in range(3):
+            with RawClient(g.ports["admin"], timeout=10) as c:
+                closed, extra = c.wait_closed(timeout=5)
+                assert closed and extra == b"", "a connection over the cap stayed open"
+    finally:
+        for s in held:
+            s.close()
+    assert poll(lambda: admin(g, "GET", "/live").status == 200, timeout=5)
+    s = get_json(g, "/status")
+    assert s["admin"]["refused_connections"] == 3, s
+    text = g.stderr_text()
+    assert text.count("closing new ones until one ends") == 1, text
+    assert "accepting connections again (3 closed at once meanwhile)" in text, text
