@@ -41,10 +41,11 @@
 #define ADMIN_TIMEOUT_MS 10000
 #define RELOAD_MSG_BYTES 8192
 #define TOKEN_FILE_MAX 4096
-#define ZONE_MAX 128
 /* Open admin connections at most: beyond, a new one is closed at once, so a client that opens
  * connections without end cannot take the process's descriptors from the gateway. */
 #define ADMIN_MAX_CONNS 64
+/* Endpoints the admin API may add to one upstream: each change rebuilds the pool's set. */
+#define ADMIN_MAX_EPS 1000
 
 /* One endpoint the admin API added to an upstream. */
 struct admin_ep {
@@ -373,6 +374,19 @@ static bool authorized(const struct sl_admin *a, const struct sl_request *req)
     unsigned char sha[32];
     sl_sha256(v.ptr + i, end - i, sha);
     return CRYPTO_memcmp(sha, a->token_sha256, sizeof sha) == 0;
+}
+
+/* The config's rule for names (check_name in config.c): 1 to 64 letters, digits, '_', '-' or
+ * '.'. A zone is written to the log and compared with the config's zones. */
+static bool valid_name(const char *s, size_t len)
+{
+    bool ok = len > 0 && len <= 64;
+    for (size_t i = 0; ok && i < len; i++) {
+        char ch = s[i];
+        ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+             ch == '_' || ch == '-' || ch == '.';
+    }
+    return ok;
 }
 
 /* ---- where a request comes from ---- */
@@ -1092,9 +1106,14 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
             ep.weight = (uint32_t)json_integer_value(jweight);
     }
     if (!why && jzone && !json_is_null(jzone) &&
-        (!json_is_string(jzone) || json_string_length(jzone) == 0 ||
-         json_string_length(jzone) > ZONE_MAX))
-        why = "\"zone\" must be a non-empty string of at most 128 bytes";
+        (!json_is_string(jzone) ||
+         !valid_name(json_string_value(jzone), json_string_length(jzone)))) {
+        respond_error(req, 400, "bad_zone",
+                      "\"zone\" must be 1 to 64 letters, digits, '_', '-' or '.' (as zones in "
+                      "the config)");
+        json_decref(j);
+        return;
+    }
     if (why) {
         respond_error(req, 400, "bad_request", "%s", why);
         json_decref(j);
@@ -1116,6 +1135,8 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
     for (size_t i = 0; !status && l && i < l->count; i++)
         if (same_sockaddr(&l->eps[i].addr, &ep.addr))
             status = 409;
+    if (!status && l && l->count >= ADMIN_MAX_EPS)
+        status = 429; /* answered as 409 too_many_endpoints */
     if (!status && !l) {
         l = calloc(1, sizeof *l);
         if (l && !(l->upstream = strdup(upstream))) {
@@ -1171,6 +1192,10 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
                       "upstream %s already has %s from the admin API (DELETE it first to change "
                       "its weight or zone)",
                       upstream, ep.address);
+    else if (status == 429)
+        respond_error(req, 409, "too_many_endpoints",
+                      "upstream %s already has %d endpoints from the admin API", upstream,
+                      ADMIN_MAX_EPS);
     else if (!t.rt)
         respond_error(req, 503, "not_running", "the gateway is not running");
     else

@@ -549,3 +549,31 @@ def test_admin_connections_are_capped(gateway, backend):
     text = g.stderr_text()
     assert text.count("closing new ones until one ends") == 1, text
     assert "accepting connections again (3 closed at once meanwhile)" in text, text
+
+
+def test_zone_must_be_a_config_name(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    url = "/upstreams/app/endpoints"
+    for zone in ("a\n2026-11-28T00:00:00Z INFO forged", "", "x" * 65, "a b", "zone/1", 5):
+        assert_error(admin(g, "POST", url, {"address": "127.0.0.1:9000", "zone": zone}), 400,
+                     "bad_zone")
+    assert "forged" not in g.stderr_text()
+    r = admin(g, "POST", url, {"address": "127.0.0.1:9000", "zone": "eu-west_1." + "z" * 54})
+    assert r.status == 201, r
+
+
+def test_admin_endpoints_per_upstream_are_capped(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    url = "/upstreams/app/endpoints"
+    with RawClient(g.ports["admin"], timeout=30) as c:
+        for i in range(1000):
+            body = json.dumps({"address": "127.0.%d.%d:9" % (i // 250, i % 250 + 1)}).encode()
+            c.send(build_request("POST", url, [("Content-Type", "application/json")], body,
+                                 host="127.0.0.1"))
+            r = c.read_response(timeout=30)
+            assert r.status == 201, (i, r)
+    assert_error(admin(g, "POST", url, {"address": "127.0.9.1:9"}), 409, "too_many_endpoints")
+    assert admin(g, "DELETE", url + "/127.0.0.1:9").status == 204
+    assert admin(g, "POST", url, {"address": "127.0.9.1:9"}).status == 201
