@@ -534,8 +534,11 @@ def test_admin_connections_are_capped(gateway, backend):
     held = []
     try:
         for _ in range(64):
-            held.append(socket.create_connection(("127.0.0.1", g.ports["admin"]), timeout=10))
-        # the 64 held connections were accepted first (accept takes them in order)
+            c = RawClient(g.ports["admin"], timeout=10)
+            held.append(c)
+            # an answer shows the connection was accepted (and stays open: keep-alive)
+            c.send(build_request("GET", "/live", host="127.0.0.1"))
+            assert c.read_response(timeout=10).status == 200
         for _ in range(3):
             with RawClient(g.ports["admin"], timeout=10) as c:
                 closed, extra = c.wait_closed(timeout=5)
