@@ -97,6 +97,80 @@ struct admin_req {
     size_t len, cap;
 };
 
+/* ---- text from outside ---- */
+
+/* Length of the valid UTF-8 sequence at s[0..n), or 0 when it is invalid or cut short (the
+ * rules jansson applies: no overlong forms, no surrogates, nothing above U+10FFFF, no NUL). */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned char b = s[0];
+    if (b >= 0x01 && b < 0x80)
+        return 1;
+    size_t len;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (b >= 0xc2 && b <= 0xdf) {
+        len = 2;
+    } else if (b >= 0xe0 && b <= 0xef) {
+        len = 3;
+        if (b == 0xe0)
+            lo = 0xa0;
+        else if (b == 0xed)
+            hi = 0x9f;
+    } else if (b >= 0xf0 && b <= 0xf4) {
+        len = 4;
+        if (b == 0xf0)
+            lo = 0x90;
+        else if (b == 0xf4)
+            hi = 0x8f;
+    } else {
+        return 0;
+    }
+    if (n < len || s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t i = 2; i < len; i++)
+        if (s[i] < 0x80 || s[i] > 0xbf)
+            return 0;
+    return len;
+}
+
+/*
+ * A malloc'd NUL-terminated copy of s[0..n) with every byte that does not start a valid UTF-8
+ * sequence (a NUL, a stray byte, a sequence cut at the end) replaced by '?'. jansson refuses
+ * invalid UTF-8, and a message cut mid-character must still be shown. NULL when out of memory.
+ */
+static char *utf8_clean(const char *s, size_t n)
+{
+    char *out = malloc(n + 1);
+    if (!out)
+        return NULL;
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq(u + i, n - i);
+        if (k == 0) {
+            out[i++] = '?';
+            continue;
+        }
+        memcpy(out + i, s + i, k);
+        i += k;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+/* A JSON string of outside text (config, request, error message), made valid UTF-8. */
+static json_t *json_textn(const char *s, size_t n)
+{
+    char *c = utf8_clean(s ? s : "", s ? n : 0);
+    json_t *j = c ? json_stringn(c, n) : NULL;
+    free(c);
+    return j;
+}
+
+static json_t *json_text(const char *s)
+{
+    return json_textn(s, s ? strlen(s) : 0);
+}
+
 /* ---- responses ---- */
 
 /* Headers on every admin answer: the data is live and may be secret. */
@@ -114,7 +188,16 @@ static void respond_raw(struct sl_request *req, int status, const char *ctype, c
  */
 static void respond_json_extra(struct sl_request *req, int status, json_t *j, const char *extra)
 {
-    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (!j) {
+        /* json_pack and friends return NULL for text they cannot encode, not only when memory
+         * runs out: say so rather than blame memory. */
+        static const char bad[] = "{\"status\":500,\"error\":\"format_error\",\"message\":"
+                                  "\"the answer could not be encoded as JSON\"}\n";
+        req->log.error = "format_error";
+        respond_raw(req, 500, "application/json", COMMON_HEADERS, bad, sizeof bad - 1);
+        return;
+    }
+    char *text = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     size_t n = text ? strlen(text) : 0;
     char *body = text ? sl_arena_alloc(&req->arena, n + 1) : NULL;
@@ -150,11 +233,9 @@ static void respond_error_extra(struct sl_request *req, int status, const char *
     va_end(ap);
     json_t *j = json_object();
     json_object_set_new(j, "status", json_integer(status));
-    json_object_set_new(j, "error", json_string(name));
-    json_object_set_new(j, "message", json_string(msg));
-    json_object_set_new(
-        j, "request_id",
-        json_stringn(req->request_id.ptr ? req->request_id.ptr : "", req->request_id.len));
+    json_object_set_new(j, "error", json_text(name));
+    json_object_set_new(j, "message", json_text(msg));
+    json_object_set_new(j, "request_id", json_textn(req->request_id.ptr, req->request_id.len));
     req->log.error = name;
     respond_json_extra(req, status, j, extra);
 }
@@ -179,7 +260,7 @@ static void iso_time(uint64_t unix_ms, char *buf, size_t cap)
 
 static json_t *json_str_or_null(const char *s)
 {
-    return s ? json_string(s) : json_null();
+    return s ? json_text(s) : json_null();
 }
 
 static json_t *json_u64(uint64_t v)
@@ -590,9 +671,9 @@ static json_t *listeners_json(const struct sl_config *cfg)
     for (size_t i = 0; i < cfg->listener_count; i++) {
         const struct sl_listener_conf *l = &cfg->listeners[i];
         json_t *o = json_object();
-        json_object_set_new(o, "name", json_string(l->name));
-        json_object_set_new(o, "address", json_string(l->address));
-        json_object_set_new(o, "protocol", json_string(protocol_name(l->protocol)));
+        json_object_set_new(o, "name", json_text(l->name));
+        json_object_set_new(o, "address", json_text(l->address));
+        json_object_set_new(o, "protocol", json_text(protocol_name(l->protocol)));
         json_object_set_new(o, "tls", json_boolean(l->tls.enabled));
         if (l->protocol == SL_LISTENER_TCP)
             json_object_set_new(o, "upstream", json_str_or_null(l->upstream));
@@ -641,19 +722,19 @@ static json_t *status_json(struct sl_admin *a)
     char when[40];
     uint64_t now = sl_clock_now_ms();
     uint64_t up_ms = now > obs->started_mono_ms ? now - obs->started_mono_ms : 0;
-    json_object_set_new(o, "version", json_string(obs->version ? obs->version : ""));
+    json_object_set_new(o, "version", json_text(obs->version ? obs->version : ""));
     json_object_set_new(o, "pid", json_integer(getpid()));
     json_object_set_new(o, "uptime_s", json_u64(up_ms / 1000));
     json_object_set_new(o, "uptime_ms", json_u64(up_ms));
     iso_time(obs->started_unix_ms, when, sizeof when);
-    json_object_set_new(o, "started_at", json_string(when));
+    json_object_set_new(o, "started_at", json_text(when));
 
-    pthread_mutex_lock(&obs->lock);
+    pthread_mutex_lock(&obs->hist_lock);
     uint64_t gen = obs->generation, ok = obs->reloads, failed = obs->reload_failures;
     uint64_t rollbacks = obs->rollbacks, last_at = obs->last_reload_unix_ms;
     json_t *last_error =
-        obs->last_reload_error[0] ? json_string(obs->last_reload_error) : json_null();
-    pthread_mutex_unlock(&obs->lock);
+        obs->last_reload_error[0] ? json_text(obs->last_reload_error) : json_null();
+    pthread_mutex_unlock(&obs->hist_lock);
 
     json_t *conf = json_object();
     json_object_set_new(conf, "path", json_str_or_null(obs->config_path));
@@ -665,7 +746,7 @@ static json_t *status_json(struct sl_admin *a)
     json_object_set_new(rl, "rollbacks", json_u64(rollbacks));
     if (last_at) {
         iso_time(last_at, when, sizeof when);
-        json_object_set_new(rl, "last_at", json_string(when));
+        json_object_set_new(rl, "last_at", json_text(when));
     } else {
         json_object_set_new(rl, "last_at", json_null());
     }
@@ -674,9 +755,9 @@ static json_t *status_json(struct sl_admin *a)
 
     bool draining = atomic_load(&obs->draining), started = atomic_load(&obs->started);
     json_object_set_new(o, "state",
-                        json_string(draining  ? "draining"
-                                    : started ? "ready"
-                                              : "starting"));
+                        json_text(draining  ? "draining"
+                                  : started ? "ready"
+                                            : "starting"));
     json_object_set_new(o, "draining", json_boolean(draining));
     if (obs->gw) {
         json_object_set_new(o, "workers", json_integer(sl_gateway_worker_count(obs->gw)));
@@ -711,24 +792,28 @@ static json_t *match_json(const struct sl_route_match_conf *m)
 {
     json_t *o = json_object();
     if (m->host)
-        json_object_set_new(o, "host", json_string(m->host));
+        json_object_set_new(o, "host", json_text(m->host));
     if (m->path)
-        json_object_set_new(o, "path", json_string(m->path));
+        json_object_set_new(o, "path", json_text(m->path));
     if (m->path_prefix)
-        json_object_set_new(o, "path_prefix", json_string(m->path_prefix));
+        json_object_set_new(o, "path_prefix", json_text(m->path_prefix));
     if (m->methods || m->method_name_count) {
         json_t *arr = json_array();
         for (size_t i = 0; i < sizeof method_names / sizeof method_names[0]; i++)
             if (m->methods & method_names[i].bit)
-                json_array_append_new(arr, json_string(method_names[i].name));
+                json_array_append_new(arr, json_text(method_names[i].name));
         for (size_t i = 0; i < m->method_name_count; i++)
-            json_array_append_new(arr, json_string(m->method_names[i]));
+            json_array_append_new(arr, json_text(m->method_names[i]));
         json_object_set_new(o, "methods", arr);
     }
     if (m->header_count) {
         json_t *h = json_object();
-        for (size_t i = 0; i < m->header_count; i++)
-            json_object_set_new(h, m->headers[i].name, json_string(m->headers[i].value));
+        for (size_t i = 0; i < m->header_count; i++) {
+            char *k = utf8_clean(m->headers[i].name, strlen(m->headers[i].name));
+            if (k)
+                json_object_set_new(h, k, json_text(m->headers[i].value));
+            free(k);
+        }
         json_object_set_new(o, "headers", h);
     }
     return o;
@@ -738,7 +823,7 @@ static json_t *filter_names(const struct sl_filter_conf *f, size_t n)
 {
     json_t *arr = json_array();
     for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr, json_string(f[i].type ? f[i].type->name : "?"));
+        json_array_append_new(arr, json_text(f[i].type ? f[i].type->name : "?"));
     return arr;
 }
 
@@ -766,16 +851,16 @@ static json_t *routes_json(const struct sl_config *cfg, const struct sl_metrics_
         snprintf(fallback, sizeof fallback, "route%zu", rc->index);
         const char *name = rc->name ? rc->name : fallback;
         json_t *o = json_object();
-        json_object_set_new(o, "name", json_string(name));
+        json_object_set_new(o, "name", json_text(name));
         json_t *ls = json_array();
         if (rc->listener_count) {
             for (size_t i = 0; i < rc->listener_count; i++)
-                json_array_append_new(ls, json_string(rc->listeners[i]));
+                json_array_append_new(ls, json_text(rc->listeners[i]));
         } else {
             /* no `listeners:` = every HTTP listener */
             for (size_t i = 0; i < cfg->listener_count; i++)
                 if (cfg->listeners[i].protocol == SL_LISTENER_HTTP)
-                    json_array_append_new(ls, json_string(cfg->listeners[i].name));
+                    json_array_append_new(ls, json_text(cfg->listeners[i].name));
         }
         json_object_set_new(o, "listeners", ls);
         json_object_set_new(o, "match", match_json(&rc->match));
@@ -845,23 +930,23 @@ static unsigned sources_of(const struct sl_pool *p, const struct sl_endpoint *e)
 static json_t *endpoint_json(const struct sl_pool *p, struct sl_endpoint *e, unsigned sources)
 {
     json_t *o = json_object();
-    json_object_set_new(o, "address", json_string(e->address));
+    json_object_set_new(o, "address", json_text(e->address));
     json_object_set_new(o, "zone", json_str_or_null(e->zone));
     json_object_set_new(o, "weight", json_integer(e->weight));
     json_object_set_new(o, "healthy", json_boolean(sl_endpoint_is_healthy(e)));
     json_object_set_new(
-        o, "state", json_string(state_name(atomic_load_explicit(&e->state, memory_order_relaxed))));
+        o, "state", json_text(state_name(atomic_load_explicit(&e->state, memory_order_relaxed))));
     const char *active = "unknown"; /* the upstream has no active check */
     if (p->conf->active.enabled)
         active = atomic_load_explicit(&e->active_down, memory_order_relaxed) ? "down" : "up";
-    json_object_set_new(o, "active_check", json_string(active));
+    json_object_set_new(o, "active_check", json_text(active));
     json_object_set_new(o, "consecutive_failures",
                         json_integer(load_u32(&e->consecutive_failures)));
     json_object_set_new(o, "ejections", json_integer(load_u32(&e->ejections)));
     json_t *src = json_array();
     for (int s = 0; s < SL_POOL_SRC_COUNT; s++)
         if (sources & (1u << s))
-            json_array_append_new(src, json_string(source_names[s]));
+            json_array_append_new(src, json_text(source_names[s]));
     json_object_set_new(o, "sources", src);
     return o;
 }
@@ -869,8 +954,8 @@ static json_t *endpoint_json(const struct sl_pool *p, struct sl_endpoint *e, uns
 static json_t *upstream_json(const struct sl_upstream_conf *u, struct sl_pool *p)
 {
     json_t *o = json_object();
-    json_object_set_new(o, "name", json_string(u->name));
-    json_object_set_new(o, "balancer", json_string(balancer_name(u->balance)));
+    json_object_set_new(o, "name", json_text(u->name));
+    json_object_set_new(o, "balancer", json_text(balancer_name(u->balance)));
     /* The set and the source lists change together under the pool's publisher lock: read
      * both there, so each endpoint's sources are those of the set shown. */
     pthread_mutex_lock(&p->lock);
@@ -1045,18 +1130,20 @@ static void post_reload(struct sl_admin *a, struct sl_request *req)
     int rc = obs->reload(obs, msg, RELOAD_MSG_BYTES);
     msg[RELOAD_MSG_BYTES - 1] = '\0';
     if (rc == 0) {
-        pthread_mutex_lock(&obs->lock);
+        pthread_mutex_lock(&obs->hist_lock);
         uint64_t gen = obs->generation;
-        pthread_mutex_unlock(&obs->lock);
+        pthread_mutex_unlock(&obs->hist_lock);
         respond_json(req, 200,
                      json_pack("{s:s,s:I}", "status", "reloaded", "generation", (json_int_t)gen));
     } else {
         size_t n = strlen(msg);
         while (n && msg[n - 1] == '\n')
             msg[--n] = '\0';
-        respond_json(req, 400,
-                     json_pack("{s:s,s:s}", "status", "rejected", "errors",
-                               msg[0] ? msg : "the configuration was rejected"));
+        json_t *o = json_object();
+        json_object_set_new(o, "status", json_text("rejected"));
+        json_object_set_new(o, "errors",
+                            json_text(msg[0] ? msg : "the configuration was rejected"));
+        respond_json(req, 400, o);
     }
     free(msg);
 }
@@ -1177,11 +1264,11 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
         SL_INFO("admin: endpoint %s (weight %u%s%s) added to upstream %s", ep.address, ep.weight,
                 ep.zone ? ", zone " : "", ep.zone ? ep.zone : "", upstream);
         json_t *o = json_object();
-        json_object_set_new(o, "upstream", json_string(upstream));
-        json_object_set_new(o, "address", json_string(ep.address));
+        json_object_set_new(o, "upstream", json_text(upstream));
+        json_object_set_new(o, "address", json_text(ep.address));
         json_object_set_new(o, "weight", json_integer(ep.weight));
         json_object_set_new(o, "zone", json_str_or_null(ep.zone));
-        json_object_set_new(o, "source", json_string("admin"));
+        json_object_set_new(o, "source", json_text("admin"));
         respond_json(req, 201, o);
         return; /* the list owns ep's strings now */
     }

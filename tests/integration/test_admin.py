@@ -580,3 +580,32 @@ def test_admin_endpoints_per_upstream_are_capped(gateway, backend):
     assert_error(admin(g, "POST", url, {"address": "127.0.9.1:9"}), 409, "too_many_endpoints")
     assert admin(g, "DELETE", url + "/127.0.0.1:9").status == 204
     assert admin(g, "POST", url, {"address": "127.0.9.1:9"}).status == 201
+
+
+def test_reload_errors_cut_mid_character_are_reported(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    text = open(g.config_path).read()
+    # the config quotes at most 64 bytes of a bad name: the 64th is the first byte of an é
+    name = "a" + "\u00e9" * 40
+    with open(g.config_path, "w", encoding="utf-8") as f:
+        f.write(text.replace("    upstream: app\n", "    upstream: %s\n" % name))
+    r = admin(g, "POST", "/reload")
+    assert r.status == 400, r
+    j = r.json()
+    assert j["status"] == "rejected", j
+    assert "routes[0].upstream" in j["errors"] and "a" + "\u00e9" * 31 + "?" in j["errors"], j
+    s = get_json(g, "/status")
+    assert s["reloads"]["failed"] == 1, s
+    assert "a" + "\u00e9" * 31 + "?" in s["reloads"]["last_error"], s
+
+
+def test_error_messages_with_bad_utf8_are_kept(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    r = admin(g, "GET", "/upstreams/%C3%A9%C3")
+    j = assert_error(r, 404, "unknown_upstream")
+    assert "\u00e9?" in j["message"], j
+    r = admin(g, "DELETE", "/upstreams/app/endpoints/%FF%0A1.2.3.4:5")
+    assert r.status in (400, 404), r
+    assert "?\n1.2.3.4:5" in r.json()["message"], r
