@@ -1069,8 +1069,28 @@ static void get_upstreams(struct sl_admin *a, struct sl_request *req, const char
     respond_json(req, 200, j);
 }
 
+/* HEAD /metrics: the headers only. Rendering is not free of effects (it resets the max-lag
+ * gauges and moves the CPU sample), so a HEAD, which a monitor may send to check the port,
+ * does not render, and so announces no length. */
+static void head_metrics(struct sl_request *req)
+{
+    char head[512];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 200 %s\r\nContent-Type: text/plain; version=0.0.4; "
+                     "charset=utf-8\r\nX-Request-Id: %.*s\r\n" COMMON_HEADERS,
+                     sl_http_reason(200), (int)req->request_id.len,
+                     req->request_id.ptr ? req->request_id.ptr : "");
+    bool ok = n > 0 && (size_t)n < sizeof head &&
+              sl_request_respond_head(req, 200, head, (size_t)n, SL_H1_BODY_NONE, 0) == 0;
+    sl_request_finish(req, ok);
+}
+
 static void get_metrics(struct sl_admin *a, struct sl_request *req)
 {
+    if (req->method_bit == SL_METHOD_HEAD) {
+        head_metrics(req);
+        return;
+    }
     size_t len = 0;
     char *text = sl_metrics_render(a->obs, &len);
     char *body = text ? sl_arena_dup(&req->arena, text, len) : NULL;

@@ -609,3 +609,20 @@ def test_error_messages_with_bad_utf8_are_kept(gateway, backend):
     r = admin(g, "DELETE", "/upstreams/app/endpoints/%FF%0A1.2.3.4:5")
     assert r.status in (400, 404), r
     assert "?\n1.2.3.4:5" in r.json()["message"], r
+
+
+def test_head_metrics_does_not_render(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    with RawClient(g.ports["admin"], timeout=10) as c:
+        for _ in range(2):  # the connection stays usable after a bodiless HEAD
+            c.send(build_request("HEAD", "/metrics", host="127.0.0.1"))
+            r = c.read_response(timeout=10, head=True)
+            assert r.status == 200 and r.body == b"", r
+            assert r.header("Content-Type").startswith("text/plain; version=0.0.4"), r
+            # a rendered exposition would announce its length: none was rendered
+            assert not r.has_header("Content-Length"), r
+            assert r.header("Cache-Control") == "no-store", r
+        c.send(build_request("GET", "/metrics", host="127.0.0.1"))
+        r = c.read_response(timeout=10)
+        assert r.status == 200 and b"sluice_event_loop_lag_max_seconds" in r.body, r
