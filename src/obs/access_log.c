@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -146,6 +148,8 @@ struct sl_alog {
     char *dir;
     uint64_t seg_max_bytes, seg_max_age_us, flush_interval_ms;
     int pid;
+    char inst[17]; /* this run's random id, 16 hex digits: in each name, beside the pid */
+    bool lock_warned;
     void (*on_segment)(const char *path, void *data);
     void *on_segment_data;
 
@@ -776,16 +780,47 @@ static void seg_reset(struct sl_alog *a)
     a->tmp_path[0] = 0;
 }
 
-/* Closes and removes the open segment; its records, already flushed to it, are lost. */
+/* Removes and closes the open segment; its records, already flushed to it, are lost. The
+ * name goes first: closing drops the lock, and recovery must not find it unlocked. */
 static void seg_discard(struct sl_alog *a)
 {
-    if (a->fd >= 0)
-        close(a->fd);
     if (a->tmp_path[0])
         unlink(a->tmp_path);
+    if (a->fd >= 0)
+        close(a->fd);
     count(&a->dropped_io, a->seg_records);
     count(&a->seg_failed, 1);
     seg_reset(a);
+}
+
+/*
+ * A write lock on the whole segment, held from its creation until it has its final name: it
+ * is what tells recovery (in this process or any other sharing the directory, whatever its pid
+ * namespace) that a writer is alive; the kernel drops it when the writer dies. An open file
+ * description lock, so that no other open and close of the file in this process releases it;
+ * flock (also per open file) where the kernel has none. 0, -EAGAIN when someone else holds
+ * it, or -errno.
+ */
+static int lock_segment(int fd)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    if (fcntl(fd, F_OFD_SETLK, &fl) == 0)
+        return 0;
+    int e = errno;
+    if (e == EINVAL) { /* Linux before 3.15 */
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0)
+            return 0;
+        e = errno;
+    }
+    return e == EAGAIN || e == EACCES || e == EWOULDBLOCK ? -EAGAIN : -e;
+}
+
+/* True when `name` in `dfd` is still the file open as `fd`. */
+static bool names_file(int dfd, const char *name, int fd)
+{
+    struct stat by_fd, by_name;
+    return fstat(fd, &by_fd) == 0 && fstatat(dfd, name, &by_name, AT_SYMLINK_NOFOLLOW) == 0 &&
+           by_fd.st_dev == by_name.st_dev && by_fd.st_ino == by_name.st_ino;
 }
 
 static int seg_open(struct sl_alog *a)
@@ -793,8 +828,8 @@ static int seg_open(struct sl_alog *a)
     bool recreated = false;
     for (int tries = 0; tries < 100; tries++) {
         uint64_t seq = ++a->seq;
-        snprintf(a->tmp_path, sizeof a->tmp_path, "%s/" TMP_PREFIX "%d-%06" PRIu64 TMP_SUFFIX,
-                 a->dir, a->pid, seq);
+        snprintf(a->tmp_path, sizeof a->tmp_path, "%s/" TMP_PREFIX "%d-%s-%06" PRIu64 TMP_SUFFIX,
+                 a->dir, a->pid, a->inst, seq);
         int fd = open(a->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
         if (fd < 0 && errno == ENOENT && !recreated) {
             /* the directory was removed under us: make it again, once per attempt */
@@ -804,10 +839,27 @@ static int seg_open(struct sl_alog *a)
         }
         if (fd < 0) {
             if (errno == EEXIST)
-                continue; /* another process with our pid shares the directory */
+                continue; /* never overwrite, however unlikely with this run's id */
             int rc = -errno;
             a->tmp_path[0] = 0;
             return rc;
+        }
+        /* A recovery elsewhere may have opened the new, empty file before it was locked: it
+         * then holds the lock, or has removed the name already. Leave that name to it. */
+        int rc = lock_segment(fd);
+        if (rc == 0 && !names_file(AT_FDCWD, a->tmp_path, fd))
+            rc = -EAGAIN;
+        if (rc == -EAGAIN) {
+            close(fd);
+            continue;
+        }
+        if (rc < 0 && !a->lock_warned) {
+            /* No locks on this file system: write anyway. Recovery leaves alone what it cannot
+             * lock, so it cannot take this segment over either. */
+            a->lock_warned = true;
+            SL_WARN("access log: cannot lock %s: %s; writing anyway (leftovers of a crash in "
+                    "this directory will not be recovered)",
+                    a->tmp_path, strerror(-rc));
         }
         a->fd = fd;
         a->seg_seq = seq;
@@ -847,14 +899,14 @@ static int compress_write(struct sl_alog *a, const void *src, size_t len, ZSTD_E
     }
 }
 
-/* `dir`/sluice-<YYYYMMDDTHHMMSS.mmm>Z-<pid>-<seq>.jsonl.zst */
+/* `dir`/sluice-<YYYYMMDDTHHMMSS.mmm>Z-<pid>-<instance>-<seq>.jsonl.zst */
 static void final_name(char *out, size_t cap, const char *dir, uint64_t wall_ms, long pid,
-                       uint64_t seq)
+                       const char *inst, uint64_t seq)
 {
     char stamp[16];
     *put_civil(stamp, (time_t)(wall_ms / 1000), false) = 0;
-    snprintf(out, cap, "%s/sluice-%s.%03uZ-%ld-%06" PRIu64 ".jsonl.zst", dir, stamp,
-             (unsigned)(wall_ms % 1000), pid, seq);
+    snprintf(out, cap, "%s/sluice-%s.%03uZ-%ld-%s-%06" PRIu64 ".jsonl.zst", dir, stamp,
+             (unsigned)(wall_ms % 1000), pid, inst, seq);
 }
 
 /* Renames without ever replacing a segment (several processes may share the directory).
@@ -876,8 +928,9 @@ static int rename_new(const char *from, const char *to)
     }
     if (errno != EPERM && errno != EOPNOTSUPP && errno != ENOSYS)
         return -errno;
-    /* No hard links here either (FAT, some FUSE): check, then rename, the last resort of a
-     * file system that can do neither (the window between the two cannot be closed). */
+    /* No hard links here either (FAT, some FUSE): check, then rename. The window between the
+     * two cannot be closed, but names carry their writer's random instance id, so no other
+     * writer aims at the same one. */
     if (access(to, F_OK) == 0)
         return -EEXIST;
     return rename(from, to) == 0 ? 0 : -errno;
@@ -892,12 +945,11 @@ static void seg_finish(struct sl_alog *a)
         seg_discard(a);
         return;
     }
-    close(a->fd);
-    a->fd = -1;
+    /* renamed while still open, so locked: recovery never finds the temporary name unlocked */
     char final[PATH_MAX];
     int rc = -EEXIST;
     for (int tries = 0; tries < 100 && rc == -EEXIST; tries++) {
-        final_name(final, sizeof final, a->dir, a->seg_wall_ms, a->pid, a->seg_seq);
+        final_name(final, sizeof final, a->dir, a->seg_wall_ms, a->pid, a->inst, a->seg_seq);
         rc = rename_new(a->tmp_path, final);
         if (rc == -EEXIST)
             a->seg_seq = ++a->seq;
@@ -907,6 +959,8 @@ static void seg_finish(struct sl_alog *a)
         seg_discard(a);
         return;
     }
+    close(a->fd);
+    a->fd = -1;
     int dfd = open(a->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
         fsync(dfd); /* the rename itself; the data is already synced */
@@ -1046,20 +1100,40 @@ static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended, bool *
     return good;
 }
 
+/* What recovery made of one temporary file. */
+enum recovery {
+    RECOVERED, /* ended and renamed: its final name is in `final` */
+    REMOVED,   /* held no whole block */
+    FOREIGN,   /* does not start as our frames do, or is no regular file: left as it is */
+    LIVE,      /* locked: its writer is alive */
+    GONE,      /* renamed or removed by its writer or another recovery meanwhile */
+};
+
 /* Makes a temporary segment whose writer died a complete one: cut after its last whole block
- * and end the frame there. 1 when it now has a final name (in `final`), 0 when it held no
- * whole block (removed), 2 when it does not start as our frames do (left as it is: a reader
- * may know what it is), -errno on an I/O error (left as it is). */
-static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, uint64_t seq,
-                       char *final, size_t cap)
+ * and end the frame there. An enum recovery, or -errno on an I/O error (left as it is). */
+static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, const char *inst,
+                       uint64_t seq, char *final, size_t cap)
 {
-    int fd = openat(dfd, name, O_RDWR | O_CLOEXEC);
+    int fd = openat(dfd, name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
     if (fd < 0)
-        return -errno;
-    int rc;
+        return errno == ENOENT ? GONE : errno == ELOOP ? FOREIGN : -errno;
+    int rc = lock_segment(fd);
+    if (rc < 0) {
+        close(fd);
+        return rc == -EAGAIN ? LIVE : rc;
+    }
+    /* Locked; but its writer may have renamed it (and let go) after we opened it. */
+    if (!names_file(dfd, name, fd)) {
+        rc = GONE;
+        goto out;
+    }
     struct stat st;
     if (fstat(fd, &st) < 0) {
         rc = -errno;
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = FOREIGN;
         goto out;
     }
     size_t n = (size_t)st.st_size, good = 0;
@@ -1074,11 +1148,11 @@ static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, u
         munmap(m, n);
     }
     if (foreign) {
-        rc = 2;
+        rc = FOREIGN;
         goto out;
     }
     if (good == 0) {
-        rc = unlinkat(dfd, name, 0) == 0 ? 0 : -errno;
+        rc = unlinkat(dfd, name, 0) == 0 ? REMOVED : -errno;
         goto out;
     }
     if (!ended) {
@@ -1102,63 +1176,84 @@ static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, u
     snprintf(from, sizeof from, "%s/%s", a->dir, name);
     rc = -EEXIST;
     for (unsigned k = 0; k < 100 && rc == -EEXIST; k++) {
-        final_name(final, cap, a->dir, ms, pid, seq + k * 1000000);
+        final_name(final, cap, a->dir, ms, pid, inst, seq + k * 1000000);
         rc = rename_new(from, final);
     }
     if (rc == 0) {
         fsync(dfd); /* the rename, before the segment is handed on as closed */
-        rc = 1;
+        rc = RECOVERED;
     }
 out:
-    close(fd);
+    close(fd); /* only now: the lock covers the rename */
     return rc;
 }
 
 /*
- * Temporary segments in the directory whose writer is gone (its pid no longer exists, or is
- * ours: a previous life): each batch left a complete frame on disk, so a crash loses at most
- * the batch being written. Each is cut back to its last whole block, ended and renamed (then
- * handed to the hook like any closed segment); one with nothing whole in it is removed.
- * Runs on the log thread before its first pass.
+ * Parses a temporary name, ".sluice-<pid>-<instance>-<seq>.jsonl.zst.tmp" (or, from versions
+ * without instance ids, ".sluice-<pid>-<seq>.jsonl.zst.tmp": the instance is then zeros). False
+ * for any other name.
+ */
+static bool parse_tmp_name(const char *name, long *pid, char inst[17], uint64_t *seq)
+{
+    size_t plen = strlen(TMP_PREFIX), slen = strlen(TMP_SUFFIX), len = strlen(name);
+    if (len < plen + slen || strncmp(name, TMP_PREFIX, plen) != 0 ||
+        strcmp(name + len - slen, TMP_SUFFIX) != 0)
+        return false;
+    const char *p = name + plen;
+    char *end;
+    errno = 0;
+    *pid = strtol(p, &end, 10);
+    if (end == p || *end != '-' || errno)
+        *pid = 0;
+    memcpy(inst, "0000000000000000", 17);
+    *seq = 0;
+    if (*end == '-') {
+        const char *q = end + 1;
+        if (strspn(q, "0123456789abcdef") == 16 && q[16] == '-') {
+            memcpy(inst, q, 16);
+            q += 17;
+        }
+        *seq = strtoull(q, NULL, 10);
+    }
+    return true;
+}
+
+/*
+ * Temporary segments in the directory whose writer is gone: each batch left a complete frame
+ * on disk, so a crash loses at most the batch being written. A writer holds a lock on its
+ * segment for as long as it writes it, so "gone" is "unlocked": pids say nothing here, as
+ * processes in other pid namespaces (containers sharing a volume) look dead or have ours.
+ * Each is cut back to its last whole block, ended and renamed (then handed to the hook like
+ * any closed segment); one with nothing whole in it is removed. Runs on the log thread before
+ * its first pass.
  */
 static void recover_leftovers(struct sl_alog *a)
 {
     DIR *d = opendir(a->dir);
     if (!d)
         return;
-    unsigned recovered = 0, removed = 0, failed = 0;
-    size_t plen = strlen(TMP_PREFIX), slen = strlen(TMP_SUFFIX);
+    unsigned recovered = 0, removed = 0;
     struct dirent *e;
     char final[PATH_MAX];
     while ((e = readdir(d)) != NULL) {
         const char *name = e->d_name;
-        size_t len = strlen(name);
-        if (len < plen + slen || strncmp(name, TMP_PREFIX, plen) != 0 ||
-            strcmp(name + len - slen, TMP_SUFFIX) != 0)
+        long pid;
+        char inst[17];
+        uint64_t seq;
+        if (!parse_tmp_name(name, &pid, inst, &seq))
             continue;
-        char *end;
-        long pid = strtol(name + plen, &end, 10);
-        uint64_t seq = 0;
-        if (*end == '-')
-            seq = strtoull(end + 1, NULL, 10);
-        else
-            pid = 0;
-        if (pid > 0 && pid != a->pid && pid <= INT_MAX &&
-            (kill((pid_t)pid, 0) == 0 || errno == EPERM))
-            continue; /* a live process is still writing it */
-        int rc = recover_one(a, dirfd(d), name, pid, seq, final, sizeof final);
-        if (rc == 1) {
+        int rc = recover_one(a, dirfd(d), name, pid, inst, seq, final, sizeof final);
+        if (rc == RECOVERED) {
             recovered++;
             if (a->on_segment)
                 a->on_segment(final, a->on_segment_data);
-        } else if (rc == 0) {
+        } else if (rc == REMOVED) {
             removed++;
-        } else if (rc == 2) {
-            SL_WARN("access log: %s/%s is not a segment this version writes (its header differs); "
-                    "left as it is",
+        } else if (rc == FOREIGN) {
+            SL_WARN("access log: %s/%s is not a segment this version writes (its header differs "
+                    "or it is no regular file); left as it is",
                     a->dir, name);
-        } else {
-            failed++;
+        } else if (rc < 0) {
             SL_WARN("access log: cannot finish %s/%s left by a stopped process: %s", a->dir, name,
                     strerror(-rc));
         }
@@ -1168,7 +1263,6 @@ static void recover_leftovers(struct sl_alog *a)
         SL_WARN("access log: %u unfinished segment%s left by a stopped process finished and "
                 "renamed, %u with no whole block removed",
                 recovered, recovered == 1 ? "" : "s", removed);
-    (void)failed;
 }
 
 /* ---- the log thread -------------------------------------------------------------------- */
@@ -1364,6 +1458,11 @@ struct sl_alog *sl_alog_new(const struct sl_access_log_conf *conf, unsigned work
     a->fd = -1;
     a->tcache_sec = -1;
     a->pid = (int)getpid();
+    uint64_t id;
+    if (getrandom(&id, sizeof id, GRND_NONBLOCK) != (ssize_t)sizeof id)
+        id = clock_us(CLOCK_REALTIME) ^ clock_us(CLOCK_MONOTONIC) << 20 ^ (uint64_t)a->pid << 40 ^
+             (uintptr_t)a; /* no entropy yet (early boot): unique enough beside the pid */
+    snprintf(a->inst, sizeof a->inst, "%016" PRIx64, id);
     a->seg_max_bytes = conf->segment_max_bytes ? conf->segment_max_bytes : 64ull << 20;
     a->seg_max_age_us = (conf->segment_max_age_ms ? conf->segment_max_age_ms : 60000) * 1000;
     a->flush_interval_ms = conf->flush_interval_ms ? conf->flush_interval_ms : 200;

@@ -26,7 +26,9 @@ import pytest
 
 from helpers import poll, simple_config
 
-SEGMENT_NAME = re.compile(r"^sluice-(\d{8}T\d{6}\.\d{3})Z-(\d+)-(\d+)\.jsonl\.zst$")
+# sluice-<UTC open time>Z-<pid>-<instance id>-<seq>.jsonl.zst
+SEGMENT_NAME = re.compile(
+    r"^sluice-(\d{8}T\d{6}\.\d{3})Z-(\d+)-([0-9a-f]{16})-(\d+)\.jsonl\.zst$")
 SUMMARY = re.compile(r"access log: (\d+) records written in (\d+) segments, (\d+) dropped "
                      r"\(buffer full\), (\d+) dropped \(write errors\)")
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -225,6 +227,7 @@ def test_segment_names_sort_by_time(gateway, tmp_path):
     stamps = [SEGMENT_NAME.match(n).group(1) for n in names]
     assert stamps == sorted(stamps)
     assert len({SEGMENT_NAME.match(n).group(2) for n in names}) == 1  # one pid
+    assert len({SEGMENT_NAME.match(n).group(3) for n in names}) == 1  # one run
     per_seg = [[json.loads(ln) for ln in read_segment(os.path.join(logdir, n)).splitlines()]
                for n in names]
     for k, seg in enumerate(per_seg):

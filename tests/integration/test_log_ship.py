@@ -21,7 +21,8 @@ import pytest
 from helpers import poll, simple_config
 from peers import free_port
 
-SEGMENT_NAME = re.compile(r"^sluice-\d{8}T\d{6}\.\d{3}Z-\d+-\d+\.jsonl\.zst$")
+SEGMENT_NAME = re.compile(
+    r"^sluice-\d{8}T\d{6}\.\d{3}Z-\d+-[0-9a-f]{16}-\d+\.jsonl\.zst$")
 
 ROUTES = ("  - name: hello\n"
           "    match: {path_prefix: /}\n"

@@ -207,15 +207,16 @@ static json_t *read_all(const char *dir, char **raw, size_t *nseg)
     char *text = malloc(tcap);
     assert_non_null(text);
     for (size_t i = 0; i < n; i++) {
-        /* sluice-YYYYMMDDTHHMMSS.mmmZ-<pid>-<seq>.jsonl.zst */
+        /* sluice-YYYYMMDDTHHMMSS.mmmZ-<pid>-<instance>-<seq>.jsonl.zst */
         unsigned y, mo, dd, h, mi, s, ms;
         int pid;
-        char tail[32] = "";
-        assert_int_equal(sscanf(names[i], "sluice-%4u%2u%2uT%2u%2u%2u.%3uZ-%d-%*u%31s", &y, &mo,
-                                &dd, &h, &mi, &s, &ms, &pid, tail),
-                         9);
+        char inst[17] = "", tail[32] = "";
+        assert_int_equal(sscanf(names[i], "sluice-%4u%2u%2uT%2u%2u%2u.%3uZ-%d-%16[0-9a-f]-%*u%31s",
+                                &y, &mo, &dd, &h, &mi, &s, &ms, &pid, inst, tail),
+                         10);
         assert_string_equal(tail, ".jsonl.zst");
         assert_int_equal(pid, (int)getpid());
+        assert_int_equal(strlen(inst), 16);
 
         char path[512];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
@@ -732,6 +733,15 @@ static void on_segment(const char *path, void *data)
     hook_calls++;
 }
 
+/* As on_segment, for recovered segments: they come in directory order, not name order. */
+static void on_segment_any_order(const char *path, void *data)
+{
+    (void)data;
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    hook_calls++;
+}
+
 static void test_rotation_by_size(void **state)
 {
     char *dir = *state;
@@ -1005,16 +1015,27 @@ static void find_one(const char *dir, const char *part, char *out, size_t cap)
 
 /*
  * An open segment is a complete zstd frame after every batch, so a writer that dies leaves a
- * readable file. At the next start, temporary segments of processes that are gone (or of our
- * own pid: a previous life) are finished and renamed (cut after their last whole block when
- * the writer died inside a batch) and handed to the hook; one with no whole block is
- * removed; one of a live process is left alone; one that does not start as ours do (another
- * magic number, a frame declaring its size) is left as it is.
+ * readable file. At the next start, temporary segments nobody holds a lock on are finished
+ * and renamed (cut after their last whole block when the writer died inside a batch) and
+ * handed to the hook, whatever the pid in their name (ours: a previous life; one that looks
+ * dead); one with no whole block is removed; a locked one is left alone, whatever its pid
+ * (ours: another container's pid 1; one that looks dead: another pid namespace); one that does
+ * not start as ours do (another magic number, a frame declaring its size) is left as it is.
  */
-static bool two_hooked(struct sl_alog *a)
+
+/* Opens `path` and takes the lock a live writer holds; the caller closes the fd to let go. */
+static int hold_lock(const char *path)
+{
+    int fd = open(path, O_RDWR);
+    assert_true(fd >= 0);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    assert_int_equal(fcntl(fd, F_OFD_SETLK, &fl), 0);
+    return fd;
+}
+static bool three_hooked(struct sl_alog *a)
 {
     (void)a;
-    return hook_calls >= 2;
+    return hook_calls >= 3;
 }
 
 static void test_leftovers_recovered(void **state)
@@ -1029,13 +1050,21 @@ static void test_leftovers_recovered(void **state)
     find_one(dir, ".sluice-", live, sizeof live);
     assert_int_equal(count_lines(live), 30); /* readable while still open */
 
-    char dead1[512], dead2[512], junk[512], empty[512], alive[512], sized[512];
+    char dead1[512], dead2[512], junk[512], empty[512], sized[512], own[512];
+    char live_own_pid[512], live_dead_pid[512];
+    /* the name a version without instance ids gave */
     snprintf(dead1, sizeof dead1, "%s/.sluice-2147483000-000001.jsonl.zst.tmp", dir);
-    snprintf(dead2, sizeof dead2, "%s/.sluice-2147483001-000002.jsonl.zst.tmp", dir);
+    snprintf(dead2, sizeof dead2, "%s/.sluice-2147483001-00000000deadbeef-000002.jsonl.zst.tmp",
+             dir);
     snprintf(junk, sizeof junk, "%s/.sluice-2147483002-000001.jsonl.zst.tmp", dir);
     snprintf(empty, sizeof empty, "%s/.sluice-%d-000009.jsonl.zst.tmp", dir, (int)getpid());
-    snprintf(alive, sizeof alive, "%s/.sluice-1-000002.jsonl.zst.tmp", dir); /* init */
     snprintf(sized, sizeof sized, "%s/.sluice-2147483003-000001.jsonl.zst.tmp", dir);
+    snprintf(own, sizeof own, "%s/.sluice-%d-0123456789abcdef-000003.jsonl.zst.tmp", dir,
+             (int)getpid());
+    snprintf(live_own_pid, sizeof live_own_pid,
+             "%s/.sluice-%d-fedcba9876543210-000001.jsonl.zst.tmp", dir, (int)getpid());
+    snprintf(live_dead_pid, sizeof live_dead_pid,
+             "%s/.sluice-2147483004-fedcba9876543211-000001.jsonl.zst.tmp", dir);
     static const char line[] = "{\"a\":1}\n";
     unsigned char frame[256];
     size_t flen = ZSTD_compress(frame, sizeof frame, line, sizeof line - 1, 1);
@@ -1052,27 +1081,32 @@ static void test_leftovers_recovered(void **state)
     int fd = open(junk, O_WRONLY);
     assert_int_equal(pwrite(fd, "garbage!", 8, 0), 8);
     close(fd);
-    const char *made[] = {empty, alive};
-    for (int i = 0; i < 2; i++) {
-        fd = open(made[i], O_WRONLY | O_CREAT, 0600);
-        assert_true(fd >= 0);
-        close(fd);
-    }
+    fd = open(empty, O_WRONLY | O_CREAT, 0600);
+    assert_true(fd >= 0);
+    close(fd);
+    copy_file(live, own, 0, NULL, 0); /* our pid, unlocked: a previous life */
+    copy_file(live, live_own_pid, 0, NULL, 0);
+    copy_file(live, live_dead_pid, 0, NULL, 0);
+    int held1 = hold_lock(live_own_pid), held2 = hold_lock(live_dead_pid);
     sl_alog_free(a);
 
     hook_calls = 0;
     hook_last[0] = 0;
     a = new_alog(&c, 1);
-    sl_alog_on_segment(a, on_segment, NULL);
+    sl_alog_on_segment(a, on_segment_any_order, NULL);
     assert_int_equal(sl_alog_start(a), 0);
-    assert_true(poll_until(two_hooked, a, 3000));
+    assert_true(poll_until(three_hooked, a, 3000));
     sl_alog_free(a);
-    assert_int_equal(hook_calls, 2);
+    assert_int_equal(hook_calls, 3);
 
-    const char *gone[] = {dead1, dead2, empty};
-    for (int i = 0; i < 3; i++)
+    const char *gone[] = {dead1, dead2, empty, own};
+    for (int i = 0; i < 4; i++)
         assert_int_equal(access(gone[i], F_OK), -1);
-    assert_int_equal(access(alive, F_OK), 0);
+    /* locked: a live writer's, whatever the pid says; untouched */
+    assert_int_equal(count_lines(live_own_pid), 30);
+    assert_int_equal(count_lines(live_dead_pid), 30);
+    close(held1);
+    close(held2);
     /* not ours to cut or remove: left as they were */
     struct stat js;
     assert_int_equal(stat(junk, &js), 0);
@@ -1080,13 +1114,64 @@ static void test_leftovers_recovered(void **state)
     assert_int_equal(js.st_size, (off_t)flen);
     assert_int_equal(count_lines(sized), 1);
     char path[512];
-    find_one(dir, "-2147483000-000001.jsonl.zst", path, sizeof path);
+    find_one(dir, "-2147483000-0000000000000000-000001.jsonl.zst", path, sizeof path);
     assert_int_equal(strstr(path, "/sluice-") != NULL, 1); /* a final name */
     assert_int_equal(count_lines(path), 30);
-    find_one(dir, "-2147483001-000002.jsonl.zst", path, sizeof path);
+    find_one(dir, "-2147483001-00000000deadbeef-000002.jsonl.zst", path, sizeof path);
     assert_int_equal(strstr(path, "/sluice-") != NULL, 1);
     assert_int_equal(count_lines(path), 30); /* the whole batches before the cut */
-    unlink(alive);
+    find_one(dir, "-0123456789abcdef-000003.jsonl.zst", path, sizeof path);
+    assert_int_equal(strstr(path, "/sluice-") != NULL, 1);
+    assert_int_equal(count_lines(path), 30);
+}
+
+/*
+ * Two writers share a directory with the same pid (two containers' pid 1; here, two writers
+ * in one process): the second one's start-up recovery leaves the first one's open segment
+ * alone, their names never collide, and every record of both ends up written exactly once.
+ */
+static void test_two_writers_share_directory(void **state)
+{
+    char *dir = *state;
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *first = new_alog(&c, 1);
+    record_n(first, 0, 0, 50);
+    assert_int_equal(sl_alog_start(first), 0);
+    assert_true(poll_until(some_written, first, 3000)); /* its segment is open */
+
+    struct sl_alog *second = new_alog(&c, 1);
+    record_n(second, 0, 1000, 50);
+    assert_int_equal(sl_alog_start(second), 0);
+    assert_true(poll_until(some_written, second, 3000)); /* past its recovery */
+    record_n(first, 0, 50, 50);
+    record_n(second, 0, 1050, 50);
+    assert_true(sl_alog_stop(first));
+    assert_true(sl_alog_stop(second));
+
+    struct sl_alog_stats st1, st2;
+    sl_alog_get_stats(first, &st1);
+    sl_alog_get_stats(second, &st2);
+    assert_int_equal(st1.records_written, 100);
+    assert_int_equal(st1.segments_failed, 0);
+    assert_int_equal(st1.records_dropped_io, 0);
+    assert_int_equal(st2.records_written, 100);
+    assert_int_equal(st2.segments_failed, 0);
+    size_t nseg;
+    json_t *all = read_all(dir, NULL, &nseg);
+    assert_int_equal(nseg, 2);
+    assert_int_equal(json_array_size(all), 200);
+    static bool seen[1100];
+    memset(seen, 0, sizeof seen);
+    for (size_t i = 0; i < 200; i++) {
+        unsigned id;
+        assert_int_equal(sscanf(jstr(json_array_get(all, i), "request_id"), "req-%u", &id), 1);
+        assert_true(id < 100 || (id >= 1000 && id < 1100));
+        assert_false(seen[id]);
+        seen[id] = true;
+    }
+    json_decref(all);
+    sl_alog_free(first);
+    sl_alog_free(second);
 }
 
 /* Makes renameat2 fail with `err` in the calling thread and the threads it starts from now
@@ -1203,6 +1288,7 @@ int main(void)
         DIR_TEST(test_directory_unwritable),
         DIR_TEST(test_write_error_keeps_earlier_batches),
         DIR_TEST(test_leftovers_recovered),
+        DIR_TEST(test_two_writers_share_directory),
         DIR_TEST(test_rename_without_noreplace),
         DIR_TEST(test_directory_created),
     };
