@@ -406,28 +406,51 @@ static int load_token(struct sl_admin *a, const char *path, char *err, size_t er
     }
     char buf[TOKEN_FILE_MAX + 1];
     size_t n = 0;
+    int read_err = 0;
     while (n < TOKEN_FILE_MAX) {
         ssize_t r = read(fd, buf + n, TOKEN_FILE_MAX - n);
         if (r < 0 && errno == EINTR)
             continue;
+        if (r < 0)
+            read_err = errno; /* a directory (EISDIR), an I/O error: not an empty token */
         if (r <= 0)
             break;
         n += (size_t)r;
     }
     close(fd);
+    if (read_err) {
+        OPENSSL_cleanse(buf, n);
+        snprintf(err, err_len, "admin: token_file %s: %s", path, strerror(read_err));
+        return -1;
+    }
     buf[n] = '\0';
     char *line = buf;
-    char *nl = strchr(line, '\n');
+    /* Editors on some systems start a UTF-8 file with a byte-order mark: not part of the token. */
+    if (n >= 3 && memcmp(buf, "\xef\xbb\xbf", 3) == 0)
+        line += 3;
+    /* Lengths, not strlen: a NUL in the line is a control character to report, not its end. */
+    char *end = buf + n;
+    char *nl = memchr(line, '\n', (size_t)(end - line));
     if (nl)
-        *nl = '\0';
-    while (*line == ' ' || *line == '\t')
+        end = nl;
+    while (line < end && (*line == ' ' || *line == '\t'))
         line++;
-    size_t len = strlen(line);
+    size_t len = (size_t)(end - line);
     while (len && (line[len - 1] == ' ' || line[len - 1] == '\t' || line[len - 1] == '\r'))
         len--;
+    size_t bad = 0;
+    while (bad < len && (unsigned char)line[bad] >= 0x20 && line[bad] != 0x7f)
+        bad++;
     int rc = 0;
     if (len == 0) {
         snprintf(err, err_len, "admin: token_file %s: the first line (the token) is empty", path);
+        rc = -1;
+    } else if (bad < len) {
+        /* Such a token cannot be sent in an Authorization header as written. */
+        snprintf(err, err_len,
+                 "admin: token_file %s: the token contains a control character (byte 0x%02x at "
+                 "offset %zu of the first line); it must be printable text",
+                 path, (unsigned)(unsigned char)line[bad], bad);
         rc = -1;
     } else {
         sl_sha256(line, len, a->token_sha256);

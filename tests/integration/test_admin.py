@@ -626,3 +626,31 @@ def test_head_metrics_does_not_render(gateway, backend):
         c.send(build_request("GET", "/metrics", host="127.0.0.1"))
         r = c.read_response(timeout=10)
         assert r.status == 200 and b"sluice_event_loop_lag_max_seconds" in r.body, r
+
+
+def test_token_file_with_bom_is_accepted(gateway, backend, tmp_path):
+    b = backend()
+    tok = write_token(tmp_path, "\ufeff" + TOKEN + "\r\n")
+    g = gateway(config(admin_extra="  token_file: %s\n" % tok), B1=b.addr)
+    assert get_json(g, "/status", token=TOKEN)["pid"] == g.pid
+    assert_error(admin(g, "GET", "/status", token="\xef\xbb\xbf" + TOKEN), 401)
+
+
+def test_token_file_that_is_a_directory_reports_the_error(gateway, backend, tmp_path):
+    b = backend()
+    d = tmp_path / "tokdir"
+    d.mkdir()
+    g = gateway(config(admin_extra="  token_file: %s\n" % d), wait=False, B1=b.addr)
+    assert g.wait_exit(10) == 1, g.diag()
+    assert "token_file %s: Is a directory" % d in g.stderr_text(), g.diag()
+    assert "empty" not in g.stderr_text(), g.diag()
+
+
+@pytest.mark.parametrize("token,byte", [("abc\x01def", "0x01"), ("abc\tdef", "0x09"),
+                                        ("abc\x00def", "0x00"), ("abc\x7fdef", "0x7f")])
+def test_token_with_control_character_fails_start(gateway, backend, tmp_path, token, byte):
+    b = backend()
+    tok = write_token(tmp_path, token + "\n")
+    g = gateway(config(admin_extra="  token_file: %s\n" % tok), wait=False, B1=b.addr)
+    assert g.wait_exit(10) == 1, g.diag()
+    assert "control character (byte %s at offset 3" % byte in g.stderr_text(), g.diag()
