@@ -84,6 +84,27 @@ struct sl_admin {
      * stretch of refusals has been logged. */
     uint64_t conns_refused;
     uint64_t stretch_refused;
+    /* The reload running on its own thread, or NULL (admin thread only). */
+    struct reload_job *job;
+    /* How many reload threads may still post to the admin loop: sl_admin_stop waits for none
+     * before the loop goes away. */
+    pthread_mutex_t job_lock;
+    pthread_cond_t job_cond;
+    int job_threads;
+};
+
+/*
+ * A POST /reload in progress. The reload runs on a short-lived thread so that the admin loop
+ * keeps answering /live and /ready meanwhile; its end is posted back to the admin loop, which
+ * answers the request (if the client is still there) and frees the job.
+ */
+struct reload_job {
+    struct sl_admin *a;
+    struct sl_request *req; /* NULL once the client went away (admin thread only) */
+    struct sl_post post;
+    int rc;
+    uint64_t generation;
+    char msg[RELOAD_MSG_BYTES];
 };
 
 /* What a request needs between its head and its body (in the request's arena). */
@@ -1154,6 +1175,55 @@ static void post_drain(struct sl_admin *a, struct sl_request *req)
     respond_json(req, 202, json_pack("{s:s}", "status", "draining"));
 }
 
+static void reload_answer(struct sl_request *req, struct reload_job *job)
+{
+    if (job->rc == 0) {
+        respond_json(req, 200,
+                     json_pack("{s:s,s:I}", "status", "reloaded", "generation",
+                               (json_int_t)job->generation));
+        return;
+    }
+    char *msg = job->msg;
+    size_t n = strlen(msg);
+    while (n && msg[n - 1] == '\n')
+        msg[--n] = '\0';
+    json_t *o = json_object();
+    json_object_set_new(o, "status", json_text("rejected"));
+    json_object_set_new(o, "errors", json_text(msg[0] ? msg : "the configuration was rejected"));
+    respond_json(req, 400, o);
+}
+
+/* On the admin loop, once the reload thread is done. */
+static void reload_done(struct sl_post *p)
+{
+    struct reload_job *job = p->data;
+    struct sl_admin *a = job->a;
+    a->job = NULL;
+    if (job->req)
+        reload_answer(job->req, job);
+    free(job);
+}
+
+static void *reload_main(void *arg)
+{
+    struct reload_job *job = arg;
+    struct sl_admin *a = job->a;
+    struct sl_obs *obs = a->obs;
+    /* No admin lock is held, so the reload may call sl_admin_on_reload. */
+    job->rc = obs->reload(obs, job->msg, sizeof job->msg);
+    job->msg[sizeof job->msg - 1] = '\0';
+    pthread_mutex_lock(&obs->hist_lock);
+    job->generation = obs->generation;
+    pthread_mutex_unlock(&obs->hist_lock);
+    /* The job belongs to the admin loop from the post on: not touched after it. */
+    pthread_mutex_lock(&a->job_lock);
+    sl_loop_post(a->srv.loop, &job->post);
+    a->job_threads--;
+    pthread_cond_broadcast(&a->job_cond);
+    pthread_mutex_unlock(&a->job_lock);
+    return NULL;
+}
+
 static void post_reload(struct sl_admin *a, struct sl_request *req)
 {
     struct sl_obs *obs = a->obs;
@@ -1161,34 +1231,39 @@ static void post_reload(struct sl_admin *a, struct sl_request *req)
         respond_error(req, 503, "reload_unavailable", "this process cannot reload on request");
         return;
     }
-    char *msg = calloc(1, RELOAD_MSG_BYTES);
-    if (!msg) {
+    if (a->job) {
+        respond_error(req, 409, "reload_in_progress",
+                      "a reload requested through the admin API is running; retry when it ends");
+        return;
+    }
+    struct reload_job *job = calloc(1, sizeof *job);
+    if (!job) {
         respond_error(req, 503, "out_of_memory", "out of memory");
         return;
     }
+    job->a = a;
+    job->req = req;
+    job->post.cb = reload_done;
+    job->post.data = job;
     SL_INFO("admin: configuration reload requested through the admin API (client %.*s)",
             (int)req->client_ip.len, req->client_ip.ptr);
-    /* Runs on this thread: the admin loop waits for the reload, the gateway does not. No
-     * admin lock is held, so the reload may call sl_admin_on_reload from here. */
-    int rc = obs->reload(obs, msg, RELOAD_MSG_BYTES);
-    msg[RELOAD_MSG_BYTES - 1] = '\0';
-    if (rc == 0) {
-        pthread_mutex_lock(&obs->hist_lock);
-        uint64_t gen = obs->generation;
-        pthread_mutex_unlock(&obs->hist_lock);
-        respond_json(req, 200,
-                     json_pack("{s:s,s:I}", "status", "reloaded", "generation", (json_int_t)gen));
-    } else {
-        size_t n = strlen(msg);
-        while (n && msg[n - 1] == '\n')
-            msg[--n] = '\0';
-        json_t *o = json_object();
-        json_object_set_new(o, "status", json_text("rejected"));
-        json_object_set_new(o, "errors",
-                            json_text(msg[0] ? msg : "the configuration was rejected"));
-        respond_json(req, 400, o);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
+    pthread_mutex_lock(&a->job_lock);
+    int rc = pthread_create(&t, &attr, reload_main, job);
+    if (rc == 0)
+        a->job_threads++;
+    pthread_mutex_unlock(&a->job_lock);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        free(job);
+        respond_error(req, 503, "reload_unavailable", "cannot start the reload: %s", strerror(rc));
+        return;
     }
-    free(msg);
+    /* Answered by reload_done; on_abort forgets the request if the client leaves first. */
+    a->job = job;
 }
 
 static const char add_usage[] =
@@ -1631,8 +1706,10 @@ static void on_writable(struct sl_request *req)
 
 static void on_abort(struct sl_request *req)
 {
-    /* Everything a request holds lives in its arena. */
-    (void)req;
+    /* Everything a request holds lives in its arena, but a running reload answers it later. */
+    struct sl_admin *a = req->handler_ctx;
+    if (a && a->job && a->job->req == req)
+        a->job->req = NULL;
 }
 
 /* ---- the admin thread ---- */
@@ -1705,6 +1782,8 @@ static void admin_free(struct sl_admin *a)
         admin_list_free(l);
     }
     pthread_mutex_destroy(&a->lock);
+    pthread_mutex_destroy(&a->job_lock);
+    pthread_cond_destroy(&a->job_cond);
     OPENSSL_cleanse(a->token_sha256, sizeof a->token_sha256);
     free(a->address);
     free(a);
@@ -1725,6 +1804,8 @@ struct sl_admin *sl_admin_start(struct sl_obs *obs, const struct sl_admin_conf *
     a->listen_fd = -1;
     a->acceptor.io.fd = -1;
     pthread_mutex_init(&a->lock, NULL);
+    pthread_mutex_init(&a->job_lock, NULL);
+    pthread_cond_init(&a->job_cond, NULL);
     a->limits = (struct sl_limits_conf){
         .max_header_bytes = ADMIN_HEAD_BYTES,
         .max_header_count = 64,
@@ -1779,8 +1860,17 @@ void sl_admin_stop(struct sl_admin *a)
         return;
     if (a->worker) {
         sl_worker_post(a->worker, SL_WORKER_CMD_STOP);
+        /* A reload thread posts to the admin loop when it ends: wait for it while the loop
+         * still exists (the reload itself needs nothing from this thread). */
+        pthread_mutex_lock(&a->job_lock);
+        while (a->job_threads > 0)
+            pthread_cond_wait(&a->job_cond, &a->job_lock);
+        pthread_mutex_unlock(&a->job_lock);
         sl_workers_free(a->worker, 1);
         a->worker = NULL;
     }
+    /* Its post did not run if the loop had stopped first. */
+    free(a->job);
+    a->job = NULL;
     admin_free(a);
 }

@@ -9,7 +9,9 @@ to 0.0.0.0 is reached there too). Backends are the echo peers of peers.py.
 import json
 import os
 import re
+import select
 import socket
+import time
 
 import pytest
 
@@ -654,3 +656,58 @@ def test_token_with_control_character_fails_start(gateway, backend, tmp_path, to
     g = gateway(config(admin_extra="  token_file: %s\n" % tok), wait=False, B1=b.addr)
     assert g.wait_exit(10) == 1, g.diag()
     assert "control character (byte %s at offset 3" % byte in g.stderr_text(), g.diag()
+
+
+def many_routes(n):
+    return "".join("  - name: r%d\n"
+                   "    match: {path: /r%d}\n"
+                   "    direct_response: {status: 200, body: r%d}\n" % (i, i, i)
+                   for i in range(n))
+
+
+def test_live_answers_during_a_slow_reload(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    text = open(g.config_path).read()
+    with open(g.config_path, "w") as f:
+        f.write(text.replace("routes:\n", "routes:\n" + many_routes(20000)))
+    with RawClient(g.ports["admin"], timeout=60) as c:
+        c.send(build_request("POST", "/reload", host="127.0.0.1"))
+        started = time.monotonic()
+        slowest = 0.0
+        probes = 0
+        # probe /live on fresh connections until the reload answers
+        while True:
+            t0 = time.monotonic()
+            r = admin(g, "GET", "/live")
+            slowest = max(slowest, time.monotonic() - t0)
+            probes += 1
+            assert r.status == 200, r
+            if probes == 1:
+                r2 = admin(g, "POST", "/reload")
+                second = r2.status
+            if select.select([c.sock], [], [], 0.01)[0] or time.monotonic() - started > 60:
+                break
+        took = time.monotonic() - started
+        r = c.read_response(timeout=60)
+    assert r.status == 200 and r.json() == {"status": "reloaded", "generation": 2}, r
+    assert slowest < 0.2, (slowest, probes, took)
+    assert probes >= 2, "the reload was too quick to show anything (%.3f s)" % took
+    # a second reload while one runs is refused, not queued behind it
+    assert second == 409, second
+    s = get_json(g, "/status")
+    assert s["config"]["generation"] == 2 and s["reloads"]["ok"] == 1, s
+    assert g.request("GET", "/r19999").body == b"r19999"
+
+
+def test_client_leaving_during_reload_does_not_break_it(gateway, backend):
+    b = backend()
+    g = gateway(config(), B1=b.addr)
+    text = open(g.config_path).read()
+    with open(g.config_path, "w") as f:
+        f.write(text.replace("routes:\n", "routes:\n" + many_routes(5000)))
+    with RawClient(g.ports["admin"], timeout=10) as c:
+        c.send(build_request("POST", "/reload", host="127.0.0.1"))
+    assert poll(lambda: get_json(g, "/status")["config"]["generation"] == 2, timeout=30)
+    r = admin(g, "POST", "/reload")
+    assert r.status == 200 and r.json()["generation"] == 3, r
