@@ -1061,13 +1061,17 @@ static void flush_batch(struct sl_alog *a)
 }
 
 /*
- * Length of the longest prefix of `p` that is a zstd frame header plus at least one whole
- * block, and whether a last block closed the frame (*ended); 0 when there is none. Frames
+ * Length of the longest prefix of `p` that is a zstd frame header plus whole blocks whose
+ * text ends with a line feed, and whether a last block closed the frame there (*ended); 0
+ * when there is none. A writer that died between two writes of one batch leaves whole blocks
+ * of that batch, and blocks end every 128 KiB of text, mid-line: so each block is
+ * decompressed (with `dctx`, into `buf`) to see where the text stands after it. Frames
  * written here declare no content size and no checksum; a file that does not start the way
  * they do (another magic number, a header with those flags) is not ours to cut: 0 with
  * *foreign set. RFC 8878 section 3.1.1.
  */
-static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended, bool *foreign)
+static size_t whole_lines(ZSTD_DCtx *dctx, unsigned char *buf, size_t buf_cap,
+                          const unsigned char *p, size_t n, bool *ended, bool *foreign)
 {
     static const unsigned char magic[4] = {0x28, 0xb5, 0x2f, 0xfd};
     _Static_assert(ZSTD_MAGICNUMBER == 0xFD2FB528, "magic bytes, little-endian");
@@ -1083,6 +1087,9 @@ static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended, bool *
     }
     static const size_t did_size[4] = {0, 1, 2, 4};
     size_t off = 4 + 1 + 1 + did_size[desc & 3], good = 0;
+    bool at_line_end = false; /* the text so far ends with '\n' */
+    ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only);
+    ZSTD_inBuffer in = {p, 0, 0};
     while (off <= n && n - off >= 3) {
         uint32_t bh = (uint32_t)p[off] | (uint32_t)p[off + 1] << 8 | (uint32_t)p[off + 2] << 16;
         unsigned type = (bh >> 1) & 3;
@@ -1091,9 +1098,21 @@ static size_t whole_blocks(const unsigned char *p, size_t n, bool *ended, bool *
         if (type == 3 || size > ZSTD_BLOCKSIZE_MAX || n - off - 3 < payload)
             break; /* garbage or cut short: the frame ends at the previous block */
         off += 3 + payload;
-        good = off;
+        in.size = off; /* this block, and all its text out */
+        for (;;) {
+            ZSTD_outBuffer out = {buf, buf_cap, 0};
+            size_t r = ZSTD_decompressStream(dctx, &out, &in);
+            if (ZSTD_isError(r))
+                return good; /* a block that does not decode: cut before it */
+            if (out.pos)
+                at_line_end = buf[out.pos - 1] == '\n';
+            if (in.pos == in.size && out.pos < out.size)
+                break;
+        }
+        if (at_line_end)
+            good = off;
         if (bh & 1) {
-            *ended = true;
+            *ended = at_line_end;
             break;
         }
     }
@@ -1110,9 +1129,10 @@ enum recovery {
 };
 
 /* Makes a temporary segment whose writer died a complete one: cut after its last whole block
- * and end the frame there. An enum recovery, or -errno on an I/O error (left as it is). */
-static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, const char *inst,
-                       uint64_t seq, char *final, size_t cap)
+ * that ends a line (whole_lines) and end the frame there. An enum recovery, or -errno on an
+ * I/O error (left as it is). a->out is the decompressed text's scratch space. */
+static int recover_one(struct sl_alog *a, ZSTD_DCtx *dctx, int dfd, const char *name, long pid,
+                       const char *inst, uint64_t seq, char *final, size_t cap)
 {
     int fd = openat(dfd, name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
     if (fd < 0)
@@ -1144,7 +1164,7 @@ static int recover_one(struct sl_alog *a, int dfd, const char *name, long pid, c
             rc = -errno;
             goto out;
         }
-        good = whole_blocks(m, n, &ended, &foreign);
+        good = whole_lines(dctx, a->out, a->out_cap, m, n, &ended, &foreign);
         munmap(m, n);
     }
     if (foreign) {
@@ -1223,9 +1243,9 @@ static bool parse_tmp_name(const char *name, long *pid, char inst[17], uint64_t 
  * on disk, so a crash loses at most the batch being written. A writer holds a lock on its
  * segment for as long as it writes it, so "gone" is "unlocked": pids say nothing here, as
  * processes in other pid namespaces (containers sharing a volume) look dead or have ours.
- * Each is cut back to its last whole block, ended and renamed (then handed to the hook like
- * any closed segment); one with nothing whole in it is removed. Runs on the log thread before
- * its first pass.
+ * Each is cut back to its last whole block that ends a line, ended and renamed (then handed to
+ * the hook like any closed segment); one with no such block is removed. Runs on the log thread
+ * before its first pass.
  */
 static void recover_leftovers(struct sl_alog *a)
 {
@@ -1233,6 +1253,7 @@ static void recover_leftovers(struct sl_alog *a)
     if (!d)
         return;
     unsigned recovered = 0, removed = 0;
+    ZSTD_DCtx *dctx = NULL;
     struct dirent *e;
     char final[PATH_MAX];
     while ((e = readdir(d)) != NULL) {
@@ -1242,7 +1263,11 @@ static void recover_leftovers(struct sl_alog *a)
         uint64_t seq;
         if (!parse_tmp_name(name, &pid, inst, &seq))
             continue;
-        int rc = recover_one(a, dirfd(d), name, pid, inst, seq, final, sizeof final);
+        if (!dctx && !(dctx = ZSTD_createDCtx())) {
+            SL_WARN("access log: out of memory finishing %s/%s; left as it is", a->dir, name);
+            continue;
+        }
+        int rc = recover_one(a, dctx, dirfd(d), name, pid, inst, seq, final, sizeof final);
         if (rc == RECOVERED) {
             recovered++;
             if (a->on_segment)
@@ -1259,6 +1284,7 @@ static void recover_leftovers(struct sl_alog *a)
         }
     }
     closedir(d);
+    ZSTD_freeDCtx(dctx);
     if (recovered || removed)
         SL_WARN("access log: %u unfinished segment%s left by a stopped process finished and "
                 "renamed, %u with no whole block removed",

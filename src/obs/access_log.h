@@ -50,9 +50,10 @@ void sl_alog_on_segment(struct sl_alog *a, void (*cb)(const char *path, void *da
 
 /*
  * Starts the log thread (it takes no signals). Before its first pass, the thread finishes
- * the temporary segments that processes which are gone left in the directory (cut after their
- * last whole block and renamed; one with nothing readable is removed; one that does not begin
- * as this writer's segments do is left in place; logged). Returns 0, or -errno.
+ * the temporary segments in the directory that no live writer holds locked, whatever pid
+ * their name carries: each is cut after its last whole block that ends a line and renamed;
+ * one with no such block is removed; one that does not begin as this writer's segments do is
+ * left in place (all logged). Returns 0, or -errno.
  */
 int sl_alog_start(struct sl_alog *a);
 

@@ -182,7 +182,15 @@ static int cmp_str(const void *x, const void *y)
     return strcmp(*(char *const *)x, *(char *const *)y);
 }
 
+static json_t *read_all_of(const char *dir, char **raw, size_t *nseg, int want_pid);
+
 static json_t *read_all(const char *dir, char **raw, size_t *nseg)
+{
+    return read_all_of(dir, raw, nseg, (int)getpid());
+}
+
+/* read_all for segments whose writer was process `want_pid` (0: any) */
+static json_t *read_all_of(const char *dir, char **raw, size_t *nseg, int want_pid)
 {
     DIR *d = opendir(dir);
     assert_non_null(d);
@@ -215,7 +223,8 @@ static json_t *read_all(const char *dir, char **raw, size_t *nseg)
                                 &y, &mo, &dd, &h, &mi, &s, &ms, &pid, inst, tail),
                          10);
         assert_string_equal(tail, ".jsonl.zst");
-        assert_int_equal(pid, (int)getpid());
+        if (want_pid)
+            assert_int_equal(pid, want_pid);
         assert_int_equal(strlen(inst), 16);
 
         char path[512];
@@ -1249,6 +1258,106 @@ static void test_rename_without_noreplace(void **state)
     }
 }
 
+/* Kills this process (every thread) at its first pwrite at `offset` or beyond: a crash
+ * between two writes. Little-endian 64-bit syscall arguments. 0 or -1. */
+static int die_at_pwrite_offset(uint64_t offset)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_pwrite64, 0, 5),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[3]) + 4),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1), /* high word 0: compare the low one */
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[3])),
+        BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, (uint32_t)offset, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = sizeof f / sizeof f[0], .filter = f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -1;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog);
+}
+
+/* A record whose path is `len` random printable bytes: text zstd cannot shrink much. */
+static void record_noisy(struct sl_alog *a, unsigned from, unsigned n, size_t len)
+{
+    static char path[2048];
+    uint32_t x = 2463534242u;
+    struct fake f;
+    for (unsigned i = from; i < from + n; i++) {
+        fake_init(&f, i);
+        path[0] = '/';
+        for (size_t k = 1; k < len; k++) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            path[k] = (char)('0' + x % 75); /* '0'..'z', no quote or backslash */
+        }
+        f.req.path = sl_slice_make(path, len);
+        sl_alog_record(a, 0, &f.req);
+    }
+}
+
+/* The child of test_crash_inside_a_batch: writes a small batch, then one batch of several
+ * zstd blocks whose compressed bytes take more than one write; the second write kills it. */
+static int crash_child(char *dir)
+{
+    struct sl_access_log_conf c = base_conf(dir);
+    c.flush_interval_ms = 300; /* the big batch is drained in one pass */
+    char msg[256];
+    struct sl_alog *a = sl_alog_new(&c, 1, msg, sizeof msg);
+    if (!a)
+        return 10;
+    record_n(a, 0, 0, 10);
+    if (sl_alog_start(a) != 0 || !poll_until(some_written, a, 3000))
+        return 11;
+    struct sl_alog_stats st;
+    sl_alog_get_stats(a, &st);
+    /* the batch's first write starts at the end block (3 bytes before the end) */
+    if (die_at_pwrite_offset(st.bytes_compressed) < 0)
+        return 12;
+    record_noisy(a, 10, 190, 2000); /* about 420 KB of JSON, 300 KB compressed */
+    sleep_ms(3000);                 /* killed meanwhile */
+    return 13;
+}
+
+/*
+ * A writer killed between two writes of one batch leaves whole zstd blocks of that batch
+ * behind, and blocks end every 128 KiB of text, mid-line. Recovery keeps the segment only up
+ * to the last block boundary at the end of a line: every recovered line is whole JSON, and
+ * the batches before are all there.
+ */
+static void test_crash_inside_a_batch(void **state)
+{
+    char *dir = *state;
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        _exit(crash_child(dir));
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGSYS)
+        fail_msg("the child did not die at its second write (status %#x)", (unsigned)status);
+    char tmp[512];
+    find_one(dir, ".sluice-", tmp, sizeof tmp);
+    struct stat ts;
+    assert_int_equal(stat(tmp, &ts), 0);
+    assert_true(ts.st_size > 100000); /* whole blocks of the batch that was cut */
+
+    struct sl_access_log_conf c = base_conf(dir);
+    struct sl_alog *a = new_alog(&c, 1);
+    assert_int_equal(sl_alog_start(a), 0);
+    assert_true(sl_alog_stop(a)); /* recovery runs first on the thread */
+    sl_alog_free(a);
+    size_t nseg;
+    json_t *all = read_all_of(dir, NULL, &nseg, pid); /* fails on a line that is not JSON */
+    assert_int_equal(nseg, 1);
+    assert_int_equal(json_array_size(all), 10); /* the first batch, whole; the cut one, not */
+    assert_ids_in_order(all, 10);
+    json_decref(all);
+}
+
 /* A missing directory is created, parents included. */
 static void test_directory_created(void **state)
 {
@@ -1289,6 +1398,7 @@ int main(void)
         DIR_TEST(test_write_error_keeps_earlier_batches),
         DIR_TEST(test_leftovers_recovered),
         DIR_TEST(test_two_writers_share_directory),
+        DIR_TEST(test_crash_inside_a_batch),
         DIR_TEST(test_rename_without_noreplace),
         DIR_TEST(test_directory_created),
     };
