@@ -1452,7 +1452,7 @@ struct sl_alog *sl_alog_new(const struct sl_access_log_conf *conf, unsigned work
         return NULL;
     }
     const char *dir = conf->directory;
-    if (strlen(dir) + 64 >= PATH_MAX) {
+    if (strlen(dir) + 128 >= PATH_MAX) { /* room for the longest segment name */
         sl_fmt_err(err, err_len, "access_log.directory: path too long");
         return NULL;
     }
