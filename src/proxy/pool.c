@@ -396,29 +396,26 @@ fail:
     return NULL;
 }
 
+/* Gives `p` what source `src` of `old` lists (a copy taken under old's lock). */
+static void copy_source(struct sl_pool *p, struct sl_pool *old, enum sl_pool_source src)
+{
+    pthread_mutex_lock(&old->lock);
+    struct sl_endpoint_spec *copy = specs_copy(old->src[src], old->src_count[src]);
+    size_t n = copy ? old->src_count[src] : 0;
+    pthread_mutex_unlock(&old->lock);
+    if (copy && n)
+        sl_pool_set_source(p, src, copy, n);
+    specs_free(copy, n);
+}
+
 void sl_pool_inherit(struct sl_pool *p, struct sl_pool *old, uint64_t now_ms)
 {
     const struct sl_discovery_conf *d = &p->conf->discovery, *od = &old->conf->discovery;
-    if (d->kind != SL_DISCOVERY_NONE && d->kind == od->kind && same_str(d->name, od->name)) {
-        pthread_mutex_lock(&old->lock);
-        struct sl_endpoint_spec *copy =
-            specs_copy(old->src[SL_POOL_SRC_DISCOVERY], old->src_count[SL_POOL_SRC_DISCOVERY]);
-        size_t n = copy ? old->src_count[SL_POOL_SRC_DISCOVERY] : 0;
-        pthread_mutex_unlock(&old->lock);
-        if (copy && n)
-            sl_pool_set_source(p, SL_POOL_SRC_DISCOVERY, copy, n);
-        specs_free(copy, n);
-    }
+    if (d->kind != SL_DISCOVERY_NONE && d->kind == od->kind && same_str(d->name, od->name))
+        copy_source(p, old, SL_POOL_SRC_DISCOVERY);
     /* Endpoints the admin API added: in the new pool before it serves a request (the admin
      * module gives them again after the swap, which then changes nothing). */
-    pthread_mutex_lock(&old->lock);
-    struct sl_endpoint_spec *admin =
-        specs_copy(old->src[SL_POOL_SRC_ADMIN], old->src_count[SL_POOL_SRC_ADMIN]);
-    size_t admin_n = admin ? old->src_count[SL_POOL_SRC_ADMIN] : 0;
-    pthread_mutex_unlock(&old->lock);
-    if (admin && admin_n)
-        sl_pool_set_source(p, SL_POOL_SRC_ADMIN, admin, admin_n);
-    specs_free(admin, admin_n);
+    copy_source(p, old, SL_POOL_SRC_ADMIN);
     struct sl_endpoint_set *was = sl_pool_acquire_set(old);
     struct sl_endpoint_set *now = sl_pool_acquire_set(p);
     for (size_t i = 0; now && was && i < now->count; i++) {
