@@ -150,18 +150,19 @@ static void test_to_eof(void **state)
     srv_stop(s);
 }
 
+/* The 200 "0123456789a" (11 bytes) in each framing: Content-Length, chunked, to the close. */
+static const char *const eleven_bytes[] = {
+    "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n0123456789a",
+    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n012345\r\n5\r\n6789a\r\n0\r\n\r\n",
+    "HTTP/1.1 200 OK\r\n\r\n0123456789a",
+};
+
 /* A 2xx body over the cap is refused in each framing; exactly at the cap it is accepted. */
 static void test_oversized_body(void **state)
 {
     (void)state;
-    static const char *answers[] = {
-        "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n0123456789a",
-        "HTTP/1.1 200 OK\r\nTransfer-Encoding: "
-        "chunked\r\n\r\n6\r\n012345\r\n5\r\n6789a\r\n0\r\n\r\n",
-        "HTTP/1.1 200 OK\r\n\r\n0123456789a",
-    };
-    for (size_t i = 0; i < sizeof answers / sizeof answers[0]; i++) {
-        struct srv *s = srv_start(answers[i]);
+    for (size_t i = 0; i < sizeof eleven_bytes / sizeof eleven_bytes[0]; i++) {
+        struct srv *s = srv_start(eleven_bytes[i]);
         struct sl_fetch_resp r;
         char err[256] = "";
         assert_int_equal(get(s, "/", 10, &r, err, sizeof err), -EFBIG);
@@ -180,14 +181,8 @@ static void test_oversized_body(void **state)
 static void test_cut_body_2xx(void **state)
 {
     (void)state;
-    static const char *answers[] = {
-        "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n0123456789a",
-        "HTTP/1.1 200 OK\r\nTransfer-Encoding: "
-        "chunked\r\n\r\n6\r\n012345\r\n5\r\n6789a\r\n0\r\n\r\n",
-        "HTTP/1.1 200 OK\r\n\r\n0123456789a",
-    };
-    for (size_t i = 0; i < sizeof answers / sizeof answers[0]; i++) {
-        struct srv *s = srv_start(answers[i]);
+    for (size_t i = 0; i < sizeof eleven_bytes / sizeof eleven_bytes[0]; i++) {
+        struct srv *s = srv_start(eleven_bytes[i]);
         char url[128], err[256] = "";
         srv_url(s, "/", url, sizeof url);
         struct sl_fetch_req rq = {
@@ -205,11 +200,12 @@ static void test_cut_body_2xx(void **state)
         sl_fetch_resp_dispose(&r);
         srv_stop(s);
 
-        size_t len = strlen(answers[i]);
+        size_t len = strlen(eleven_bytes[i]);
         for (size_t piece = 0; piece <= len; piece++) {
             struct sl_fetch_req mem = {.max_body_bytes = 10, .cut_body = true};
             assert_int_equal(
-                sl__fetch_parse_response(answers[i], len, piece, &mem, &r, err, sizeof err), 0);
+                sl__fetch_parse_response(eleven_bytes[i], len, piece, &mem, &r, err, sizeof err),
+                0);
             assert_int_equal(r.status, 200);
             assert_int_equal(r.body_len, 10);
             assert_true(r.body_truncated);
@@ -439,19 +435,36 @@ static void test_put_body_from_file(void **state)
     srv_stop(s);
 }
 
-/* A server refusing a large upload at once (and closing) still yields its status. */
-static void test_early_answer(void **state)
+/* A server that answers `answer` as soon as the head of a 32 MiB PUT has arrived, without
+ * reading the body, and closes; `rq` is that PUT to `url`. Undone by early_stop. */
+static struct srv *early_start(const char *answer, char *url, size_t url_cap,
+                               struct sl_fetch_req *rq)
 {
-    (void)state;
-    struct srv *s = srv_start("HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig");
+    struct srv *s = srv_start(answer);
     s->answer_early = true;
     size_t n = 32u << 20;
     char *data = calloc(1, n);
     assert_non_null(data);
-    char url[128], err[256] = "";
-    srv_url(s, "/", url, sizeof url);
-    struct sl_fetch_req rq = {
+    srv_url(s, "/", url, url_cap);
+    *rq = (struct sl_fetch_req){
         .method = "PUT", .url = url, .body = data, .body_len = n, .timeout_ms = 5000};
+    return s;
+}
+
+static void early_stop(struct srv *s, struct sl_fetch_req *rq)
+{
+    free((void *)rq->body);
+    srv_stop(s);
+}
+
+/* A server refusing a large upload at once (and closing) still yields its status. */
+static void test_early_answer(void **state)
+{
+    (void)state;
+    char url[128], err[256] = "";
+    struct sl_fetch_req rq;
+    struct srv *s =
+        early_start("HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig", url, sizeof url, &rq);
     struct sl_fetch_resp r;
     int rc = sl_fetch(&rq, &r, err, sizeof err);
     /* Whether the answer survives the reset depends on timing; never a hang or a crash. */
@@ -462,8 +475,7 @@ static void test_early_answer(void **state)
     } else {
         assert_true(rc == -EPIPE || rc == -ECONNRESET || rc == -EPROTO);
     }
-    free(data);
-    srv_stop(s);
+    early_stop(s, &rq);
 }
 
 /* A server that reads the head, answers 200 and closes never took the body: that is a failed
@@ -471,15 +483,10 @@ static void test_early_answer(void **state)
 static void test_early_2xx_is_a_failure(void **state)
 {
     (void)state;
-    struct srv *s = srv_start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-    s->answer_early = true;
-    size_t n = 32u << 20;
-    char *data = calloc(1, n);
-    assert_non_null(data);
     char url[128], err[256] = "";
-    srv_url(s, "/", url, sizeof url);
-    struct sl_fetch_req rq = {
-        .method = "PUT", .url = url, .body = data, .body_len = n, .timeout_ms = 5000};
+    struct sl_fetch_req rq;
+    struct srv *s =
+        early_start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", url, sizeof url, &rq);
     for (int i = 0; i < 3; i++) {
         struct sl_fetch_resp r;
         int rc = sl_fetch(&rq, &r, err, sizeof err);
@@ -488,8 +495,7 @@ static void test_early_2xx_is_a_failure(void **state)
         assert_true(rc == -EPIPE || rc == -ECONNRESET || rc == -EPROTO);
         assert_null(r.body);
     }
-    free(data);
-    srv_stop(s);
+    early_stop(s, &rq);
 }
 
 /* ---- the parser over memory ------------------------------------------------------------------ */
