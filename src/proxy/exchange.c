@@ -50,7 +50,8 @@ struct exchange {
     enum ex_state state;
     struct sl_wep *wep; /* endpoint of the current attempt (a use held) */
     bool probe;         /* the current attempt is a half-open probe */
-    struct sl_endpoint *tried[SL_PICK_MAX_EXCLUDE]; /* each holds a reference */
+    struct sl_endpoint *tried[SL_PICK_MAX_EXCLUDE]; /* each holds a reference until the
+                                                       request is freed */
     size_t tried_count;
     const struct sl_retry_conf *rc;
     unsigned retries;
@@ -251,8 +252,6 @@ static void ex_end(struct exchange *ex)
         ex->counted_request = false;
     }
     ex->state = EX_DONE;
-    while (ex->tried_count)
-        sl_endpoint_unref(ex->tried[--ex->tried_count]);
     ex->req->handler_state = NULL;
     ex->req->log.retries = ex->retries;
     if (ex->req->log.upstream_start_us && !ex->req->log.upstream_end_us)
@@ -260,11 +259,15 @@ static void ex_end(struct exchange *ex)
 }
 
 /* The front-end freed the request: only now is nothing of its configuration generation in
- * use (the response may have been flushed long after ex_end). */
+ * use (the response may have been flushed long after ex_end), nor the endpoints it tried
+ * (the access log read the last one's address). */
 static void ex_on_release(struct sl_request *req, void *data)
 {
     (void)req;
-    struct sl_proxy_worker *pw = data;
+    struct exchange *ex = data;
+    struct sl_proxy_worker *pw = ex->pw;
+    while (ex->tried_count)
+        sl_endpoint_unref(ex->tried[--ex->tried_count]);
     pw->inflight--;
     if (pw->on_idle)
         pw->on_idle(pw);
@@ -703,9 +706,7 @@ static void ex_try_endpoint(struct exchange *ex)
      * this request still compares against it on a retry. */
     sl_endpoint_ref(w->ep);
     ex->tried[ex->tried_count++] = w->ep;
-    /* The endpoint may be freed before the request ends (a new set): the log keeps a copy. */
-    ex->req->log.endpoint =
-        sl_arena_dup(&ex->req->arena, w->ep->address, strlen(w->ep->address) + 1);
+    ex->req->log.endpoint = w->ep->address; /* held with tried[] until the request is freed */
     if (!ex->req->log.upstream_start_us)
         ex->req->log.upstream_start_us = sl_loop_now_us(&ex->pw->worker->loop);
     int err = 0;
@@ -1292,7 +1293,7 @@ static void h_on_request(struct sl_request *req)
     req->handler_state = ex;
     ex->pw->inflight++;
     req->on_release = ex_on_release;
-    req->release_data = ex->pw;
+    req->release_data = ex;
     struct sl_route_input in = {
         .host = req->host_name,
         .path = req->path,
@@ -1303,10 +1304,8 @@ static void h_on_request(struct sl_request *req)
     };
     ex->route = sl_router_match(gl->router, &in);
     req->route = ex->route;
-    if (ex->route) {
+    if (ex->route)
         req->log.route = ex->route->name;
-        req->log.route_index = ex->route->index;
-    }
     if (!ex->route) {
         ex_end(ex);
         sl_request_respond_error(req, 404, "no_route");
