@@ -78,7 +78,6 @@ static void record_lag(struct sl_loop *loop, uint64_t lag_us)
         b++;
     stat_add(&st->lag_buckets[b], 1);
     stat_add(&st->lag_sum_us, lag_us);
-    stat_add(&st->lag_count, 1);
     /* The reader resets the max with an exchange; a lost update here only loses a sample. */
     if (lag_us > atomic_load_explicit(&st->lag_max_us, memory_order_relaxed))
         atomic_store_explicit(&st->lag_max_us, lag_us, memory_order_relaxed);

@@ -96,7 +96,6 @@ extern const uint64_t sl_loop_lag_bounds_us[SL_LOOP_LAG_BUCKETS]; /* upper bound
 struct sl_loop_stats {
     _Atomic uint64_t lag_buckets[SL_LOOP_LAG_BUCKETS + 1]; /* non-cumulative; [last] = +Inf */
     _Atomic uint64_t lag_sum_us;
-    _Atomic uint64_t lag_count;
     _Atomic uint64_t lag_max_us; /* largest since a reader last took it (sl_loop_take_max_lag) */
     _Atomic uint64_t busy_us;    /* time spent outside epoll_wait */
 };

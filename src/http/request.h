@@ -48,7 +48,6 @@ struct sl_request_handler {
  */
 struct sl_request_log {
     const char *route;          /* route name, or NULL (no route matched) */
-    size_t route_index;         /* the route's position in its config; valid when route is set */
     const char *upstream;       /* upstream name, or NULL */
     const char *endpoint;       /* address of the last endpoint tried, or NULL */
     const char *error;          /* why the gateway answered itself (an error name), or NULL */

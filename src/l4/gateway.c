@@ -689,7 +689,6 @@ static struct sl_gw_listener *listener_new(struct sl_gw_worker *gw, struct sl_gw
     }
     gl->gw = gw;
     gl->acceptor.io.fd = -1;
-    gl->http.pw = &gen->pw;
     sl_exchange_handler_init(&gl->http.handler, &gl->http);
     int rc =
         sl_h1_server_init(&gl->http.server, gw->worker, lc->name, &lc->limits, &gl->http.handler);

@@ -177,7 +177,8 @@ void sl_gateway_free(struct sl_gateway *gw);
  * Hands a connection that passed the accept path to its listener's protocol: HTTP or the TCP
  * proxy. The transport's storage (`size` bytes) moves; the caller's copy is dead afterwards.
  * `client` is the client's address, `dest` the address it connected to (NULL: unknown);
- * `cookie` (SL_EDGE_COOKIE_*) goes back to sl_edge_release when the connection closes.
+ * `cookie` (the per-IP table that counted it, or 0) goes back to sl_edge_release when the
+ * connection closes.
  */
 void sl_gw_listener_adopt(struct sl_gw_listener *gl, const struct sl_transport *tr, size_t size,
                           const struct sockaddr *client, const struct sockaddr *dest,

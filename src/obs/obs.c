@@ -42,7 +42,6 @@ struct sl_process {
     /* drain */
     _Atomic bool drain_requested;
     char drain_why[128];
-    uint64_t last_tick_ms;
     struct sl_log_ship *ship; /* NULL unless access_log.ship */
     struct sl_notice *notice; /* NULL unless drain.notice_url */
 };
