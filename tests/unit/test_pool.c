@@ -736,6 +736,57 @@ static void test_set_source_publishes_on_change(void **state)
 }
 
 /* A name and an IP for the same socket address are one endpoint: the first source's. */
+/* A reload's new pool starts from the old one's discovered and admin endpoints (same
+ * discovery name) and from the health of the endpoints that stay. */
+static void test_inherit(void **state)
+{
+    (void)state;
+    struct up *u = up_new(1); /* config: 10.0.0.1:80 */
+    u->conf.discovery.kind = SL_DISCOVERY_DNS;
+    u->conf.discovery.name = "api.internal";
+    struct sl_pool *old = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
+    assert_non_null(old);
+    char b1[32], b2[32];
+    struct sl_endpoint_spec disc = spec(&b1, 7), adm = spec(&b2, 8);
+    sl_pool_set_source(old, SL_POOL_SRC_DISCOVERY, &disc, 1);
+    sl_pool_set_source(old, SL_POOL_SRC_ADMIN, &adm, 1);
+    struct sl_endpoint_set *os = sl_pool_acquire_set(old);
+    struct sl_endpoint *c1 = find_ep(os, "10.0.0.1:80");
+    assert_non_null(c1);
+    report_n(c1, os, SL_OUTCOME_CONNECT_FAILURE, 5, 1000); /* ejected */
+    assert_int_equal(ep_state(c1), SL_EP_OPEN);
+
+    struct sl_pool *p = sl_pool_new(&u->conf, NULL, 1, NULL, 0);
+    assert_non_null(p);
+    sl_pool_inherit(p, old, 1000);
+    struct sl_endpoint_set *ns = sl_pool_acquire_set(p);
+    assert_int_equal(ns->count, 3);
+    assert_non_null(find_ep(ns, "10.0.1.7:80"));
+    assert_non_null(find_ep(ns, "10.0.1.8:80"));
+    struct sl_endpoint *n1 = find_ep(ns, "10.0.0.1:80");
+    assert_ptr_not_equal(n1, c1);
+    assert_int_equal(ep_state(n1), SL_EP_OPEN);
+    assert_int_equal(atomic_load(&p->ejected), 1);
+    assert_int_equal(ep_state(find_ep(ns, "10.0.1.7:80")), SL_EP_CLOSED);
+    sl_endpoint_set_unref(ns);
+    sl_pool_free(p);
+
+    /* another discovery name: its endpoints are not carried (the admin's still are) */
+    struct sl_upstream_conf other = u->conf;
+    other.discovery.name = "other.internal";
+    p = sl_pool_new(&other, NULL, 1, NULL, 0);
+    assert_non_null(p);
+    sl_pool_inherit(p, old, 1000);
+    ns = sl_pool_acquire_set(p);
+    assert_null(find_ep(ns, "10.0.1.7:80"));
+    assert_non_null(find_ep(ns, "10.0.1.8:80"));
+    sl_endpoint_set_unref(ns);
+    sl_pool_free(p);
+    sl_endpoint_set_unref(os);
+    sl_pool_free(old);
+    free(u);
+}
+
 static void test_set_source_dedup_by_socket_address(void **state)
 {
     (void)state;
@@ -917,6 +968,7 @@ int main(void)
         cmocka_unit_test(test_set_source_publishes_on_change),
         cmocka_unit_test(test_set_source_union),
         cmocka_unit_test(test_set_source_dedup_by_socket_address),
+        cmocka_unit_test(test_inherit),
         cmocka_unit_test(test_set_source_to_workers),
         cmocka_unit_test(test_tls_name),
     };
