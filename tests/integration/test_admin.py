@@ -665,12 +665,18 @@ def many_routes(n):
                    for i in range(n))
 
 
-def test_live_answers_during_a_slow_reload(gateway, backend):
+def gateway_with_routes_on_disk(gateway, backend, n):
+    """A gateway whose config file now holds `n` more routes, for the next reload to parse."""
     b = backend()
     g = gateway(config(), B1=b.addr)
     text = open(g.config_path).read()
     with open(g.config_path, "w") as f:
-        f.write(text.replace("routes:\n", "routes:\n" + many_routes(20000)))
+        f.write(text.replace("routes:\n", "routes:\n" + many_routes(n)))
+    return g
+
+
+def test_live_answers_during_a_slow_reload(gateway, backend):
+    g = gateway_with_routes_on_disk(gateway, backend, 20000)
     with RawClient(g.ports["admin"], timeout=60) as c:
         c.send(build_request("POST", "/reload", host="127.0.0.1"))
         started = time.monotonic()
@@ -701,11 +707,7 @@ def test_live_answers_during_a_slow_reload(gateway, backend):
 
 
 def test_client_leaving_during_reload_does_not_break_it(gateway, backend):
-    b = backend()
-    g = gateway(config(), B1=b.addr)
-    text = open(g.config_path).read()
-    with open(g.config_path, "w") as f:
-        f.write(text.replace("routes:\n", "routes:\n" + many_routes(5000)))
+    g = gateway_with_routes_on_disk(gateway, backend, 5000)
     with RawClient(g.ports["admin"], timeout=10) as c:
         c.send(build_request("POST", "/reload", host="127.0.0.1"))
     assert poll(lambda: get_json(g, "/status")["config"]["generation"] == 2, timeout=30)
