@@ -381,10 +381,9 @@ void sl_metrics_record(struct sl_metrics *m, unsigned worker, const struct sl_re
                 end > lg->upstream_start_us ? end - lg->upstream_start_us : 0);
     }
     observe(&c->cpu, cpu_bounds_ns, CPU_N, lg->cpu_ns);
-    if (lg->filter && lg->error)
+    /* A filter that rejected names itself; an error without one is the gateway's (NULL). */
+    if (lg->error)
         count_rejection(w, (uint32_t)slot, lg->filter, lg->error);
-    else if (lg->error)
-        count_rejection(w, (uint32_t)slot, NULL, lg->error);
 }
 
 /* ---- reading the counters ------------------------------------------------------------------ */
