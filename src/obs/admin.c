@@ -454,10 +454,10 @@ static int load_token(struct sl_admin *a, const char *path, char *err, size_t er
     char *nl = memchr(line, '\n', (size_t)(end - line));
     if (nl)
         end = nl;
-    while (line < end && (*line == ' ' || *line == '\t'))
+    while (line < end && sl_ascii_is_ows(*line))
         line++;
     size_t len = (size_t)(end - line);
-    while (len && (line[len - 1] == ' ' || line[len - 1] == '\t' || line[len - 1] == '\r'))
+    while (len && (sl_ascii_is_ows(line[len - 1]) || line[len - 1] == '\r'))
         len--;
     size_t bad = 0;
     while (bad < len && (unsigned char)line[bad] >= 0x20 && line[bad] != 0x7f)
@@ -494,7 +494,7 @@ static bool authorized(const struct sl_admin *a, const struct sl_request *req)
     while (i < v.len && v.ptr[i] == ' ')
         i++;
     size_t end = v.len;
-    while (end > i && (v.ptr[end - 1] == ' ' || v.ptr[end - 1] == '\t'))
+    while (end > i && sl_ascii_is_ows(v.ptr[end - 1]))
         end--;
     unsigned char sha[32];
     sl_sha256(v.ptr + i, end - i, sha);
@@ -584,7 +584,7 @@ static bool is_json_body(const struct sl_request *req)
     size_t n = 0;
     while (n < v.len && v.ptr[n] != ';')
         n++;
-    while (n && (v.ptr[n - 1] == ' ' || v.ptr[n - 1] == '\t'))
+    while (n && sl_ascii_is_ows(v.ptr[n - 1]))
         n--;
     return sl_slice_ieq(sl_slice_make(v.ptr, n), SL_SLICE_LIT("application/json"));
 }
