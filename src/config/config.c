@@ -33,7 +33,7 @@
 
 /* ---- value checks (STRING `check` callbacks) ---------------------------------------------- */
 
-static const char *check_name(const char *s, size_t len, char *buf, size_t cap)
+bool sl_config_is_name(const char *s, size_t len)
 {
     bool ok = len > 0 && len <= 64;
     for (size_t i = 0; ok && i < len; i++) {
@@ -41,7 +41,12 @@ static const char *check_name(const char *s, size_t len, char *buf, size_t cap)
         ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
              ch == '_' || ch == '-' || ch == '.';
     }
-    if (ok)
+    return ok;
+}
+
+static const char *check_name(const char *s, size_t len, char *buf, size_t cap)
+{
+    if (sl_config_is_name(s, len))
         return NULL;
     char q[160];
     snprintf(buf, cap, "invalid name %s: use 1 to 64 letters, digits, '_', '-' or '.'",

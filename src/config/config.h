@@ -450,6 +450,10 @@ void sl_config_errors_dispose(struct sl_config_errors *errs);
 
 void sl_config_free(struct sl_config *cfg);
 
+/* Whether s[0..len) is a valid name (listeners, routes, upstreams, zones): 1 to 64 letters,
+ * digits, '_', '-' or '.'. */
+bool sl_config_is_name(const char *s, size_t len);
+
 /* Parses "250ms", "10s", "1m", "2h", "1500" (ms). Returns 0 or -EINVAL. The loader itself
  * rejects a bare number in the file (ambiguous: seconds or ms?) before calling this. */
 int sl_config_parse_duration(const char *s, uint64_t *out_ms);

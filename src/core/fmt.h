@@ -53,4 +53,11 @@ static inline int sl_hex_digit(unsigned char c)
     return -1;
 }
 
+/*
+ * Length of the UTF-8 sequence at s[0..n) when it is valid (RFC 3629: no overlong forms, no
+ * surrogates, nothing above U+10FFFF; an ASCII byte, NUL included, is 1), or 0 when it is
+ * invalid or cut short.
+ */
+size_t sl_utf8_seq_len(const unsigned char *s, size_t n);
+
 #endif

@@ -381,38 +381,6 @@ void sl_alog_record(struct sl_alog *a, unsigned worker, const struct sl_request 
 
 #define LIT(o, s) (memcpy((o), (s), sizeof(s) - 1), (o) + sizeof(s) - 1)
 
-/* Length of the valid UTF-8 sequence at s (RFC 3629: no overlongs, surrogates or code
- * points past U+10FFFF), or 0. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    unsigned lo = 0x80, hi = 0xbf;
-    size_t k;
-    if (c >= 0xc2 && c <= 0xdf) {
-        k = 2;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        k = 3;
-        if (c == 0xe0)
-            lo = 0xa0;
-        else if (c == 0xed)
-            hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        k = 4;
-        if (c == 0xf0)
-            lo = 0x90;
-        else if (c == 0xf4)
-            hi = 0x8f;
-    } else {
-        return 0;
-    }
-    if (n < k || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t i = 2; i < k; i++)
-        if (s[i] < 0x80 || s[i] > 0xbf)
-            return 0;
-    return k;
-}
-
 static char *esc_byte(char *o, unsigned c)
 {
     static const char hex[] = "0123456789abcdef";
@@ -498,7 +466,7 @@ static char *esc(char *o, const char *src, size_t n)
             i++;
             continue;
         }
-        size_t k = utf8_len(s + i, n - i);
+        size_t k = sl_utf8_seq_len(s + i, n - i);
         if (k) {
             memcpy(o, s + i, k);
             o += k;

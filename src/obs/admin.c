@@ -120,40 +120,6 @@ struct admin_req {
 
 /* ---- text from outside ---- */
 
-/* Length of the valid UTF-8 sequence at s[0..n), or 0 when it is invalid or cut short (the
- * rules jansson applies: no overlong forms, no surrogates, nothing above U+10FFFF, no NUL). */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned char b = s[0];
-    if (b >= 0x01 && b < 0x80)
-        return 1;
-    size_t len;
-    unsigned char lo = 0x80, hi = 0xbf;
-    if (b >= 0xc2 && b <= 0xdf) {
-        len = 2;
-    } else if (b >= 0xe0 && b <= 0xef) {
-        len = 3;
-        if (b == 0xe0)
-            lo = 0xa0;
-        else if (b == 0xed)
-            hi = 0x9f;
-    } else if (b >= 0xf0 && b <= 0xf4) {
-        len = 4;
-        if (b == 0xf0)
-            lo = 0x90;
-        else if (b == 0xf4)
-            hi = 0x8f;
-    } else {
-        return 0;
-    }
-    if (n < len || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t i = 2; i < len; i++)
-        if (s[i] < 0x80 || s[i] > 0xbf)
-            return 0;
-    return len;
-}
-
 /*
  * A malloc'd NUL-terminated copy of s[0..n) with every byte that does not start a valid UTF-8
  * sequence (a NUL, a stray byte, a sequence cut at the end) replaced by '?'. jansson refuses
@@ -166,7 +132,7 @@ static char *utf8_clean(const char *s, size_t n)
         return NULL;
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq(u + i, n - i);
+        size_t k = u[i] ? sl_utf8_seq_len(u + i, n - i) : 0; /* jansson refuses NUL too */
         if (k == 0) {
             out[i++] = '?';
             continue;
@@ -503,17 +469,6 @@ static bool authorized(const struct sl_admin *a, const struct sl_request *req)
 
 /* The config's rule for names (check_name in config.c): 1 to 64 letters, digits, '_', '-' or
  * '.'. A zone is written to the log and compared with the config's zones. */
-static bool valid_name(const char *s, size_t len)
-{
-    bool ok = len > 0 && len <= 64;
-    for (size_t i = 0; ok && i < len; i++) {
-        char ch = s[i];
-        ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-             ch == '_' || ch == '-' || ch == '.';
-    }
-    return ok;
-}
-
 /* ---- where a request comes from ---- */
 
 /* True when `h` is "localhost", an IPv4 literal or a bracketed IPv6 literal, with an optional
@@ -1312,7 +1267,7 @@ static void post_endpoint(struct sl_admin *a, struct sl_request *req, const char
     }
     if (!why && jzone && !json_is_null(jzone) &&
         (!json_is_string(jzone) ||
-         !valid_name(json_string_value(jzone), json_string_length(jzone)))) {
+         !sl_config_is_name(json_string_value(jzone), json_string_length(jzone)))) {
         respond_error(req, 400, "bad_zone",
                       "\"zone\" must be 1 to 64 letters, digits, '_', '-' or '.' (as zones in "
                       "the config)");
